@@ -1,0 +1,1 @@
+//! Processes by pid + start time. Placeholder: implemented by the vmm/driver work.

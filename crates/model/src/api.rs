@@ -1,0 +1,288 @@
+//! Bodies of the `/v1` HTTP API between `wick` and `wickd`.
+//!
+//! Long operations (create, start, stop, restart, delete) answer `202` with an [`Operation`]; its
+//! progress is streamed as newline-delimited JSON [`OpEvent`]s from
+//! `GET /v1/operations/{id}/events`. Every error is an [`ApiError`].
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::vm::VmRecord;
+
+/// Machine-readable error class, mapped to an HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    NotFound,
+    Conflict,
+    InvalidArgument,
+    NotRunning,
+    FailedPrecondition,
+    PermissionDenied,
+    Cancelled,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::NotFound => 404,
+            ErrorCode::Conflict => 409,
+            ErrorCode::InvalidArgument => 400,
+            ErrorCode::NotRunning | ErrorCode::FailedPrecondition => 412,
+            ErrorCode::PermissionDenied => 403,
+            ErrorCode::Cancelled => 499,
+            ErrorCode::Internal => 500,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::NotRunning => "not_running",
+            ErrorCode::FailedPrecondition => "failed_precondition",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op_id: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError { code, message: message.into(), op_id: None }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// `POST /v1/vms`. Every field is optional; the daemon fills in resolved defaults. Sizes are
+/// strings (`2G`, `512M`, bare = MiB) so the daemon validates exactly what the user typed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVmRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub vcpu: Option<i64>,
+    #[serde(default)]
+    pub memory: Option<String>,
+    #[serde(default)]
+    pub disk_size: Option<String>,
+    #[serde(default)]
+    pub nat: bool,
+    /// Create the VM stopped.
+    #[serde(default)]
+    pub no_start: bool,
+}
+
+/// `PATCH /v1/vms/{vm}` (`wick vm set`). vcpu/memory apply at next start; NAT applies live.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetVmRequest {
+    #[serde(default)]
+    pub vcpu: Option<i64>,
+    #[serde(default)]
+    pub memory: Option<String>,
+    #[serde(default)]
+    pub nat: Option<bool>,
+}
+
+/// `POST /v1/vms/{vm}/kill`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KillRequest {
+    /// Signal name (`KILL`, `SIGTERM`, …) or number; default `KILL`.
+    #[serde(default)]
+    pub signal: Option<String>,
+}
+
+/// `GET /v1/vms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmList {
+    pub vms: Vec<VmRecord>,
+}
+
+/// `POST /v1/vms/prune`: VMs deleted (all non-running VMs of the caller).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PruneResult {
+    pub deleted: Vec<String>,
+    pub failed: Vec<ApiError>,
+}
+
+/// Kind of a long operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    Create,
+    Start,
+    Stop,
+    Restart,
+    Delete,
+}
+
+/// Where an operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OpState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl OpState {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, OpState::Running)
+    }
+}
+
+/// A long operation on one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Operation {
+    pub id: String,
+    pub kind: OpKind,
+    pub vm_id: String,
+    pub vm_name: String,
+    pub state: OpState,
+    /// Current (or last) stage, e.g. `clone root disk`, `spawn vmm`, `boot`.
+    #[serde(default)]
+    pub stage: Option<String>,
+    #[serde(default)]
+    pub error: Option<ApiError>,
+    /// The VM after the operation (absent for delete).
+    #[serde(default)]
+    pub vm: Option<VmRecord>,
+    pub started_at: String,
+    #[serde(default)]
+    pub finished_at: Option<String>,
+}
+
+/// One line of an operation's event stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OpEvent {
+    pub op_id: String,
+    /// Sequence number within the operation, from 0.
+    pub seq: u64,
+    pub state: OpState,
+    /// Stage entered (for `running` events).
+    #[serde(default)]
+    pub stage: Option<String>,
+    /// Milliseconds since the operation started.
+    pub elapsed_ms: u64,
+    #[serde(default)]
+    pub error: Option<ApiError>,
+    #[serde(default)]
+    pub vm: Option<VmRecord>,
+}
+
+/// Where a resolved setting came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Provenance {
+    Config,
+    HostHeuristic,
+    BuiltIn,
+}
+
+impl std::fmt::Display for Provenance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Provenance::Config => "config",
+            Provenance::HostHeuristic => "host heuristic",
+            Provenance::BuiltIn => "built-in",
+        })
+    }
+}
+
+/// A resolved value with its provenance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Resolved {
+    pub value: u64,
+    pub source: Provenance,
+}
+
+/// `[vm_defaults]` after resolution.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ResolvedDefaults {
+    pub vcpu: Resolved,
+    pub memory_mib: Resolved,
+    pub disk_mib: Resolved,
+}
+
+/// `GET /v1/config`: the daemon's effective configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConfigView {
+    /// Path of the config file read (it may not exist).
+    pub path: String,
+    pub file_exists: bool,
+    /// The effective config as TOML-shaped JSON.
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
+    pub vm_defaults: ResolvedDefaults,
+}
+
+/// `GET /v1/daemon/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DaemonStatus {
+    pub version: String,
+    pub pid: u32,
+    pub root: String,
+    pub socket: String,
+    pub uptime_secs: u64,
+    pub vms: u64,
+    pub running: u64,
+}
+
+/// Result of one doctor check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckStatus {
+    Pass,
+    Warn,
+    Fail,
+}
+
+/// One line of `wick doctor`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Check {
+    /// Area: `store`, `host`, `vmm`, `config`, or a capability name.
+    pub area: String,
+    pub name: String,
+    pub status: CheckStatus,
+    pub detail: String,
+    /// What to do about a warn/fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+/// `GET /v1/doctor`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DoctorReport {
+    pub checks: Vec<Check>,
+}
+
+impl DoctorReport {
+    pub fn worst(&self) -> CheckStatus {
+        self.checks.iter().map(|c| c.status).max().unwrap_or(CheckStatus::Pass)
+    }
+}

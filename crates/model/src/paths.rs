@@ -1,0 +1,88 @@
+//! Where wick keeps things. One layout shared by `wick` and `wickd`, so the CLI finds the
+//! daemon's socket from the same `WICK_ROOT` the daemon was started with.
+//!
+//! | what | with `WICK_ROOT=DIR` | system default |
+//! |---|---|---|
+//! | config | `DIR/config.toml` | `/etc/wick/config.toml` |
+//! | state (db, VM dirs) | `DIR/state` | `/var/lib/wick` |
+//! | runtime (socket, daemon log) | `DIR/run` | `/run/wick` |
+//! | cache | `DIR/cache` | `/var/cache/wick` |
+
+use std::path::{Path, PathBuf};
+
+/// Environment variable that relocates everything under one directory.
+pub const ROOT_ENV: &str = "WICK_ROOT";
+
+/// Resolved locations of config, state, runtime and cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    pub root: Option<PathBuf>,
+    pub config: PathBuf,
+    pub state: PathBuf,
+    pub run: PathBuf,
+    pub cache: PathBuf,
+}
+
+impl Paths {
+    /// The layout under `root`, or the system layout when `None`.
+    pub fn new(root: Option<&Path>) -> Paths {
+        match root {
+            Some(r) => Paths {
+                root: Some(r.to_path_buf()),
+                config: r.join("config.toml"),
+                state: r.join("state"),
+                run: r.join("run"),
+                cache: r.join("cache"),
+            },
+            None => Paths {
+                root: None,
+                config: PathBuf::from("/etc/wick/config.toml"),
+                state: PathBuf::from("/var/lib/wick"),
+                run: PathBuf::from("/run/wick"),
+                cache: PathBuf::from("/var/cache/wick"),
+            },
+        }
+    }
+
+    /// The layout chosen by `WICK_ROOT` (unset or empty = system layout).
+    pub fn from_env() -> Paths {
+        match std::env::var_os(ROOT_ENV) {
+            Some(v) if !v.is_empty() => Paths::new(Some(Path::new(&v))),
+            _ => Paths::new(None),
+        }
+    }
+
+    /// The daemon's API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.run.join("wickd.sock")
+    }
+
+    /// The daemon's log when the CLI starts it.
+    pub fn daemon_log(&self) -> PathBuf {
+        self.run.join("wickd.log")
+    }
+
+    /// The SQLite database.
+    pub fn db(&self) -> PathBuf {
+        self.state.join("wick.db")
+    }
+
+    /// Directory of one VM.
+    pub fn vm_dir(&self, vm_id: &str) -> PathBuf {
+        self.state.join("vms").join(vm_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rooted_layout() {
+        let p = Paths::new(Some(Path::new("/tmp/w")));
+        assert_eq!(p.socket(), PathBuf::from("/tmp/w/run/wickd.sock"));
+        assert_eq!(p.db(), PathBuf::from("/tmp/w/state/wick.db"));
+        assert_eq!(p.config, PathBuf::from("/tmp/w/config.toml"));
+        assert_eq!(Paths::new(None).socket(), PathBuf::from("/run/wick/wickd.sock"));
+    }
+}

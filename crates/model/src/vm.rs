@@ -1,0 +1,196 @@
+//! The durable VM record: what the user asked for (spec) and every host resource the VM holds
+//! (runtime). The runtime is the single source of truth for cleanup — see the durability rule in
+//! `ARCHITECTURE.md`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Lifecycle state of a VM.
+///
+/// ```text
+///  creating ──> stopped <──> starting ──> running ──> stopping ──> stopped
+///                  ^             │            │
+///                  └── error <───┴────────────┘   (VMM died / start failed)
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Creating,
+    Stopped,
+    Starting,
+    Running,
+    Stopping,
+    Error,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Creating => "creating",
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Error => "error",
+        }
+    }
+
+    /// States in which the VM may hold a live VMM process.
+    pub fn may_have_vmm(self) -> bool {
+        matches!(self, VmState::Starting | VmState::Running | VmState::Stopping)
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for VmState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "creating" => VmState::Creating,
+            "stopped" => VmState::Stopped,
+            "starting" => VmState::Starting,
+            "running" => VmState::Running,
+            "stopping" => VmState::Stopping,
+            "error" => VmState::Error,
+            other => return Err(format!("unknown VM state {other:?}")),
+        })
+    }
+}
+
+/// What the VM is: fixed at create, changed only by `vm set`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmSpec {
+    pub vcpu: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    /// Image name the root disk was cloned from.
+    pub image: String,
+    /// Kernel image path used to boot.
+    #[schema(value_type = String)]
+    pub kernel: PathBuf,
+    #[schema(value_type = Option<String>)]
+    pub initrd: Option<PathBuf>,
+    pub boot_args: String,
+    /// VMM driver (`firecracker`).
+    pub vmm: String,
+    /// Outbound NAT for the guest.
+    #[serde(default)]
+    pub nat: bool,
+}
+
+/// Identity of a running VMM process. Written to the durable runtime **before** the process is
+/// spawned (sockets, log) and completed right after (pid, start time).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmmHandle {
+    pub driver: String,
+    #[schema(value_type = String)]
+    pub api_socket: PathBuf,
+    #[schema(value_type = String)]
+    pub vsock_socket: PathBuf,
+    #[schema(value_type = String)]
+    pub log_path: PathBuf,
+    /// Process id, once spawned.
+    pub pid: Option<u32>,
+    /// `/proc/<pid>/stat` start time (clock ticks since boot): guards against pid reuse.
+    pub start_time: Option<u64>,
+}
+
+/// Every host resource the VM holds right now. Cleared field by field as resources are released.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmRuntime {
+    /// Per-VM directory under the state root.
+    #[schema(value_type = String)]
+    pub dir: PathBuf,
+    /// The VM's root disk (a copy-on-write clone of the image).
+    #[schema(value_type = Option<String>)]
+    pub root_disk: Option<PathBuf>,
+    /// vsock context id of the guest.
+    pub guest_cid: u32,
+    /// The live (or possibly live) VMM.
+    pub vmm: Option<VmmHandle>,
+    /// TAP device, once networking creates one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// Guest IPv4 address, once allocated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Why the VM is in `error`, with the tail of the VMM log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// A VM as stored and as returned by the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: String,
+    /// Unix uid of the caller that created the VM.
+    pub owner: u32,
+    pub state: VmState,
+    pub spec: VmSpec,
+    pub runtime: VmRuntime,
+    /// RFC 3339 UTC timestamps.
+    pub created_at: String,
+    pub updated_at: String,
+    /// Last user action on the VM (for auto-stop).
+    pub touched_at: String,
+}
+
+impl VmRecord {
+    /// First 12 hex digits of the id: used in host resource names (`wk-<short>`).
+    pub fn short_id(&self) -> &str {
+        short_id(&self.id)
+    }
+}
+
+/// First 12 characters of a VM id.
+pub fn short_id(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// A new random VM id: 32 lowercase hex digits.
+pub fn new_vm_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_hex_and_distinct() {
+        let a = new_vm_id();
+        let b = new_vm_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+        assert_eq!(short_id(&a).len(), 12);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        for s in [
+            VmState::Creating,
+            VmState::Stopped,
+            VmState::Starting,
+            VmState::Running,
+            VmState::Stopping,
+            VmState::Error,
+        ] {
+            assert_eq!(s.as_str().parse::<VmState>().unwrap(), s);
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
+        }
+    }
+}

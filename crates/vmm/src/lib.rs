@@ -1,0 +1,96 @@
+//! The VMM driver seam.
+//!
+//! `wickd` drives every hypervisor through the [`Vmm`] trait; a driver knows how to spawn its
+//! process, configure and boot a guest, stop or kill it, and find it again after a daemon restart.
+//! Drivers never touch the store: the daemon records the [`VmmHandle`] returned by [`Vmm::plan`]
+//! **before** calling [`Vmm::spawn`], and the pid right after (the durability rule).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use wick_model::api::Check;
+use wick_model::VmmHandle;
+
+pub mod firecracker;
+
+/// Everything a driver needs to boot one VM.
+#[derive(Debug, Clone)]
+pub struct VmmConfig {
+    pub vm_id: String,
+    pub vcpu: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub boot_args: String,
+    pub root_disk: PathBuf,
+    /// Extra block devices, in order after the root disk.
+    pub extra_disks: Vec<PathBuf>,
+    pub guest_cid: u32,
+    /// Host TAP to attach as `eth0` (created by the caller, up and bridged).
+    pub tap: Option<String>,
+    pub guest_mac: Option<String>,
+}
+
+/// A freshly spawned VMM process.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: u32,
+    /// `/proc/<pid>/stat` start time.
+    pub start_time: u64,
+    /// The child, for the daemon to reap. `None` when the process is not our child.
+    pub child: Option<tokio::process::Child>,
+}
+
+/// Errors of a VMM driver. Messages are for the user: say what failed and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("VMM binary not found: {0}")]
+    BinaryNotFound(String),
+    #[error("could not spawn the VMM: {0}")]
+    Spawn(String),
+    #[error("VMM API call {call} failed: {message}")]
+    Api { call: String, message: String },
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+    #[error("VMM process exited: {0}")]
+    Exited(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A VMM driver (Firecracker; QEMU later).
+#[async_trait]
+pub trait Vmm: Send + Sync {
+    /// Driver name as stored in VM specs (`firecracker`).
+    fn name(&self) -> &'static str;
+
+    /// The sockets and log this VM's VMM will use, all inside `vm_dir`. Pure: the caller persists
+    /// the result before [`Vmm::spawn`].
+    fn plan(&self, vm_dir: &Path) -> VmmHandle;
+
+    /// Unlinks stale sockets and spawns the VMM process in its own process group, its
+    /// stdout/stderr appended to `handle.log_path`. Returns once the API socket accepts
+    /// connections (bounded by `timeout`).
+    async fn spawn(&self, handle: &VmmHandle, timeout: Duration) -> Result<Spawned, VmmError>;
+
+    /// Configures the guest through the API and starts it.
+    async fn boot(&self, handle: &VmmHandle, cfg: &VmmConfig, timeout: Duration) -> Result<(), VmmError>;
+
+    /// Graceful stop request, then SIGKILL if the process outlives `timeout`. Idempotent: a VMM
+    /// that is already gone is success.
+    async fn stop(&self, handle: &VmmHandle, timeout: Duration) -> Result<(), VmmError>;
+
+    /// Sends `signal` to the VMM process (if it is still the one recorded).
+    fn kill(&self, handle: &VmmHandle, signal: nix::sys::signal::Signal) -> Result<(), VmmError>;
+
+    /// Pid of the live VMM serving `handle.api_socket`: the recorded pid if it is still that
+    /// process, else found by scanning `/proc` for the socket on a command line.
+    fn find(&self, handle: &VmmHandle) -> Option<u32>;
+
+    /// Removes the sockets the VMM leaves behind. Idempotent.
+    fn cleanup(&self, handle: &VmmHandle);
+
+    /// Read-only host checks for `wick doctor`.
+    fn doctor(&self) -> Vec<Check>;
+}
