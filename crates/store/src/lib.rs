@@ -1,1 +1,275 @@
+//! wickd's durable state: one SQLite database (bundled rusqlite) in WAL mode.
+//!
+//! The store holds VM records — spec **and** runtime, the identity of every host resource a VM
+//! holds. It is the only memory the daemon trusts after a crash, so every write that records a
+//! host resource must commit before (or atomically with) creating it.
+//!
+//! Schema changes are versioned [`migrations`], each applied in its own transaction and recorded
+//! in `schema_migrations`. Versions this binary does not know (written by a newer wick) are left
+//! alone.
 
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use thiserror::Error;
+use wick_model::{VmRecord, VmRuntime, VmSpec, VmState};
+
+pub mod migrations;
+
+/// Errors of the store. `NameTaken` and `NotFound` are user errors; the rest are internal.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("a VM named {0:?} already exists")]
+    NameTaken(String),
+    #[error("no VM matches {0:?}")]
+    NotFound(String),
+    #[error("{reference:?} is ambiguous: it matches {matches}")]
+    Ambiguous { reference: String, matches: String },
+    #[error("state database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("corrupt record in the state database: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Lowest vsock guest CID handed out (0-2 are reserved by vsock).
+pub const FIRST_GUEST_CID: u32 = 3;
+
+/// Current UTC time in RFC 3339 with milliseconds, as stored in every timestamp column.
+pub fn now() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt).unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// Handle to the database. Cheap operations; callers share it behind an `Arc`.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const VM_COLUMNS: &str =
+    "id, name, owner, state, spec, runtime, created_at, updated_at, touched_at";
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrations::apply(&mut conn)?;
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    /// An in-memory store (tests and benchmarks).
+    pub fn open_in_memory() -> Result<Store> {
+        let mut conn = Connection::open_in_memory()?;
+        migrations::apply(&mut conn)?;
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back).
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Versions of the migrations applied to this database.
+    pub fn schema_versions(&self) -> Result<Vec<i64>> {
+        Ok(migrations::applied(&self.conn())?)
+    }
+
+    /// Quick health probe for `doctor`: integrity of the database file.
+    pub fn integrity_check(&self) -> Result<String> {
+        let conn = self.conn();
+        Ok(conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0))?)
+    }
+
+    /// Inserts a new VM, assigning it a unique vsock CID (written into `runtime.guest_cid`).
+    /// Fails with `NameTaken` if the name is in use.
+    pub fn create_vm(&self, mut vm: VmRecord) -> Result<VmRecord> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let taken: bool = tx
+            .query_row("SELECT 1 FROM vms WHERE name = ?1", [&vm.name], |_| Ok(true))
+            .optional()?
+            .unwrap_or(false);
+        if taken {
+            return Err(StoreError::NameTaken(vm.name));
+        }
+        let cid: u32 = tx.query_row(
+            "SELECT COALESCE(MAX(guest_cid) + 1, ?1) FROM vms",
+            [FIRST_GUEST_CID],
+            |r| r.get(0),
+        )?;
+        vm.runtime.guest_cid = cid;
+        tx.execute(
+            "INSERT INTO vms (id, name, owner, state, guest_cid, spec, runtime, created_at, updated_at, touched_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                vm.id,
+                vm.name,
+                vm.owner,
+                vm.state.as_str(),
+                cid,
+                to_json(&vm.spec)?,
+                to_json(&vm.runtime)?,
+                vm.created_at,
+                vm.updated_at,
+                vm.touched_at
+            ],
+        )
+        .map_err(|e| map_unique(e, &vm.name))?;
+        tx.commit()?;
+        Ok(vm)
+    }
+
+    /// Writes the mutable parts of a VM (state, spec, runtime, timestamps). `updated_at` is set
+    /// to now. Returns the record as stored.
+    pub fn save_vm(&self, vm: &VmRecord) -> Result<VmRecord> {
+        let mut vm = vm.clone();
+        vm.updated_at = now();
+        let n = self.conn().execute(
+            "UPDATE vms SET state = ?2, spec = ?3, runtime = ?4, updated_at = ?5, touched_at = ?6 WHERE id = ?1",
+            params![
+                vm.id,
+                vm.state.as_str(),
+                to_json(&vm.spec)?,
+                to_json(&vm.runtime)?,
+                vm.updated_at,
+                vm.touched_at
+            ],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(vm.id.clone()));
+        }
+        Ok(vm)
+    }
+
+    /// A VM by exact id.
+    pub fn get_vm(&self, id: &str) -> Result<VmRecord> {
+        let conn = self.conn();
+        conn.query_row(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1"), [id], row_to_vm)
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?
+    }
+
+    /// Resolves a user's reference: exact name, exact id, or unique id prefix — among the VMs
+    /// visible to `owner` (`None` = all).
+    pub fn find_vm(&self, reference: &str, owner: Option<u32>) -> Result<VmRecord> {
+        let visible = |vm: &VmRecord| owner.is_none_or(|o| vm.owner == o);
+        let conn = self.conn();
+        let by_name = conn
+            .query_row(
+                &format!("SELECT {VM_COLUMNS} FROM vms WHERE name = ?1 OR id = ?1"),
+                [reference],
+                row_to_vm,
+            )
+            .optional()?
+            .transpose()?;
+        if let Some(vm) = by_name.filter(visible) {
+            return Ok(vm);
+        }
+        if reference.is_empty() || !reference.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(StoreError::NotFound(reference.to_string()));
+        }
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE substr(id, 1, ?2) = ?1 ORDER BY created_at"
+        ))?;
+        let matches: Vec<VmRecord> = stmt
+            .query_map(params![reference.to_ascii_lowercase(), reference.len()], row_to_vm)?
+            .collect::<std::result::Result<Vec<_>, _>>()?
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .filter(visible)
+            .collect();
+        match matches.len() {
+            0 => Err(StoreError::NotFound(reference.to_string())),
+            1 => Ok(matches.into_iter().next().expect("one")),
+            _ => Err(StoreError::Ambiguous {
+                reference: reference.to_string(),
+                matches: matches.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", "),
+            }),
+        }
+    }
+
+    /// All VMs visible to `owner` (`None` = all), oldest first.
+    pub fn list_vms(&self, owner: Option<u32>) -> Result<Vec<VmRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE ?1 IS NULL OR owner = ?1 ORDER BY created_at, name"
+        ))?;
+        let rows = stmt.query_map([owner], row_to_vm)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r??);
+        }
+        Ok(out)
+    }
+
+    /// Removes a VM's record. Idempotent.
+    pub fn delete_vm(&self, id: &str) -> Result<()> {
+        self.conn().execute("DELETE FROM vms WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Number of VMs, and of those in `running`.
+    pub fn counts(&self) -> Result<(u64, u64)> {
+        let conn = self.conn();
+        Ok(conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(state = 'running'), 0) FROM vms",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn map_unique(e: rusqlite::Error, name: &str) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, Some(msg))
+            if f.code == rusqlite::ErrorCode::ConstraintViolation && msg.contains("vms.name") =>
+        {
+            StoreError::NameTaken(name.to_string())
+        }
+        _ => StoreError::Sqlite(e),
+    }
+}
+
+fn row_to_vm(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord>> {
+    let id: String = r.get(0)?;
+    let state: String = r.get(3)?;
+    let spec: String = r.get(4)?;
+    let runtime: String = r.get(5)?;
+    let parsed = (|| -> Result<VmRecord> {
+        let state: VmState =
+            state.parse().map_err(|e: String| StoreError::Corrupt(format!("vm {id}: {e}")))?;
+        let spec: VmSpec = serde_json::from_str(&spec)
+            .map_err(|e| StoreError::Corrupt(format!("vm {id} spec: {e}")))?;
+        let runtime: VmRuntime = serde_json::from_str(&runtime)
+            .map_err(|e| StoreError::Corrupt(format!("vm {id} runtime: {e}")))?;
+        Ok(VmRecord {
+            id: id.clone(),
+            name: r.get(1)?,
+            owner: r.get(2)?,
+            state,
+            spec,
+            runtime,
+            created_at: r.get(6)?,
+            updated_at: r.get(7)?,
+            touched_at: r.get(8)?,
+        })
+    })();
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,98 @@
+//! Store unit tests.
+
+use super::*;
+use wick_model::new_vm_id;
+
+fn vm(name: &str, owner: u32) -> VmRecord {
+    let t = now();
+    VmRecord {
+        id: new_vm_id(),
+        name: name.into(),
+        owner,
+        state: VmState::Creating,
+        spec: VmSpec {
+            vcpu: 1,
+            memory_mib: 512,
+            disk_mib: 1024,
+            image: "default".into(),
+            kernel: "/k".into(),
+            initrd: None,
+            boot_args: String::new(),
+            vmm: "firecracker".into(),
+            nat: false,
+        },
+        runtime: VmRuntime::default(),
+        created_at: t.clone(),
+        updated_at: t.clone(),
+        touched_at: t,
+    }
+}
+
+#[test]
+fn create_get_save_delete() {
+    let s = Store::open_in_memory().unwrap();
+    let a = s.create_vm(vm("a1", 0)).unwrap();
+    assert_eq!(a.runtime.guest_cid, FIRST_GUEST_CID);
+    let b = s.create_vm(vm("b1", 0)).unwrap();
+    assert_eq!(b.runtime.guest_cid, FIRST_GUEST_CID + 1);
+    let mut got = s.get_vm(&a.id).unwrap();
+    assert_eq!(got.name, "a1");
+    got.state = VmState::Running;
+    got.runtime.root_disk = Some("/x".into());
+    s.save_vm(&got).unwrap();
+    let again = s.find_vm("a1", None).unwrap();
+    assert_eq!(again.state, VmState::Running);
+    assert_eq!(again.runtime.root_disk.as_deref(), Some(Path::new("/x")));
+    s.delete_vm(&a.id).unwrap();
+    s.delete_vm(&a.id).unwrap();
+    assert!(matches!(s.get_vm(&a.id), Err(StoreError::NotFound(_))));
+    assert_eq!(s.counts().unwrap(), (1, 0));
+}
+
+#[test]
+fn duplicate_names_refused() {
+    let s = Store::open_in_memory().unwrap();
+    s.create_vm(vm("a1", 0)).unwrap();
+    let e = s.create_vm(vm("a1", 0)).unwrap_err();
+    assert!(matches!(e, StoreError::NameTaken(ref n) if n == "a1"), "{e}");
+}
+
+#[test]
+fn find_by_prefix_and_owner() {
+    let s = Store::open_in_memory().unwrap();
+    let mut x = vm("x", 1000);
+    x.id = format!("abc1{}", &x.id[4..]);
+    let mut y = vm("y", 1001);
+    y.id = format!("abc2{}", &y.id[4..]);
+    s.create_vm(x.clone()).unwrap();
+    s.create_vm(y.clone()).unwrap();
+    assert_eq!(s.find_vm("abc1", None).unwrap().name, "x");
+    assert!(matches!(s.find_vm("abc", None), Err(StoreError::Ambiguous { .. })));
+    // owner 1000 sees only x, so the prefix is unique for them
+    assert_eq!(s.find_vm("abc", Some(1000)).unwrap().name, "x");
+    assert!(matches!(s.find_vm("y", Some(1000)), Err(StoreError::NotFound(_))));
+    assert_eq!(s.list_vms(Some(1001)).unwrap().len(), 1);
+    assert_eq!(s.list_vms(None).unwrap().len(), 2);
+    assert!(matches!(s.find_vm("zz-nope", None), Err(StoreError::NotFound(_))));
+}
+
+#[test]
+fn migrations_are_recorded_and_future_ones_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.db");
+    {
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.schema_versions().unwrap(), vec![1]);
+    }
+    {
+        let c = Connection::open(&p).unwrap();
+        c.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (999, 'future', 'x')",
+            [],
+        )
+        .unwrap();
+    }
+    let s = Store::open(&p).unwrap();
+    assert_eq!(s.schema_versions().unwrap(), vec![1, 999]);
+    assert_eq!(s.integrity_check().unwrap(), "ok");
+}
