@@ -61,7 +61,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into(), op_id: None }
+        ApiError {
+            code,
+            message: message.into(),
+            op_id: None,
+        }
     }
 }
 
@@ -283,6 +287,10 @@ pub struct DoctorReport {
 
 impl DoctorReport {
     pub fn worst(&self) -> CheckStatus {
-        self.checks.iter().map(|c| c.status).max().unwrap_or(CheckStatus::Pass)
+        self.checks
+            .iter()
+            .map(|c| c.status)
+            .max()
+            .unwrap_or(CheckStatus::Pass)
     }
 }

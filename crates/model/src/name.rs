@@ -33,11 +33,17 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     }
     for (i, ch) in name.chars().enumerate() {
         if !(ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-') {
-            return Err(NameError::InvalidChar { name: name.to_string(), ch, pos: i + 1 });
+            return Err(NameError::InvalidChar {
+                name: name.to_string(),
+                ch,
+                pos: i + 1,
+            });
         }
     }
     if name.starts_with('-') || name.ends_with('-') {
-        return Err(NameError::EdgeHyphen { name: name.to_string() });
+        return Err(NameError::EdgeHyphen {
+            name: name.to_string(),
+        });
     }
     Ok(())
 }
@@ -53,8 +59,8 @@ const NOUNS: &[&str] = &[
     "badger", "beaver", "bison", "crane", "dingo", "eagle", "falcon", "ferret", "finch", "fox",
     "gecko", "heron", "ibex", "jackal", "koala", "lemur", "lynx", "marten", "mink", "moose",
     "newt", "ocelot", "orca", "otter", "owl", "panda", "puffin", "quail", "raven", "robin",
-    "salmon", "seal", "shrew", "sloth", "stoat", "swan", "tapir", "tern", "tiger", "toad",
-    "trout", "viper", "vole", "walrus", "weasel", "whale", "wolf", "wombat", "wren", "yak",
+    "salmon", "seal", "shrew", "sloth", "stoat", "swan", "tapir", "tern", "tiger", "toad", "trout",
+    "viper", "vole", "walrus", "weasel", "whale", "wolf", "wombat", "wren", "yak",
 ];
 
 /// A random `adjective-noun` name (e.g. `calm-otter`). Callers retry or add a suffix on collision.
@@ -81,15 +87,34 @@ mod tests {
     #[test]
     fn rejects_with_position() {
         let e = validate_name("Ab").unwrap_err();
-        assert_eq!(e, NameError::InvalidChar { name: "Ab".into(), ch: 'A', pos: 1 });
+        assert_eq!(
+            e,
+            NameError::InvalidChar {
+                name: "Ab".into(),
+                ch: 'A',
+                pos: 1
+            }
+        );
         assert!(e.to_string().contains("'A' at position 1"), "{e}");
         let e = validate_name("ab_c").unwrap_err();
         assert!(e.to_string().contains("'_' at position 3"), "{e}");
-        assert!(matches!(validate_name("-bad"), Err(NameError::EdgeHyphen { .. })));
-        assert!(matches!(validate_name("bad-"), Err(NameError::EdgeHyphen { .. })));
-        assert_eq!(validate_name(&"a".repeat(64)), Err(NameError::TooLong { len: 64 }));
+        assert!(matches!(
+            validate_name("-bad"),
+            Err(NameError::EdgeHyphen { .. })
+        ));
+        assert!(matches!(
+            validate_name("bad-"),
+            Err(NameError::EdgeHyphen { .. })
+        ));
+        assert_eq!(
+            validate_name(&"a".repeat(64)),
+            Err(NameError::TooLong { len: 64 })
+        );
         assert_eq!(validate_name(""), Err(NameError::Empty));
-        assert!(matches!(validate_name("é"), Err(NameError::InvalidChar { pos: 1, .. })));
+        assert!(matches!(
+            validate_name("é"),
+            Err(NameError::InvalidChar { pos: 1, .. })
+        ));
     }
 
     #[test]

@@ -83,6 +83,9 @@ mod tests {
         assert_eq!(p.socket(), PathBuf::from("/tmp/w/run/wickd.sock"));
         assert_eq!(p.db(), PathBuf::from("/tmp/w/state/wick.db"));
         assert_eq!(p.config, PathBuf::from("/tmp/w/config.toml"));
-        assert_eq!(Paths::new(None).socket(), PathBuf::from("/run/wick/wickd.sock"));
+        assert_eq!(
+            Paths::new(None).socket(),
+            PathBuf::from("/run/wick/wickd.sock")
+        );
     }
 }

@@ -28,7 +28,9 @@ pub fn parse_size_mib(input: &str) -> Result<u64, SizeError> {
     if num.is_empty() {
         return Err(SizeError::Invalid(input.to_string()));
     }
-    let n: u64 = num.parse().map_err(|_| SizeError::TooLarge(input.to_string()))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| SizeError::TooLarge(input.to_string()))?;
     let unit = unit.trim();
     let kib_per_unit: u64 = match unit.to_ascii_uppercase().as_str() {
         "" | "M" | "MB" | "MIB" => 1024,
@@ -40,8 +42,10 @@ pub fn parse_size_mib(input: &str) -> Result<u64, SizeError> {
     if n == 0 {
         return Err(SizeError::Zero(input.to_string()));
     }
-    let kib = n.checked_mul(kib_per_unit).ok_or_else(|| SizeError::TooLarge(input.to_string()))?;
-    if kib % 1024 != 0 {
+    let kib = n
+        .checked_mul(kib_per_unit)
+        .ok_or_else(|| SizeError::TooLarge(input.to_string()))?;
+    if !kib.is_multiple_of(1024) {
         return Err(SizeError::NotWholeMib(input.to_string()));
     }
     Ok(kib / 1024)
@@ -49,7 +53,7 @@ pub fn parse_size_mib(input: &str) -> Result<u64, SizeError> {
 
 /// Formats MiB the way `vm list` shows them: `512M`, `2G`, `1.5G`.
 pub fn format_mib(mib: u64) -> String {
-    if mib >= 1024 && mib % 1024 == 0 {
+    if mib >= 1024 && mib.is_multiple_of(1024) {
         format!("{}G", mib / 1024)
     } else if mib >= 1024 {
         format!("{:.1}G", mib as f64 / 1024.0)
@@ -79,10 +83,19 @@ mod tests {
         assert!(matches!(parse_size_mib("0"), Err(SizeError::Zero(_))));
         assert!(matches!(parse_size_mib("-1"), Err(SizeError::Invalid(_))));
         assert!(matches!(parse_size_mib("1.5G"), Err(SizeError::Invalid(_))));
-        assert!(matches!(parse_size_mib("100K"), Err(SizeError::NotWholeMib(_))));
+        assert!(matches!(
+            parse_size_mib("100K"),
+            Err(SizeError::NotWholeMib(_))
+        ));
         assert!(matches!(parse_size_mib(""), Err(SizeError::Empty)));
-        assert!(matches!(parse_size_mib("99999999999999999999"), Err(SizeError::TooLarge(_))));
-        assert!(parse_size_mib("lots").unwrap_err().to_string().contains("\"lots\""));
+        assert!(matches!(
+            parse_size_mib("99999999999999999999"),
+            Err(SizeError::TooLarge(_))
+        ));
+        assert!(parse_size_mib("lots")
+            .unwrap_err()
+            .to_string()
+            .contains("\"lots\""));
     }
 
     #[test]

@@ -41,7 +41,10 @@ impl VmState {
 
     /// States in which the VM may hold a live VMM process.
     pub fn may_have_vmm(self) -> bool {
-        matches!(self, VmState::Starting | VmState::Running | VmState::Stopping)
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Stopping
+        )
     }
 }
 

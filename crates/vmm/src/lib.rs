@@ -75,7 +75,12 @@ pub trait Vmm: Send + Sync {
     async fn spawn(&self, handle: &VmmHandle, timeout: Duration) -> Result<Spawned, VmmError>;
 
     /// Configures the guest through the API and starts it.
-    async fn boot(&self, handle: &VmmHandle, cfg: &VmmConfig, timeout: Duration) -> Result<(), VmmError>;
+    async fn boot(
+        &self,
+        handle: &VmmHandle,
+        cfg: &VmmConfig,
+        timeout: Duration,
+    ) -> Result<(), VmmError>;
 
     /// Graceful stop request, then SIGKILL if the process outlives `timeout`. Idempotent: a VMM
     /// that is already gone is success.
@@ -93,4 +98,10 @@ pub trait Vmm: Send + Sync {
 
     /// Read-only host checks for `wick doctor`.
     fn doctor(&self) -> Vec<Check>;
+
+    /// Cheap check before a start: is the VMM usable at all (binary present, …)? The error
+    /// says what to install or configure.
+    fn preflight(&self) -> Result<(), VmmError> {
+        Ok(())
+    }
 }

@@ -1,1 +1,911 @@
-fn main() {}
+//! `fake-firecracker`: a **fake** Firecracker v1.x for tests. It boots nothing.
+//!
+//! It serves the subset of Firecracker's HTTP API that wick uses, over a real Unix socket, with
+//! Firecracker's status codes, validation and `{"fault_message": ...}` errors, so the real
+//! driver's client code is exercised end to end without KVM or a guest kernel.
+//!
+//! Command line (Firecracker's shape): `--api-sock PATH` (required), `--id ID`; `--level`,
+//! `--log-path`, `--no-seccomp` (and a few more) are accepted and ignored; `--version` prints a
+//! version line. An existing socket path makes it exit 1 with `FailedToBindSocket`, as the real
+//! binary does.
+//!
+//! Behaviour worth knowing:
+//! - Pre-boot `PUT`s answer 204; after `InstanceStart` they answer 400 "The requested operation is
+//!   not supported after starting the microVM.". Unknown fields, bad JSON and unknown routes are
+//!   400 with Firecracker's wording. The machine config defaults to 1 vCPU / 128 MiB, as in
+//!   Firecracker; `InstanceStart` needs a boot source.
+//! - `PUT /vsock` binds the hybrid-vsock listener at `uds_path` (as Firecracker does; an existing
+//!   file there is an error). Connections get `CONNECT <port>\n` read and are closed: there is no
+//!   guest agent.
+//! - `InstanceStart` prints fake serial-console lines to stdout and writes a metrics line.
+//! - `SendCtrlAltDel` makes the fake guest power off: the process exits 0 about 50 ms later,
+//!   removing its vsock socket (the API socket is left behind, like Firecracker does).
+//! - SIGTERM/SIGINT: exit 0, removing the API and vsock sockets.
+//!
+//! Failure knobs (environment variables):
+//! - `FAKE_FC_EXIT_AFTER_START_MS=N`: N ms after `InstanceStart` the "guest crashes": a line on
+//!   stderr and exit code 1.
+//! - `FAKE_FC_FAIL_START=msg`: `InstanceStart` answers 400 with `msg` as fault message.
+//! - `FAKE_FC_IGNORE_CTRL_ALT_DEL=1`: `SendCtrlAltDel` is accepted but the guest never powers
+//!   off, so a graceful stop has to fall back to SIGKILL.
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixListener;
+
+const VERSION: &str = "1.16.0-fake";
+const POST_BOOT: &str = "The requested operation is not supported after starting the microVM.";
+const PRE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineConfig {
+    vcpu_count: u8,
+    mem_size_mib: usize,
+    #[serde(default)]
+    smt: bool,
+    #[serde(default)]
+    track_dirty_pages: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cpu_template: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    huge_pages: Option<Value>,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            cpu_template: None,
+            huge_pages: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BootSource {
+    kernel_image_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    initrd_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boot_args: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Drive {
+    drive_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path_on_host: Option<String>,
+    is_root_device: bool,
+    #[serde(default)]
+    is_read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    partuuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cache_type: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    io_engine: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rate_limiter: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    socket: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DriveUpdate {
+    drive_id: String,
+    #[serde(default)]
+    path_on_host: Option<String>,
+    #[serde(default)]
+    rate_limiter: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetIface {
+    iface_id: String,
+    host_dev_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    guest_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rx_rate_limiter: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tx_rate_limiter: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetUpdate {
+    iface_id: String,
+    #[serde(default)]
+    rx_rate_limiter: Option<Value>,
+    #[serde(default)]
+    tx_rate_limiter: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Vsock {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vsock_id: Option<String>,
+    guest_cid: u32,
+    uds_path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Logger {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    log_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    level: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    show_level: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    show_log_origin: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    module: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Metrics {
+    metrics_path: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Action {
+    action_type: ActionType,
+}
+
+#[derive(Debug, Deserialize)]
+enum ActionType {
+    InstanceStart,
+    SendCtrlAltDel,
+    FlushMetrics,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmStatePatch {
+    state: VmStateWanted,
+}
+
+#[derive(Debug, Deserialize)]
+enum VmStateWanted {
+    Paused,
+    Resumed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    NotStarted,
+    Running,
+    Paused,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::NotStarted => "Not started",
+            Phase::Running => "Running",
+            Phase::Paused => "Paused",
+        }
+    }
+}
+
+struct Vm {
+    id: String,
+    api_sock: PathBuf,
+    phase: Phase,
+    machine: MachineConfig,
+    boot: Option<BootSource>,
+    drives: Vec<Drive>,
+    nets: Vec<NetIface>,
+    vsock: Option<Vsock>,
+    vsock_task: Option<tokio::task::JoinHandle<()>>,
+    logger: Option<Logger>,
+    metrics: Option<Metrics>,
+}
+
+type Shared = Arc<Mutex<Vm>>;
+
+/// Outcome of one API call.
+enum Reply {
+    NoContent,
+    Json(Value),
+    Fault(String),
+}
+
+fn fault(msg: impl Into<String>) -> Reply {
+    Reply::Fault(msg.into())
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Reply> {
+    serde_json::from_slice(body).map_err(|e| {
+        fault(format!(
+            "An error occurred when deserializing the json body of a request: {e}."
+        ))
+    })
+}
+
+/// Firecracker's `checked_id`.
+fn checked_id(id: Option<&str>) -> Result<&str, Reply> {
+    match id {
+        None | Some("") => Err(fault("The ID cannot be empty.")),
+        Some(id) if !id.chars().all(|c| c == '_' || c.is_alphanumeric()) => Err(fault(
+            "API Resource IDs can only contain alphanumeric characters and underscores.",
+        )),
+        Some(id) => Ok(id),
+    }
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+fn open_append(path: &str) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().append(true).open(path)
+}
+
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+impl Vm {
+    fn pre_boot(&self) -> Result<(), Reply> {
+        if self.phase == Phase::NotStarted {
+            Ok(())
+        } else {
+            Err(fault(POST_BOOT))
+        }
+    }
+
+    fn post_boot(&self) -> Result<(), Reply> {
+        if self.phase == Phase::NotStarted {
+            Err(fault(PRE_BOOT))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn log(&self, line: &str) {
+        if let Some(path) = self.logger.as_ref().and_then(|l| l.log_path.as_deref()) {
+            if let Ok(mut f) = open_append(path) {
+                let _ = writeln!(f, "[{}:fake-firecracker] {line}", self.id);
+            }
+        }
+    }
+
+    fn write_metrics(&self) {
+        if let Some(m) = &self.metrics {
+            if let Ok(mut f) = open_append(&m.metrics_path) {
+                let line = json!({
+                    "utc_timestamp_ms": now_ms() as u64,
+                    "fake": true,
+                    "vmm": { "state": self.phase.as_str() },
+                    "vcpu": { "count": self.machine.vcpu_count },
+                });
+                let _ = writeln!(f, "{line}");
+            }
+        }
+    }
+
+    fn instance_info(&self) -> Value {
+        json!({
+            "id": self.id,
+            "state": self.phase.as_str(),
+            "vmm_version": VERSION,
+            "app_name": "Firecracker",
+        })
+    }
+
+    fn full_config(&self) -> Value {
+        json!({
+            "balloon": null,
+            "drives": self.drives,
+            "boot-source": self.boot,
+            "cpu-config": null,
+            "logger": self.logger,
+            "machine-config": self.machine,
+            "metrics": self.metrics,
+            "mmds-config": null,
+            "network-interfaces": self.nets,
+            "vsock": self.vsock,
+            "entropy": null,
+        })
+    }
+
+    fn remove_vsock(&mut self) {
+        if let Some(t) = self.vsock_task.take() {
+            t.abort();
+        }
+        if let Some(v) = &self.vsock {
+            let _ = std::fs::remove_file(&v.uds_path);
+        }
+    }
+}
+
+fn put_machine_config(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
+    let cfg: MachineConfig = parse(body)?;
+    vm.pre_boot()?;
+    if cfg.vcpu_count == 0
+        || cfg.vcpu_count > 32
+        || (cfg.smt && cfg.vcpu_count > 1 && cfg.vcpu_count % 2 == 1)
+    {
+        return Err(fault(
+            "Machine config error: The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.",
+        ));
+    }
+    if cfg.mem_size_mib == 0 {
+        return Err(fault(
+            "Machine config error: The memory size (MiB) is invalid.",
+        ));
+    }
+    vm.machine = cfg;
+    Ok(Reply::NoContent)
+}
+
+fn put_boot_source(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
+    let cfg: BootSource = parse(body)?;
+    vm.pre_boot()?;
+    if let Err(e) = std::fs::File::open(&cfg.kernel_image_path) {
+        return Err(fault(format!(
+            "Boot source error: The kernel file cannot be opened: {e}"
+        )));
+    }
+    if let Some(initrd) = &cfg.initrd_path {
+        if let Err(e) = std::fs::File::open(initrd) {
+            return Err(fault(format!(
+                "Boot source error: The initrd file cannot be opened due to invalid path or invalid permissions. {e}"
+            )));
+        }
+    }
+    vm.boot = Some(cfg);
+    Ok(Reply::NoContent)
+}
+
+fn put_drive(vm: &mut Vm, id: Option<&str>, body: &Bytes) -> Result<Reply, Reply> {
+    let id = checked_id(id)?;
+    let cfg: Drive = parse(body)?;
+    if cfg.drive_id != id {
+        return Err(fault(
+            "The id from the path does not match the id from the body!",
+        ));
+    }
+    vm.pre_boot()?;
+    let Some(path) = &cfg.path_on_host else {
+        return Err(fault(
+            "Drive config error: Unable to create the virtio block device: path_on_host is required (the fake has no vhost-user)",
+        ));
+    };
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!cfg.is_read_only)
+        .open(path)
+    {
+        return Err(fault(format!(
+            "Drive config error: Unable to create the virtio block device: Unable to open the backing file {path}: {e}"
+        )));
+    }
+    if cfg.is_root_device
+        && vm
+            .drives
+            .iter()
+            .any(|d| d.is_root_device && d.drive_id != cfg.drive_id)
+    {
+        return Err(fault(
+            "Drive config error: A root block device already exists!",
+        ));
+    }
+    match vm.drives.iter_mut().find(|d| d.drive_id == cfg.drive_id) {
+        Some(d) => *d = cfg,
+        None => vm.drives.push(cfg),
+    }
+    Ok(Reply::NoContent)
+}
+
+fn patch_drive(vm: &mut Vm, id: Option<&str>, body: &Bytes) -> Result<Reply, Reply> {
+    let id = checked_id(id)?;
+    let upd: DriveUpdate = parse(body)?;
+    if upd.drive_id != id {
+        return Err(fault(
+            "The id from the path does not match the id from the body!",
+        ));
+    }
+    vm.post_boot()?;
+    let Some(drive) = vm.drives.iter_mut().find(|d| d.drive_id == upd.drive_id) else {
+        return Err(fault(format!(
+            "Drive config error: Invalid block device ID: {}",
+            upd.drive_id
+        )));
+    };
+    if let Some(path) = upd.path_on_host {
+        if let Err(e) = std::fs::File::open(&path) {
+            return Err(fault(format!(
+                "Drive config error: Unable to patch the block device: {path}: {e}"
+            )));
+        }
+        drive.path_on_host = Some(path);
+    }
+    if upd.rate_limiter.is_some() {
+        drive.rate_limiter = upd.rate_limiter;
+    }
+    Ok(Reply::NoContent)
+}
+
+fn put_net(vm: &mut Vm, id: Option<&str>, body: &Bytes) -> Result<Reply, Reply> {
+    let id = checked_id(id)?;
+    let cfg: NetIface = parse(body)?;
+    if cfg.iface_id != id {
+        return Err(fault(
+            "The id from the path does not match the id from the body!",
+        ));
+    }
+    vm.pre_boot()?;
+    if let Some(mac) = &cfg.guest_mac {
+        if !valid_mac(mac) {
+            return Err(fault(format!(
+                "An error occurred when deserializing the json body of a request: invalid MAC address {mac:?}."
+            )));
+        }
+    }
+    if vm
+        .nets
+        .iter()
+        .any(|n| n.host_dev_name == cfg.host_dev_name && n.iface_id != cfg.iface_id)
+    {
+        return Err(fault(format!(
+            "Network config error: The host device name {} is already in use.",
+            cfg.host_dev_name
+        )));
+    }
+    match vm.nets.iter_mut().find(|n| n.iface_id == cfg.iface_id) {
+        Some(n) => *n = cfg,
+        None => vm.nets.push(cfg),
+    }
+    Ok(Reply::NoContent)
+}
+
+fn patch_net(vm: &mut Vm, id: Option<&str>, body: &Bytes) -> Result<Reply, Reply> {
+    let id = checked_id(id)?;
+    let upd: NetUpdate = parse(body)?;
+    if upd.iface_id != id {
+        return Err(fault(
+            "The id from the path does not match the id from the body!",
+        ));
+    }
+    vm.post_boot()?;
+    let Some(net) = vm.nets.iter_mut().find(|n| n.iface_id == upd.iface_id) else {
+        return Err(fault(format!(
+            "Network config error: Invalid interface ID - not found: {}",
+            upd.iface_id
+        )));
+    };
+    if upd.rx_rate_limiter.is_some() {
+        net.rx_rate_limiter = upd.rx_rate_limiter;
+    }
+    if upd.tx_rate_limiter.is_some() {
+        net.tx_rate_limiter = upd.tx_rate_limiter;
+    }
+    Ok(Reply::NoContent)
+}
+
+/// Firecracker's host side of hybrid vsock, minus the guest: read `CONNECT <port>\n`, then close
+/// (no guest listens on any port).
+async fn serve_vsock(listener: UnixListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let mut n = 0;
+            let read = async {
+                while n < buf.len() {
+                    match stream.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => {
+                            n += k;
+                            if buf[..n].contains(&b'\n') {
+                                break;
+                            }
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
+            // Dropping the stream closes it: nobody is listening in the (nonexistent) guest.
+        });
+    }
+}
+
+fn put_vsock(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
+    let cfg: Vsock = parse(body)?;
+    vm.pre_boot()?;
+    if cfg.guest_cid < 3 {
+        return Err(fault(format!(
+            "Vsock config error: Invalid guest CID {}: CIDs 0, 1 and 2 are reserved.",
+            cfg.guest_cid
+        )));
+    }
+    // A new device replaces the old one, as in Firecracker.
+    vm.remove_vsock();
+    let listener = match std::os::unix::net::UnixListener::bind(&cfg.uds_path) {
+        Ok(l) => l,
+        Err(e) => {
+            vm.vsock = None;
+            return Err(fault(format!(
+                "Vsock config error: Cannot create backend for vsock device: UnixBind({e})"
+            )));
+        }
+    };
+    let _ = listener.set_nonblocking(true);
+    let listener =
+        UnixListener::from_std(listener).map_err(|e| fault(format!("Vsock config error: {e}")))?;
+    vm.vsock_task = Some(tokio::spawn(serve_vsock(listener)));
+    vm.vsock = Some(cfg);
+    Ok(Reply::NoContent)
+}
+
+fn put_logger(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
+    let cfg: Logger = parse(body)?;
+    vm.pre_boot()?;
+    if let Some(level) = &cfg.level {
+        let ok = ["error", "warning", "warn", "info", "debug", "trace", "off"]
+            .contains(&level.to_ascii_lowercase().as_str());
+        if !ok {
+            return Err(fault(format!(
+                "An error occurred when deserializing the json body of a request: unknown log level {level:?}."
+            )));
+        }
+    }
+    if let Some(path) = &cfg.log_path {
+        if let Err(e) = open_append(path) {
+            return Err(fault(format!(
+                "Logger error: Failed to open target file: {e}"
+            )));
+        }
+    }
+    vm.logger = Some(cfg);
+    vm.log(&format!("Running Firecracker v{VERSION} (a fake)"));
+    Ok(Reply::NoContent)
+}
+
+fn put_metrics(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
+    let cfg: Metrics = parse(body)?;
+    vm.pre_boot()?;
+    if let Err(e) = open_append(&cfg.metrics_path) {
+        return Err(fault(format!(
+            "Metrics error: Cannot initialize the metrics system due to errors: Failed to open target file: {e}"
+        )));
+    }
+    vm.metrics = Some(cfg);
+    Ok(Reply::NoContent)
+}
+
+fn env_flag(name: &str) -> bool {
+    matches!(std::env::var(name).as_deref(), Ok(v) if !v.is_empty() && v != "0")
+}
+
+fn put_actions(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
+    let action: Action = parse(body)?;
+    match action.action_type {
+        ActionType::InstanceStart => {
+            vm.pre_boot()?;
+            let Some(boot) = vm.boot.clone() else {
+                return Err(fault(
+                    "Start microvm error: Cannot start microvm without kernel configuration.",
+                ));
+            };
+            if let Ok(msg) = std::env::var("FAKE_FC_FAIL_START") {
+                if !msg.is_empty() {
+                    return Err(fault(msg));
+                }
+            }
+            vm.phase = Phase::Running;
+            println!(
+                "[fake-firecracker] booting kernel {} with {} vcpus, {} MiB",
+                boot.kernel_image_path, vm.machine.vcpu_count, vm.machine.mem_size_mib
+            );
+            println!(
+                "[fake-firecracker] cmdline: {}",
+                boot.boot_args.as_deref().unwrap_or("")
+            );
+            for d in &vm.drives {
+                println!(
+                    "[fake-firecracker] drive {}: {}{}",
+                    d.drive_id,
+                    d.path_on_host.as_deref().unwrap_or("-"),
+                    if d.is_root_device { " (root)" } else { "" }
+                );
+            }
+            println!("fake guest: reached init");
+            vm.log("Successfully started microvm (fake)");
+            vm.write_metrics();
+            if let Some(ms) = std::env::var("FAKE_FC_EXIT_AFTER_START_MS")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    eprintln!(
+                        "[fake-firecracker] guest crashed (FAKE_FC_EXIT_AFTER_START_MS={ms}): exiting with code 1"
+                    );
+                    std::process::exit(1);
+                });
+            }
+            Ok(Reply::NoContent)
+        }
+        ActionType::SendCtrlAltDel => {
+            vm.post_boot()?;
+            if env_flag("FAKE_FC_IGNORE_CTRL_ALT_DEL") {
+                println!("fake guest: ignoring Ctrl+Alt+Del (FAKE_FC_IGNORE_CTRL_ALT_DEL)");
+                return Ok(Reply::NoContent);
+            }
+            println!("fake guest: Ctrl+Alt+Del received, powering off");
+            let vsock = vm.vsock.as_ref().map(|v| v.uds_path.clone());
+            vm.log("Vmm is stopping (fake guest powered off)");
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Some(p) = vsock {
+                    let _ = std::fs::remove_file(p);
+                }
+                println!("[fake-firecracker] guest powered off, exiting");
+                std::process::exit(0);
+            });
+            Ok(Reply::NoContent)
+        }
+        ActionType::FlushMetrics => {
+            vm.write_metrics();
+            Ok(Reply::NoContent)
+        }
+    }
+}
+
+fn patch_vm(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
+    let patch: VmStatePatch = parse(body)?;
+    vm.post_boot()?;
+    vm.phase = match patch.state {
+        VmStateWanted::Paused => Phase::Paused,
+        VmStateWanted::Resumed => Phase::Running,
+    };
+    Ok(Reply::NoContent)
+}
+
+fn route(vm: &mut Vm, method: &Method, path: &str, body: Option<Bytes>) -> Reply {
+    let mut tokens = path.trim_start_matches('/').split_terminator('/');
+    let first = tokens.next().unwrap_or("");
+    let second = tokens.next();
+    let res = match (method, first, body.as_ref()) {
+        (&Method::GET, "", None) => Ok(Reply::Json(vm.instance_info())),
+        (&Method::GET, "version", None) => {
+            Ok(Reply::Json(json!({ "firecracker_version": VERSION })))
+        }
+        (&Method::GET, "vm", None) if second == Some("config") => Ok(Reply::Json(vm.full_config())),
+        (&Method::GET, "machine-config", None) => Ok(Reply::Json(json!(vm.machine))),
+        (&Method::GET, _, Some(_)) => Err(fault("GET request cannot have a body.")),
+        (&Method::PUT, "actions", Some(b)) => put_actions(vm, b),
+        (&Method::PUT, "boot-source", Some(b)) => put_boot_source(vm, b),
+        (&Method::PUT, "drives", Some(b)) => put_drive(vm, second, b),
+        (&Method::PUT, "logger", Some(b)) => put_logger(vm, b),
+        (&Method::PUT, "machine-config", Some(b)) => put_machine_config(vm, b),
+        (&Method::PUT, "metrics", Some(b)) => put_metrics(vm, b),
+        (&Method::PUT, "network-interfaces", Some(b)) => put_net(vm, second, b),
+        (&Method::PUT, "vsock", Some(b)) => put_vsock(vm, b),
+        (&Method::PUT, _, None) => Err(fault("Empty PUT request.")),
+        (&Method::PATCH, "drives", Some(b)) => patch_drive(vm, second, b),
+        (&Method::PATCH, "network-interfaces", Some(b)) => patch_net(vm, second, b),
+        (&Method::PATCH, "vm", Some(b)) => patch_vm(vm, b),
+        (&Method::PATCH, _, None) => Err(fault("Empty PATCH request.")),
+        (m, other, _) => Err(fault(format!(
+            "Invalid request method and/or path: {} {other}.",
+            m.as_str()
+        ))),
+    };
+    match res {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+fn respond(reply: Reply) -> Response<Full<Bytes>> {
+    let (status, body) = match reply {
+        Reply::NoContent => (StatusCode::NO_CONTENT, None),
+        Reply::Json(v) => (StatusCode::OK, Some(v)),
+        Reply::Fault(msg) => (
+            StatusCode::BAD_REQUEST,
+            Some(json!({ "fault_message": msg })),
+        ),
+    };
+    let mut b = Response::builder().status(status);
+    let body = match body {
+        Some(v) => {
+            b = b.header("Content-Type", "application/json");
+            Full::new(Bytes::from(v.to_string()))
+        }
+        None => Full::new(Bytes::new()),
+    };
+    b.body(body).expect("valid response")
+}
+
+async fn handle(req: Request<Incoming>, vm: Shared) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return Ok(respond(fault(format!(
+                "could not read the request body: {e}"
+            ))))
+        }
+    };
+    let body = (!body.is_empty()).then_some(body);
+    let reply = {
+        let mut vm = vm.lock().unwrap_or_else(|p| p.into_inner());
+        route(&mut vm, &method, &path, body)
+    };
+    Ok(respond(reply))
+}
+
+struct Args {
+    api_sock: PathBuf,
+    id: String,
+}
+
+fn usage_exit(msg: &str) -> ! {
+    eprintln!("fake-firecracker: {msg}");
+    eprintln!("usage: fake-firecracker --api-sock PATH [--id ID] [--level L] [--log-path P] [--no-seccomp]");
+    std::process::exit(153);
+}
+
+fn parse_args() -> Args {
+    let mut api_sock = None;
+    let mut id = "anonymous-instance".to_string();
+    let mut it = std::env::args_os().skip(1);
+    while let Some(a) = it.next() {
+        let a = a.to_string_lossy().into_owned();
+        match a.as_str() {
+            "--version" | "-V" => {
+                println!(
+                    "Firecracker v{VERSION} (fake-firecracker: a test stand-in, boots nothing)"
+                );
+                std::process::exit(0);
+            }
+            "--help" | "-h" => {
+                println!("fake-firecracker: a fake Firecracker v1.x API server for tests");
+                std::process::exit(0);
+            }
+            "--no-seccomp" | "--show-level" | "--show-log-origin" | "--boot-timer" | "--no-api" => {
+            }
+            "--api-sock" => {
+                api_sock = Some(PathBuf::from(
+                    it.next()
+                        .unwrap_or_else(|| usage_exit("--api-sock needs a value")),
+                ))
+            }
+            "--id" => {
+                id = it
+                    .next()
+                    .unwrap_or_else(|| usage_exit("--id needs a value"))
+                    .to_string_lossy()
+                    .into_owned()
+            }
+            "--level"
+            | "--log-path"
+            | "--metrics-path"
+            | "--seccomp-filter"
+            | "--config-file"
+            | "--http-api-max-payload-size"
+            | "--mmds-size-limit"
+            | "--module"
+            | "--parent-cpu-time-us"
+            | "--start-time-us"
+            | "--start-time-cpu-us" => {
+                if it.next().is_none() {
+                    usage_exit(&format!("{a} needs a value"));
+                }
+            }
+            other => usage_exit(&format!("Found argument '{other}' which wasn't expected")),
+        }
+    }
+    let api_sock = api_sock.unwrap_or_else(|| {
+        usage_exit("--api-sock PATH is required (the fake never uses a default path)")
+    });
+    Args { api_sock, id }
+}
+
+fn bind_api(path: &Path) -> std::os::unix::net::UnixListener {
+    // Firecracker refuses to start when the socket path exists; so does the fake.
+    match std::os::unix::net::UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "[fake-firecracker] Error: FailedToBindSocket: failed to bind the API socket {}: {e}",
+                path.display()
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+fn main() {
+    let args = parse_args();
+    let std_listener = bind_api(&args.api_sock);
+    std_listener
+        .set_nonblocking(true)
+        .expect("nonblocking API socket");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(serve(args, std_listener));
+}
+
+async fn serve(args: Args, std_listener: std::os::unix::net::UnixListener) {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let listener = UnixListener::from_std(std_listener).expect("tokio API socket");
+    let vm: Shared = Arc::new(Mutex::new(Vm {
+        id: args.id,
+        api_sock: args.api_sock,
+        phase: Phase::NotStarted,
+        machine: MachineConfig::default(),
+        boot: None,
+        drives: Vec::new(),
+        nets: Vec::new(),
+        vsock: None,
+        vsock_task: None,
+        logger: None,
+        metrics: None,
+    }));
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    loop {
+        tokio::select! {
+            conn = listener.accept() => {
+                let Ok((stream, _)) = conn else { continue };
+                let vm = vm.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(req, vm.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let mut vm = vm.lock().unwrap_or_else(|p| p.into_inner());
+    vm.remove_vsock();
+    let _ = std::fs::remove_file(&vm.api_sock);
+    println!("[fake-firecracker] terminated by signal, sockets removed");
+    std::process::exit(0);
+}

@@ -1,0 +1,236 @@
+//! A real `wickd` in an isolated `WICK_ROOT`, driven through the real `wick` binary, with the
+//! fake Firecracker as its VMM. Used by integration tests and benchmarks.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cargo_bin;
+
+/// One isolated daemon: its root directory, config and process.
+pub struct WickdEnv {
+    pub dir: tempfile::TempDir,
+    pub daemon: Option<Child>,
+    /// Extra environment for the daemon (and so its VMMs), e.g. fake Firecracker knobs.
+    pub env: Vec<(String, String)>,
+}
+
+impl WickdEnv {
+    /// A fresh root with a config pointing at the fake Firecracker and a `default` image (a
+    /// sparse 64 MiB rootfs file and a stand-in kernel file). `extra_config` is appended.
+    pub fn new(extra_config: &str) -> WickdEnv {
+        // Short paths: Unix socket paths are limited to 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("wk")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let img = dir.path().join("img");
+        std::fs::create_dir_all(&img).unwrap();
+        let rootfs = img.join("rootfs.ext4");
+        let f = std::fs::File::create(&rootfs).unwrap();
+        f.set_len(64 << 20).unwrap();
+        std::fs::write(img.join("vmlinux"), b"\x7fELF fake kernel for tests").unwrap();
+        let config = format!(
+            "firecracker_bin = {fc:?}\nboot_timeout = \"10s\"\nstop_timeout = \"2s\"\n{extra_config}\n\n[images.default]\nrootfs = {rootfs:?}\nkernel = {kernel:?}\n",
+            fc = cargo_bin("fake-firecracker"),
+            rootfs = rootfs,
+            kernel = img.join("vmlinux"),
+        );
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        WickdEnv {
+            dir,
+            daemon: None,
+            env: Vec::new(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.root().join("run/wickd.sock")
+    }
+
+    /// Starts wickd and waits until its socket answers.
+    pub fn start(&mut self) -> &mut Self {
+        assert!(self.daemon.is_none(), "wickd already started");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root().join("wickd-test.log"))
+            .unwrap();
+        let child = Command::new(cargo_bin("wickd"))
+            .arg("--root")
+            .arg(self.root())
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("spawn wickd");
+        self.daemon = Some(child);
+        self.wait_ready();
+        self
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+                return;
+            }
+            if let Some(c) = self.daemon.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("wickd exited early ({st}); log:\n{}", self.daemon_log());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("wickd did not come up; log:\n{}", self.daemon_log());
+    }
+
+    /// The daemon's log so far.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.root().join("wickd-test.log")).unwrap_or_default()
+    }
+
+    /// `kill -9` the daemon (its VMMs live on in their own process groups).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM the daemon and wait for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    /// A `wick` command bound to this root.
+    pub fn wick_cmd(&self) -> Command {
+        let mut c = Command::new(cargo_bin("wick"));
+        c.env("WICK_ROOT", self.root())
+            .env_remove("WICK_SOCKET")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `wick ARGS` and returns its output.
+    pub fn wick(&self, args: &[&str]) -> Output {
+        self.wick_cmd().args(args).output().expect("run wick")
+    }
+
+    /// Runs `wick ARGS`, panicking with its output unless it succeeds; returns stdout.
+    pub fn wick_ok(&self, args: &[&str]) -> String {
+        let out = self.wick(args);
+        if !out.status.success() {
+            panic!(
+                "wick {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.daemon_log()
+            );
+        }
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// Runs `wick ARGS --json` and parses the output.
+    pub fn wick_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let s = self.wick_ok(&a);
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("wick {a:?}: bad JSON ({e}): {s}"))
+    }
+
+    /// Pids of processes whose command line mentions this root (VMMs and the daemon).
+    pub fn processes(&self) -> Vec<u32> {
+        let root = self.root().to_string_lossy().to_string();
+        let me = std::process::id();
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+            if !zombie && String::from_utf8_lossy(&cmd).contains(&root) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// Pids of live fake-firecracker processes of this root.
+    pub fn vmm_processes(&self) -> Vec<u32> {
+        self.processes()
+            .into_iter()
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains("fake-firecracker"))
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+}
+
+impl Drop for WickdEnv {
+    fn drop(&mut self) {
+        self.kill9();
+        // Everything left that names our root was started by this test (the daemon or its VMMs).
+        for pid in self.processes() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// One HTTP/1.1 request over a Unix socket, for tests that bypass the CLI. Returns the status
+/// code and the body.
+pub fn http(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    let body = body.unwrap_or(b"");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: wickd\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let resp = String::from_utf8_lossy(&resp).to_string();
+    let status: u16 = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,681 @@
+//! The Firecracker driver: spawns `firecracker --api-sock <vm_dir>/fc.sock`, configures and boots
+//! the guest over the API socket, stops it with Ctrl+Alt+Del then SIGKILL, and finds it again by
+//! pid + start time or by its socket on a command line.
+//!
+//! Files inside the VM dir: `fc.sock` (API), `vsock.sock` (hybrid vsock; guest-initiated
+//! connections to port N show up as `vsock.sock_N`), `vmm.log` (the process's stdout/stderr,
+//! i.e. the serial console), `firecracker.log` (Firecracker's own logger) and `metrics.json`.
+
+mod api;
+
+use std::ffi::OsStr;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use hyper::Method;
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+use wick_host::proc;
+use wick_model::api::{Check, CheckStatus};
+use wick_model::VmmHandle;
+
+use crate::{Spawned, Vmm, VmmConfig, VmmError};
+
+/// Driver name as stored in VM specs.
+pub const DRIVER: &str = "firecracker";
+
+/// How many lines of the VMM log an error carries.
+const LOG_TAIL_LINES: usize = 20;
+
+/// The Firecracker driver. Cheap to clone; holds only the binary path.
+#[derive(Debug, Clone)]
+pub struct Firecracker {
+    bin: PathBuf,
+}
+
+impl Firecracker {
+    /// A driver running `bin` (see [`Firecracker::resolve`]).
+    pub fn new(bin: impl Into<PathBuf>) -> Firecracker {
+        Firecracker { bin: bin.into() }
+    }
+
+    /// The binary this driver runs.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The Firecracker binary to use: `configured` (config `firecracker_bin`) when given, else
+    /// `firecracker` on `PATH`.
+    pub fn resolve(configured: Option<&Path>) -> Result<PathBuf, VmmError> {
+        const HOW: &str = "install a Firecracker v1.x release binary (firecracker-microvm/firecracker \
+                           releases on GitHub) on PATH, or set `firecracker_bin` in wick's config.toml \
+                           to its full path";
+        match configured {
+            Some(p) if p.as_os_str().is_empty() => Self::resolve(None),
+            Some(p) if p.components().count() > 1 || p.is_absolute() => {
+                if is_executable(p) {
+                    Ok(p.to_path_buf())
+                } else {
+                    Err(VmmError::BinaryNotFound(format!(
+                        "configured firecracker_bin {} is not an executable file; {HOW}",
+                        p.display()
+                    )))
+                }
+            }
+            Some(name) => find_on_path(name.as_os_str()).ok_or_else(|| {
+                VmmError::BinaryNotFound(format!(
+                    "configured firecracker_bin {:?} is not on PATH; {HOW}",
+                    name
+                ))
+            }),
+            None => find_on_path(OsStr::new("firecracker")).ok_or_else(|| {
+                VmmError::BinaryNotFound(format!("`firecracker` is not on PATH; {HOW}"))
+            }),
+        }
+    }
+
+    /// One raw API call (`method` is `GET`, `PUT`, `PATCH`): the JSON answer, or `None` for 204.
+    /// Non-2xx answers are [`VmmError::Api`] with Firecracker's fault message.
+    pub async fn api(
+        &self,
+        handle: &VmmHandle,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Option<Value>, VmmError> {
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|_| VmmError::Other(format!("bad HTTP method {method:?}")))?;
+        api::call(&handle.api_socket, method, path, body.as_ref()).await
+    }
+
+    /// The instance state reported by `GET /`: `Not started`, `Running` or `Paused`.
+    pub async fn instance_state(&self, handle: &VmmHandle) -> Result<String, VmmError> {
+        let info = api::call(&handle.api_socket, Method::GET, "/", None).await?;
+        info.as_ref()
+            .and_then(|v| v.get("state"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| VmmError::Api {
+                call: "GET /".into(),
+                message: format!("answer has no \"state\": {info:?}"),
+            })
+    }
+
+    /// `bin --version`, first line (bounded to a few seconds).
+    pub fn version(&self) -> Result<String, String> {
+        let mut child = std::process::Command::new(&self.bin)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run {} --version: {e}", self.bin.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "{} --version did not exit within 5 s",
+                        self.bin.display()
+                    ));
+                }
+                Err(e) => return Err(format!("waiting for {} --version: {e}", self.bin.display())),
+            }
+        };
+        let mut out = String::new();
+        if let Some(mut so) = child.stdout.take() {
+            let _ = so.read_to_string(&mut out);
+        }
+        let first = out
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("")
+            .to_owned();
+        if !status.success() {
+            return Err(format!(
+                "{} --version failed ({status})",
+                self.bin.display()
+            ));
+        }
+        if first.is_empty() {
+            return Err(format!("{} --version printed nothing", self.bin.display()));
+        }
+        Ok(first)
+    }
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn find_on_path(name: &OsStr) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+}
+
+/// The directory holding the VM's sockets (the VM dir).
+fn vm_dir(handle: &VmmHandle) -> PathBuf {
+    handle
+        .api_socket
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Firecracker's `--id`: alphanumerics and `-`, at most 64 characters.
+fn instance_id(handle: &VmmHandle) -> String {
+    let raw = vm_dir(handle)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let id: String = raw
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(64)
+        .collect();
+    if id.is_empty() {
+        "wick".into()
+    } else {
+        id
+    }
+}
+
+fn remove_if_exists(p: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Creates `p` if missing (Firecracker's logger and metrics need an existing file).
+fn touch(p: &Path) -> Result<(), VmmError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .map(drop)
+        .map_err(|e| VmmError::Other(format!("cannot create {}: {e}", p.display())))
+}
+
+/// The last [`LOG_TAIL_LINES`] lines of the VMM log, for error messages.
+pub fn log_tail(path: &Path) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(16 * 1024);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+}
+
+fn with_tail(msg: String, log: &Path) -> String {
+    let tail = log_tail(log);
+    if tail.trim().is_empty() {
+        format!("{msg} (log {} is empty)", log.display())
+    } else {
+        format!("{msg}; last lines of {}:\n{tail}", log.display())
+    }
+}
+
+async fn wait_gone(pid: u32, start_time: Option<u64>, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !proc::is_alive(pid, start_time) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Firecracker {
+    async fn put(&self, handle: &VmmHandle, path: &str, body: Value) -> Result<(), VmmError> {
+        api::call(&handle.api_socket, Method::PUT, path, Some(&body))
+            .await
+            .map(drop)
+    }
+
+    async fn configure_and_start(
+        &self,
+        handle: &VmmHandle,
+        cfg: &VmmConfig,
+    ) -> Result<(), VmmError> {
+        let dir = vm_dir(handle);
+
+        let fc_log = dir.join("firecracker.log");
+        touch(&fc_log)?;
+        self.put(
+            handle,
+            "/logger",
+            json!({ "log_path": fc_log, "level": "Info", "show_level": true, "show_log_origin": false }),
+        )
+        .await?;
+
+        let metrics = dir.join("metrics.json");
+        touch(&metrics)?;
+        self.put(handle, "/metrics", json!({ "metrics_path": metrics }))
+            .await?;
+
+        self.put(
+            handle,
+            "/machine-config",
+            json!({ "vcpu_count": cfg.vcpu, "mem_size_mib": cfg.memory_mib, "smt": false }),
+        )
+        .await?;
+
+        let mut boot = json!({ "kernel_image_path": cfg.kernel, "boot_args": cfg.boot_args });
+        if let Some(initrd) = &cfg.initrd {
+            boot["initrd_path"] = json!(initrd);
+        }
+        self.put(handle, "/boot-source", boot).await?;
+
+        self.put(
+            handle,
+            "/drives/rootfs",
+            json!({ "drive_id": "rootfs", "path_on_host": cfg.root_disk, "is_root_device": true, "is_read_only": false }),
+        )
+        .await?;
+        for (i, disk) in cfg.extra_disks.iter().enumerate() {
+            let id = format!("disk{}", i + 1);
+            self.put(
+                handle,
+                &format!("/drives/{id}"),
+                json!({ "drive_id": id, "path_on_host": disk, "is_root_device": false, "is_read_only": false }),
+            )
+            .await?;
+        }
+
+        if let Some(tap) = &cfg.tap {
+            let mut net = json!({ "iface_id": "eth0", "host_dev_name": tap });
+            if let Some(mac) = &cfg.guest_mac {
+                net["guest_mac"] = json!(mac);
+            }
+            self.put(handle, "/network-interfaces/eth0", net).await?;
+        }
+
+        // Firecracker binds the vsock UDS on this call and fails if the file exists.
+        remove_if_exists(&handle.vsock_socket).map_err(|e| {
+            VmmError::Other(format!(
+                "cannot remove stale {}: {e}",
+                handle.vsock_socket.display()
+            ))
+        })?;
+        self.put(
+            handle,
+            "/vsock",
+            json!({ "guest_cid": cfg.guest_cid, "uds_path": handle.vsock_socket }),
+        )
+        .await?;
+
+        self.put(
+            handle,
+            "/actions",
+            json!({ "action_type": "InstanceStart" }),
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl Vmm for Firecracker {
+    fn name(&self) -> &'static str {
+        DRIVER
+    }
+
+    fn plan(&self, vm_dir: &Path) -> VmmHandle {
+        VmmHandle {
+            driver: DRIVER.into(),
+            api_socket: vm_dir.join("fc.sock"),
+            vsock_socket: vm_dir.join("vsock.sock"),
+            log_path: vm_dir.join("vmm.log"),
+            pid: None,
+            start_time: None,
+        }
+    }
+
+    async fn spawn(&self, handle: &VmmHandle, timeout: Duration) -> Result<Spawned, VmmError> {
+        let spawn_err = |what: &str, e: std::io::Error| VmmError::Spawn(format!("{what}: {e}"));
+        for sock in [&handle.api_socket, &handle.vsock_socket] {
+            remove_if_exists(sock)
+                .map_err(|e| spawn_err(&format!("removing stale {}", sock.display()), e))?;
+        }
+        if let Some(parent) = handle.log_path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| spawn_err(&format!("creating {}", parent.display()), e))?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&handle.log_path)
+            .map_err(|e| spawn_err(&format!("opening {}", handle.log_path.display()), e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| spawn_err("duplicating the log file handle", e))?;
+
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.arg("--api-sock")
+            .arg(&handle.api_socket)
+            .arg("--id")
+            .arg(instance_id(handle))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err))
+            // Own process group: a signal to the daemon's group (Ctrl+C, a killed service)
+            // must not take the VMs down with it.
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                VmmError::BinaryNotFound(format!(
+                    "{}: {e}; install Firecracker or set `firecracker_bin` in config.toml",
+                    self.bin.display()
+                ))
+            } else {
+                spawn_err(&format!("running {}", self.bin.display()), e)
+            }
+        })?;
+        let pid = child
+            .id()
+            .ok_or_else(|| VmmError::Spawn("the VMM process has no pid".into()))?;
+        // Our unreaped child: its pid cannot be reused yet, so this reads the right process.
+        let Some(start_time) = proc::start_time(pid) else {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(VmmError::Spawn(format!(
+                "cannot read /proc/{pid}/stat of the new VMM"
+            )));
+        };
+
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(VmmError::Exited(with_tail(
+                    format!(
+                        "{} exited with {status} before its API socket was ready",
+                        self.bin.display()
+                    ),
+                    &handle.log_path,
+                )));
+            }
+            if tokio::net::UnixStream::connect(&handle.api_socket)
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(VmmError::Timeout(
+                    timeout,
+                    with_tail(
+                        format!("the Firecracker API socket {}", handle.api_socket.display()),
+                        &handle.log_path,
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tracing::debug!(pid, start_time, socket = %handle.api_socket.display(), "firecracker ready");
+        Ok(Spawned {
+            pid,
+            start_time,
+            child: Some(child),
+        })
+    }
+
+    async fn boot(
+        &self,
+        handle: &VmmHandle,
+        cfg: &VmmConfig,
+        timeout: Duration,
+    ) -> Result<(), VmmError> {
+        match tokio::time::timeout(timeout, self.configure_and_start(handle, cfg)).await {
+            Ok(r) => r,
+            Err(_) => Err(VmmError::Timeout(
+                timeout,
+                "the Firecracker API to configure and boot the guest".into(),
+            )),
+        }
+    }
+
+    async fn stop(&self, handle: &VmmHandle, timeout: Duration) -> Result<(), VmmError> {
+        let Some(pid) = self.find(handle) else {
+            return Ok(());
+        };
+        // Only trust the recorded start time for the recorded pid.
+        let start_time = if Some(pid) == handle.pid {
+            handle.start_time
+        } else {
+            proc::start_time(pid)
+        };
+
+        // Graceful: the guest sees Ctrl+Alt+Del and powers off; Firecracker then exits. Only
+        // worth waiting for if Firecracker accepted the request (not before boot, not when the
+        // socket is gone).
+        let ctrl_alt_del = json!({ "action_type": "SendCtrlAltDel" });
+        let ask = api::call(
+            &handle.api_socket,
+            Method::PUT,
+            "/actions",
+            Some(&ctrl_alt_del),
+        );
+        let asked = matches!(
+            tokio::time::timeout(timeout.min(Duration::from_secs(2)), ask).await,
+            Ok(Ok(_))
+        );
+        if asked && wait_gone(pid, start_time, timeout).await {
+            return Ok(());
+        }
+
+        match proc::signal(pid, start_time, Signal::SIGKILL) {
+            Ok(_) => {}
+            Err(e) => {
+                return Err(VmmError::Other(format!(
+                    "cannot SIGKILL VMM pid {pid}: {e}"
+                )))
+            }
+        }
+        if wait_gone(pid, start_time, Duration::from_secs(2)).await {
+            Ok(())
+        } else {
+            Err(VmmError::Timeout(
+                timeout + Duration::from_secs(2),
+                format!("VMM pid {pid} to exit after SIGKILL"),
+            ))
+        }
+    }
+
+    fn kill(&self, handle: &VmmHandle, signal: Signal) -> Result<(), VmmError> {
+        let Some(pid) = handle.pid else {
+            return Err(VmmError::Other("no VMM pid is recorded for this VM".into()));
+        };
+        proc::signal(pid, handle.start_time, signal)
+            .map(drop)
+            .map_err(|e| VmmError::Other(format!("cannot send {signal} to VMM pid {pid}: {e}")))
+    }
+
+    fn find(&self, handle: &VmmHandle) -> Option<u32> {
+        if let Some(pid) = handle.pid {
+            let ours = match handle.start_time {
+                Some(st) => proc::is_alive(pid, Some(st)),
+                // No start time recorded: only trust the pid if it serves this socket.
+                None => proc::find_by_arg(handle.api_socket.as_os_str()).contains(&pid),
+            };
+            if ours {
+                return Some(pid);
+            }
+        }
+        proc::find_by_arg(handle.api_socket.as_os_str())
+            .first()
+            .copied()
+    }
+
+    fn cleanup(&self, handle: &VmmHandle) {
+        for p in [&handle.api_socket, &handle.vsock_socket] {
+            if let Err(e) = remove_if_exists(p) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove VMM socket");
+            }
+        }
+        // Listeners for guest-initiated vsock connections: `<vsock.sock>_<port>`.
+        let (Some(dir), Some(base)) = (
+            handle.vsock_socket.parent(),
+            handle.vsock_socket.file_name(),
+        ) else {
+            return;
+        };
+        let prefix = format!("{}_", base.to_string_lossy());
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                if let Err(err) = remove_if_exists(&e.path()) {
+                    tracing::warn!(path = %e.path().display(), error = %err, "cannot remove vsock listener socket");
+                }
+            }
+        }
+    }
+
+    /// The binary must be an executable file. `/dev/kvm` is left to [`Vmm::doctor`] and to
+    /// Firecracker's own error: the fake Firecracker used in tests needs no KVM.
+    fn preflight(&self) -> Result<(), VmmError> {
+        if is_executable(&self.bin) {
+            Ok(())
+        } else {
+            Err(VmmError::BinaryNotFound(format!(
+                "{} is not an executable file; install a Firecracker v1.x release binary on PATH, \
+                 or set `firecracker_bin` in config.toml",
+                self.bin.display()
+            )))
+        }
+    }
+
+    fn doctor(&self) -> Vec<Check> {
+        let check = |name: &str, status, detail: String, hint: Option<&str>| Check {
+            area: "vmm".into(),
+            name: name.into(),
+            status,
+            detail,
+            hint: hint.map(str::to_owned),
+        };
+        let mut checks = Vec::new();
+        match self.version() {
+            Ok(v) => checks.push(check(
+                "firecracker",
+                CheckStatus::Pass,
+                format!("{} ({v})", self.bin.display()),
+                None,
+            )),
+            Err(e) => checks.push(check(
+                "firecracker",
+                CheckStatus::Fail,
+                e,
+                Some("install a Firecracker v1.x release binary on PATH, or set `firecracker_bin` in config.toml"),
+            )),
+        }
+        let kvm = Path::new("/dev/kvm");
+        if !kvm.exists() {
+            checks.push(check(
+                "kvm",
+                CheckStatus::Fail,
+                "/dev/kvm does not exist".into(),
+                Some("enable virtualization (VT-x/AMD-V, or nested virtualization) and load kvm_intel or kvm_amd"),
+            ));
+        } else {
+            match std::fs::OpenOptions::new().read(true).write(true).open(kvm) {
+                Ok(_) => checks.push(check(
+                    "kvm",
+                    CheckStatus::Pass,
+                    "/dev/kvm is read-write".into(),
+                    None,
+                )),
+                Err(e) => checks.push(check(
+                    "kvm",
+                    CheckStatus::Fail,
+                    format!("cannot open /dev/kvm read-write: {e}"),
+                    Some("run wickd as root, or give its user access to /dev/kvm (group kvm)"),
+                )),
+            }
+        }
+        checks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_is_inside_the_vm_dir() {
+        let fc = Firecracker::new("/nonexistent/firecracker");
+        let h = fc.plan(Path::new("/state/vms/abc123"));
+        assert_eq!(h.driver, "firecracker");
+        assert_eq!(h.api_socket, Path::new("/state/vms/abc123/fc.sock"));
+        assert_eq!(h.vsock_socket, Path::new("/state/vms/abc123/vsock.sock"));
+        assert_eq!(h.log_path, Path::new("/state/vms/abc123/vmm.log"));
+        assert_eq!(h.pid, None);
+        assert_eq!(instance_id(&h), "abc123");
+    }
+
+    #[test]
+    fn instance_id_is_sanitized() {
+        let fc = Firecracker::new("fc");
+        let h = fc.plan(Path::new("/x/a.b_c d"));
+        assert_eq!(instance_id(&h), "abcd");
+        let h = fc.plan(Path::new("/"));
+        assert_eq!(instance_id(&h), "wick");
+    }
+
+    #[test]
+    fn resolve_explains_how_to_fix() {
+        let e = Firecracker::resolve(Some(Path::new("/nonexistent/firecracker"))).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("firecracker_bin"), "{msg}");
+        assert!(msg.contains("/nonexistent/firecracker"), "{msg}");
+        let sh = Firecracker::resolve(Some(Path::new("sh"))).unwrap();
+        assert!(sh.is_absolute());
+    }
+
+    #[test]
+    fn preflight_checks_the_binary() {
+        let e = Firecracker::new("/nonexistent/firecracker")
+            .preflight()
+            .unwrap_err();
+        assert!(e.to_string().contains("firecracker_bin"), "{e}");
+        Firecracker::new("/bin/sh").preflight().unwrap();
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&p, text).unwrap();
+        let tail = log_tail(&p);
+        assert_eq!(tail.lines().count(), LOG_TAIL_LINES);
+        assert!(tail.ends_with("line 99"));
+        assert_eq!(log_tail(&dir.path().join("missing")), "");
+    }
+}
