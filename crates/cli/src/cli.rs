@@ -1,0 +1,363 @@
+//! The command tree (clap derive). Parsing only: no I/O and no validation beyond types; user
+//! input is checked in [`crate::validate`] so the messages match the daemon's.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// One-command development sandboxes on Firecracker microVMs.
+///
+/// `wick` is the client of `wickd`, the root daemon that owns every VM and host resource. It
+/// talks to the daemon over a Unix socket; when run as root it starts the daemon if needed.
+#[derive(Debug, Parser)]
+#[command(name = "wick", version, max_term_width = 100)]
+pub struct Cli {
+    /// Path of wickd's API socket [default: $WICK_SOCKET, else $WICK_ROOT/run/wickd.sock, else
+    /// /run/wick/wickd.sock].
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        help_heading = "Global options"
+    )]
+    pub socket: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, run and manage VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Inspect or stop the wickd daemon.
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
+    /// Show the daemon's effective configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Check the host, the daemon's state and its capabilities; exits 1 if any check fails.
+    Doctor(JsonArgs),
+    /// Print the client's version and, if it is running, the daemon's.
+    Version(JsonArgs),
+    /// Print a shell completion script (e.g. `wick completion bash > /etc/bash_completion.d/wick`).
+    Completion {
+        /// Shell to generate the script for.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Just `--json`.
+#[derive(Debug, Args)]
+pub struct JsonArgs {
+    /// Print the daemon's answer as pretty JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM from an image and (unless --no-start) boot it.
+    ///
+    /// Every omitted value (--vcpu, --memory, --disk-size, --image) comes from the daemon's
+    /// `[vm_defaults]`: config file, then a host heuristic, then a built-in floor. `wick config
+    /// show` prints the resolved defaults and where each came from.
+    Create(CreateArgs),
+    /// Boot one or more stopped VMs.
+    Start(LifecycleArgs),
+    /// Stop one or more VMs gracefully (guest poweroff, forced after a timeout).
+    Stop(LifecycleArgs),
+    /// Stop then start one or more VMs.
+    Restart(LifecycleArgs),
+    /// Delete one or more VMs and every host resource they hold.
+    #[command(visible_alias = "rm")]
+    Delete(LifecycleArgs),
+    /// Send a signal to the VMM of one or more VMs; they end up stopped.
+    Kill(KillArgs),
+    /// List VMs (yours; root sees all).
+    #[command(visible_alias = "ps")]
+    List(JsonArgs),
+    /// Print a VM's full record as JSON.
+    Show(ShowArgs),
+    /// Print a VM's VMM log (serial console and VMM output).
+    Logs(LogsArgs),
+    /// Delete every VM of yours that is not running.
+    Prune(PruneArgs),
+    /// Change a VM's vcpu, memory (applied at next start) or NAT (applied live).
+    Set(SetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// VM name: a DNS label (a-z, 0-9, '-'). Generated when omitted (e.g. calm-otter).
+    #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
+    pub name: Option<String>,
+    /// Image to clone the root disk from [default: from config].
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// Number of virtual CPUs [default: from [vm_defaults]].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub vcpu: Option<i64>,
+    /// Memory, e.g. 1G or 512M; a bare number means MiB [default: from [vm_defaults]].
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    pub memory: Option<String>,
+    /// Size of the work disk mounted at /root, e.g. 8G [default: from [vm_defaults]].
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    pub disk_size: Option<String>,
+    /// Give the guest outbound network access (NAT).
+    #[arg(long)]
+    pub nat: bool,
+    /// Create the VM but leave it stopped.
+    #[arg(long)]
+    pub no_start: bool,
+    /// Print the created VM as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LifecycleArgs {
+    /// VMs by name, id or unique id prefix; several run concurrently.
+    #[arg(required = true, value_name = "VM")]
+    pub vms: Vec<String>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// Signal name (KILL, TERM, SIGINT, ...) or number.
+    #[arg(long, short = 's', default_value = "KILL", value_name = "SIG")]
+    pub signal: String,
+    /// VMs by name, id or unique id prefix.
+    #[arg(required = true, value_name = "VM")]
+    pub vms: Vec<String>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// VM by name, id or unique id prefix.
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    /// Accepted for symmetry: `vm show` always prints JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// VM by name, id or unique id prefix.
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    /// Only the last N lines.
+    #[arg(long, short = 'n', value_name = "N")]
+    pub tail: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long, short = 'f')]
+    pub force: bool,
+    /// Print the daemon's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// VM by name, id or unique id prefix.
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    /// Number of virtual CPUs (applies at next start).
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub vcpu: Option<i64>,
+    /// Memory, e.g. 2G (applies at next start).
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    pub memory: Option<String>,
+    /// Outbound NAT (applies live to a running VM).
+    #[arg(long, value_name = "on|off")]
+    pub nat: Option<OnOff>,
+    /// Print the updated VM as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A switch value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    #[value(alias = "true", alias = "yes")]
+    On,
+    #[value(alias = "false", alias = "no")]
+    Off,
+}
+
+impl OnOff {
+    pub fn as_bool(self) -> bool {
+        self == OnOff::On
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DaemonCommand {
+    /// Show whether wickd is running, its version, pid, root and VM counts (exit 1 if not running).
+    Status(JsonArgs),
+    /// Stop wickd; VMs keep running and are re-adopted at its next start.
+    Stop,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the config file path, the effective config and the resolved VM defaults.
+    Show(JsonArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("wick").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn create_accepts_everything() {
+        let cli = parse(&[
+            "vm",
+            "create",
+            "--name",
+            "a1",
+            "--image",
+            "debian",
+            "--vcpu",
+            "2",
+            "--memory",
+            "1G",
+            "--disk-size",
+            "8G",
+            "--nat",
+            "--no-start",
+            "--json",
+        ])
+        .unwrap();
+        let Command::Vm(VmCommand::Create(a)) = cli.command else {
+            panic!("not create")
+        };
+        assert_eq!(a.name.as_deref(), Some("a1"));
+        assert_eq!(a.image.as_deref(), Some("debian"));
+        assert_eq!(a.vcpu, Some(2));
+        assert_eq!(a.memory.as_deref(), Some("1G"));
+        assert_eq!(a.disk_size.as_deref(), Some("8G"));
+        assert!(a.nat && a.no_start && a.json);
+    }
+
+    #[test]
+    fn hyphen_and_negative_values_reach_the_validator() {
+        let cli = parse(&[
+            "vm", "create", "--name", "-bad", "--vcpu", "-1", "--memory", "-5",
+        ])
+        .unwrap();
+        let Command::Vm(VmCommand::Create(a)) = cli.command else {
+            panic!("not create")
+        };
+        assert_eq!(a.name.as_deref(), Some("-bad"));
+        assert_eq!(a.vcpu, Some(-1));
+        assert_eq!(a.memory.as_deref(), Some("-5"));
+    }
+
+    #[test]
+    fn vcpu_must_be_a_number() {
+        let e = parse(&["vm", "create", "--vcpu", "two"]).unwrap_err();
+        assert!(e.to_string().contains("--vcpu"), "{e}");
+    }
+
+    #[test]
+    fn lifecycle_takes_several_vms() {
+        let cli = parse(&["vm", "stop", "a1", "b2", "3f2a"]).unwrap();
+        let Command::Vm(VmCommand::Stop(a)) = cli.command else {
+            panic!("not stop")
+        };
+        assert_eq!(a.vms, ["a1", "b2", "3f2a"]);
+        assert!(
+            parse(&["vm", "start"]).is_err(),
+            "at least one VM is required"
+        );
+        let cli = parse(&["vm", "rm", "a1"]).unwrap();
+        assert!(matches!(cli.command, Command::Vm(VmCommand::Delete(_))));
+    }
+
+    #[test]
+    fn kill_defaults_to_sigkill() {
+        let cli = parse(&["vm", "kill", "a1"]).unwrap();
+        let Command::Vm(VmCommand::Kill(a)) = cli.command else {
+            panic!("not kill")
+        };
+        assert_eq!(a.signal, "KILL");
+        let cli = parse(&["vm", "kill", "--signal", "TERM", "a1", "b2"]).unwrap();
+        let Command::Vm(VmCommand::Kill(a)) = cli.command else {
+            panic!("not kill")
+        };
+        assert_eq!((a.signal.as_str(), a.vms.len()), ("TERM", 2));
+    }
+
+    #[test]
+    fn ps_is_list() {
+        let cli = parse(&["vm", "ps", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Vm(VmCommand::List(JsonArgs { json: true }))
+        ));
+    }
+
+    #[test]
+    fn set_nat_on_off() {
+        let cli = parse(&["vm", "set", "a1", "--nat", "off", "--memory", "2G"]).unwrap();
+        let Command::Vm(VmCommand::Set(a)) = cli.command else {
+            panic!("not set")
+        };
+        assert_eq!(a.nat, Some(OnOff::Off));
+        assert_eq!(a.memory.as_deref(), Some("2G"));
+        assert!(parse(&["vm", "set", "a1", "--nat", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn global_socket_flag() {
+        let cli = parse(&["daemon", "status", "--socket", "/tmp/x.sock"]).unwrap();
+        assert_eq!(
+            cli.socket.as_deref(),
+            Some(std::path::Path::new("/tmp/x.sock"))
+        );
+    }
+
+    #[test]
+    fn completion_shells() {
+        for sh in ["bash", "zsh", "fish", "elvish", "powershell"] {
+            parse(&["completion", sh]).unwrap();
+        }
+        assert!(parse(&["completion", "tcsh"]).is_err());
+    }
+
+    #[test]
+    fn create_help_mentions_vm_defaults() {
+        let mut cmd = Cli::command();
+        let create = cmd
+            .find_subcommand_mut("vm")
+            .unwrap()
+            .find_subcommand_mut("create")
+            .unwrap();
+        let help = create.render_long_help().to_string();
+        assert!(help.contains("[vm_defaults]"), "{help}");
+        assert!(help.contains("wick config show"), "{help}");
+    }
+}

@@ -1,0 +1,422 @@
+//! `wick vm ...`.
+
+use std::io::{self, BufRead, IsTerminal, Write};
+
+use anyhow::{bail, Result};
+use futures::future::join_all;
+use serde::Serialize;
+use wick_model::api::{ApiError, ConfigView, KillRequest, OpKind, Operation, PruneResult, VmList};
+use wick_model::size::format_mib;
+use wick_model::{VmRecord, VmState};
+
+use super::{out, out_json, outln, Ctx};
+use crate::cli::{CreateArgs, KillArgs, LifecycleArgs, LogsArgs, PruneArgs, SetArgs, VmCommand};
+use crate::client::{vm_path, Client};
+use crate::progress::{follow, outcome, Interrupt, View};
+use crate::render;
+use crate::Exit;
+
+pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
+    match cmd {
+        VmCommand::Create(a) => create(ctx, a).await,
+        VmCommand::Start(a) => lifecycle(ctx, OpKind::Start, a).await,
+        VmCommand::Stop(a) => lifecycle(ctx, OpKind::Stop, a).await,
+        VmCommand::Restart(a) => lifecycle(ctx, OpKind::Restart, a).await,
+        VmCommand::Delete(a) => lifecycle(ctx, OpKind::Delete, a).await,
+        VmCommand::Kill(a) => kill(ctx, a).await,
+        VmCommand::List(a) => list(ctx, a.json).await,
+        VmCommand::Show(a) => {
+            let vm: VmRecord = ctx.client().get(&vm_path(&a.vm, "")).await?;
+            out_json(&vm)
+        }
+        VmCommand::Logs(a) => logs(ctx, a).await,
+        VmCommand::Prune(a) => prune(ctx, a).await,
+        VmCommand::Set(a) => set(ctx, a).await,
+    }
+}
+
+async fn create(ctx: &Ctx, args: CreateArgs) -> Result<()> {
+    let req = args.to_request()?;
+    let client = ctx.client();
+
+    // The spec line: what the user gave, the daemon's resolved defaults for the rest.
+    let memory = req
+        .memory
+        .as_deref()
+        .map(|m| crate::validate::size("--memory", m))
+        .transpose()?;
+    let disk = req
+        .disk_size
+        .as_deref()
+        .map(|d| crate::validate::size("--disk-size", d))
+        .transpose()?;
+    let vcpu = req.vcpu.map(|v| v as u64);
+    let (vcpu, memory, disk) = match (vcpu, memory, disk) {
+        (Some(v), Some(m), Some(d)) => (v, m, d),
+        _ => {
+            let cfg: ConfigView = client.get("/v1/config").await?;
+            let d = cfg.vm_defaults;
+            (
+                vcpu.unwrap_or(d.vcpu.value),
+                memory.unwrap_or(d.memory_mib.value),
+                disk.unwrap_or(d.disk_mib.value),
+            )
+        }
+    };
+    let spec = render::spec_line(vcpu, memory, disk);
+    if args.json {
+        eprintln!("{spec}");
+    } else {
+        outln(&spec)?;
+    }
+
+    let interrupt = Interrupt::install();
+    let op: Operation = client.post("/v1/vms", &req).await?;
+    let op = follow(&client, op, View::auto(), &interrupt).await?;
+    if interrupt.fired() {
+        match outcome(op) {
+            Ok(op) => eprintln!("interrupted, but {} had already finished", op.vm_name),
+            Err(e) => eprintln!("error: {}", render::api_error(&e)),
+        }
+        return Err(Exit(130).into());
+    }
+    let op = outcome(op)?;
+    let vm = match op.vm {
+        Some(vm) => vm,
+        None => client.get(&vm_path(&op.vm_id, "")).await?,
+    };
+    if args.json {
+        out_json(&vm)
+    } else {
+        outln(&render::vm_summary(&vm))
+    }
+}
+
+fn op_request(kind: OpKind, vm: &str) -> (hyper::Method, String) {
+    match kind {
+        OpKind::Delete => (hyper::Method::DELETE, vm_path(vm, "")),
+        OpKind::Start => (hyper::Method::POST, vm_path(vm, "/start")),
+        OpKind::Stop => (hyper::Method::POST, vm_path(vm, "/stop")),
+        OpKind::Restart => (hyper::Method::POST, vm_path(vm, "/restart")),
+        OpKind::Create => unreachable!("create has its own command"),
+    }
+}
+
+/// One VM of `vm start|stop|restart|delete`: start the operation and follow it.
+async fn run_op(
+    client: &Client,
+    kind: OpKind,
+    vm: &str,
+    view: View,
+    interrupt: &Interrupt,
+) -> Result<Operation> {
+    let (method, path) = op_request(kind, vm);
+    let op: Operation = if method == hyper::Method::DELETE {
+        client.delete(&path).await?
+    } else {
+        client.post_empty(&path).await?
+    };
+    let op = follow(client, op, view, interrupt).await?;
+    Ok(outcome(op)?)
+}
+
+/// The line reported for one VM of a multi-VM command.
+fn result_line(vm: &str, kind: OpKind, result: &Result<Operation>) -> String {
+    match result {
+        Ok(op) => {
+            let state = match (&op.vm, kind) {
+                (_, OpKind::Delete) => "deleted".to_string(),
+                (Some(vm), _) => vm.state.to_string(),
+                (None, _) => "done".to_string(),
+            };
+            format!("{vm}: {state}")
+        }
+        Err(e) => error_line(vm, e),
+    }
+}
+
+fn error_line(vm: &str, e: &anyhow::Error) -> String {
+    let line = render::error_line(e);
+    format!("{vm}: {line}")
+}
+
+/// A result as the JSON it came as: the API body, or the error body.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum JsonResult<T> {
+    Ok(T),
+    Err(ApiError),
+}
+
+fn json_result<T: Clone>(r: &Result<T>) -> JsonResult<T> {
+    match r {
+        Ok(v) => JsonResult::Ok(v.clone()),
+        Err(e) => JsonResult::Err(
+            e.chain()
+                .find_map(|c| c.downcast_ref::<ApiError>())
+                .cloned()
+                .unwrap_or_else(|| {
+                    ApiError::new(wick_model::api::ErrorCode::Internal, format!("{e:#}"))
+                }),
+        ),
+    }
+}
+
+/// Prints results in the order given; exits 1 if any failed.
+fn report<T: Clone + Serialize>(
+    vms: &[String],
+    results: Vec<Result<T>>,
+    json: bool,
+    line: impl Fn(&str, &Result<T>) -> String,
+) -> Result<()> {
+    let failed = results.iter().any(|r| r.is_err());
+    if json {
+        let bodies: Vec<JsonResult<T>> = results.iter().map(json_result).collect();
+        if bodies.len() == 1 {
+            out_json(&bodies[0])?;
+        } else {
+            out_json(&bodies)?;
+        }
+    } else {
+        for (vm, r) in vms.iter().zip(&results) {
+            let text = line(vm, r);
+            if r.is_ok() {
+                outln(&text)?;
+            } else {
+                eprintln!("{text}");
+            }
+        }
+    }
+    if failed {
+        return Err(Exit(1).into());
+    }
+    Ok(())
+}
+
+async fn lifecycle(ctx: &Ctx, kind: OpKind, args: LifecycleArgs) -> Result<()> {
+    let client = ctx.client();
+    let interrupt = Interrupt::install();
+    let vms = args.vms;
+    if let [vm] = vms.as_slice() {
+        // One VM: live progress, and a failure is the command's error.
+        let result = run_op(&client, kind, vm, View::auto(), &interrupt).await;
+        if interrupt.fired() {
+            eprintln!("{}", result_line(vm, kind, &result));
+            return Err(Exit(130).into());
+        }
+        let op = result?;
+        return if args.json {
+            out_json(&op)
+        } else {
+            outln(&result_line(vm, kind, &Ok(op)))
+        };
+    }
+    let results: Vec<Result<Operation>> = join_all(
+        vms.iter()
+            .map(|vm| run_op(&client, kind, vm, View::Quiet, &interrupt)),
+    )
+    .await;
+    let reported = report(&vms, results, args.json, |vm, r| result_line(vm, kind, r));
+    if interrupt.fired() {
+        return Err(Exit(130).into());
+    }
+    reported
+}
+
+async fn kill(ctx: &Ctx, args: KillArgs) -> Result<()> {
+    if args.signal.trim().is_empty() {
+        bail!("--signal is empty; give a name like KILL or TERM, or a number");
+    }
+    let client = ctx.client();
+    let req = KillRequest {
+        signal: Some(args.signal.clone()),
+    };
+    let results: Vec<Result<VmRecord>> = join_all(args.vms.iter().map(|vm| {
+        let (client, req) = (&client, &req);
+        async move { client.post::<_, VmRecord>(&vm_path(vm, "/kill"), req).await }
+    }))
+    .await;
+    if let ([_], [Err(_)]) = (args.vms.as_slice(), results.as_slice()) {
+        return Err(results
+            .into_iter()
+            .next()
+            .and_then(Result::err)
+            .expect("one error"));
+    }
+    report(&args.vms, results, args.json, |vm, r| match r {
+        Ok(rec) => format!("{vm}: {}", rec.state),
+        Err(e) => error_line(vm, e),
+    })
+}
+
+async fn list(ctx: &Ctx, json: bool) -> Result<()> {
+    let list: VmList = ctx.client().get("/v1/vms").await?;
+    if json {
+        return out_json(&list);
+    }
+    if list.vms.is_empty() {
+        eprintln!("no VMs");
+        return Ok(());
+    }
+    out(&render::vm_table(&list.vms, render::now_unix()))
+}
+
+async fn logs(ctx: &Ctx, args: LogsArgs) -> Result<()> {
+    let mut path = vm_path(&args.vm, "/logs");
+    if let Some(n) = args.tail {
+        path.push_str(&format!("?tail={n}"));
+    }
+    let text = ctx.client().get_text(&path).await?;
+    out(&String::from_utf8_lossy(&text))
+}
+
+async fn prune(ctx: &Ctx, args: PruneArgs) -> Result<()> {
+    let client = ctx.client();
+    if !args.force {
+        if !io::stdin().is_terminal() {
+            bail!(
+                "refusing to prune without confirmation: stdin is not a terminal; pass -f/--force"
+            );
+        }
+        let list: VmList = client.get("/v1/vms").await?;
+        let doomed: Vec<&VmRecord> = list
+            .vms
+            .iter()
+            .filter(|vm| vm.state != VmState::Running)
+            .collect();
+        if doomed.is_empty() {
+            eprintln!("nothing to prune: every VM is running");
+            return Ok(());
+        }
+        eprintln!("these VMs will be deleted:");
+        for vm in &doomed {
+            eprintln!("  {}  {}  {}", vm.name, vm.short_id(), vm.state);
+        }
+        if !confirm(&format!("delete {} VM(s)? [y/N] ", doomed.len()))? {
+            eprintln!("aborted");
+            return Ok(());
+        }
+    }
+    let res: PruneResult = client.post_empty("/v1/vms/prune").await?;
+    if args.json {
+        out_json(&res)?;
+    } else {
+        if res.deleted.is_empty() && res.failed.is_empty() {
+            eprintln!("nothing to prune");
+        }
+        for name in &res.deleted {
+            outln(&format!("deleted {name}"))?;
+        }
+        for e in &res.failed {
+            eprintln!("error: {}", render::api_error(e));
+        }
+    }
+    if !res.failed.is_empty() {
+        return Err(Exit(1).into());
+    }
+    Ok(())
+}
+
+/// Asks on stderr and reads one line from stdin; only `y`/`yes` confirms.
+fn confirm(prompt: &str) -> Result<bool> {
+    eprint!("{prompt}");
+    io::stderr().flush()?;
+    let mut answer = String::new();
+    io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
+}
+
+async fn set(ctx: &Ctx, args: SetArgs) -> Result<()> {
+    let req = args.to_request()?;
+    let vm: VmRecord = ctx.client().patch(&vm_path(&args.vm, ""), &req).await?;
+    if args.json {
+        return out_json(&vm);
+    }
+    let mut line = format!(
+        "{}: {} vcpu · {} memory · nat {}",
+        vm.name,
+        vm.spec.vcpu,
+        format_mib(vm.spec.memory_mib),
+        if vm.spec.nat { "on" } else { "off" }
+    );
+    if (req.vcpu.is_some() || req.memory.is_some()) && vm.state.may_have_vmm() {
+        line.push_str(" (vcpu and memory apply at the next start)");
+    }
+    outln(&line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::tests::vm;
+    use wick_model::api::{ErrorCode, OpState};
+
+    fn op(kind: OpKind, vm_rec: Option<VmRecord>) -> Operation {
+        Operation {
+            id: "op1".into(),
+            kind,
+            vm_id: "abc".into(),
+            vm_name: "a1".into(),
+            state: OpState::Succeeded,
+            stage: None,
+            error: None,
+            vm: vm_rec,
+            started_at: String::new(),
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn result_lines() {
+        let running = vm("a1", "abc", VmState::Running, None);
+        assert_eq!(
+            result_line("a1", OpKind::Start, &Ok(op(OpKind::Start, Some(running)))),
+            "a1: running"
+        );
+        assert_eq!(
+            result_line("a1", OpKind::Delete, &Ok(op(OpKind::Delete, None))),
+            "a1: deleted"
+        );
+        let mut e = ApiError::new(ErrorCode::NotFound, "no VM matches \"zz\"");
+        let err = anyhow::Error::new(e.clone());
+        assert_eq!(
+            result_line("zz", OpKind::Stop, &Err(err)),
+            "zz: error: no VM matches \"zz\""
+        );
+        e.op_id = Some("op2".into());
+        let err = anyhow::Error::new(e);
+        assert_eq!(
+            result_line("zz", OpKind::Stop, &Err(err)),
+            "zz: error: no VM matches \"zz\" (operation op2)"
+        );
+    }
+
+    #[test]
+    fn json_results_are_api_bodies() {
+        let ok: Result<u32> = Ok(7);
+        assert_eq!(
+            serde_json::to_value(json_result(&ok)).unwrap(),
+            serde_json::json!(7)
+        );
+        let err: Result<u32> = Err(ApiError::new(ErrorCode::Conflict, "busy").into());
+        assert_eq!(
+            serde_json::to_value(json_result(&err)).unwrap(),
+            serde_json::json!({"code": "conflict", "message": "busy"})
+        );
+    }
+
+    #[test]
+    fn op_routes() {
+        assert_eq!(
+            op_request(OpKind::Start, "a1"),
+            (hyper::Method::POST, "/v1/vms/a1/start".into())
+        );
+        assert_eq!(
+            op_request(OpKind::Delete, "a b"),
+            (hyper::Method::DELETE, "/v1/vms/a%20b".into())
+        );
+    }
+}

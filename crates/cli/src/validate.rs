@@ -1,0 +1,157 @@
+//! Client-side checks of user input, with the same rules (and messages) as the daemon, so bad
+//! input is refused before anything is sent. The daemon validates again.
+
+use anyhow::{bail, Result};
+use wick_model::api::{CreateVmRequest, SetVmRequest};
+use wick_model::{parse_size_mib, validate_name};
+
+use crate::cli::{CreateArgs, SetArgs};
+
+/// A VM name: a DNS label.
+pub fn name(name: &str) -> Result<()> {
+    validate_name(name)?;
+    Ok(())
+}
+
+/// A vcpu count given as `flag`.
+pub fn vcpu(flag: &str, n: i64) -> Result<()> {
+    if n < 1 {
+        bail!("{flag} must be at least 1 (got {n})");
+    }
+    if n > u32::MAX as i64 {
+        bail!("{flag} {n} is too large");
+    }
+    Ok(())
+}
+
+/// A size given as `flag`, in MiB.
+pub fn size(flag: &str, s: &str) -> Result<u64> {
+    parse_size_mib(s).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+}
+
+impl CreateArgs {
+    /// The request body, after checking every value.
+    pub fn to_request(&self) -> Result<CreateVmRequest> {
+        if let Some(n) = &self.name {
+            name(n)?;
+        }
+        if let Some(v) = self.vcpu {
+            vcpu("--vcpu", v)?;
+        }
+        if let Some(m) = &self.memory {
+            size("--memory", m)?;
+        }
+        if let Some(d) = &self.disk_size {
+            size("--disk-size", d)?;
+        }
+        if let Some(i) = &self.image {
+            if i.trim().is_empty() {
+                bail!("--image is empty; omit it to use the default image");
+            }
+        }
+        Ok(CreateVmRequest {
+            name: self.name.clone(),
+            image: self.image.clone(),
+            vcpu: self.vcpu,
+            memory: self.memory.clone(),
+            disk_size: self.disk_size.clone(),
+            nat: self.nat,
+            no_start: self.no_start,
+        })
+    }
+}
+
+impl SetArgs {
+    /// The request body, after checking every value; at least one change is required.
+    pub fn to_request(&self) -> Result<SetVmRequest> {
+        if self.vcpu.is_none() && self.memory.is_none() && self.nat.is_none() {
+            bail!("nothing to change: pass at least one of --vcpu, --memory or --nat on|off");
+        }
+        if let Some(v) = self.vcpu {
+            vcpu("--vcpu", v)?;
+        }
+        if let Some(m) = &self.memory {
+            size("--memory", m)?;
+        }
+        Ok(SetVmRequest {
+            vcpu: self.vcpu,
+            memory: self.memory.clone(),
+            nat: self.nat.map(|n| n.as_bool()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command, VmCommand};
+
+    fn create_err(args: &[&str]) -> String {
+        let cli = Cli::try_parse_from(["wick", "vm", "create"].iter().chain(args)).unwrap();
+        let Command::Vm(VmCommand::Create(a)) = cli.command else {
+            panic!()
+        };
+        a.to_request().unwrap_err().to_string()
+    }
+
+    fn set_result(args: &[&str]) -> anyhow::Result<wick_model::api::SetVmRequest> {
+        let cli = Cli::try_parse_from(["wick", "vm", "set", "a1"].iter().chain(args)).unwrap();
+        let Command::Vm(VmCommand::Set(a)) = cli.command else {
+            panic!()
+        };
+        a.to_request()
+    }
+
+    #[test]
+    fn create_messages() {
+        assert_eq!(
+            create_err(&["--vcpu", "0"]),
+            "--vcpu must be at least 1 (got 0)"
+        );
+        assert_eq!(
+            create_err(&["--vcpu", "-2"]),
+            "--vcpu must be at least 1 (got -2)"
+        );
+        let m = create_err(&["--memory", "lots"]);
+        assert!(m.starts_with("--memory: invalid size \"lots\""), "{m}");
+        assert!(m.contains("512M, 2G"), "{m}");
+        let m = create_err(&["--memory", "0"]);
+        assert!(m.contains("must be greater than zero"), "{m}");
+        let m = create_err(&["--disk-size", "1.5G"]);
+        assert!(m.starts_with("--disk-size: invalid size"), "{m}");
+        let m = create_err(&["--name", "-bad"]);
+        assert_eq!(m, "VM name \"-bad\" must not start or end with '-'");
+        let m = create_err(&["--name", "Bad"]);
+        assert!(m.contains("'B' at position 1"), "{m}");
+    }
+
+    #[test]
+    fn create_request_passes_what_the_user_typed() {
+        let cli = Cli::try_parse_from([
+            "wick", "vm", "create", "--name", "a1", "--memory", "2G", "--vcpu", "3", "--nat",
+        ])
+        .unwrap();
+        let Command::Vm(VmCommand::Create(a)) = cli.command else {
+            panic!()
+        };
+        let r = a.to_request().unwrap();
+        assert_eq!(r.name.as_deref(), Some("a1"));
+        assert_eq!(r.memory.as_deref(), Some("2G"));
+        assert_eq!(r.vcpu, Some(3));
+        assert!(r.nat && !r.no_start);
+        assert_eq!(r.disk_size, None);
+    }
+
+    #[test]
+    fn set_needs_a_change() {
+        let m = set_result(&[]).unwrap_err().to_string();
+        assert!(m.starts_with("nothing to change"), "{m}");
+        assert_eq!(
+            set_result(&["--vcpu", "0"]).unwrap_err().to_string(),
+            "--vcpu must be at least 1 (got 0)"
+        );
+        let r = set_result(&["--nat", "on"]).unwrap();
+        assert_eq!((r.nat, r.vcpu, r.memory), (Some(true), None, None));
+    }
+}
