@@ -1,0 +1,135 @@
+//! NAT for opted-in VMs, plus the host-side isolation filter, behind [`NatBackend`].
+//!
+//! Two backends: [`NftNat`] (preferred: one `inet wick` table, per-VM chains, every change one
+//! atomic `nft -f -` transaction) and [`IptablesNat`] (fallback, `iptables` = iptables-nft or
+//! `iptables-legacy`: wick's own `WICK-*` chains, per-VM rules tagged `wick:vm-<key>`).
+//! [`detect_backend`] picks one. Both only ever touch wick's own table/chains.
+//!
+//! What a NAT'd VM gets (both backends):
+//! - MASQUERADE for `guest_ip/32` going out of anything but the bridge (or only `out_iface`);
+//! - FORWARD accept from the guest (in via the bridge) and established/related back to it.
+//!
+//! What every guest gets (the base rules, installed with the first VM or by
+//! [`NatBackend::apply_host_isolation`]): forwarded traffic between the bridge and any other
+//! interface is dropped unless a VM's NAT rules accept it, so a non-NAT VM cannot reach (or be
+//! reached from) the outside even when the host forwards for other reasons. Routed packets from a
+//! guest arrive on the **bridge** (not on its TAP), so per-VM rules match the guest IP.
+
+mod iptables;
+mod nft;
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+pub use iptables::IptablesNat;
+pub use nft::NftNat;
+
+use super::error::NetError;
+use super::link::validate_ifname;
+use super::runner::Runner;
+
+/// A NAT (and host isolation) backend. All operations are idempotent.
+pub trait NatBackend: Send + Sync {
+    /// `nft`, `iptables` or `iptables-legacy`.
+    fn name(&self) -> &str;
+
+    /// Enables NAT for one VM (replacing whatever rules that VM had).
+    fn enable(
+        &self,
+        vm_key: &str,
+        guest_ip: Ipv4Addr,
+        tap: &str,
+        out_iface: Option<&str>,
+    ) -> Result<(), NetError>;
+
+    /// Disables NAT for one VM; `Ok` when it had none.
+    fn disable(&self, vm_key: &str, guest_ip: Ipv4Addr, tap: &str) -> Result<(), NetError>;
+
+    /// Removes every rule of the VM with this key (what [`disable`](Self::disable) does, for the
+    /// sweep, which knows only keys). Returns whether anything was removed.
+    fn remove_vm(&self, vm_key: &str) -> Result<bool, NetError>;
+
+    /// Keys of the VMs that currently have NAT rules (sorted, unique).
+    fn list_vm_keys(&self) -> Result<Vec<String>, NetError>;
+
+    /// Installs (or refreshes) the host input filter on the bridge: guests may reach the host only
+    /// for DNS (udp/tcp 53 to `bridge_ip`), ICMP echo to `bridge_ip` and established traffic;
+    /// everything else arriving from the bridge is dropped. Also installs the base forward rules.
+    fn apply_host_isolation(&self, bridge_ip: Ipv4Addr) -> Result<(), NetError>;
+
+    /// Removes wick's own table/chains entirely (nothing else).
+    fn remove_all_wick(&self) -> Result<(), NetError>;
+}
+
+/// Picks the backend: `nft` if `nft list tables` works, else `iptables` if it works, else
+/// `iptables-legacy`; [`NetError::NoBackend`] (listing every failure) when none does.
+pub fn detect_backend(
+    runner: Arc<dyn Runner>,
+    bridge: &str,
+) -> Result<Box<dyn NatBackend>, NetError> {
+    validate_ifname(bridge)?;
+    let mut why = Vec::new();
+    match super::runner::run_ok(&*runner, "nft", &["list", "tables"], None) {
+        Ok(_) => return Ok(Box::new(NftNat::new(runner, bridge)?)),
+        Err(e) => why.push(e.to_string()),
+    }
+    for bin in ["iptables", "iptables-legacy"] {
+        match super::runner::run_ok(
+            &*runner,
+            bin,
+            &["-w", "-t", "nat", "-S", "POSTROUTING"],
+            None,
+        ) {
+            Ok(_) => return Ok(Box::new(IptablesNat::new(runner, bin, bridge)?)),
+            Err(e) => why.push(e.to_string()),
+        }
+    }
+    Err(NetError::NoBackend(why.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::fake::RecordingRunner;
+
+    #[test]
+    fn detect_prefers_nft_then_iptables_then_legacy() {
+        let r = Arc::new(RecordingRunner::new());
+        assert_eq!(detect_backend(r.clone(), "wick0").unwrap().name(), "nft");
+
+        let r = Arc::new(RecordingRunner::new());
+        r.respond(
+            "nft",
+            1,
+            "",
+            "Error: Could not process rule: Operation not supported",
+        );
+        assert_eq!(
+            detect_backend(r.clone(), "wick0").unwrap().name(),
+            "iptables"
+        );
+
+        let r = Arc::new(RecordingRunner::new());
+        r.respond("nft", 1, "", "nope");
+        r.respond(
+            "iptables ",
+            3,
+            "",
+            "iptables v1.8.9 (nf_tables): table nat missing",
+        );
+        let b = detect_backend(r.clone(), "wick0").unwrap();
+        assert_eq!(b.name(), "iptables-legacy");
+
+        let r = Arc::new(RecordingRunner::new());
+        r.respond("", 1, "", "broken");
+        let e = detect_backend(r.clone(), "wick0")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("nft list tables"), "{e}");
+        assert!(
+            e.contains("iptables-legacy -w -t nat -S POSTROUTING"),
+            "{e}"
+        );
+    }
+}
