@@ -43,7 +43,8 @@ pub fn now() -> String {
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
-    t.format(&fmt).unwrap_or_else(|_| t.unix_timestamp().to_string())
+    t.format(&fmt)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
 /// Handle to the database. Cheap operations; callers share it behind an `Arc`.
@@ -63,14 +64,18 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrations::apply(&mut conn)?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
     }
 
     /// An in-memory store (tests and benchmarks).
     pub fn open_in_memory() -> Result<Store> {
         let mut conn = Connection::open_in_memory()?;
         migrations::apply(&mut conn)?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -95,7 +100,9 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let taken: bool = tx
-            .query_row("SELECT 1 FROM vms WHERE name = ?1", [&vm.name], |_| Ok(true))
+            .query_row("SELECT 1 FROM vms WHERE name = ?1", [&vm.name], |_| {
+                Ok(true)
+            })
             .optional()?
             .unwrap_or(false);
         if taken {
@@ -153,9 +160,13 @@ impl Store {
     /// A VM by exact id.
     pub fn get_vm(&self, id: &str) -> Result<VmRecord> {
         let conn = self.conn();
-        conn.query_row(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1"), [id], row_to_vm)
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(id.to_string()))?
+        conn.query_row(
+            &format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1"),
+            [id],
+            row_to_vm,
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(id.to_string()))?
     }
 
     /// Resolves a user's reference: exact name, exact id, or unique id prefix — among the VMs
@@ -181,7 +192,10 @@ impl Store {
             "SELECT {VM_COLUMNS} FROM vms WHERE substr(id, 1, ?2) = ?1 ORDER BY created_at"
         ))?;
         let matches: Vec<VmRecord> = stmt
-            .query_map(params![reference.to_ascii_lowercase(), reference.len()], row_to_vm)?
+            .query_map(
+                params![reference.to_ascii_lowercase(), reference.len()],
+                row_to_vm,
+            )?
             .collect::<std::result::Result<Vec<_>, _>>()?
             .into_iter()
             .collect::<Result<Vec<_>>>()?
@@ -193,7 +207,11 @@ impl Store {
             1 => Ok(matches.into_iter().next().expect("one")),
             _ => Err(StoreError::Ambiguous {
                 reference: reference.to_string(),
-                matches: matches.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", "),
+                matches: matches
+                    .iter()
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             }),
         }
     }
@@ -250,8 +268,9 @@ fn row_to_vm(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<VmRecord>> {
     let spec: String = r.get(4)?;
     let runtime: String = r.get(5)?;
     let parsed = (|| -> Result<VmRecord> {
-        let state: VmState =
-            state.parse().map_err(|e: String| StoreError::Corrupt(format!("vm {id}: {e}")))?;
+        let state: VmState = state
+            .parse()
+            .map_err(|e: String| StoreError::Corrupt(format!("vm {id}: {e}")))?;
         let spec: VmSpec = serde_json::from_str(&spec)
             .map_err(|e| StoreError::Corrupt(format!("vm {id} spec: {e}")))?;
         let runtime: VmRuntime = serde_json::from_str(&runtime)

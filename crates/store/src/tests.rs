@@ -54,7 +54,10 @@ fn duplicate_names_refused() {
     let s = Store::open_in_memory().unwrap();
     s.create_vm(vm("a1", 0)).unwrap();
     let e = s.create_vm(vm("a1", 0)).unwrap_err();
-    assert!(matches!(e, StoreError::NameTaken(ref n) if n == "a1"), "{e}");
+    assert!(
+        matches!(e, StoreError::NameTaken(ref n) if n == "a1"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -67,13 +70,22 @@ fn find_by_prefix_and_owner() {
     s.create_vm(x.clone()).unwrap();
     s.create_vm(y.clone()).unwrap();
     assert_eq!(s.find_vm("abc1", None).unwrap().name, "x");
-    assert!(matches!(s.find_vm("abc", None), Err(StoreError::Ambiguous { .. })));
+    assert!(matches!(
+        s.find_vm("abc", None),
+        Err(StoreError::Ambiguous { .. })
+    ));
     // owner 1000 sees only x, so the prefix is unique for them
     assert_eq!(s.find_vm("abc", Some(1000)).unwrap().name, "x");
-    assert!(matches!(s.find_vm("y", Some(1000)), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        s.find_vm("y", Some(1000)),
+        Err(StoreError::NotFound(_))
+    ));
     assert_eq!(s.list_vms(Some(1001)).unwrap().len(), 1);
     assert_eq!(s.list_vms(None).unwrap().len(), 2);
-    assert!(matches!(s.find_vm("zz-nope", None), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        s.find_vm("zz-nope", None),
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 #[test]

@@ -1,0 +1,416 @@
+//! The `/v1` HTTP API over the Unix socket (axum), and its OpenAPI document.
+//!
+//! Handlers are thin: resolve the caller (SO_PEERCRED uid), call into [`Daemon`], map errors.
+//! Request bodies go through [`Body`], so malformed JSON is a `400 invalid_argument` error body
+//! like every other error.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::net::UnixListener;
+use utoipa::OpenApi;
+use wick_model::api::*;
+use wick_model::{VmRecord, VmRuntime, VmSpec, VmState, VmmHandle};
+
+use crate::daemon::{Caller, Daemon};
+use crate::error::{Error, Result};
+
+type D = State<Arc<Daemon>>;
+
+/// Peer credentials of an API connection.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerCred {
+    pub uid: u32,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for PeerCred {
+    fn connect_info(s: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        // An unknown peer gets a uid that owns nothing.
+        let uid = s.io().peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX - 1);
+        PeerCred { uid }
+    }
+}
+
+fn caller(c: ConnectInfo<PeerCred>) -> Caller {
+    Caller { uid: c.0.uid }
+}
+
+/// JSON body extractor whose rejections are API errors.
+pub struct Body<T>(pub T);
+
+impl<S, T> FromRequest<S> for Body<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(rej) => Err(Error::invalid(format!(
+                "invalid request body: {}",
+                rej.body_text()
+            ))),
+        }
+    }
+}
+
+/// The router, with the daemon as state.
+pub fn router(d: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/prune", post(prune_vms))
+        .route("/v1/vms/{vm}", get(show_vm).patch(set_vm).delete(delete_vm))
+        .route("/v1/vms/{vm}/start", post(start_vm))
+        .route("/v1/vms/{vm}/stop", post(stop_vm))
+        .route("/v1/vms/{vm}/restart", post(restart_vm))
+        .route("/v1/vms/{vm}/kill", post(kill_vm))
+        .route("/v1/vms/{vm}/logs", get(vm_logs))
+        .route("/v1/operations/{id}", get(get_op))
+        .route("/v1/operations/{id}/events", get(op_events))
+        .route("/v1/operations/{id}/cancel", post(cancel_op))
+        .route("/v1/daemon/status", get(daemon_status))
+        .route("/v1/daemon/stop", post(daemon_stop))
+        .route("/v1/config", get(config))
+        .route("/v1/doctor", get(doctor))
+        .route("/v1/openapi.json", get(openapi))
+        .fallback(|| async {
+            Error::new(
+                ErrorCode::NotFound,
+                "no such API route; see /v1/openapi.json",
+            )
+        })
+        .with_state(d)
+}
+
+#[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = VmList)))]
+async fn list_vms(State(d): D, c: ConnectInfo<PeerCred>) -> Result<Json<VmList>> {
+    Ok(Json(VmList {
+        vms: d.store.list_vms(caller(c).filter())?,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/vms", request_body = CreateVmRequest,
+    responses((status = 202, body = Operation), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+async fn create_vm(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Body(req): Body<CreateVmRequest>,
+) -> Result<Response> {
+    let op = d.create(req, caller(c))?;
+    Ok((StatusCode::ACCEPTED, Json(op.snapshot())).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "name, id or unique id prefix")),
+    responses((status = 200, body = VmRecord), (status = 404, body = ApiError)))]
+async fn show_vm(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Path(vm): Path<String>,
+) -> Result<Json<VmRecord>> {
+    Ok(Json(d.find(&vm, caller(c))?))
+}
+
+#[utoipa::path(patch, path = "/v1/vms/{vm}", request_body = SetVmRequest, params(("vm" = String, Path)),
+    responses((status = 200, body = VmRecord), (status = 400, body = ApiError)))]
+async fn set_vm(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Path(vm): Path<String>,
+    Body(req): Body<SetVmRequest>,
+) -> Result<Json<VmRecord>> {
+    Ok(Json(d.set(&vm, req, caller(c)).await?))
+}
+
+async fn lifecycle(
+    d: Arc<Daemon>,
+    c: ConnectInfo<PeerCred>,
+    vm: &str,
+    kind: OpKind,
+) -> Result<Response> {
+    let vm = d.find(vm, caller(c))?;
+    let op = d.begin(kind, vm)?;
+    Ok((StatusCode::ACCEPTED, Json(op.snapshot())).into_response())
+}
+
+#[utoipa::path(delete, path = "/v1/vms/{vm}", params(("vm" = String, Path)), responses((status = 202, body = Operation)))]
+async fn delete_vm(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Path(vm): Path<String>,
+) -> Result<Response> {
+    lifecycle(d, c, &vm, OpKind::Delete).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{vm}/start", params(("vm" = String, Path)), responses((status = 202, body = Operation)))]
+async fn start_vm(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Path(vm): Path<String>,
+) -> Result<Response> {
+    lifecycle(d, c, &vm, OpKind::Start).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{vm}/stop", params(("vm" = String, Path)), responses((status = 202, body = Operation)))]
+async fn stop_vm(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Path(vm): Path<String>,
+) -> Result<Response> {
+    lifecycle(d, c, &vm, OpKind::Stop).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{vm}/restart", params(("vm" = String, Path)), responses((status = 202, body = Operation)))]
+async fn restart_vm(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Path(vm): Path<String>,
+) -> Result<Response> {
+    lifecycle(d, c, &vm, OpKind::Restart).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{vm}/kill", request_body = KillRequest, params(("vm" = String, Path)),
+    responses((status = 200, body = VmRecord), (status = 412, body = ApiError)))]
+async fn kill_vm(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Path(vm): Path<String>,
+    Body(req): Body<KillRequest>,
+) -> Result<Json<VmRecord>> {
+    Ok(Json(d.kill(&vm, req, caller(c)).await?))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    tail: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/v1/vms/{vm}/logs", params(("vm" = String, Path), ("tail" = Option<usize>, Query)),
+    responses((status = 200, content_type = "text/plain", body = String)))]
+async fn vm_logs(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Path(vm): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response> {
+    let vm = d.find(&vm, caller(c))?;
+    let text = match q.tail {
+        Some(n) => d.log_tail(&vm, n) + "\n",
+        None => String::from_utf8_lossy(&std::fs::read(d.log_path(&vm)).unwrap_or_default())
+            .into_owned(),
+    };
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/vms/prune", responses((status = 200, body = PruneResult)))]
+async fn prune_vms(State(d): D, c: ConnectInfo<PeerCred>) -> Result<Json<PruneResult>> {
+    Ok(Json(d.prune(caller(c)).await?))
+}
+
+fn visible_op(d: &Daemon, id: &str, c: Caller) -> Result<Arc<crate::ops::OpEntry>> {
+    let op = d
+        .ops
+        .get(id)
+        .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("no operation {id:?}")))?;
+    if let Some(uid) = c.filter() {
+        let snap = op.snapshot();
+        let own = d
+            .store
+            .get_vm(&snap.vm_id)
+            .map(|v| v.owner == uid)
+            .unwrap_or(false)
+            || snap.vm.as_ref().is_some_and(|v| v.owner == uid);
+        if !own {
+            return Err(Error::new(
+                ErrorCode::NotFound,
+                format!("no operation {id:?}"),
+            ));
+        }
+    }
+    Ok(op)
+}
+
+#[utoipa::path(get, path = "/v1/operations/{id}", params(("id" = String, Path)), responses((status = 200, body = Operation)))]
+async fn get_op(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Path(id): Path<String>,
+) -> Result<Json<Operation>> {
+    Ok(Json(visible_op(&d, &id, caller(c))?.snapshot()))
+}
+
+#[utoipa::path(post, path = "/v1/operations/{id}/cancel", params(("id" = String, Path)), responses((status = 200, body = Operation)))]
+async fn cancel_op(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Path(id): Path<String>,
+) -> Result<Json<Operation>> {
+    let op = visible_op(&d, &id, caller(c))?;
+    op.cancel.cancel();
+    Ok(Json(op.snapshot()))
+}
+
+#[utoipa::path(get, path = "/v1/operations/{id}/events", params(("id" = String, Path)),
+    responses((status = 200, content_type = "application/x-ndjson", body = OpEvent, description = "one OpEvent per line, ending with the terminal one")))]
+async fn op_events(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let op = visible_op(&d, &id, caller(c))?;
+    let rx = op.subscribe();
+    let stream = futures::stream::unfold(
+        (op, rx, 0usize, false),
+        |(op, mut rx, idx, ended)| async move {
+            if ended {
+                return None;
+            }
+            loop {
+                rx.borrow_and_update();
+                let (evs, done) = op.events_since(idx);
+                if !evs.is_empty() {
+                    let mut buf = Vec::new();
+                    for e in &evs {
+                        serde_json::to_writer(&mut buf, e).expect("serializable");
+                        buf.push(b'\n');
+                    }
+                    let next = idx + evs.len();
+                    return Some((Ok::<_, Infallible>(Bytes::from(buf)), (op, rx, next, done)));
+                }
+                if done || rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        },
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/daemon/status", responses((status = 200, body = DaemonStatus)))]
+async fn daemon_status(State(d): D) -> Result<Json<DaemonStatus>> {
+    let (vms, running) = d.store.counts()?;
+    Ok(Json(DaemonStatus {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        root: d
+            .paths
+            .root
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "/".into()),
+        socket: d.paths.socket().display().to_string(),
+        uptime_secs: d.started.elapsed().as_secs(),
+        vms,
+        running,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/daemon/stop", responses((status = 202, description = "the daemon exits; VMs keep running")))]
+async fn daemon_stop(State(d): D, c: ConnectInfo<PeerCred>) -> Result<Response> {
+    if caller(c).uid != 0 {
+        return Err(Error::new(
+            ErrorCode::PermissionDenied,
+            "only root can stop wickd",
+        ));
+    }
+    let d2 = d.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        d2.shutdown.cancel();
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"stopping": true})),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/config", responses((status = 200, body = ConfigView)))]
+async fn config(State(d): D) -> Result<Json<ConfigView>> {
+    Ok(Json(ConfigView {
+        path: d.paths.config.display().to_string(),
+        file_exists: d.paths.config.exists(),
+        config: serde_json::to_value(&d.config).map_err(|e| Error::internal(e.to_string()))?,
+        vm_defaults: d.defaults.clone(),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/doctor", responses((status = 200, body = DoctorReport)))]
+async fn doctor(State(d): D) -> Json<DoctorReport> {
+    Json(crate::doctor::run(&d).await)
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// The OpenAPI document served at `/v1/openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "wickd API",
+        description = "wick's daemon API over its Unix socket"
+    ),
+    paths(
+        list_vms,
+        create_vm,
+        show_vm,
+        set_vm,
+        delete_vm,
+        start_vm,
+        stop_vm,
+        restart_vm,
+        kill_vm,
+        vm_logs,
+        prune_vms,
+        get_op,
+        cancel_op,
+        op_events,
+        daemon_status,
+        daemon_stop,
+        config,
+        doctor
+    ),
+    components(schemas(
+        ApiError,
+        ErrorCode,
+        CreateVmRequest,
+        SetVmRequest,
+        KillRequest,
+        VmList,
+        PruneResult,
+        Operation,
+        OpKind,
+        OpState,
+        OpEvent,
+        ConfigView,
+        ResolvedDefaults,
+        Resolved,
+        Provenance,
+        DaemonStatus,
+        DoctorReport,
+        Check,
+        CheckStatus,
+        VmRecord,
+        VmSpec,
+        VmRuntime,
+        VmState,
+        VmmHandle
+    ))
+)]
+pub struct ApiDoc;

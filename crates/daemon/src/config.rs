@@ -1,0 +1,367 @@
+//! `config.toml`: parsed strictly (unknown keys are errors naming the key), then resolved.
+//!
+//! `[vm_defaults]` resolve config → host heuristic → built-in, each value keeping its
+//! [`Provenance`] so `wick config show` and `wick doctor` can say where it came from.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use wick_model::api::{Provenance, Resolved, ResolvedDefaults};
+use wick_model::parse_size_mib;
+
+/// Largest vCPU count a VM may ask for (Firecracker's limit).
+pub const MAX_VCPU: u64 = 32;
+/// Largest disk a VM may ask for: 16 TiB.
+pub const MAX_DISK_MIB: u64 = 16 * 1024 * 1024;
+
+/// The daemon's configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `error|warn|info|debug|trace` (the `RUST_LOG` env var wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    /// VMM driver: `firecracker`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<String>,
+    /// Path of the Firecracker binary (default: `firecracker` on PATH).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firecracker_bin: Option<PathBuf>,
+    /// Image used when `vm create` names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_image_name: Option<String>,
+    /// Bound on every wait for the VMM/guest during start (e.g. `30s`, `2m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_timeout: Option<String>,
+    /// Graceful stop window before the VMM is killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout: Option<String>,
+    /// Group given read/write access to the API socket (mode 0660).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+    #[serde(default)]
+    pub vm_defaults: VmDefaults,
+    /// Registered images by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub images: BTreeMap<String, ImageConfig>,
+}
+
+/// `[vm_defaults]`: sizes as strings (`2G`, `512M`, bare = MiB).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmDefaults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+}
+
+/// `[images.NAME]`: a root filesystem and the kernel that boots it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    pub rootfs: PathBuf,
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+/// Kernel command line used when an image names none.
+pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw";
+
+/// A configuration problem, with the file and what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Loads `path`; a missing file is the empty config.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Semantic checks beyond the TOML shape.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(v) = self.vm_defaults.vcpu {
+            if v == 0 || v > MAX_VCPU {
+                return Err(format!("vm_defaults.vcpu = {v}: must be 1..={MAX_VCPU}"));
+            }
+        }
+        if let Some(m) = &self.vm_defaults.memory {
+            parse_size_mib(m).map_err(|e| format!("vm_defaults.memory: {e}"))?;
+        }
+        if let Some(d) = &self.vm_defaults.disk {
+            parse_size_mib(d).map_err(|e| format!("vm_defaults.disk: {e}"))?;
+        }
+        for (key, v) in [
+            ("boot_timeout", &self.boot_timeout),
+            ("stop_timeout", &self.stop_timeout),
+        ] {
+            if let Some(v) = v {
+                parse_duration(v).map_err(|e| format!("{key}: {e}"))?;
+            }
+        }
+        if let Some(v) = &self.vmm {
+            if v != "firecracker" {
+                return Err(format!(
+                    "vmm = {v:?}: supported drivers are \"firecracker\""
+                ));
+            }
+        }
+        for name in self.images.keys() {
+            wick_model::validate_name(name)
+                .map_err(|e| format!("images.{name}: image names follow VM name rules: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn boot_timeout(&self) -> Duration {
+        self.boot_timeout
+            .as_deref()
+            .and_then(|s| parse_duration(s).ok())
+            .unwrap_or(Duration::from_secs(30))
+    }
+
+    pub fn stop_timeout(&self) -> Duration {
+        self.stop_timeout
+            .as_deref()
+            .and_then(|s| parse_duration(s).ok())
+            .unwrap_or(Duration::from_secs(10))
+    }
+
+    pub fn default_image_name(&self) -> &str {
+        self.default_image_name.as_deref().unwrap_or("default")
+    }
+
+    /// `[vm_defaults]` resolved against `host`.
+    pub fn resolve_defaults(&self, host: &HostFacts) -> ResolvedDefaults {
+        let vcpu = match self.vm_defaults.vcpu {
+            Some(v) => Resolved {
+                value: v,
+                source: Provenance::Config,
+            },
+            None => match host.cpus {
+                Some(c) if c / 4 >= 1 => Resolved {
+                    value: (c / 4).min(4),
+                    source: Provenance::HostHeuristic,
+                },
+                _ => Resolved {
+                    value: 1,
+                    source: Provenance::BuiltIn,
+                },
+            },
+        };
+        let memory_mib = match self.vm_defaults.memory.as_deref().map(parse_size_mib) {
+            Some(Ok(m)) => Resolved {
+                value: m,
+                source: Provenance::Config,
+            },
+            _ => match host.memory_mib {
+                Some(m) if m / 8 >= 512 => Resolved {
+                    value: (m / 8).min(8192),
+                    source: Provenance::HostHeuristic,
+                },
+                _ => Resolved {
+                    value: 512,
+                    source: Provenance::BuiltIn,
+                },
+            },
+        };
+        let disk_mib = match self.vm_defaults.disk.as_deref().map(parse_size_mib) {
+            Some(Ok(d)) => Resolved {
+                value: d,
+                source: Provenance::Config,
+            },
+            _ => Resolved {
+                value: 8192,
+                source: Provenance::BuiltIn,
+            },
+        };
+        ResolvedDefaults {
+            vcpu,
+            memory_mib,
+            disk_mib,
+        }
+    }
+}
+
+/// Facts about the host the heuristics use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostFacts {
+    pub cpus: Option<u64>,
+    pub memory_mib: Option<u64>,
+}
+
+impl HostFacts {
+    /// Reads CPU count and `MemTotal` from this host.
+    pub fn probe() -> HostFacts {
+        let cpus = std::thread::available_parallelism()
+            .ok()
+            .map(|n| n.get() as u64);
+        let memory_mib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+                .map(|kb| kb / 1024)
+        });
+        HostFacts { cpus, memory_mib }
+    }
+}
+
+/// Parses `30s`, `5m`, `2h`, `500ms`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: use e.g. 500ms, 30s, 5m, 2h"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => {
+            return Err(format!(
+                "invalid duration {s:?}: use e.g. 500ms, 30s, 5m, 2h"
+            ))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(s).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = parse("bogus_key = 1").unwrap_err();
+        assert!(e.contains("bogus_key"), "{e}");
+        let e = parse("[vm_defaults]\nram = \"1G\"").unwrap_err();
+        assert!(e.contains("ram"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_refused() {
+        assert!(parse("[vm_defaults]\nvcpu = 0")
+            .unwrap_err()
+            .contains("vcpu"));
+        assert!(parse("[vm_defaults]\nmemory = \"lots\"")
+            .unwrap_err()
+            .contains("memory"));
+        assert!(parse("boot_timeout = \"soon\"")
+            .unwrap_err()
+            .contains("boot_timeout"));
+        assert!(parse("vmm = \"vbox\"").unwrap_err().contains("vbox"));
+    }
+
+    #[test]
+    fn defaults_resolve_with_provenance() {
+        let host = HostFacts {
+            cpus: Some(8),
+            memory_mib: Some(16384),
+        };
+        let d = Config::default().resolve_defaults(&host);
+        assert_eq!(
+            d.vcpu,
+            Resolved {
+                value: 2,
+                source: Provenance::HostHeuristic
+            }
+        );
+        assert_eq!(
+            d.memory_mib,
+            Resolved {
+                value: 2048,
+                source: Provenance::HostHeuristic
+            }
+        );
+        assert_eq!(
+            d.disk_mib,
+            Resolved {
+                value: 8192,
+                source: Provenance::BuiltIn
+            }
+        );
+
+        let small = HostFacts {
+            cpus: Some(2),
+            memory_mib: Some(2048),
+        };
+        let d = Config::default().resolve_defaults(&small);
+        assert_eq!(d.vcpu.source, Provenance::BuiltIn);
+        assert_eq!(
+            d.memory_mib,
+            Resolved {
+                value: 512,
+                source: Provenance::BuiltIn
+            }
+        );
+
+        let big = HostFacts {
+            cpus: Some(64),
+            memory_mib: Some(1 << 20),
+        };
+        let d = Config::default().resolve_defaults(&big);
+        assert_eq!((d.vcpu.value, d.memory_mib.value), (4, 8192));
+
+        let c = parse("[vm_defaults]\nvcpu = 3\nmemory = \"1G\"\ndisk = \"4G\"").unwrap();
+        let d = c.resolve_defaults(&host);
+        assert_eq!(
+            d.vcpu,
+            Resolved {
+                value: 3,
+                source: Provenance::Config
+            }
+        );
+        assert_eq!(d.memory_mib.value, 1024);
+        assert_eq!(d.disk_mib.value, 4096);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert!(parse_duration("x").is_err());
+    }
+}

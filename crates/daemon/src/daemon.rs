@@ -1,0 +1,713 @@
+//! The daemon's state and the VM lifecycle.
+//!
+//! [`Daemon`] owns the store, the VMM driver, the capabilities and the operation registry. Every
+//! lifecycle flow (create, start, stop, restart, kill, delete, set) runs under the VM's lock and
+//! follows the durability rule: a host resource's identity is saved in the VM's runtime before the
+//! resource exists, and [`Daemon::release`] frees everything from that record alone.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tokio_util::sync::CancellationToken;
+use wick_model::api::{
+    CreateVmRequest, ErrorCode, KillRequest, OpKind, PruneResult, ResolvedDefaults, SetVmRequest,
+};
+use wick_model::{
+    new_vm_id, parse_size_mib, validate_name, Paths, VmRecord, VmRuntime, VmSpec, VmState,
+    VmmHandle,
+};
+use wick_store::{now, Store, StoreError};
+use wick_vmm::{Vmm, VmmConfig};
+
+use crate::capability::{Capability, HookCtx};
+use crate::config::{Config, HostFacts, DEFAULT_BOOT_ARGS, MAX_DISK_MIB, MAX_VCPU};
+use crate::error::{Error, Result};
+use crate::ops::{OpEntry, Ops, VmGuard};
+
+/// How long to wait for a VMM to die after SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(3);
+
+/// The daemon: shared by every request handler and background task.
+pub struct Daemon {
+    pub paths: Paths,
+    pub config: Config,
+    pub host: HostFacts,
+    pub defaults: ResolvedDefaults,
+    pub store: Store,
+    pub vmm: Arc<dyn Vmm>,
+    pub ops: Ops,
+    pub caps: Vec<Arc<dyn Capability>>,
+    pub started: Instant,
+    /// Cancelled to shut the daemon down.
+    pub shutdown: CancellationToken,
+}
+
+/// Who is asking: the peer uid of the API connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+}
+
+impl Caller {
+    /// The owner filter for this caller: root sees everything.
+    pub fn filter(self) -> Option<u32> {
+        (self.uid != 0).then_some(self.uid)
+    }
+}
+
+impl Daemon {
+    /// Opens the store under `paths` (creating directories) and assembles the daemon.
+    pub fn open(
+        paths: Paths,
+        config: Config,
+        vmm: Arc<dyn Vmm>,
+        caps: Vec<Arc<dyn Capability>>,
+    ) -> anyhow::Result<Arc<Daemon>> {
+        for d in [&paths.state, &paths.run, &paths.cache] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", d.display()))?;
+        }
+        std::fs::create_dir_all(paths.state.join("vms"))?;
+        let store = Store::open(&paths.db())
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", paths.db().display()))?;
+        let host = HostFacts::probe();
+        let defaults = config.resolve_defaults(&host);
+        Ok(Arc::new(Daemon {
+            paths,
+            config,
+            host,
+            defaults,
+            store,
+            vmm,
+            ops: Ops::default(),
+            caps,
+            started: Instant::now(),
+            shutdown: CancellationToken::new(),
+        }))
+    }
+
+    fn boot_timeout(&self) -> Duration {
+        self.config.boot_timeout()
+    }
+
+    /// A VM visible to the caller.
+    pub fn find(&self, reference: &str, caller: Caller) -> Result<VmRecord> {
+        Ok(self.store.find_vm(reference, caller.filter())?)
+    }
+
+    // ---------------------------------------------------------------- create
+
+    /// Validates the request into a spec (every check the CLI makes, again).
+    pub fn resolve_spec(&self, req: &CreateVmRequest) -> Result<VmSpec> {
+        let vcpu = match req.vcpu {
+            Some(v) => check_vcpu(v)?,
+            None => self.defaults.vcpu.value as u32,
+        };
+        let memory_mib = match &req.memory {
+            Some(m) => self.check_memory(m)?,
+            None => self.defaults.memory_mib.value,
+        };
+        let disk_mib = match &req.disk_size {
+            Some(d) => check_disk(d)?,
+            None => self.defaults.disk_mib.value,
+        };
+        let image_name = req
+            .image
+            .clone()
+            .unwrap_or_else(|| self.config.default_image_name().into());
+        let image = self.config.images.get(&image_name).ok_or_else(|| {
+            let known: Vec<_> = self.config.images.keys().cloned().collect();
+            Error::new(
+                ErrorCode::NotFound,
+                if known.is_empty() {
+                    format!(
+                        "image {image_name:?} is not registered and no images are configured; add an [images.{image_name}] table (rootfs, kernel) to {}",
+                        self.paths.config.display()
+                    )
+                } else {
+                    format!("image {image_name:?} not found; known images: {}", known.join(", "))
+                },
+            )
+        })?;
+        Ok(VmSpec {
+            vcpu,
+            memory_mib,
+            disk_mib,
+            image: image_name,
+            kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
+            boot_args: image
+                .boot_args
+                .clone()
+                .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string()),
+            vmm: self.vmm.name().to_string(),
+            nat: req.nat,
+        })
+    }
+
+    fn check_memory(&self, m: &str) -> Result<u64> {
+        let mib = parse_size_mib(m).map_err(|e| Error::invalid(format!("--memory: {e}")))?;
+        if let Some(host) = self.host.memory_mib {
+            if mib > host {
+                return Err(Error::invalid(format!(
+                    "--memory {m} is more than this host's {host} MiB of RAM"
+                )));
+            }
+        }
+        Ok(mib)
+    }
+
+    /// Registers the VM (durable record first) and starts the create operation.
+    pub fn create(self: &Arc<Self>, req: CreateVmRequest, caller: Caller) -> Result<Arc<OpEntry>> {
+        if let Some(name) = &req.name {
+            validate_name(name).map_err(|e| Error::invalid(e.to_string()))?;
+        }
+        let spec = self.resolve_spec(&req)?;
+        let mut attempt = 0;
+        let vm = loop {
+            let name = match &req.name {
+                Some(n) => n.clone(),
+                None if attempt < 20 => wick_model::generate_name(),
+                None => format!("{}-{}", wick_model::generate_name(), &new_vm_id()[..4]),
+            };
+            let id = new_vm_id();
+            let t = now();
+            let record = VmRecord {
+                runtime: VmRuntime {
+                    dir: self.paths.vm_dir(&id),
+                    ..Default::default()
+                },
+                id,
+                name,
+                owner: caller.uid,
+                state: VmState::Creating,
+                spec: spec.clone(),
+                created_at: t.clone(),
+                updated_at: t.clone(),
+                touched_at: t,
+            };
+            match self.store.create_vm(record) {
+                Ok(vm) => break vm,
+                Err(StoreError::NameTaken(_)) if req.name.is_none() => attempt += 1,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let op = self.ops.begin(OpKind::Create, &vm);
+        let guard = self.ops.try_lock_vm(&vm.id, &vm.name, Some(&op.id()))?;
+        let d = self.clone();
+        let op2 = op.clone();
+        let no_start = req.no_start;
+        tokio::spawn(async move {
+            let out = d.create_flow(&op2, vm, no_start).await;
+            drop(guard);
+            op2.finish(out.map(Some));
+        });
+        Ok(op)
+    }
+
+    async fn create_flow(
+        self: &Arc<Self>,
+        op: &OpEntry,
+        mut vm: VmRecord,
+        no_start: bool,
+    ) -> Result<VmRecord> {
+        op.stage("prepare root disk");
+        let image = self.config.images.get(&vm.spec.image).cloned();
+        let res: Result<()> = async {
+            let image = image.ok_or_else(|| Error::internal("image vanished from config"))?;
+            let dir = vm.runtime.dir.clone();
+            let disk = dir.join("rootfs.ext4");
+            vm.runtime.root_disk = Some(disk.clone());
+            vm = self.store.save_vm(&vm)?;
+            let src = image.rootfs.clone();
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                std::fs::create_dir_all(&dir)?;
+                match std::fs::remove_file(&disk) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                crate::disk::sparse_copy(&src, &disk).map(|_| ())
+            })
+            .await
+            .map_err(|e| Error::internal(e.to_string()))?
+            .map_err(|e| {
+                Error::precondition(format!(
+                    "cannot clone image {} rootfs {}: {e}",
+                    vm.spec.image,
+                    image.rootfs.display()
+                ))
+            })?;
+            op.check()
+        }
+        .await;
+        if let Err(e) = res {
+            // Nothing usable was made: remove the VM again, leaving no trace.
+            let _ = std::fs::remove_dir_all(&vm.runtime.dir);
+            let _ = self.store.delete_vm(&vm.id);
+            self.ops.forget_vm(&vm.id);
+            return Err(e);
+        }
+        vm.state = VmState::Stopped;
+        vm = self.store.save_vm(&vm)?;
+        if no_start {
+            return Ok(vm);
+        }
+        self.start_flow(op, vm).await
+    }
+
+    // ----------------------------------------------------------------- start
+
+    /// Starts the `kind` operation (`start`, `stop`, `restart`, `delete`) on a VM.
+    pub fn begin(self: &Arc<Self>, kind: OpKind, vm: VmRecord) -> Result<Arc<OpEntry>> {
+        let op = self.ops.begin(kind, &vm);
+        let guard = match self.ops.try_lock_vm(&vm.id, &vm.name, Some(&op.id())) {
+            Ok(g) => g,
+            Err(e) => {
+                op.finish(Err(e.clone()));
+                return Err(e);
+            }
+        };
+        let d = self.clone();
+        let op2 = op.clone();
+        tokio::spawn(async move {
+            // Re-read under the lock: the record may have changed since the request resolved it.
+            let out = match d.store.get_vm(&vm.id) {
+                Err(e) => Err(e.into()),
+                Ok(mut vm) => {
+                    vm.touched_at = now();
+                    match kind {
+                        OpKind::Start => d.start_flow(&op2, vm).await.map(Some),
+                        OpKind::Stop => d.stop_flow(&op2, vm).await.map(Some),
+                        OpKind::Restart => match d.stop_flow(&op2, vm).await {
+                            Ok(vm) => d.start_flow(&op2, vm).await.map(Some),
+                            Err(e) => Err(e),
+                        },
+                        OpKind::Delete => d.delete_flow(&op2, vm, &guard).await.map(|_| None),
+                        OpKind::Create => {
+                            Err(Error::internal("create goes through Daemon::create"))
+                        }
+                    }
+                }
+            };
+            drop(guard);
+            op2.finish(out);
+        });
+        Ok(op)
+    }
+
+    async fn start_flow(self: &Arc<Self>, op: &OpEntry, mut vm: VmRecord) -> Result<VmRecord> {
+        match vm.state {
+            VmState::Running => return Ok(vm),
+            VmState::Stopped | VmState::Error => {}
+            s => {
+                return Err(Error::conflict(format!(
+                    "VM {} is {s}; cannot start it now",
+                    vm.name
+                )))
+            }
+        }
+        op.stage("preflight");
+        self.preflight(&vm).await?;
+        vm.state = VmState::Starting;
+        vm.runtime.last_error = None;
+        vm = self.store.save_vm(&vm)?;
+        match self.start_inner(op, &mut vm).await {
+            Ok(()) => {
+                vm.state = VmState::Running;
+                Ok(self.store.save_vm(&vm)?)
+            }
+            Err(e) => {
+                tracing::warn!(vm = %vm.name, error = %e, "start failed; releasing resources");
+                let tail = self.log_tail(&vm, 15);
+                if let Err(re) = self.release(&mut vm).await {
+                    tracing::error!(vm = %vm.name, error = %re, "release after failed start");
+                }
+                if e.code() == ErrorCode::Cancelled {
+                    vm.state = VmState::Stopped;
+                } else {
+                    vm.state = VmState::Error;
+                    vm.runtime.last_error = Some(with_tail(e.message(), &tail));
+                }
+                self.store.save_vm(&vm)?;
+                Err(Error(wick_model::api::ApiError::new(
+                    e.code(),
+                    with_tail(e.message(), &tail),
+                )))
+            }
+        }
+    }
+
+    async fn preflight(&self, vm: &VmRecord) -> Result<()> {
+        let disk = vm.runtime.root_disk.as_deref().unwrap_or(Path::new(""));
+        if !disk.exists() {
+            return Err(Error::precondition(format!(
+                "root disk {} of VM {} is missing; delete the VM and create it again",
+                disk.display(),
+                vm.name
+            )));
+        }
+        if !vm.spec.kernel.exists() {
+            return Err(Error::precondition(format!(
+                "kernel {} of image {} does not exist; fix [images.{}] in {}",
+                vm.spec.kernel.display(),
+                vm.spec.image,
+                vm.spec.image,
+                self.paths.config.display()
+            )));
+        }
+        self.vmm.preflight()?;
+        for cap in &self.caps {
+            cap.preflight(vm).await?;
+        }
+        Ok(())
+    }
+
+    async fn start_inner(self: &Arc<Self>, op: &OpEntry, vm: &mut VmRecord) -> Result<()> {
+        op.stage("prepare host");
+        for cap in &self.caps {
+            cap.prepare_host(&mut HookCtx::new(vm, &self.store)).await?;
+            op.check()?;
+        }
+
+        op.stage("spawn vmm");
+        let mut handle = self.vmm.plan(&vm.runtime.dir);
+        vm.runtime.vmm = Some(handle.clone());
+        *vm = self.store.save_vm(vm)?; // identity recorded before the process exists
+        let spawned = self.vmm.spawn(&handle, self.boot_timeout()).await?;
+        handle.pid = Some(spawned.pid);
+        handle.start_time = Some(spawned.start_time);
+        vm.runtime.vmm = Some(handle.clone());
+        *vm = self.store.save_vm(vm)?;
+        self.watch(vm.id.clone(), handle.clone(), spawned.child);
+        op.check()?;
+
+        op.stage("boot");
+        let mut cfg = VmmConfig {
+            vm_id: vm.id.clone(),
+            vcpu: vm.spec.vcpu,
+            memory_mib: vm.spec.memory_mib,
+            kernel: vm.spec.kernel.clone(),
+            initrd: vm.spec.initrd.clone(),
+            boot_args: vm.spec.boot_args.clone(),
+            root_disk: vm.runtime.root_disk.clone().unwrap_or_default(),
+            extra_disks: Vec::new(),
+            guest_cid: vm.runtime.guest_cid,
+            tap: vm.runtime.tap.clone(),
+            guest_mac: None,
+        };
+        for cap in &self.caps {
+            cap.vmm_config(vm, &mut cfg);
+        }
+        tokio::select! {
+            r = self.vmm.boot(&handle, &cfg, self.boot_timeout()) => r?,
+            _ = op.cancel.cancelled() => return Err(Error::cancelled()),
+        }
+
+        op.stage("post start");
+        for cap in &self.caps {
+            cap.post_start(&mut HookCtx::new(vm, &self.store)).await?;
+        }
+        Ok(())
+    }
+
+    // ----------------------------------------------------------- stop / kill
+
+    async fn stop_flow(self: &Arc<Self>, op: &OpEntry, mut vm: VmRecord) -> Result<VmRecord> {
+        if vm.state == VmState::Stopped && vm.runtime.vmm.is_none() {
+            return Ok(vm);
+        }
+        op.stage("stop vmm");
+        if let Some(h) = vm.runtime.vmm.clone() {
+            vm.state = VmState::Stopping;
+            vm = self.store.save_vm(&vm)?;
+            self.vmm.stop(&h, self.config.stop_timeout()).await?;
+        }
+        op.stage("release host resources");
+        self.release(&mut vm).await?;
+        vm.state = VmState::Stopped;
+        Ok(self.store.save_vm(&vm)?)
+    }
+
+    /// Sends a signal to the VM's VMM. If the VMM dies of it, the VM ends `stopped` with every
+    /// resource released.
+    pub async fn kill(
+        self: &Arc<Self>,
+        reference: &str,
+        req: KillRequest,
+        caller: Caller,
+    ) -> Result<VmRecord> {
+        let sig = match req.signal.as_deref() {
+            None => Signal::SIGKILL,
+            Some(s) => wick_host::proc::parse_signal(s).map_err(Error::invalid)?,
+        };
+        let vm = self.find(reference, caller)?;
+        let _g = self.ops.try_lock_vm(&vm.id, &vm.name, None)?;
+        let mut vm = self.store.get_vm(&vm.id)?;
+        let handle = match (&vm.runtime.vmm, vm.state) {
+            (Some(h), _) if self.vmm.find(h).is_some() => h.clone(),
+            _ => {
+                return Err(Error::new(
+                    ErrorCode::NotRunning,
+                    format!("VM {} is not running (state {})", vm.name, vm.state),
+                ))
+            }
+        };
+        vm.touched_at = now();
+        self.vmm.kill(&handle, sig)?;
+        let deadline = Instant::now() + KILL_GRACE;
+        while self.vmm.find(&handle).is_some() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if self.vmm.find(&handle).is_some() {
+            // Survived the signal (e.g. SIGUSR1): still running.
+            return Ok(self.store.save_vm(&vm)?);
+        }
+        self.release(&mut vm).await?;
+        vm.state = VmState::Stopped;
+        Ok(self.store.save_vm(&vm)?)
+    }
+
+    /// Releases every host resource recorded in `vm.runtime`: the VMM (killed if alive), its
+    /// sockets, then each capability's resources in reverse order. Idempotent; persists as it
+    /// goes. The caller holds the VM lock and sets the final state.
+    pub async fn release(&self, vm: &mut VmRecord) -> Result<()> {
+        if let Some(h) = vm.runtime.vmm.clone() {
+            if self.vmm.find(&h).is_some() {
+                self.vmm.stop(&h, Duration::ZERO).await?;
+            }
+            if let Some(pid) = self.vmm.find(&h) {
+                return Err(Error::internal(format!(
+                    "VMM process {pid} of VM {} survived SIGKILL; it stays recorded",
+                    vm.name
+                )));
+            }
+            self.vmm.cleanup(&h);
+            vm.runtime.vmm = None;
+            *vm = self.store.save_vm(vm)?;
+        }
+        let mut first_err = None;
+        for cap in self.caps.iter().rev() {
+            if let Err(e) = cap.cleanup(&mut HookCtx::new(vm, &self.store)).await {
+                tracing::error!(vm = %vm.name, cap = cap.name(), error = %e, "cleanup failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        *vm = self.store.save_vm(vm)?;
+        first_err.map_or(Ok(()), Err)
+    }
+
+    // ---------------------------------------------------------------- delete
+
+    async fn delete_flow(
+        self: &Arc<Self>,
+        op: &OpEntry,
+        mut vm: VmRecord,
+        _guard: &VmGuard,
+    ) -> Result<()> {
+        op.stage("release host resources");
+        self.release(&mut vm).await?;
+        for cap in self.caps.iter().rev() {
+            cap.on_delete(&mut HookCtx::new(&mut vm, &self.store))
+                .await?;
+        }
+        op.stage("remove files");
+        match std::fs::remove_dir_all(&vm.runtime.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::internal(format!(
+                    "cannot remove {}: {e}",
+                    vm.runtime.dir.display()
+                )))
+            }
+        }
+        self.store.delete_vm(&vm.id)?;
+        self.ops.forget_vm(&vm.id);
+        Ok(())
+    }
+
+    /// Deletes every non-running VM of the caller, one after another.
+    pub async fn prune(self: &Arc<Self>, caller: Caller) -> Result<PruneResult> {
+        let mut out = PruneResult {
+            deleted: Vec::new(),
+            failed: Vec::new(),
+        };
+        for vm in self.store.list_vms(caller.filter())? {
+            if !matches!(vm.state, VmState::Stopped | VmState::Error) {
+                continue;
+            }
+            let name = vm.name.clone();
+            match self.begin(OpKind::Delete, vm) {
+                Ok(op) => {
+                    let done = op.wait().await;
+                    match done.error {
+                        None => out.deleted.push(name),
+                        Some(e) => out.failed.push(e),
+                    }
+                }
+                Err(e) => out.failed.push(e.0),
+            }
+        }
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------------- set
+
+    /// `vm set`: vcpu/memory take effect at the next start; capability changes (NAT) live.
+    pub async fn set(
+        self: &Arc<Self>,
+        reference: &str,
+        req: SetVmRequest,
+        caller: Caller,
+    ) -> Result<VmRecord> {
+        if req.vcpu.is_none() && req.memory.is_none() && req.nat.is_none() {
+            return Err(Error::invalid(
+                "nothing to set: give --vcpu, --memory or --nat",
+            ));
+        }
+        let vcpu = req.vcpu.map(check_vcpu).transpose()?;
+        let memory = req
+            .memory
+            .as_deref()
+            .map(|m| self.check_memory(m))
+            .transpose()?;
+        let vm = self.find(reference, caller)?;
+        let _g = self.ops.try_lock_vm(&vm.id, &vm.name, None)?;
+        let mut vm = self.store.get_vm(&vm.id)?;
+        let old = vm.spec.clone();
+        if let Some(v) = vcpu {
+            vm.spec.vcpu = v;
+        }
+        if let Some(m) = memory {
+            vm.spec.memory_mib = m;
+        }
+        if let Some(n) = req.nat {
+            vm.spec.nat = n;
+        }
+        vm.touched_at = now();
+        vm = self.store.save_vm(&vm)?;
+        for cap in &self.caps {
+            if let Err(e) = cap
+                .apply_config_change(&mut HookCtx::new(&mut vm, &self.store), &old)
+                .await
+            {
+                // Roll the spec back so the record matches the host.
+                vm.spec = old.clone();
+                self.store.save_vm(&vm)?;
+                return Err(e);
+            }
+        }
+        Ok(self.store.save_vm(&vm)?)
+    }
+
+    // --------------------------------------------------------- VMM watching
+
+    /// Watches a VMM process until it exits, then settles the VM if the exit was unexpected.
+    pub fn watch(
+        self: &Arc<Self>,
+        vm_id: String,
+        handle: VmmHandle,
+        child: Option<tokio::process::Child>,
+    ) {
+        let d = self.clone();
+        tokio::spawn(async move {
+            let status = match child {
+                Some(mut c) => c.wait().await.ok().map(|s| s.to_string()),
+                None => {
+                    let pid = handle.pid.unwrap_or(0);
+                    while wick_host::proc::is_alive(pid, handle.start_time) {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    None
+                }
+            };
+            d.on_vmm_exit(&vm_id, &handle, status).await;
+        });
+    }
+
+    async fn on_vmm_exit(&self, vm_id: &str, handle: &VmmHandle, status: Option<String>) {
+        let _g = self.ops.lock_vm(vm_id).await;
+        let Ok(mut vm) = self.store.get_vm(vm_id) else {
+            return;
+        };
+        let ours = vm
+            .runtime
+            .vmm
+            .as_ref()
+            .is_some_and(|h| h.pid == handle.pid && h.pid.is_some());
+        if !ours {
+            return; // a lifecycle operation already settled it
+        }
+        let tail = self.log_tail(&vm, 15);
+        let clean = status
+            .as_deref()
+            .is_some_and(|s| s.ends_with("exit status: 0"));
+        tracing::warn!(vm = %vm.name, status = ?status, "VMM exited on its own");
+        if let Err(e) = self.release(&mut vm).await {
+            tracing::error!(vm = %vm.name, error = %e, "release after VMM exit");
+        }
+        if clean {
+            vm.state = VmState::Stopped;
+            vm.runtime.last_error = None;
+        } else {
+            vm.state = VmState::Error;
+            let why = format!(
+                "VMM exited unexpectedly ({})",
+                status.unwrap_or_else(|| "status unknown".into())
+            );
+            vm.runtime.last_error = Some(with_tail(&why, &tail));
+        }
+        if let Err(e) = self.store.save_vm(&vm) {
+            tracing::error!(vm = %vm.name, error = %e, "saving VM after VMM exit");
+        }
+    }
+
+    // ------------------------------------------------------------------ logs
+
+    /// Path of the VM's VMM log (serial console + VMM output).
+    pub fn log_path(&self, vm: &VmRecord) -> std::path::PathBuf {
+        vm.runtime
+            .vmm
+            .as_ref()
+            .map(|h| h.log_path.clone())
+            .unwrap_or_else(|| self.vmm.plan(&vm.runtime.dir).log_path)
+    }
+
+    /// The last `n` lines of the VM's log.
+    pub fn log_tail(&self, vm: &VmRecord, n: usize) -> String {
+        let text = std::fs::read(self.log_path(vm)).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+fn with_tail(msg: &str, tail: &str) -> String {
+    if tail.trim().is_empty() {
+        msg.to_string()
+    } else {
+        format!("{msg}\n--- last lines of the VMM log ---\n{tail}")
+    }
+}
+
+fn check_vcpu(v: i64) -> Result<u32> {
+    if v < 1 || v as u64 > MAX_VCPU {
+        return Err(Error::invalid(format!(
+            "--vcpu {v}: must be between 1 and {MAX_VCPU}"
+        )));
+    }
+    Ok(v as u32)
+}
+
+fn check_disk(d: &str) -> Result<u64> {
+    let mib = parse_size_mib(d).map_err(|e| Error::invalid(format!("--disk-size: {e}")))?;
+    if mib > MAX_DISK_MIB {
+        return Err(Error::invalid(format!(
+            "--disk-size {d} is larger than the 16 TiB limit"
+        )));
+    }
+    Ok(mib)
+}

@@ -1,0 +1,167 @@
+//! `wick doctor`: a read-only report of everything a VM start depends on, each check with a fix
+//! hint. Nothing here changes the host.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use wick_model::api::{Check, CheckStatus, DoctorReport};
+
+use crate::daemon::Daemon;
+
+fn check(
+    area: &str,
+    name: &str,
+    status: CheckStatus,
+    detail: impl Into<String>,
+    hint: Option<&str>,
+) -> Check {
+    Check {
+        area: area.into(),
+        name: name.into(),
+        status,
+        detail: detail.into(),
+        hint: hint.map(str::to_string),
+    }
+}
+
+/// Runs every check.
+pub async fn run(d: &Arc<Daemon>) -> DoctorReport {
+    use CheckStatus::*;
+    let mut checks = Vec::new();
+
+    // State store.
+    match d.store.integrity_check() {
+        Ok(s) if s == "ok" => checks.push(check(
+            "store",
+            "database",
+            Pass,
+            format!(
+                "{} (schema {:?})",
+                d.paths.db().display(),
+                d.store.schema_versions().unwrap_or_default()
+            ),
+            None,
+        )),
+        Ok(s) => checks.push(check(
+            "store",
+            "database",
+            Fail,
+            s,
+            Some("restore the state database from a backup"),
+        )),
+        Err(e) => checks.push(check(
+            "store",
+            "database",
+            Fail,
+            e.to_string(),
+            Some("check permissions of the state directory"),
+        )),
+    }
+    let probe = d.paths.state.join(".doctor-probe");
+    match std::fs::write(&probe, b"") {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&probe);
+            checks.push(check(
+                "store",
+                "state dir writable",
+                Pass,
+                d.paths.state.display().to_string(),
+                None,
+            ));
+        }
+        Err(e) => checks.push(check(
+            "store",
+            "state dir writable",
+            Fail,
+            format!("{}: {e}", d.paths.state.display()),
+            Some("run wickd as root, or point WICK_ROOT at a writable directory"),
+        )),
+    }
+
+    // VMM driver (binary, KVM).
+    checks.extend(d.vmm.doctor());
+
+    // Config and defaults with provenance.
+    checks.push(check(
+        "config",
+        "config file",
+        Pass,
+        if d.paths.config.exists() {
+            format!("{} (loaded)", d.paths.config.display())
+        } else {
+            format!("{} (absent; built-in defaults)", d.paths.config.display())
+        },
+        None,
+    ));
+    let df = &d.defaults;
+    for (name, v, unit) in [
+        ("vm_defaults.vcpu", &df.vcpu, ""),
+        ("vm_defaults.memory", &df.memory_mib, " MiB"),
+        ("vm_defaults.disk", &df.disk_mib, " MiB"),
+    ] {
+        checks.push(check(
+            "config",
+            name,
+            Pass,
+            format!("{}{unit} ({})", v.value, v.source),
+            None,
+        ));
+    }
+
+    // Default image.
+    let name = d.config.default_image_name();
+    match d.config.images.get(name) {
+        None => checks.push(check(
+            "image",
+            "default image",
+            Warn,
+            format!("no image named {name:?} is configured"),
+            Some("add an [images.NAME] table with rootfs and kernel to the config, and default_image_name"),
+        )),
+        Some(img) => {
+            let missing: Vec<String> = [Some(&img.rootfs), Some(&img.kernel), img.initrd.as_ref()]
+                .into_iter()
+                .flatten()
+                .filter(|p| !p.exists())
+                .map(|p| p.display().to_string())
+                .collect();
+            if missing.is_empty() {
+                checks.push(check("image", "default image", Pass, format!("{name}: {}", img.rootfs.display()), None));
+            } else {
+                checks.push(check(
+                    "image",
+                    "default image",
+                    Fail,
+                    format!("{name}: missing {}", missing.join(", ")),
+                    Some("fix the paths in the image's config table"),
+                ));
+            }
+        }
+    }
+
+    // Capabilities.
+    let vms = d.store.list_vms(None).unwrap_or_default();
+    for cap in &d.caps {
+        checks.extend(cap.doctor(&vms).await);
+    }
+
+    // Leftovers: VMM processes of VMs that no longer exist.
+    let known: HashSet<&str> = vms.iter().map(|v| v.id.as_str()).collect();
+    let orphans = crate::reconcile::orphan_vmms(&d.paths.state.join("vms"), &known);
+    if orphans.is_empty() {
+        checks.push(check("host", "leftover VMM processes", Pass, "none", None));
+    } else {
+        checks.push(check(
+            "host",
+            "leftover VMM processes",
+            Warn,
+            orphans
+                .iter()
+                .map(|(p, id)| format!("pid {p} (vm dir {id})"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Some("restart wickd: its start-up sweep ends them"),
+        ));
+    }
+    DoctorReport { checks }
+}

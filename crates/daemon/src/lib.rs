@@ -1,0 +1,124 @@
+//! wickd: the root daemon that owns wick's state (SQLite) and every host resource of every VM.
+//!
+//! - [`daemon`]: the [`Daemon`] and the VM lifecycle flows (create, start, stop, kill, delete, set);
+//! - [`ops`]: long operations, their event streams, cancellation and the per-VM lock;
+//! - [`capability`]: lifecycle hooks that host features (network, DNS, NAT, disks) plug into;
+//! - [`reconcile`]: start-up reconcile and sweep, from the durable records only;
+//! - [`api`]: the `/v1` HTTP API on the Unix socket and its OpenAPI document;
+//! - [`config`], [`doctor`], [`disk`]: configuration, the read-only health report, root disks.
+//!
+//! [`run`] is the whole daemon: lock the root, reconcile, serve until told to stop.
+
+pub mod api;
+pub mod capability;
+pub mod config;
+pub mod daemon;
+pub mod disk;
+pub mod doctor;
+pub mod error;
+pub mod ops;
+pub mod reconcile;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+pub use daemon::Daemon;
+use tokio::net::UnixListener;
+
+/// Takes the root's single-instance lock: two daemons on one root would fight over everything.
+/// Held for the life of the process (the returned value must be kept).
+pub fn lock_root(paths: &wick_model::Paths) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    std::fs::create_dir_all(&paths.run)
+        .with_context(|| format!("cannot create {}", paths.run.display()))?;
+    let lock_path = paths.run.join("wickd.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        anyhow::anyhow!(
+            "another wickd is already running for {} (lock {} is held)",
+            paths.state.display(),
+            lock_path.display()
+        )
+    })
+}
+
+/// Reconciles, binds the API socket and serves until a signal or `POST /v1/daemon/stop`.
+pub async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
+    let report = reconcile::reconcile(&d).await.context("reconcile failed")?;
+    tracing::info!(
+        adopted = ?report.adopted,
+        settled = ?report.settled,
+        swept = ?report.swept,
+        "reconciled"
+    );
+
+    let sock = d.paths.socket();
+    // We hold the root lock, so an existing socket file is stale.
+    match std::fs::remove_file(&sock) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove stale {}", sock.display())),
+    }
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("cannot bind {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(group) = &d.config.socket_group {
+        let g = nix::unistd::Group::from_name(group)?
+            .ok_or_else(|| anyhow::anyhow!("socket_group {group:?} does not exist"))?;
+        nix::unistd::chown(&sock, None, Some(g.gid))?;
+    }
+    tracing::info!(socket = %sock.display(), pid = std::process::id(), "wickd serving");
+
+    let shutdown = d.shutdown.clone();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = shutdown.cancelled() => {}
+            }
+            shutdown.cancel();
+        }
+    });
+
+    let app = api::router(d.clone()).into_make_service_with_connect_info::<api::PeerCred>();
+    let server = axum::serve(listener, app).with_graceful_shutdown({
+        let s = shutdown.clone();
+        async move { s.cancelled().await }
+    });
+    tokio::select! {
+        r = server => r.context("API server failed")?,
+        // Streams that never end (a follower of a stuck operation) must not hold shutdown.
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(Duration::from_secs(3)).await } => {}
+    }
+    let _ = std::fs::remove_file(&sock);
+    tracing::info!("wickd stopped; running VMs keep running and are re-adopted at next start");
+    Ok(())
+}
+
+/// The VMM driver the config asks for.
+pub fn build_vmm(config: &config::Config) -> Arc<dyn wick_vmm::Vmm> {
+    let bin = wick_vmm::firecracker::Firecracker::resolve(config.firecracker_bin.as_deref())
+        .unwrap_or_else(|_| {
+            config
+                .firecracker_bin
+                .clone()
+                .unwrap_or_else(|| "firecracker".into())
+        });
+    Arc::new(wick_vmm::firecracker::Firecracker::new(bin))
+}
+
+/// The capabilities every daemon runs with.
+pub fn builtin_capabilities() -> Vec<Arc<dyn capability::Capability>> {
+    Vec::new()
+}
