@@ -20,7 +20,7 @@ use serde::Deserialize;
 use tokio::net::UnixListener;
 use utoipa::OpenApi;
 use wick_model::api::*;
-use wick_model::{VmRecord, VmRuntime, VmSpec, VmState, VmmHandle};
+use wick_model::{Sidecar, VmRecord, VmRuntime, VmSpec, VmState, VmmHandle};
 
 use crate::daemon::{Caller, Daemon};
 use crate::error::{Error, Result};

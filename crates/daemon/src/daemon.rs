@@ -379,6 +379,7 @@ impl Daemon {
         let spawned = self.vmm.spawn(&handle, self.boot_timeout()).await?;
         handle.pid = Some(spawned.pid);
         handle.start_time = Some(spawned.start_time);
+        handle.sidecars = spawned.sidecars;
         vm.runtime.vmm = Some(handle.clone());
         *vm = self.store.save_vm(vm)?;
         self.watch(vm.id.clone(), handle.clone(), spawned.child);

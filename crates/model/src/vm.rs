@@ -105,6 +105,22 @@ pub struct VmmHandle {
     pub pid: Option<u32>,
     /// `/proc/<pid>/stat` start time (clock ticks since boot): guards against pid reuse.
     pub start_time: Option<u64>,
+    /// Helper processes the VMM needs (e.g. QEMU's vhost-user vsock device).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sidecars: Vec<Sidecar>,
+}
+
+/// A helper process of a VMM. Its `socket` is planned (and persisted) before it is spawned, so
+/// it can be found again by scanning `/proc` for that argument even if its pid was never saved.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Sidecar {
+    /// What it is (`vhost-device-vsock`).
+    pub name: String,
+    /// A path that appears verbatim on its command line.
+    #[schema(value_type = String)]
+    pub socket: PathBuf,
+    pub pid: Option<u32>,
+    pub start_time: Option<u64>,
 }
 
 /// Every host resource the VM holds right now. Cleared field by field as resources are released.

@@ -351,6 +351,7 @@ impl Vmm for Firecracker {
             log_path: vm_dir.join("vmm.log"),
             pid: None,
             start_time: None,
+            sidecars: Vec::new(),
         }
     }
 
@@ -442,6 +443,7 @@ impl Vmm for Firecracker {
             pid,
             start_time,
             child: Some(child),
+            sidecars: Vec::new(),
         })
     }
 

@@ -40,6 +40,8 @@ pub struct Spawned {
     pub start_time: u64,
     /// The child, for the daemon to reap. `None` when the process is not our child.
     pub child: Option<tokio::process::Child>,
+    /// Sidecars spawned with it (pids filled in); the daemon records them in the handle.
+    pub sidecars: Vec<wick_model::Sidecar>,
 }
 
 /// Errors of a VMM driver. Messages are for the user: say what failed and what to do.
