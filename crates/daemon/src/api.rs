@@ -410,7 +410,8 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         VmSpec,
         VmRuntime,
         VmState,
-        VmmHandle
+        VmmHandle,
+        Sidecar
     ))
 )]
 pub struct ApiDoc;
