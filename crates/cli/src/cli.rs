@@ -41,11 +41,29 @@ pub enum Command {
     Doctor(JsonArgs),
     /// Print the client's version and, if it is running, the daemon's.
     Version(JsonArgs),
+    /// Make `ssh <name>.vm` work: show, install or remove wick's Include in ~/.ssh/config.
+    ///
+    /// `--install` writes wick's ssh settings (user root, wick's key, its own known_hosts, trust
+    /// on first use) to its own file, creates the key if missing, and includes that file at the
+    /// top of ~/.ssh/config between `# >>> wick >>>` markers. `--uninstall` removes that block
+    /// only. Without a flag, prints what --install would do.
+    SshConfig(SshConfigArgs),
     /// Print a shell completion script (e.g. `wick completion bash > /etc/bash_completion.d/wick`).
     Completion {
         /// Shell to generate the script for.
         shell: clap_complete::Shell,
     },
+}
+
+/// `wick ssh-config` flags.
+#[derive(Debug, Args)]
+pub struct SshConfigArgs {
+    /// Write wick's ssh settings and include them from ~/.ssh/config (idempotent).
+    #[arg(long, conflicts_with = "uninstall")]
+    pub install: bool,
+    /// Remove wick's Include block from ~/.ssh/config (idempotent).
+    #[arg(long)]
+    pub uninstall: bool,
 }
 
 /// Just `--json`.
@@ -338,6 +356,17 @@ mod tests {
             cli.socket.as_deref(),
             Some(std::path::Path::new("/tmp/x.sock"))
         );
+    }
+
+    #[test]
+    fn ssh_config_flags() {
+        let cli = parse(&["ssh-config", "--install"]).unwrap();
+        let Command::SshConfig(a) = cli.command else {
+            panic!("not ssh-config")
+        };
+        assert!(a.install && !a.uninstall);
+        assert!(parse(&["ssh-config"]).is_ok());
+        assert!(parse(&["ssh-config", "--install", "--uninstall"]).is_err());
     }
 
     #[test]

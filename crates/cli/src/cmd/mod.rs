@@ -4,6 +4,7 @@
 mod config;
 mod daemon;
 mod doctor;
+mod ssh_config;
 mod version;
 mod vm;
 
@@ -58,6 +59,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Config(ConfigCommand::Show(a)) => config::show(&ctx, a).await,
         Command::Doctor(a) => doctor::run(&ctx, a).await,
         Command::Version(a) => version::run(&ctx, a).await,
+        Command::SshConfig(a) => ssh_config::run(&ctx, a).await,
         Command::Completion { shell } => {
             let mut buf = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "wick", &mut buf);

@@ -1,0 +1,105 @@
+//! wick-dns: wickd's embedded DNS server, so `<name>.vm` resolves to a VM's address on the host
+//! and inside guests, and the systemd-resolved routing that sends the host's `.vm` lookups to it.
+//!
+//! # Resolution order (per query)
+//!
+//! 1. Only standard queries with exactly one question are served (other opcodes: NOTIMP; several
+//!    questions: FORMERR).
+//! 2. Names under `vm.` are answered authoritatively from [`Records`], case-insensitively:
+//!    - `<name>.vm` of a known VM: `A` (and `ANY`) get its IPv4 address with a short TTL
+//!      ([`DEFAULT_TTL`], 5 s); any other type gets NOERROR with no answer (NODATA);
+//!    - an unknown `<name>.vm`, or any deeper name (`x.<name>.vm`): NXDOMAIN;
+//!    - `vm.` itself: its SOA for `SOA`/`ANY`, NODATA otherwise.
+//!
+//!    Negative answers carry the zone's SOA (minimum = the TTL), so caches forget them quickly.
+//! 3. Every other name is forwarded, unchanged but for a fresh message id, to the upstream
+//!    resolvers in order (UDP, then TCP when a TCP client's answer came back truncated), and the
+//!    first valid answer is relayed. Upstreams are [`DnsConfig::upstreams`] when given; otherwise
+//!    the host's own: the `nameserver`s of `/run/systemd/resolve/resolv.conf` (the real servers
+//!    behind systemd-resolved) when that file exists and names any, else of `/etc/resolv.conf`,
+//!    loopback stubs (127.0.0.0/8, ::1) skipped so we never loop back to a local stub; the files
+//!    are re-read every few seconds. No upstream answering: SERVFAIL.
+//!
+//! # What the daemon does with it
+//!
+//! - Own one [`Records`] and keep it equal to the running VMs: `set(name, ip)` when a VM reaches
+//!   running (or is re-adopted by reconcile), `remove(name)` on stop/kill/start failure/delete,
+//!   `replace_all` after reconcile. Records are derived from the store, never the only copy.
+//! - At start, [`DnsServer::start`] on `127.0.0.1:<dns_port>` (host). When the bridge exists (it
+//!   is created on demand), start a second server on `<bridge_ip>:53` sharing the same
+//!   `Records`; binding before the bridge has its address fails with
+//!   [`Error::is_addr_not_available`] — retry after creating the bridge. Let the guest firewall
+//!   accept UDP and TCP port 53 to the bridge IP.
+//! - With systemd-resolved present ([`resolved::Resolved::is_available`]), call
+//!   [`resolved::Resolved::route_vm_domain`] once the bridge is up so the host sends `*.vm` to
+//!   the bridge server, and [`resolved::Resolved::revert`] at shutdown (and when deleting the
+//!   bridge). Then `ssh <name>.vm` works once `wick ssh-config --install` has run. Without
+//!   systemd-resolved the host's resolver does not know `.vm`: `doctor` should say so, and
+//!   `dig @127.0.0.1 -p <dns_port> <name>.vm` still answers.
+//! - At shutdown, [`DnsServer::shutdown`] each server.
+
+mod forward;
+mod records;
+pub mod resolved;
+mod server;
+mod upstream;
+
+use std::io;
+use std::net::SocketAddr;
+
+pub use records::Records;
+pub use server::{DnsConfig, DnsServer, DEFAULT_TTL, DEFAULT_UPSTREAM_TIMEOUT};
+pub use upstream::{
+    parse_resolv_conf, system_upstreams, RESOLVED_UPSTREAM_CONF, SYSTEM_RESOLV_CONF,
+};
+
+/// Why the DNS server could not start or stop.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listening socket could not be bound.
+    #[error(
+        "cannot serve DNS over {proto} on {addr}: {source}{}",
+        bind_hint(source)
+    )]
+    Bind {
+        addr: SocketAddr,
+        proto: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// [`DnsConfig::listen`] was empty.
+    #[error("no DNS listen address was given")]
+    NoListenAddress,
+    /// Any other socket error.
+    #[error("DNS server I/O error: {0}")]
+    Io(#[source] io::Error),
+}
+
+impl Error {
+    fn bind(addr: SocketAddr, proto: &'static str, source: io::Error) -> Error {
+        Error::Bind {
+            addr,
+            proto,
+            source,
+        }
+    }
+
+    /// The address is not (yet) configured on any interface, e.g. the bridge is not up: binding
+    /// again after it gets its address may succeed.
+    pub fn is_addr_not_available(&self) -> bool {
+        matches!(self, Error::Bind { source, .. } if source.kind() == io::ErrorKind::AddrNotAvailable)
+    }
+}
+
+fn bind_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::AddrNotAvailable => {
+            " (no interface has this address yet; create the bridge first, then retry)"
+        }
+        io::ErrorKind::AddrInUse => {
+            " (another process already serves DNS there; stop it or choose another dns_port)"
+        }
+        io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        _ => "",
+    }
+}
