@@ -1,0 +1,309 @@
+//! The default "golden" image: Debian from packages with debootstrap, configured for wick
+//! (sshd with per-VM host keys, serial console, `/root` on the work disk, wick-agent), packed into
+//! ext4 without mounting.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{IoContext, Result};
+use crate::ext4;
+use crate::inject::{inject_agent, remove_in, symlink, write_file};
+use crate::mirror::debian_mirror;
+use crate::record::{ImageRecord, ImageSource};
+use crate::store::{require_root, ImageStore, DEFAULT_HEADROOM_MIB};
+use crate::util::{require, run, sha256_file, which, E2FS_HINT};
+
+/// The Debian release the golden image is built from.
+pub const DEFAULT_SUITE: &str = "bookworm";
+
+/// Packages added to debootstrap's minbase variant.
+pub const GOLDEN_PACKAGES: &[&str] = &[
+    "systemd-sysv",
+    "udev",
+    "openssh-server",
+    "git",
+    "curl",
+    "ca-certificates",
+    "iproute2",
+    "sudo",
+    "less",
+    "kmod",
+];
+
+/// Bumped whenever the build recipe changes what ends up in the image (keys test caches).
+pub(crate) const RECIPE_VERSION: u32 = 1;
+
+const MIB: u64 = 1 << 20;
+
+/// Options of [`ImageStore::build_golden`].
+#[derive(Debug, Clone)]
+pub struct GoldenOptions {
+    /// Image name (default `default`, the daemon's default image name).
+    pub name: String,
+    /// Debian suite (default bookworm).
+    pub suite: String,
+    /// Debian mirror URI; default: `$WICK_DEBIAN_MIRROR`, else the machine's apt sources.
+    pub mirror: Option<String>,
+    /// wick-agent binary to inject; `None` builds an image without the agent.
+    pub agent_bin: Option<PathBuf>,
+    /// Where debootstrap keeps downloaded packages between builds (default `DIR/../cache/debootstrap`).
+    pub cache_dir: Option<PathBuf>,
+    /// Size of rootfs.ext4; default: the content plus `headroom_mib` free.
+    pub rootfs_size_mib: Option<u64>,
+    /// Free space left in rootfs.ext4 when no size is given (default 1 GiB).
+    pub headroom_mib: Option<u64>,
+    /// Size of work-seed.ext4 (grown to the VM's disk size when a VM is created).
+    pub work_seed_size_mib: u64,
+    /// Packages beyond [`GOLDEN_PACKAGES`].
+    pub extra_packages: Vec<String>,
+}
+
+impl Default for GoldenOptions {
+    fn default() -> Self {
+        GoldenOptions {
+            name: "default".into(),
+            suite: DEFAULT_SUITE.into(),
+            mirror: None,
+            agent_bin: None,
+            cache_dir: None,
+            rootfs_size_mib: None,
+            headroom_mib: None,
+            work_seed_size_mib: 64,
+            extra_packages: Vec::new(),
+        }
+    }
+}
+
+impl GoldenOptions {
+    /// Every package passed to `--include`.
+    pub fn packages(&self) -> Vec<String> {
+        GOLDEN_PACKAGES
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.extra_packages.iter().cloned())
+            .collect()
+    }
+
+    /// A hash of everything that decides the image's content (not the mirror or the cache).
+    pub fn content_key(&self) -> Result<String> {
+        let mut h = Sha256::new();
+        h.update(format!(
+            "recipe={RECIPE_VERSION}\nsuite={}\npackages={}\nrootfs={:?}/{:?}\nseed={}\n",
+            self.suite,
+            self.packages().join(","),
+            self.rootfs_size_mib,
+            self.headroom_mib,
+            self.work_seed_size_mib
+        ));
+        match &self.agent_bin {
+            Some(a) => h.update(format!("agent={}\n", sha256_file(a)?)),
+            None => h.update("agent=none\n"),
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+}
+
+const SSH_HOST_KEYS_DROPIN: &str = "\
+# wick: images ship without SSH host keys; each VM makes its own on first start.
+[Service]
+ExecStartPre=
+ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/usr/sbin/sshd -t
+";
+
+const SSHD_CONFIG: &str = "\
+# wick: key-only root logins (keys are installed by wick-agent).
+PermitRootLogin prohibit-password
+";
+
+const FSTAB: &str = "\
+# wick: the root disk is /dev/vda; the per-VM work disk /dev/vdb holds /root.
+/dev/vda / ext4 defaults 0 1
+/dev/vdb /root ext4 defaults,nofail,x-systemd.device-timeout=10s 0 2
+";
+
+const HOSTS: &str = "\
+127.0.0.1 localhost
+127.0.1.1 wick
+::1 localhost ip6-localhost ip6-loopback
+";
+
+impl ImageStore {
+    /// Builds the golden image from Debian packages (debootstrap, ~1 minute with a warm package
+    /// cache) and stores it as `opts.name`. `progress` receives each stage.
+    pub fn build_golden(
+        &self,
+        opts: &GoldenOptions,
+        progress: crate::Progress<'_>,
+    ) -> Result<ImageRecord> {
+        self.check_new_name(&opts.name)?;
+        require_root("building the golden image")?;
+        let debootstrap = require(
+            "debootstrap",
+            "install it (apt-get install debootstrap) to build the golden image",
+        )?;
+        require("mkfs.ext4", E2FS_HINT)?;
+        let mirror = debian_mirror(opts.mirror.as_deref(), &opts.suite)?;
+        let cache = opts.cache_dir.clone().unwrap_or_else(|| {
+            self.dir()
+                .parent()
+                .unwrap_or(self.dir())
+                .join("cache/debootstrap")
+        });
+        fs::create_dir_all(&cache).ctx("create", &cache)?;
+        let cache = fs::canonicalize(&cache).ctx("resolve", &cache)?;
+        let packages = opts.packages();
+
+        let staging = self.staging()?;
+        let root = staging.scratch("rootfs")?;
+        progress(&format!(
+            "debootstrap: Debian {} with {} extra packages",
+            opts.suite,
+            packages.len()
+        ));
+        // In a private mount namespace, so the /proc and /sys debootstrap mounts inside the
+        // target vanish with it even if it is killed.
+        let mut cmd = match which("unshare") {
+            Some(unshare) => {
+                let mut c = Command::new(unshare);
+                c.args(["--mount", "--propagation", "private", "--"])
+                    .arg(&debootstrap);
+                c
+            }
+            None => Command::new(&debootstrap),
+        };
+        cmd.arg("--variant=minbase")
+            .arg(format!("--include={}", packages.join(",")))
+            .arg(format!("--cache-dir={}", cache.display()))
+            .arg(&opts.suite)
+            .arg(&root)
+            .arg(&mirror)
+            .env("LC_ALL", "C");
+        run(&mut cmd, &mut |line| {
+            if let Some(rest) = line.strip_prefix("I: ") {
+                progress(&format!("debootstrap: {rest}"));
+            }
+        })?;
+
+        progress("configuring the image (sshd, console, fstab, machine-id)");
+        configure(&root)?;
+        if let Some(agent) = &opts.agent_bin {
+            progress("injecting wick-agent");
+            inject_agent(&root, agent)?;
+        }
+
+        progress("packing the work-seed (/root)");
+        let seed_src = root.join("root");
+        let su = ext4::usage(&seed_src)?;
+        let seed_size = (opts.work_seed_size_mib * MIB).max(ext4::size_for(su, 0));
+        ext4::make_ext4(&seed_src, &staging.work_seed_img(), "work", seed_size, su)?;
+
+        progress("making the ext4 root filesystem");
+        let u = ext4::usage(&root)?;
+        let needed = ext4::size_for(u, 0);
+        let size = match opts.rootfs_size_mib {
+            Some(mib) => (mib * MIB).max(needed),
+            None => ext4::size_for(u, opts.headroom_mib.unwrap_or(DEFAULT_HEADROOM_MIB) * MIB),
+        };
+        ext4::make_ext4(&root, &staging.rootfs_img(), "root", size, u)?;
+
+        self.commit(
+            staging,
+            &opts.name,
+            ImageSource::Build {
+                suite: opts.suite.clone(),
+                mirror,
+                packages,
+            },
+            opts.agent_bin.is_some(),
+            progress,
+        )
+    }
+}
+
+/// Turns a debootstrap tree into a wick guest root.
+fn configure(root: &Path) -> Result<()> {
+    let ssh_unit = root.join("lib/systemd/system/ssh.service");
+    if !ssh_unit.is_file() {
+        return Err(crate::ImageError::Invalid(format!(
+            "{} is missing: openssh-server did not install; check the debootstrap output",
+            ssh_unit.display()
+        )));
+    }
+    // SSH host keys: none in the image; ssh.service makes them on the VM's first start.
+    let ssh_dir = root.join("etc/ssh");
+    for entry in fs::read_dir(&ssh_dir).ctx("read", &ssh_dir)? {
+        let entry = entry.ctx("read", &ssh_dir)?;
+        if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
+            fs::remove_file(entry.path()).ctx("remove", &entry.path())?;
+        }
+    }
+    write_file(
+        root,
+        "etc/systemd/system/ssh.service.d/wick-host-keys.conf",
+        SSH_HOST_KEYS_DROPIN.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        root,
+        "etc/ssh/sshd_config.d/wick.conf",
+        SSHD_CONFIG.as_bytes(),
+        0o644,
+    )?;
+    symlink(
+        root,
+        "etc/systemd/system/multi-user.target.wants/ssh.service",
+        "/lib/systemd/system/ssh.service",
+    )?;
+    symlink(
+        root,
+        "etc/systemd/system/sshd.service",
+        "/lib/systemd/system/ssh.service",
+    )?;
+    // Identity: a placeholder hostname (the agent sets the VM's), and an empty machine-id so
+    // systemd makes a fresh one per VM.
+    write_file(root, "etc/hostname", b"wick\n", 0o644)?;
+    write_file(root, "etc/hosts", HOSTS.as_bytes(), 0o644)?;
+    write_file(root, "etc/machine-id", b"", 0o444)?;
+    remove_in(root, "var/lib/dbus/machine-id")?;
+    write_file(root, "etc/fstab", FSTAB.as_bytes(), 0o644)?;
+    symlink(
+        root,
+        "etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service",
+        "/lib/systemd/system/serial-getty@.service",
+    )?;
+    // Downloaded packages are cached outside the image.
+    let debs = root.join("var/cache/apt/archives");
+    if let Ok(rd) = fs::read_dir(&debs) {
+        for e in rd.flatten() {
+            if e.path().extension().is_some_and(|x| x == "deb") {
+                fs::remove_file(e.path()).ctx("remove", &e.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_depends_on_content_inputs_only() {
+        let a = GoldenOptions::default();
+        let mut b = a.clone();
+        b.mirror = Some("http://elsewhere.example/debian".into());
+        assert_eq!(a.content_key().unwrap(), b.content_key().unwrap());
+        b.extra_packages.push("vim".into());
+        assert_ne!(a.content_key().unwrap(), b.content_key().unwrap());
+    }
+
+    #[test]
+    fn configure_needs_openssh() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(configure(d.path()).is_err());
+    }
+}

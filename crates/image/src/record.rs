@@ -1,0 +1,45 @@
+//! The durable description of one image (`manifest.json`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// One managed image. Paths are absolute; they are recomputed from the store directory on load,
+/// so a store can be moved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    /// Hex sha256 of `rootfs.ext4`; also the image's directory name.
+    pub id: String,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    pub source: ImageSource,
+    pub rootfs: PathBuf,
+    pub work_seed: Option<PathBuf>,
+    /// Apparent size of `rootfs.ext4` in bytes (the guest's root disk size).
+    pub size: u64,
+    /// Name of the kernel this image boots with by default, when it has one.
+    pub default_kernel: Option<String>,
+    /// Whether `/usr/local/bin/wick-agent` and its systemd unit are in the image.
+    pub agent_injected: bool,
+}
+
+/// Where an image came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ImageSource {
+    /// Built from Debian packages by [`crate::ImageStore::build_golden`].
+    Build {
+        suite: String,
+        mirror: String,
+        packages: Vec<String>,
+    },
+    /// Imported from a rootfs tarball or an ext4 file.
+    Import { path: PathBuf },
+    /// Pulled from an OCI registry. `layers` are the layer digests, which keep them in the cache.
+    Oci {
+        reference: String,
+        digest: String,
+        layers: Vec<String>,
+    },
+}

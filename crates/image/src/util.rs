@@ -1,0 +1,253 @@
+//! Small helpers shared by the modules: running tools, hashing, sparse copies, fsync.
+
+use std::collections::VecDeque;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{ImageError, IoContext, Result};
+
+/// Finds `tool` in `PATH` plus the sbin directories (root's tools live there).
+pub(crate) fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Resolves `tool` or explains how to install it.
+pub(crate) fn require(tool: &'static str, hint: &'static str) -> Result<PathBuf> {
+    which(tool).ok_or(ImageError::MissingTool { tool, hint })
+}
+
+pub(crate) const E2FS_HINT: &str = "install e2fsprogs (apt-get install e2fsprogs)";
+
+/// Runs `cmd`, feeding each output line (stdout and stderr) to `on_line` as it arrives. On
+/// failure the error carries the last lines of output.
+pub(crate) fn run(cmd: &mut Command, on_line: &mut dyn FnMut(&str)) -> Result<()> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| ImageError::io(format!("start `{shown}`"), e))?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let readers: Vec<Box<dyn Read + Send>> = vec![
+        Box::new(child.stdout.take().expect("piped stdout")),
+        Box::new(child.stderr.take().expect("piped stderr")),
+    ];
+    let threads: Vec<_> = readers
+        .into_iter()
+        .map(|r| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    let mut tail: VecDeque<String> = VecDeque::new();
+    for line in rx {
+        on_line(&line);
+        if tail.len() == 40 {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    let status = child
+        .wait()
+        .map_err(|e| ImageError::io(format!("wait for `{shown}`"), e))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(ImageError::Command {
+            cmd: shown,
+            status: status.to_string(),
+            output: Vec::from(tail).join("\n"),
+        })
+    }
+}
+
+/// Runs a command quietly; output only appears in the error.
+pub(crate) fn run_quiet<S: AsRef<OsStr>>(program: &Path, args: &[S]) -> Result<()> {
+    run(Command::new(program).args(args), &mut |_| {})
+}
+
+/// Hex sha256 of a file. Holes are hashed as the zeros they read as, without reading them (a
+/// mostly empty filesystem image hashes at the speed of the hash, not of the disk).
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
+    use nix::unistd::{lseek, Whence};
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::open(path).ctx("open", path)?;
+    let len = f.metadata().ctx("stat", path)?.len() as i64;
+    let mut h = Sha256::new();
+    let zeros = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos: i64 = 0;
+    let feed_zeros = |h: &mut Sha256, mut n: i64| {
+        while n > 0 {
+            let k = n.min(zeros.len() as i64) as usize;
+            h.update(&zeros[..k]);
+            n -= k as i64;
+        }
+    };
+    while pos < len {
+        let data = match lseek(f.as_raw_fd(), pos, Whence::SeekData) {
+            Ok(off) => off,
+            Err(nix::errno::Errno::ENXIO) => len,
+            // No SEEK_DATA support: read everything.
+            Err(_) => pos,
+        };
+        feed_zeros(&mut h, data - pos);
+        if data >= len {
+            break;
+        }
+        let hole = lseek(f.as_raw_fd(), data, Whence::SeekHole)
+            .unwrap_or(len as _)
+            .min(len);
+        f.seek(SeekFrom::Start(data as u64)).ctx("seek", path)?;
+        let mut left = hole - data;
+        while left > 0 {
+            let want = left.min(buf.len() as i64) as usize;
+            let n = f.read(&mut buf[..want]).ctx("read", path)?;
+            if n == 0 {
+                return Err(ImageError::io(
+                    format!("read {}", path.display()),
+                    io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            h.update(&buf[..n]);
+            left -= n as i64;
+        }
+        pos = hole;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Copies `src` to `dst` (created, must not exist) keeping holes: only data extents are copied.
+pub(crate) fn sparse_copy(src: &Path, dst: &Path) -> Result<u64> {
+    use nix::unistd::{lseek, Whence};
+    let s = File::open(src).ctx("open", src)?;
+    let len = s.metadata().ctx("stat", src)?.len();
+    let d = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .ctx("create", dst)?;
+    d.set_len(len).ctx("size", dst)?;
+    let mut pos: i64 = 0;
+    let end = len as i64;
+    while pos < end {
+        let data = match lseek(s.as_raw_fd(), pos, Whence::SeekData) {
+            Ok(off) => off,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(ImageError::io(format!("seek {}", src.display()), e.into())),
+        };
+        let hole = lseek(s.as_raw_fd(), data, Whence::SeekHole)
+            .map_err(|e| ImageError::io(format!("seek {}", src.display()), e.into()))?;
+        let (mut off_in, mut off_out, mut left) = (data, data, hole - data);
+        while left > 0 {
+            let n = nix::fcntl::copy_file_range(
+                s.as_fd(),
+                Some(&mut off_in),
+                d.as_fd(),
+                Some(&mut off_out),
+                left as usize,
+            )
+            .map_err(|e| ImageError::io(format!("copy {}", src.display()), e.into()))?;
+            if n == 0 {
+                return Err(ImageError::io(
+                    format!("copy {}", src.display()),
+                    io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            left -= n as i64;
+        }
+        pos = hole;
+    }
+    d.sync_all().ctx("sync", dst)?;
+    Ok(len)
+}
+
+/// fsyncs a directory so renames inside it are durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|f| f.sync_all()).ctx("sync", dir)
+}
+
+/// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-write-")
+        .tempfile_in(dir)
+        .ctx("create a temp file in", dir)?;
+    tmp.write_all(bytes).ctx("write", tmp.path())?;
+    tmp.as_file().sync_all().ctx("sync", tmp.path())?;
+    tmp.persist(path)
+        .map_err(|e| ImageError::io(format!("rename into {}", path.display()), e.error))?;
+    fsync_dir(dir)
+}
+
+/// The current time as RFC 3339 UTC.
+pub(crate) fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
+}
+
+/// Whether we run as root (ownership in images needs it).
+pub(crate) fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hex sha256 of everything `r` yields.
+    fn sha256_reader(mut r: impl Read) -> io::Result<String> {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = r.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+
+    #[test]
+    fn sparse_hash_equals_plain_hash() {
+        use std::io::{Seek, SeekFrom, Write};
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let mut f = File::create(&p).unwrap();
+        f.seek(SeekFrom::Start(3 << 20)).unwrap();
+        f.write_all(b"data in the middle").unwrap();
+        f.set_len(9 << 20).unwrap();
+        drop(f);
+        let plain = sha256_reader(File::open(&p).unwrap()).unwrap();
+        assert_eq!(sha256_file(&p).unwrap(), plain);
+        let e = d.path().join("empty");
+        File::create(&e).unwrap();
+        assert_eq!(sha256_file(&e).unwrap(), sha256_reader(&b""[..]).unwrap());
+    }
+}
