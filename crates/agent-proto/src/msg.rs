@@ -1,0 +1,333 @@
+//! The messages: requests, their replies, and the JSON payloads of control frames.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// The first frame of every connection: the protocol version and the request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    pub protocol: u32,
+    pub request: Request,
+}
+
+/// What the host asks of the agent. Each variant's reply type is named in its doc.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// → [`HelloReply`].
+    Hello,
+    /// → [`ConfigureReply`]. Applied idempotently.
+    Configure(Box<Configure>),
+    /// → [`ExecStarted`], then the exec stream.
+    Exec(ExecRequest),
+    /// → `()`, then the host's tar stream, then [`PutDone`].
+    PutFiles { dest_dir: String },
+    /// → `()`, then the agent's tar stream.
+    GetFiles { path: String },
+    /// → `Vec<`[`ListeningPort`]`>`.
+    Ports,
+    /// → [`Health`].
+    Health,
+    /// → [`ShutdownReply`], sent before the agent syncs and powers off (or reboots).
+    Shutdown { poweroff: bool },
+}
+
+/// An error reported by the agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemoteError {
+    pub message: String,
+}
+
+impl RemoteError {
+    pub fn new(message: impl Into<String>) -> Self {
+        RemoteError {
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The payload of a `Reply` frame.
+pub type Reply<T> = Result<T, RemoteError>;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HelloReply {
+    pub agent_version: String,
+    pub protocol_version: u32,
+    /// `/proc/sys/kernel/random/boot_id`: changes on every boot.
+    pub boot_id: String,
+    pub hostname: String,
+    /// The guest kernel release (`uname -r`).
+    pub kernel: String,
+}
+
+/// Boot-time (and later) configuration of the guest. `None`/empty fields are left alone.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Configure {
+    pub hostname: Option<String>,
+    pub network: Option<NetworkConfig>,
+    /// Keys for `/root/.ssh/authorized_keys` (kept in a wick-managed block; lines outside it are
+    /// preserved). `None` leaves the file alone.
+    pub authorized_keys: Option<Vec<String>>,
+    pub git_name: Option<String>,
+    pub git_email: Option<String>,
+    /// Files copied into the guest (paths under `/root` only).
+    pub files: Vec<SyncFile>,
+    /// Replace existing SSH host keys. Missing host keys are always generated.
+    pub regenerate_host_keys: bool,
+}
+
+/// Address, default route and resolvers of the guest's first non-loopback interface.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// e.g. `172.30.0.5/24`.
+    pub ip_cidr: String,
+    pub gateway: Option<IpAddr>,
+    pub dns: Vec<IpAddr>,
+}
+
+/// One file written by `Configure`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SyncFile {
+    /// Absolute guest path under `/root`.
+    pub path: String,
+    /// Permission bits, e.g. `0o600`.
+    pub mode: u32,
+    #[serde(with = "base64")]
+    pub contents: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConfigureReply {
+    /// What was changed, one short line per step (empty when everything was already in place).
+    pub changed: Vec<String>,
+    /// Steps skipped or failed without failing the whole request.
+    pub warnings: Vec<String>,
+    /// The guest's SSH host public keys (`/etc/ssh/ssh_host_*_key.pub`), for known_hosts.
+    pub host_keys: Vec<String>,
+}
+
+/// Terminal size for a PTY exec, and the payload of `Resize` frames.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// Added to (and overriding) the default environment: `HOME`, `USER`, `LOGNAME`, `SHELL`,
+    /// `PATH`, and `TERM` with a tty.
+    pub env: Vec<(String, String)>,
+    /// Working directory; default the user's home (or `/`).
+    pub cwd: Option<String>,
+    /// User name or numeric uid; default root.
+    pub user: Option<String>,
+    /// Run under a pseudo-terminal of this size (stdout and stderr are then merged).
+    pub tty: Option<WindowSize>,
+    /// Forward stdin (otherwise the process's stdin is `/dev/null`).
+    pub stdin: bool,
+}
+
+impl ExecRequest {
+    /// A request running `argv` as root, no tty, no stdin.
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ExecRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExecStarted {
+    pub pid: u32,
+}
+
+/// How a process ended: exactly one of `code` and `signal` is set.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExitStatus {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// The conventional shell exit code: `code`, or 128 + `signal`.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 255,
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// Payload of a `Signal` frame: a signal number delivered to the exec's process group.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SignalRequest {
+    pub signal: i32,
+}
+
+/// Final reply of `PutFiles`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PutDone {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// A listening TCP socket in the guest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListeningPort {
+    /// `tcp` or `tcp6`.
+    pub proto: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub inode: u64,
+    pub pid: Option<u32>,
+    /// `/proc/<pid>/comm` of the owning process.
+    pub process: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Health {
+    pub agent_version: String,
+    pub boot_id: String,
+    pub uptime_secs: f64,
+    /// 1, 5 and 15 minute load averages.
+    pub load: [f64; 3],
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    /// Size and free space of the filesystem holding `/`.
+    pub root_fs_total_bytes: u64,
+    pub root_fs_avail_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShutdownReply {
+    /// What the agent is about to do: `poweroff`, `reboot`, or `none` (disabled for tests).
+    pub action: String,
+}
+
+/// Standard base64 (with padding) for binary fields in JSON.
+mod base64 {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(data: &[u8]) -> String {
+        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+        for chunk in data.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(s: &str) -> Result<Vec<u8>, String> {
+        let s = s.trim_end_matches('=');
+        let mut out = Vec::with_capacity(s.len() * 3 / 4);
+        let (mut acc, mut bits) = (0u32, 0u32);
+        for c in s.bytes() {
+            let v = ALPHABET
+                .iter()
+                .position(|&a| a == c)
+                .ok_or_else(|| format!("invalid base64 character {:?}", c as char))?;
+            acc = (acc << 6) | v as u32;
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+                acc &= (1 << bits) - 1;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&encode(data))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        decode(&s).map_err(D::Error::custom)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn round_trips() {
+            for (raw, enc) in [
+                (&b""[..], ""),
+                (b"f", "Zg=="),
+                (b"fo", "Zm8="),
+                (b"foo", "Zm9v"),
+                (b"foob", "Zm9vYg=="),
+                (b"\xff\x00\xfe", "/wD+"),
+            ] {
+                assert_eq!(super::encode(raw), enc);
+                assert_eq!(super::decode(enc).unwrap(), raw);
+            }
+            let all: Vec<u8> = (0..=255).collect();
+            assert_eq!(super::decode(&super::encode(&all)).unwrap(), all);
+            assert!(super::decode("a*b").is_err());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_json_shape() {
+        let env = Envelope {
+            protocol: 1,
+            request: Request::PutFiles {
+                dest_dir: "/root/repo".into(),
+            },
+        };
+        let j = serde_json::to_string(&env).unwrap();
+        assert_eq!(
+            j,
+            r#"{"protocol":1,"request":{"op":"put_files","dest_dir":"/root/repo"}}"#
+        );
+        let f = SyncFile {
+            path: "/root/.x".into(),
+            mode: 0o600,
+            contents: b"hi".to_vec(),
+        };
+        let j = serde_json::to_string(&f).unwrap();
+        assert!(j.contains(r#""contents":"aGk=""#), "{j}");
+        let r: Reply<()> = Err(RemoteError::new("boom"));
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"Err":{"message":"boom"}}"#
+        );
+    }
+}
