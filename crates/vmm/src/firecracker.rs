@@ -8,8 +8,6 @@
 
 mod api;
 
-use std::ffi::OsStr;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -22,13 +20,14 @@ use wick_host::proc;
 use wick_model::api::{Check, CheckStatus};
 use wick_model::VmmHandle;
 
+use crate::common::{
+    bin_version, find_process, is_executable, open_log, remove_if_exists, remove_vsock_sockets,
+    resolve_bin, sigkill_and_wait, trusted_start_time, vm_dir, wait_gone, with_tail,
+};
 use crate::{Spawned, Vmm, VmmConfig, VmmError};
 
 /// Driver name as stored in VM specs.
 pub const DRIVER: &str = "firecracker";
-
-/// How many lines of the VMM log an error carries.
-const LOG_TAIL_LINES: usize = 20;
 
 /// The Firecracker driver. Cheap to clone; holds only the binary path.
 #[derive(Debug, Clone)]
@@ -53,28 +52,7 @@ impl Firecracker {
         const HOW: &str = "install a Firecracker v1.x release binary (firecracker-microvm/firecracker \
                            releases on GitHub) on PATH, or set `firecracker_bin` in wick's config.toml \
                            to its full path";
-        match configured {
-            Some(p) if p.as_os_str().is_empty() => Self::resolve(None),
-            Some(p) if p.components().count() > 1 || p.is_absolute() => {
-                if is_executable(p) {
-                    Ok(p.to_path_buf())
-                } else {
-                    Err(VmmError::BinaryNotFound(format!(
-                        "configured firecracker_bin {} is not an executable file; {HOW}",
-                        p.display()
-                    )))
-                }
-            }
-            Some(name) => find_on_path(name.as_os_str()).ok_or_else(|| {
-                VmmError::BinaryNotFound(format!(
-                    "configured firecracker_bin {:?} is not on PATH; {HOW}",
-                    name
-                ))
-            }),
-            None => find_on_path(OsStr::new("firecracker")).ok_or_else(|| {
-                VmmError::BinaryNotFound(format!("`firecracker` is not on PATH; {HOW}"))
-            }),
-        }
+        resolve_bin(configured, "firecracker", "firecracker_bin", HOW)
     }
 
     /// One raw API call (`method` is `GET`, `PUT`, `PATCH`): the JSON answer, or `None` for 204.
@@ -106,78 +84,13 @@ impl Firecracker {
 
     /// `bin --version`, first line (bounded to a few seconds).
     pub fn version(&self) -> Result<String, String> {
-        let mut child = std::process::Command::new(&self.bin)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot run {} --version: {e}", self.bin.display()))?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!(
-                        "{} --version did not exit within 5 s",
-                        self.bin.display()
-                    ));
-                }
-                Err(e) => return Err(format!("waiting for {} --version: {e}", self.bin.display())),
-            }
-        };
-        let mut out = String::new();
-        if let Some(mut so) = child.stdout.take() {
-            let _ = so.read_to_string(&mut out);
-        }
-        let first = out
-            .lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .unwrap_or("")
-            .to_owned();
-        if !status.success() {
-            return Err(format!(
-                "{} --version failed ({status})",
-                self.bin.display()
-            ));
-        }
-        if first.is_empty() {
-            return Err(format!("{} --version printed nothing", self.bin.display()));
-        }
-        Ok(first)
+        bin_version(&self.bin)
     }
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-fn find_on_path(name: &OsStr) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
-}
-
-/// The directory holding the VM's sockets (the VM dir).
-fn vm_dir(handle: &VmmHandle) -> PathBuf {
-    handle
-        .api_socket
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Firecracker's `--id`: alphanumerics and `-`, at most 64 characters.
 fn instance_id(handle: &VmmHandle) -> String {
-    let raw = vm_dir(handle)
+    let raw = vm_dir(&handle.api_socket)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -193,13 +106,6 @@ fn instance_id(handle: &VmmHandle) -> String {
     }
 }
 
-fn remove_if_exists(p: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(p) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
 /// Creates `p` if missing (Firecracker's logger and metrics need an existing file).
 fn touch(p: &Path) -> Result<(), VmmError> {
     std::fs::OpenOptions::new()
@@ -210,44 +116,8 @@ fn touch(p: &Path) -> Result<(), VmmError> {
         .map_err(|e| VmmError::Other(format!("cannot create {}: {e}", p.display())))
 }
 
-/// The last [`LOG_TAIL_LINES`] lines of the VMM log, for error messages.
-pub fn log_tail(path: &Path) -> String {
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(16 * 1024);
-    if f.seek(SeekFrom::Start(start)).is_err() {
-        return String::new();
-    }
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
-}
-
-fn with_tail(msg: String, log: &Path) -> String {
-    let tail = log_tail(log);
-    if tail.trim().is_empty() {
-        format!("{msg} (log {} is empty)", log.display())
-    } else {
-        format!("{msg}; last lines of {}:\n{tail}", log.display())
-    }
-}
-
-async fn wait_gone(pid: u32, start_time: Option<u64>, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if !proc::is_alive(pid, start_time) {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// The last lines of the VMM log, for error messages (see [`crate::common::log_tail`]).
+pub use crate::common::log_tail;
 
 impl Firecracker {
     async fn put(&self, handle: &VmmHandle, path: &str, body: Value) -> Result<(), VmmError> {
@@ -261,7 +131,7 @@ impl Firecracker {
         handle: &VmmHandle,
         cfg: &VmmConfig,
     ) -> Result<(), VmmError> {
-        let dir = vm_dir(handle);
+        let dir = vm_dir(&handle.api_socket);
 
         let fc_log = dir.join("firecracker.log");
         touch(&fc_log)?;
@@ -355,24 +225,19 @@ impl Vmm for Firecracker {
         }
     }
 
-    async fn spawn(&self, handle: &VmmHandle, timeout: Duration) -> Result<Spawned, VmmError> {
+    /// `_cfg` is unused: Firecracker is configured through its API in [`Vmm::boot`].
+    async fn spawn(
+        &self,
+        handle: &VmmHandle,
+        _cfg: &VmmConfig,
+        timeout: Duration,
+    ) -> Result<Spawned, VmmError> {
         let spawn_err = |what: &str, e: std::io::Error| VmmError::Spawn(format!("{what}: {e}"));
         for sock in [&handle.api_socket, &handle.vsock_socket] {
             remove_if_exists(sock)
                 .map_err(|e| spawn_err(&format!("removing stale {}", sock.display()), e))?;
         }
-        if let Some(parent) = handle.log_path.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| spawn_err(&format!("creating {}", parent.display()), e))?;
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&handle.log_path)
-            .map_err(|e| spawn_err(&format!("opening {}", handle.log_path.display()), e))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| spawn_err("duplicating the log file handle", e))?;
+        let (log, log_err) = open_log(&handle.log_path)?;
 
         let mut cmd = tokio::process::Command::new(&self.bin);
         cmd.arg("--api-sock")
@@ -466,12 +331,7 @@ impl Vmm for Firecracker {
         let Some(pid) = self.find(handle) else {
             return Ok(());
         };
-        // Only trust the recorded start time for the recorded pid.
-        let start_time = if Some(pid) == handle.pid {
-            handle.start_time
-        } else {
-            proc::start_time(pid)
-        };
+        let start_time = trusted_start_time(pid, handle.pid, handle.start_time);
 
         // Graceful: the guest sees Ctrl+Alt+Del and powers off; Firecracker then exits. Only
         // worth waiting for if Firecracker accepted the request (not before boot, not when the
@@ -491,22 +351,7 @@ impl Vmm for Firecracker {
             return Ok(());
         }
 
-        match proc::signal(pid, start_time, Signal::SIGKILL) {
-            Ok(_) => {}
-            Err(e) => {
-                return Err(VmmError::Other(format!(
-                    "cannot SIGKILL VMM pid {pid}: {e}"
-                )))
-            }
-        }
-        if wait_gone(pid, start_time, Duration::from_secs(2)).await {
-            Ok(())
-        } else {
-            Err(VmmError::Timeout(
-                timeout + Duration::from_secs(2),
-                format!("VMM pid {pid} to exit after SIGKILL"),
-            ))
-        }
+        sigkill_and_wait(pid, start_time, "VMM").await
     }
 
     fn kill(&self, handle: &VmmHandle, signal: Signal) -> Result<(), VmmError> {
@@ -519,45 +364,14 @@ impl Vmm for Firecracker {
     }
 
     fn find(&self, handle: &VmmHandle) -> Option<u32> {
-        if let Some(pid) = handle.pid {
-            let ours = match handle.start_time {
-                Some(st) => proc::is_alive(pid, Some(st)),
-                // No start time recorded: only trust the pid if it serves this socket.
-                None => proc::find_by_arg(handle.api_socket.as_os_str()).contains(&pid),
-            };
-            if ours {
-                return Some(pid);
-            }
-        }
-        proc::find_by_arg(handle.api_socket.as_os_str())
-            .first()
-            .copied()
+        find_process(handle.pid, handle.start_time, handle.api_socket.as_os_str())
     }
 
     fn cleanup(&self, handle: &VmmHandle) {
-        for p in [&handle.api_socket, &handle.vsock_socket] {
-            if let Err(e) = remove_if_exists(p) {
-                tracing::warn!(path = %p.display(), error = %e, "cannot remove VMM socket");
-            }
+        if let Err(e) = remove_if_exists(&handle.api_socket) {
+            tracing::warn!(path = %handle.api_socket.display(), error = %e, "cannot remove VMM socket");
         }
-        // Listeners for guest-initiated vsock connections: `<vsock.sock>_<port>`.
-        let (Some(dir), Some(base)) = (
-            handle.vsock_socket.parent(),
-            handle.vsock_socket.file_name(),
-        ) else {
-            return;
-        };
-        let prefix = format!("{}_", base.to_string_lossy());
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
-                if let Err(err) = remove_if_exists(&e.path()) {
-                    tracing::warn!(path = %e.path().display(), error = %err, "cannot remove vsock listener socket");
-                }
-            }
-        }
+        remove_vsock_sockets(&handle.vsock_socket);
     }
 
     /// The binary must be an executable file. `/dev/kvm` is left to [`Vmm::doctor`] and to
@@ -667,17 +481,5 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("firecracker_bin"), "{e}");
         Firecracker::new("/bin/sh").preflight().unwrap();
-    }
-
-    #[test]
-    fn tail_keeps_the_last_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("log");
-        let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(&p, text).unwrap();
-        let tail = log_tail(&p);
-        assert_eq!(tail.lines().count(), LOG_TAIL_LINES);
-        assert!(tail.ends_with("line 99"));
-        assert_eq!(log_tail(&dir.path().join("missing")), "");
     }
 }

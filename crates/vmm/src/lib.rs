@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use wick_model::api::Check;
 use wick_model::VmmHandle;
 
+mod common;
 pub mod firecracker;
+pub mod qemu;
 
 /// Everything a driver needs to boot one VM.
 #[derive(Debug, Clone)]
@@ -61,7 +63,7 @@ pub enum VmmError {
     Other(String),
 }
 
-/// A VMM driver (Firecracker; QEMU later).
+/// A VMM driver (Firecracker, QEMU).
 #[async_trait]
 pub trait Vmm: Send + Sync {
     /// Driver name as stored in VM specs (`firecracker`).
@@ -71,12 +73,21 @@ pub trait Vmm: Send + Sync {
     /// the result before [`Vmm::spawn`].
     fn plan(&self, vm_dir: &Path) -> VmmHandle;
 
-    /// Unlinks stale sockets and spawns the VMM process in its own process group, its
-    /// stdout/stderr appended to `handle.log_path`. Returns once the API socket accepts
-    /// connections (bounded by `timeout`).
-    async fn spawn(&self, handle: &VmmHandle, timeout: Duration) -> Result<Spawned, VmmError>;
+    /// Unlinks stale sockets and spawns the VMM process (and its sidecars) in its own process
+    /// group, its stdout/stderr appended to `handle.log_path`. Returns once the API socket accepts
+    /// connections (bounded by `timeout`). The guest does not run yet.
+    ///
+    /// `cfg` is the same configuration [`Vmm::boot`] gets next: a driver whose VMM takes the
+    /// machine on its command line (QEMU) needs it here; an API-configured one (Firecracker)
+    /// ignores it.
+    async fn spawn(
+        &self,
+        handle: &VmmHandle,
+        cfg: &VmmConfig,
+        timeout: Duration,
+    ) -> Result<Spawned, VmmError>;
 
-    /// Configures the guest through the API and starts it.
+    /// Configures the guest (through the API, when not done at spawn) and starts it.
     async fn boot(
         &self,
         handle: &VmmHandle,
@@ -100,6 +111,13 @@ pub trait Vmm: Send + Sync {
 
     /// Read-only host checks for `wick doctor`.
     fn doctor(&self) -> Vec<Check>;
+
+    /// A fatal guest failure the VMM reported without exiting (QEMU stays alive, paused, after
+    /// `KVM internal error`), as a message for the user; `None` when nothing is known to be
+    /// wrong. Callers waiting for the guest (e.g. for its agent) poll this to fail fast.
+    fn guest_failure(&self, _handle: &VmmHandle) -> Option<String> {
+        None
+    }
 
     /// Cheap check before a start: is the VMM usable at all (binary present, …)? The error
     /// says what to install or configure.

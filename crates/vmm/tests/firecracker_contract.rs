@@ -122,7 +122,10 @@ impl Vm {
     }
 
     async fn spawn(&mut self) -> Result<(), VmmError> {
-        let s = self.fc.spawn(&self.handle, SPAWN_TIMEOUT).await?;
+        let s = self
+            .fc
+            .spawn(&self.handle, &self.config(), SPAWN_TIMEOUT)
+            .await?;
         self.handle.pid = Some(s.pid);
         self.handle.start_time = Some(s.start_time);
         self.child = s.child;

@@ -1,0 +1,256 @@
+//! The command lines of QEMU (`-M microvm`, virtio-mmio devices like Firecracker's) and of its
+//! `vhost-device-vsock` sidecar. Pure functions of the handle and the VM config, so they are
+//! tested as goldens.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
+
+use wick_model::VmmHandle;
+
+use super::Engine;
+use crate::VmmConfig;
+
+/// A value inside a QEMU `key=value,…` option: commas are doubled.
+fn opt_value(v: &OsStr) -> OsString {
+    let mut out = Vec::with_capacity(v.len());
+    for b in v.as_bytes() {
+        out.push(*b);
+        if *b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+/// `prefix` + escaped `path` + `suffix`, as one argument.
+pub(crate) fn opt(prefix: &str, path: &Path, suffix: &str) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(opt_value(path.as_os_str()));
+    s.push(suffix);
+    s
+}
+
+/// The `-qmp` argument for `socket`. It is a whole argument on QEMU's command line, so the
+/// driver finds QEMU by scanning `/proc` for exactly this string.
+pub(crate) fn qmp_arg(socket: &Path) -> OsString {
+    opt("unix:", socket, ",server=on,wait=off")
+}
+
+/// Marker written to the log before each start; console failures are only looked for after the
+/// last one.
+pub(crate) const START_MARKER: &str = "=== wick: starting qemu";
+
+/// QEMU's arguments (without the binary). The machine starts paused (`-S`); `boot` resumes it
+/// over QMP. `vhost_socket` is the sidecar's vhost-user socket.
+pub(crate) fn qemu_args(
+    handle: &VmmHandle,
+    cfg: &VmmConfig,
+    engine: Engine,
+    vhost_socket: &Path,
+) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&dyn AsRef<OsStr>]| {
+        for i in items {
+            a.push(i.as_ref().to_owned());
+        }
+    };
+    let mem = cfg.memory_mib;
+    push(&[&"-M", &"microvm,memory-backend=mem"]);
+    match engine {
+        Engine::Kvm => push(&[&"-accel", &"kvm", &"-cpu", &"host"]),
+        Engine::Tcg => push(&[&"-accel", &"tcg", &"-cpu", &"max"]),
+    }
+    push(&[
+        &"-smp",
+        &cfg.vcpu.to_string(),
+        &"-m",
+        &mem.to_string(),
+        &"-object",
+        &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        &"-nodefaults",
+        &"-no-user-config",
+        &"-display",
+        &"none",
+        &"-no-reboot",
+        &"-S",
+        // The serial console goes to the VMM log, after QEMU's own stderr lines.
+        &"-chardev",
+        &opt("file,id=con,append=on,path=", &handle.log_path, ""),
+        &"-serial",
+        &"chardev:con",
+        &"-kernel",
+        &cfg.kernel,
+    ]);
+    if let Some(initrd) = &cfg.initrd {
+        push(&[&"-initrd", initrd]);
+    }
+    push(&[&"-append", &cfg.boot_args]);
+    let disks = std::iter::once(("root".to_string(), &cfg.root_disk)).chain(
+        cfg.extra_disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("disk{}", i + 1), d)),
+    );
+    for (id, disk) in disks {
+        push(&[
+            &"-drive",
+            &opt(&format!("id={id},format=raw,if=none,file="), disk, ""),
+            &"-device",
+            &format!("virtio-blk-device,drive={id}"),
+        ]);
+    }
+    if let Some(tap) = &cfg.tap {
+        let mut dev = "virtio-net-device,netdev=n0".to_string();
+        if let Some(mac) = &cfg.guest_mac {
+            dev.push_str(",mac=");
+            dev.push_str(mac);
+        }
+        push(&[
+            &"-netdev",
+            &opt(
+                "tap,id=n0,script=no,downscript=no,ifname=",
+                Path::new(tap),
+                "",
+            ),
+            &"-device",
+            &dev,
+        ]);
+    }
+    push(&[
+        &"-chardev",
+        &opt("socket,id=vsk,path=", vhost_socket, ""),
+        &"-device",
+        &"vhost-user-vsock-device,chardev=vsk",
+        &"-qmp",
+        &qmp_arg(&handle.api_socket),
+    ]);
+    a
+}
+
+/// `vhost-device-vsock`'s arguments: it serves the vhost-user socket `vhost_socket` (QEMU
+/// connects to it) and the hybrid vsock UDS `uds` (Firecracker's `CONNECT <port>` protocol).
+/// `vhost_socket` is a whole argument, so the sidecar is found by scanning `/proc` for it.
+pub(crate) fn sidecar_args(vhost_socket: &Path, uds: &Path, guest_cid: u32) -> Vec<OsString> {
+    vec![
+        "--guest-cid".into(),
+        guest_cid.to_string().into(),
+        "--socket".into(),
+        vhost_socket.into(),
+        "--uds-path".into(),
+        uds.into(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn handle() -> VmmHandle {
+        VmmHandle {
+            driver: "qemu".into(),
+            api_socket: "/s/vms/ab/qmp.sock".into(),
+            vsock_socket: "/s/vms/ab/vsock.sock".into(),
+            log_path: "/s/vms/ab/vmm.log".into(),
+            pid: None,
+            start_time: None,
+            sidecars: Vec::new(),
+        }
+    }
+
+    fn config() -> VmmConfig {
+        VmmConfig {
+            vm_id: "ab".into(),
+            vcpu: 2,
+            memory_mib: 1024,
+            kernel: "/k/vmlinuz".into(),
+            initrd: Some("/k/initrd.img".into()),
+            boot_args: "console=ttyS0 reboot=k panic=-1 root=/dev/vda".into(),
+            root_disk: "/s/vms/ab/root,1.ext4".into(),
+            extra_disks: vec![PathBuf::from("/s/vms/ab/work.ext4")],
+            guest_cid: 7,
+            tap: Some("wk-ab".into()),
+            guest_mac: Some("06:00:ac:1e:00:02".into()),
+        }
+    }
+
+    fn joined(args: &[OsString]) -> String {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn golden_full_tcg() {
+        let args = qemu_args(
+            &handle(),
+            &config(),
+            Engine::Tcg,
+            Path::new("/s/vms/ab/vhu.sock"),
+        );
+        assert_eq!(
+            joined(&args),
+            "-M microvm,memory-backend=mem -accel tcg -cpu max -smp 2 -m 1024 \
+             -object memory-backend-memfd,id=mem,size=1024M,share=on \
+             -nodefaults -no-user-config -display none -no-reboot -S \
+             -chardev file,id=con,append=on,path=/s/vms/ab/vmm.log -serial chardev:con \
+             -kernel /k/vmlinuz -initrd /k/initrd.img \
+             -append console=ttyS0 reboot=k panic=-1 root=/dev/vda \
+             -drive id=root,format=raw,if=none,file=/s/vms/ab/root,,1.ext4 \
+             -device virtio-blk-device,drive=root \
+             -drive id=disk1,format=raw,if=none,file=/s/vms/ab/work.ext4 \
+             -device virtio-blk-device,drive=disk1 \
+             -netdev tap,id=n0,script=no,downscript=no,ifname=wk-ab \
+             -device virtio-net-device,netdev=n0,mac=06:00:ac:1e:00:02 \
+             -chardev socket,id=vsk,path=/s/vms/ab/vhu.sock \
+             -device vhost-user-vsock-device,chardev=vsk \
+             -qmp unix:/s/vms/ab/qmp.sock,server=on,wait=off"
+        );
+    }
+
+    #[test]
+    fn golden_minimal_kvm() {
+        let mut cfg = config();
+        cfg.initrd = None;
+        cfg.extra_disks.clear();
+        cfg.tap = None;
+        cfg.vcpu = 1;
+        cfg.memory_mib = 256;
+        let args = qemu_args(&handle(), &cfg, Engine::Kvm, Path::new("/v.sock"));
+        assert_eq!(
+            joined(&args),
+            "-M microvm,memory-backend=mem -accel kvm -cpu host -smp 1 -m 256 \
+             -object memory-backend-memfd,id=mem,size=256M,share=on \
+             -nodefaults -no-user-config -display none -no-reboot -S \
+             -chardev file,id=con,append=on,path=/s/vms/ab/vmm.log -serial chardev:con \
+             -kernel /k/vmlinuz -append console=ttyS0 reboot=k panic=-1 root=/dev/vda \
+             -drive id=root,format=raw,if=none,file=/s/vms/ab/root,,1.ext4 \
+             -device virtio-blk-device,drive=root \
+             -chardev socket,id=vsk,path=/v.sock -device vhost-user-vsock-device,chardev=vsk \
+             -qmp unix:/s/vms/ab/qmp.sock,server=on,wait=off"
+        );
+    }
+
+    #[test]
+    fn the_qmp_argument_is_whole_and_findable() {
+        let h = handle();
+        let args = qemu_args(&h, &config(), Engine::Tcg, Path::new("/v"));
+        assert!(args.contains(&qmp_arg(&h.api_socket)));
+        assert_eq!(
+            qmp_arg(Path::new("/a,b/qmp.sock")),
+            OsString::from("unix:/a,,b/qmp.sock,server=on,wait=off")
+        );
+    }
+
+    #[test]
+    fn golden_sidecar() {
+        let args = sidecar_args(Path::new("/d/vhu.sock"), Path::new("/d/vsock.sock"), 9);
+        assert_eq!(
+            joined(&args),
+            "--guest-cid 9 --socket /d/vhu.sock --uds-path /d/vsock.sock"
+        );
+    }
+}

@@ -1,0 +1,694 @@
+//! Tests of the QEMU driver.
+//!
+//! - QMP handling and the stop/cleanup logic against a **fake QMP server** (in this file) and
+//!   stand-in processes (`sleep` carrying the socket arguments): always run.
+//! - The real thing: QEMU under TCG boots Debian's cloud kernel (from the test cache) with the
+//!   `vhost-device-vsock` sidecar. Skipped, with the reason on stderr, when QEMU, the sidecar or
+//!   the kernel is unavailable. Without an initramfs that kernel cannot mount a virtio root, which
+//!   is fine here: the driver's job ends at "the kernel runs".
+
+mod qemu_support;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use wick_host::proc;
+use wick_model::VmmHandle;
+use wick_vmm::qemu::qmp::Qmp;
+use wick_vmm::qemu::{Accel, Engine, Qemu, QemuOptions};
+use wick_vmm::{Vmm, VmmConfig, VmmError};
+
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(20);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn skip(test: &str, why: &str) {
+    let _ = writeln!(std::io::stderr(), "{test}: SKIPPED: {why}");
+}
+
+// ------------------------------------------------------------------ fake QMP server
+
+/// A fake QMP server: greets, requires `qmp_capabilities` first, answers a few commands with the
+/// request's `id`, emits an event before every answer, and records what it was asked.
+struct FakeQmp {
+    asked: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeQmp {
+    /// `on_command` may act on a command (e.g. end a stand-in process) and return the answer,
+    /// or `None` for the default answer.
+    fn start(
+        socket: &Path,
+        status: &'static str,
+        on_command: impl Fn(&str) -> Option<Value> + Send + Sync + 'static,
+    ) -> FakeQmp {
+        let listener = UnixListener::bind(socket).unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
+        let on_command = Arc::new(on_command);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let log = log.clone();
+                let on_command = on_command.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    let greeting = json!({"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2}}, "capabilities": ["oob"]}});
+                    let _ = w.write_all(format!("{greeting}\r\n").as_bytes()).await;
+                    let mut negotiated = false;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let req: Value = serde_json::from_str(&line).unwrap();
+                        let cmd = req["execute"].as_str().unwrap_or("").to_string();
+                        log.lock().unwrap().push(cmd.clone());
+                        let id = req.get("id").cloned().unwrap_or(Value::Null);
+                        let answer = if !negotiated && cmd != "qmp_capabilities" {
+                            json!({"error": {"class": "CommandNotFound", "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}, "id": id})
+                        } else if let Some(a) = on_command(&cmd) {
+                            let mut a = a;
+                            a["id"] = id;
+                            a
+                        } else {
+                            match cmd.as_str() {
+                                "qmp_capabilities" => {
+                                    negotiated = true;
+                                    json!({"return": {}, "id": id})
+                                }
+                                "query-status" => {
+                                    json!({"return": {"status": status, "running": status == "running"}, "id": id})
+                                }
+                                "cont" | "system_powerdown" | "quit" => {
+                                    json!({"return": {}, "id": id})
+                                }
+                                other => {
+                                    json!({"error": {"class": "CommandNotFound", "desc": format!("The command {other} has not been found")}, "id": id})
+                                }
+                            }
+                        };
+                        // An event first, and a stray answer to someone else's id: the client
+                        // must skip both.
+                        let ev = json!({"event": "FAKE_TICK", "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}});
+                        let stray = json!({"return": {"status": "bogus"}, "id": "not-yours"});
+                        let _ = w
+                            .write_all(format!("{ev}\r\n{stray}\r\n{answer}\r\n").as_bytes())
+                            .await;
+                        if cmd == "quit" {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        FakeQmp { asked, task }
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeQmp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn qmp_client_against_the_fake() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let fake = FakeQmp::start(&sock, "prelaunch", |_| None);
+
+    let mut q = Qmp::connect(&sock, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(q.greeting()["QMP"]["version"]["qemu"]["major"], 10);
+    assert_eq!(q.status().await.unwrap(), "prelaunch");
+    assert_eq!(q.execute("cont", None).await.unwrap(), json!({}));
+    let err = q.execute("no-such-command", None).await.unwrap_err();
+    match &err {
+        VmmError::Api { call, message } => {
+            assert_eq!(call, "QMP no-such-command");
+            assert!(message.starts_with("CommandNotFound:"), "{message}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Events were set aside, not taken for answers.
+    assert!(q.events().len() >= 3);
+    assert!(q.events().iter().all(|e| e["event"] == "FAKE_TICK"));
+    assert_eq!(
+        fake.asked(),
+        [
+            "qmp_capabilities",
+            "query-status",
+            "cont",
+            "no-such-command"
+        ]
+    );
+
+    // The driver's one-shot helpers.
+    let qemu = Qemu::new(QemuOptions::default());
+    let h = qemu.plan(dir.path());
+    assert_eq!(
+        qemu.status(&h, Duration::from_secs(5)).await.unwrap(),
+        "prelaunch"
+    );
+    assert_eq!(
+        qemu.qmp(&h, "quit", None, Duration::from_secs(5))
+            .await
+            .unwrap(),
+        json!({})
+    );
+}
+
+#[tokio::test]
+async fn qmp_client_reports_a_silent_or_wrong_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nobody listening.
+    let err = Qmp::connect(&dir.path().join("none.sock"), Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+
+    // A peer that never greets: bounded by the timeout.
+    let silent = dir.path().join("silent.sock");
+    let l = UnixListener::bind(&silent).unwrap();
+    let hold = tokio::spawn(async move {
+        let _s = l.accept().await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let t = Instant::now();
+    let err = Qmp::connect(&silent, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, VmmError::Timeout(..)), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    hold.abort();
+
+    // A peer that is not QMP.
+    let http = dir.path().join("http.sock");
+    let l = UnixListener::bind(&http).unwrap();
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = l.accept().await {
+            let _ = s.write_all(b"{\"hello\": 1}\n").await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+    let err = Qmp::connect(&http, Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("QMP greeting"), "{err}");
+}
+
+/// A stand-in process whose command line carries `args` (as QEMU's and the sidecar's do), so
+/// the driver finds it by scanning `/proc`.
+fn stand_in(args: &[OsString]) -> std::process::Child {
+    std::process::Command::new("sh")
+        .arg("-c")
+        // The shell itself keeps `args` on its command line (an `exec` would drop them).
+        .arg("while :; do sleep 0.2; done")
+        .args(args)
+        .spawn()
+        .unwrap()
+}
+
+fn qmp_arg(socket: &Path) -> OsString {
+    format!("unix:{},server=on,wait=off", socket.display()).into()
+}
+
+/// Stop against the fake: the guest "ignores" the power button (status running, process stays),
+/// so the driver falls back to `quit`, on which the stand-in QEMU exits; then the stand-in
+/// sidecar is killed. Cleanup removes every socket.
+#[tokio::test]
+async fn stop_tries_powerdown_then_quit_then_kills_the_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = Qemu::new(QemuOptions::default());
+    let mut h = qemu.plan(dir.path());
+
+    let mut fake_qemu = stand_in(&[qmp_arg(&h.api_socket)]);
+    let qemu_pid = fake_qemu.id();
+    let mut fake_sidecar = stand_in(&["--socket".into(), h.sidecars[0].socket.clone().into()]);
+    let sidecar_pid = fake_sidecar.id();
+    std::fs::write(&h.sidecars[0].socket, b"").unwrap();
+    std::fs::write(&h.vsock_socket, b"").unwrap();
+    std::fs::write(dir.path().join("vsock.sock_52"), b"").unwrap();
+
+    let quitter = Arc::new(Mutex::new(Some(qemu_pid)));
+    let q2 = quitter.clone();
+    let fake = FakeQmp::start(&h.api_socket, "running", move |cmd| {
+        if cmd == "quit" {
+            if let Some(pid) = q2.lock().unwrap().take() {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGTERM);
+            }
+        }
+        None
+    });
+    // Found by the /proc scan (nothing recorded), then by the recorded pid.
+    assert_eq!(qemu.find(&h), Some(qemu_pid));
+    h.pid = Some(qemu_pid);
+    h.start_time = proc::start_time(qemu_pid);
+    assert_eq!(qemu.find(&h), Some(qemu_pid));
+
+    // Reap the stand-ins as they die, so they do not linger as zombies.
+    let reaper = std::thread::spawn(move || {
+        let _ = fake_qemu.wait();
+        let _ = fake_sidecar.wait();
+    });
+    qemu.stop(&h, Duration::from_millis(300)).await.unwrap();
+    reaper.join().unwrap();
+    let asked = fake.asked();
+    let pd = asked.iter().position(|c| c == "system_powerdown").unwrap();
+    let quit = asked.iter().position(|c| c == "quit").unwrap();
+    assert!(pd < quit, "{asked:?}");
+    assert!(!proc::is_alive(qemu_pid, None));
+    assert!(!proc::is_alive(sidecar_pid, None));
+    assert_eq!(qemu.find(&h), None);
+    // Idempotent.
+    qemu.stop(&h, Duration::from_millis(100)).await.unwrap();
+
+    drop(fake);
+    qemu.cleanup(&h);
+    qemu.cleanup(&h);
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// A stand-in that ignores QMP entirely (no socket) is SIGKILLed; a recorded pid with the wrong
+/// start time is not trusted.
+#[tokio::test]
+async fn stop_kills_what_does_not_answer_and_trusts_no_reused_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = Qemu::new(QemuOptions::default());
+    let mut h = qemu.plan(dir.path());
+    let mut fake_qemu = stand_in(&[qmp_arg(&h.api_socket)]);
+    let pid = fake_qemu.id();
+    h.pid = Some(pid);
+    h.start_time = Some(proc::start_time(pid).unwrap() + 1); // a different process's
+                                                             // The recorded identity is wrong, but the scan still finds the process serving the socket.
+    assert_eq!(qemu.find(&h), Some(pid));
+    let reaper = std::thread::spawn(move || fake_qemu.wait());
+    qemu.stop(&h, Duration::from_millis(100)).await.unwrap();
+    reaper.join().unwrap().unwrap();
+    assert_eq!(qemu.find(&h), None);
+}
+
+// ------------------------------------------------------------------ real QEMU
+
+/// Everything a real-QEMU test needs, or the reason to skip.
+fn real_setup(test: &str) -> Option<PathBuf> {
+    if let Some(why) = qemu_support::qemu_unavailable() {
+        skip(test, &why);
+        return None;
+    }
+    match qemu_support::debian_kernel() {
+        Ok(k) => Some(k),
+        Err(why) => {
+            skip(test, &why);
+            None
+        }
+    }
+}
+
+/// One real VM under test. Dropping it kills whatever is left (by the handle).
+struct RealVm {
+    qemu: Qemu,
+    handle: VmmHandle,
+    cfg: VmmConfig,
+    child: Option<tokio::process::Child>,
+    _dir: TempDir,
+}
+
+impl RealVm {
+    fn new(kernel: &Path, opts: QemuOptions) -> RealVm {
+        let dir = tempfile::tempdir().unwrap();
+        let vm_dir = dir.path().join("vm");
+        std::fs::create_dir(&vm_dir).unwrap();
+        let root = dir.path().join("root.ext4");
+        std::fs::File::create(&root)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let qemu = Qemu::new(opts);
+        let handle = qemu.plan(&vm_dir);
+        let cfg = VmmConfig {
+            vm_id: "qemutest".into(),
+            vcpu: 2,
+            memory_mib: 512,
+            kernel: kernel.to_path_buf(),
+            initrd: None,
+            boot_args: "console=ttyS0 reboot=k panic=-1 root=/dev/vda".into(),
+            root_disk: root,
+            extra_disks: Vec::new(),
+            guest_cid: 42,
+            tap: None,
+            guest_mac: None,
+        };
+        RealVm {
+            qemu,
+            handle,
+            cfg,
+            child: None,
+            _dir: dir,
+        }
+    }
+
+    fn tcg(kernel: &Path) -> RealVm {
+        RealVm::new(
+            kernel,
+            QemuOptions {
+                accel: Accel::Tcg,
+                ..QemuOptions::default()
+            },
+        )
+    }
+
+    async fn spawn(&mut self) -> Result<Duration, VmmError> {
+        let t = Instant::now();
+        let s = self
+            .qemu
+            .spawn(&self.handle, &self.cfg, SPAWN_TIMEOUT)
+            .await?;
+        let took = t.elapsed();
+        self.handle.pid = Some(s.pid);
+        self.handle.start_time = Some(s.start_time);
+        self.handle.sidecars = s.sidecars;
+        self.child = s.child;
+        Ok(took)
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.handle.log_path).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the console shows `what`.
+    async fn wait_console(&self, what: &str, timeout: Duration) -> Option<Duration> {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if self.console().contains(what) {
+                return Some(t.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    fn sidecar_pid(&self) -> u32 {
+        self.handle.sidecars[0].pid.unwrap()
+    }
+
+    fn sockets_left(&self) -> Vec<String> {
+        let dir = self.handle.api_socket.parent().unwrap();
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".sock"))
+            .collect()
+    }
+}
+
+impl Drop for RealVm {
+    fn drop(&mut self) {
+        if let Some(pid) = self.qemu.find(&self.handle) {
+            let _ = proc::signal(pid, proc::start_time(pid), Signal::SIGKILL);
+        }
+        self.qemu.cleanup(&self.handle);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_boot_console_vsock_stop_cleanup() {
+    let Some(kernel) = real_setup("real_boot_console_vsock_stop_cleanup") else {
+        return;
+    };
+    let mut vm = RealVm::tcg(&kernel);
+    let ready = vm.spawn().await.expect("spawn");
+    let pid = vm.handle.pid.unwrap();
+    assert!(proc::is_alive(pid, vm.handle.start_time));
+    assert!(proc::is_alive(
+        vm.sidecar_pid(),
+        vm.handle.sidecars[0].start_time
+    ));
+    assert!(
+        vm.handle.vsock_socket.exists(),
+        "the sidecar serves vsock.sock"
+    );
+    assert_eq!(
+        vm.handle.sidecars[0].socket,
+        vm.handle.api_socket.with_file_name("vhu.sock")
+    );
+    // Paused until boot.
+    assert_eq!(
+        vm.qemu
+            .status(&vm.handle, Duration::from_secs(5))
+            .await
+            .unwrap(),
+        "prelaunch"
+    );
+
+    let t = Instant::now();
+    vm.qemu
+        .boot(&vm.handle, &vm.cfg, BOOT_TIMEOUT)
+        .await
+        .expect("boot");
+    let running = t.elapsed();
+    assert_eq!(
+        vm.qemu
+            .status(&vm.handle, Duration::from_secs(5))
+            .await
+            .unwrap(),
+        "running"
+    );
+    let linux = vm
+        .wait_console("Linux version", Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| panic!("no 'Linux version' on the console:\n{}", vm.console()));
+    assert!(vm.qemu.guest_failure(&vm.handle).is_none());
+    eprintln!(
+        "qemu tcg: spawn->QMP ready {ready:?}, cont->running {running:?}, boot->'Linux version' {:?}",
+        running + linux
+    );
+
+    // Without an initramfs the kernel panics at the root mount (panic=-1, -no-reboot): QEMU may
+    // be gone already by the time we stop; either way nothing may be left.
+    vm.qemu
+        .stop(&vm.handle, Duration::from_secs(3))
+        .await
+        .expect("stop");
+    if let Some(mut c) = vm.child.take() {
+        let _ = c.wait().await;
+    }
+    assert_eq!(vm.qemu.find(&vm.handle), None);
+    assert!(!proc::is_alive(
+        vm.sidecar_pid(),
+        vm.handle.sidecars[0].start_time
+    ));
+    vm.qemu.cleanup(&vm.handle);
+    assert_eq!(vm.sockets_left(), Vec::<String>::new());
+    vm.qemu
+        .stop(&vm.handle, Duration::from_secs(1))
+        .await
+        .unwrap();
+    vm.qemu.cleanup(&vm.handle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_sigterm_and_find_by_scan() {
+    let Some(kernel) = real_setup("real_sigterm_and_find_by_scan") else {
+        return;
+    };
+    let mut vm = RealVm::tcg(&kernel);
+    // A long-lived guest: no panic at the root mount (it waits for the root device).
+    vm.cfg.boot_args = "console=ttyS0 root=/dev/vdz rootwait".into();
+    vm.spawn().await.expect("spawn");
+    vm.qemu
+        .boot(&vm.handle, &vm.cfg, BOOT_TIMEOUT)
+        .await
+        .expect("boot");
+    let pid = vm.handle.pid.unwrap();
+
+    // A wrong recorded pid (a daemon that lost track): found by the /proc scan.
+    let mut wrong = vm.handle.clone();
+    wrong.pid = Some(1);
+    wrong.start_time = Some(12345);
+    assert_eq!(vm.qemu.find(&wrong), Some(pid));
+    wrong.pid = None;
+    wrong.start_time = None;
+    assert_eq!(vm.qemu.find(&wrong), Some(pid));
+
+    vm.qemu.kill(&vm.handle, Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), vm.child.as_mut().unwrap().wait())
+        .await
+        .expect("QEMU exits on SIGTERM")
+        .unwrap();
+    eprintln!("qemu after SIGTERM: {status}");
+    assert_eq!(vm.qemu.find(&vm.handle), None);
+    // The sidecar survives QEMU; cleanup reaps it.
+    vm.qemu.cleanup(&vm.handle);
+    assert!(!proc::is_alive(
+        vm.sidecar_pid(),
+        vm.handle.sidecars[0].start_time
+    ));
+    assert_eq!(vm.sockets_left(), Vec::<String>::new());
+}
+
+/// A daemon crash: QEMU SIGKILLed, the pids never recorded. Cleanup from the planned handle
+/// alone still finds and reaps the sidecar by its socket argument.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_crash_then_cleanup_from_the_plan_alone() {
+    let Some(kernel) = real_setup("real_crash_then_cleanup_from_the_plan_alone") else {
+        return;
+    };
+    let mut vm = RealVm::tcg(&kernel);
+    vm.cfg.boot_args = "console=ttyS0 root=/dev/vdz rootwait".into();
+    vm.spawn().await.expect("spawn");
+    let sidecar = vm.sidecar_pid();
+    let sidecar_st = vm.handle.sidecars[0].start_time;
+    let pid = vm.handle.pid.unwrap();
+    proc::signal(pid, vm.handle.start_time, Signal::SIGKILL).unwrap();
+    let _ = vm.child.as_mut().unwrap().wait().await;
+
+    let planned = vm.qemu.plan(vm.handle.api_socket.parent().unwrap());
+    assert_eq!(vm.qemu.find(&planned), None);
+    assert!(
+        proc::is_alive(sidecar, sidecar_st),
+        "the sidecar outlives QEMU"
+    );
+    vm.qemu
+        .stop(&planned, Duration::from_secs(1))
+        .await
+        .unwrap();
+    vm.qemu.cleanup(&planned);
+    assert!(!proc::is_alive(sidecar, sidecar_st));
+    assert_eq!(vm.sockets_left(), Vec::<String>::new());
+}
+
+/// `accel = auto` measures: the verdict is cached (a second driver does not probe again), and
+/// a KVM verdict must actually boot. Under a KVM that cannot boot the guest, it ends on TCG and
+/// forcing `kvm` fails with the reason in the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_accel_auto_probes_once_and_tells_the_truth() {
+    let Some(kernel) = real_setup("real_accel_auto_probes_once_and_tells_the_truth") else {
+        return;
+    };
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = cache_dir.path().join("accel-probe.json");
+    let auto = || QemuOptions {
+        accel: Accel::Auto,
+        accel_cache: Some(cache.clone()),
+        ..QemuOptions::default()
+    };
+    let mut vm = RealVm::new(&kernel, auto());
+    vm.spawn().await.expect("spawn with accel auto");
+    let verdict = vm
+        .qemu
+        .cached_verdict()
+        .expect("a verdict after the first spawn");
+    eprintln!(
+        "accel auto: {} ({}), probe took {} ms",
+        verdict.engine, verdict.reason, verdict.probe_ms
+    );
+    let written = std::fs::read_to_string(&cache).unwrap();
+    assert!(written.contains(&verdict.reason));
+    vm.qemu
+        .boot(&vm.handle, &vm.cfg, BOOT_TIMEOUT)
+        .await
+        .expect("boot on the probed engine");
+    assert!(
+        vm.wait_console("Linux version", Duration::from_secs(60))
+            .await
+            .is_some(),
+        "the probed engine ({}) must boot the kernel:\n{}",
+        verdict.engine,
+        vm.console()
+    );
+    assert!(vm.qemu.guest_failure(&vm.handle).is_none());
+    vm.qemu
+        .stop(&vm.handle, Duration::from_secs(1))
+        .await
+        .unwrap();
+
+    // A second driver reads the cache instead of probing.
+    let second = Qemu::new(auto());
+    assert_eq!(second.cached_verdict(), Some(verdict.clone()));
+    let t = Instant::now();
+    assert_eq!(
+        second
+            .engine(&kernel, &cache_dir.path().join("unused.log"))
+            .await
+            .unwrap(),
+        verdict.engine
+    );
+    assert!(
+        !cache_dir.path().join("unused.log").exists(),
+        "no second probe"
+    );
+    eprintln!("accel auto from cache: {:?}", t.elapsed());
+
+    if verdict.engine == Engine::Tcg && Path::new("/dev/kvm").exists() {
+        // This host's KVM cannot run the guest: forcing it must fail, with QEMU's reason.
+        let mut forced = RealVm::new(
+            &kernel,
+            QemuOptions {
+                accel: Accel::Kvm,
+                ..QemuOptions::default()
+            },
+        );
+        let spawned = forced.spawn().await;
+        let err = match spawned {
+            Err(e) => e.to_string(),
+            Ok(_) => {
+                let booted = forced
+                    .qemu
+                    .boot(&forced.handle, &forced.cfg, BOOT_TIMEOUT)
+                    .await;
+                let t = Instant::now();
+                let mut failure = booted.err().map(|e| e.to_string());
+                while failure.is_none() && t.elapsed() < Duration::from_secs(60) {
+                    failure = forced.qemu.guest_failure(&forced.handle);
+                    if forced.qemu.find(&forced.handle).is_none() {
+                        failure = Some(format!("QEMU exited:\n{}", forced.console()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                failure.unwrap_or_else(|| "no failure seen within 60 s".into())
+            }
+        };
+        eprintln!("accel kvm forced on this host: {err}");
+        assert!(
+            err.contains("MSR") || err.contains("KVM") || err.contains("QEMU exited"),
+            "{err}"
+        );
+        forced
+            .qemu
+            .stop(&forced.handle, Duration::from_secs(1))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn spawn_failure_leaves_nothing_running() {
+    let Some(kernel) = real_setup("spawn_failure_leaves_nothing_running") else {
+        return;
+    };
+    let mut vm = RealVm::tcg(&kernel);
+    vm.cfg.root_disk = PathBuf::from("/nonexistent/root.ext4");
+    let err = vm.spawn().await.unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/root.ext4"), "{err}");
+    let planned = vm.qemu.plan(vm.handle.api_socket.parent().unwrap());
+    assert_eq!(vm.qemu.find(&planned), None);
+    assert!(proc::find_by_arg(planned.sidecars[0].socket.as_os_str()).is_empty());
+}
