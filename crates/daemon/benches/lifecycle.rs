@@ -31,6 +31,9 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Per-stage durations of the creates measured so far: (stage, ms).
+static STAGES: std::sync::Mutex<Vec<(String, u64)>> = std::sync::Mutex::new(Vec::new());
+
 /// Creates a VM through the API and follows its events; returns (wall, daemon-side op time).
 fn api_create(env: &WickdEnv, body: &str) -> (Duration, Duration) {
     let t = Instant::now();
@@ -45,6 +48,17 @@ fn api_create(env: &WickdEnv, body: &str) -> (Duration, Duration) {
         None,
     );
     let wall = t.elapsed();
+    let evs: Vec<Value> = events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.is_object())
+        .collect();
+    let mut stages = STAGES.lock().unwrap();
+    for w in evs.windows(2) {
+        let d = w[1]["elapsed_ms"].as_u64().unwrap() - w[0]["elapsed_ms"].as_u64().unwrap();
+        stages.push((w[0]["stage"].as_str().unwrap_or("?").to_string(), d));
+    }
+    drop(stages);
     let last = events
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -76,6 +90,7 @@ fn main() {
         wall.push(w);
         op.push(o);
     }
+    let stage_rows: Vec<(String, u64)> = std::mem::take(&mut *STAGES.lock().unwrap());
     // create → running, CLI
     let mut cli = Vec::new();
     for _ in 0..20 {
@@ -95,7 +110,7 @@ fn main() {
         .unwrap()
         .len();
     for _ in have..1000 {
-        api_create(&env, r#"{"no_start": true}"#);
+        api_create(&env, r#"{"no_start": true, "disk_size": "256M"}"#);
     }
     let mut api_list = Vec::new();
     for _ in 0..20 {
@@ -141,6 +156,20 @@ fn main() {
         &mut cli_list,
         "≤ 100 ms",
     );
+    let mut names: Vec<String> = Vec::new();
+    for (n, _) in &stage_rows {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    for n in names {
+        let mut v: Vec<Duration> = stage_rows
+            .iter()
+            .filter(|(s, _)| *s == n)
+            .map(|(_, ms)| Duration::from_millis(*ms))
+            .collect();
+        row(&format!("  create stage: {n}"), &mut v, "");
+    }
     println!(
         "{:<46} {:>12}",
         "wickd RSS idle",

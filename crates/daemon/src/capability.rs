@@ -5,7 +5,8 @@
 //! host resources) → `vmm_config` (amend the VMM config, e.g. attach a TAP) → VMM boots →
 //! `post_start`. Teardown (stop, kill, failed start, VMM exit, reconcile) calls `cleanup` in
 //! reverse order; delete then calls `on_delete`. `apply_config_change` runs on `vm set`,
-//! live if the VM runs. `sweep` runs once at daemon start, after reconcile.
+//! live if the VM runs. `sweep` runs once at daemon start, after reconcile, then `started`;
+//! `shutdown` when the daemon exits.
 //!
 //! **Durability rule**: `prepare_host` records a resource's identity in `cx.vm.runtime` and calls
 //! [`HookCtx::persist`] *before* creating it; `cleanup` derives everything from the runtime (plus
@@ -28,6 +29,11 @@ pub struct HookCtx<'a> {
 impl<'a> HookCtx<'a> {
     pub fn new(vm: &'a mut VmRecord, store: &'a Store) -> Self {
         HookCtx { vm, store }
+    }
+
+    /// The store, for capabilities that keep their own durable records (e.g. IP leases).
+    pub fn store(&self) -> &Store {
+        self.store
     }
 
     /// Writes the VM record (with its runtime) to the store. Call before creating a resource
@@ -87,4 +93,13 @@ pub trait Capability: Send + Sync {
     async fn sweep(&self, _vms: &[VmRecord]) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
+
+    /// At daemon start, after reconcile and sweep, before the API serves: start services
+    /// (e.g. the DNS server) for the settled `vms`.
+    async fn started(&self, _vms: &[VmRecord]) -> Result<()> {
+        Ok(())
+    }
+
+    /// At daemon shutdown (VMs keep running): stop services, revert host integrations.
+    async fn shutdown(&self) {}
 }

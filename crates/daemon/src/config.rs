@@ -41,6 +41,39 @@ pub struct Config {
     /// Group given read/write access to the API socket (mode 0660).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_group: Option<String>,
+    /// Give VMs a network (bridge, TAP, IP, DNS, optional NAT). Off only on hosts without
+    /// CAP_NET_ADMIN or for VMs that must have no NIC at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<bool>,
+    /// Bridge the VMs' TAPs hang off (default `wick0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge_name: Option<String>,
+    /// The bridge's address: the guests' gateway and DNS server (default `172.30.0.1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge_ip: Option<String>,
+    /// The guests' network (default `172.30.0.0/24`); must contain `bridge_ip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    /// Let VMs reach each other (bridge port isolation off). Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_vm_to_vm: Option<bool>,
+    /// NAT backend: `auto` (nft, else iptables, else iptables-legacy), `nft`, `iptables`,
+    /// `iptables-legacy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat_backend: Option<String>,
+    /// Port of the `.vm` DNS server on 127.0.0.1 (guests use port 53 on the bridge IP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_port: Option<u16>,
+    /// Upstream resolvers for names outside `.vm` (default: the host's resolv.conf).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_dns: Option<Vec<String>>,
+    /// Route `.vm` through systemd-resolved (`resolvectl`) when it runs (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_integration: Option<bool>,
+    /// Root disk backend: `auto` (reflink if the state dir can, else dm-snapshot where
+    /// device-mapper exists, else copy), `reflink`, `dm-snapshot`, `copy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_backend: Option<String>,
     #[serde(default)]
     pub vm_defaults: VmDefaults,
     /// Registered images by name.
@@ -70,6 +103,9 @@ pub struct ImageConfig {
     pub initrd: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_args: Option<String>,
+    /// ext4 image with the default `/root` contents, cloned into each VM's work disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_seed: Option<PathBuf>,
 }
 
 /// Kernel command line used when an image names none.
@@ -139,6 +175,21 @@ impl Config {
                 ));
             }
         }
+        if let Some(b) = &self.nat_backend {
+            if !["auto", "nft", "iptables", "iptables-legacy"].contains(&b.as_str()) {
+                return Err(format!(
+                    "nat_backend = {b:?}: use auto, nft, iptables or iptables-legacy"
+                ));
+            }
+        }
+        self.network_settings()?;
+        self.storage_choice()?;
+        if let Some(ups) = &self.upstream_dns {
+            for u in ups {
+                u.parse::<std::net::IpAddr>()
+                    .map_err(|_| format!("upstream_dns: {u:?} is not an IP address"))?;
+            }
+        }
         for name in self.images.keys() {
             wick_model::validate_name(name)
                 .map_err(|e| format!("images.{name}: image names follow VM name rules: {e}"))?;
@@ -158,6 +209,16 @@ impl Config {
             .as_deref()
             .and_then(|s| parse_duration(s).ok())
             .unwrap_or(Duration::from_secs(10))
+    }
+
+    /// The configured root disk backend choice.
+    pub fn storage_choice(&self) -> Result<wick_storage::BackendChoice, String> {
+        match &self.storage_backend {
+            None => Ok(wick_storage::BackendChoice::Auto),
+            Some(s) => s.parse().map_err(|_| {
+                format!("storage_backend = {s:?}: use auto, reflink, dm-snapshot or copy")
+            }),
+        }
     }
 
     pub fn default_image_name(&self) -> &str {
@@ -213,6 +274,66 @@ impl Config {
             memory_mib,
             disk_mib,
         }
+    }
+}
+
+/// The network settings, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSettings {
+    pub bridge_name: String,
+    /// `bridge_ip/prefix`, as the bridge carries it.
+    pub bridge_cidr: String,
+    pub bridge_ip: std::net::Ipv4Addr,
+    pub allow_vm_to_vm: bool,
+    pub nat_backend: String,
+    pub dns_port: u16,
+}
+
+impl Config {
+    /// Whether VMs get a network.
+    pub fn network_enabled(&self) -> bool {
+        self.network.unwrap_or(true)
+    }
+
+    /// Bridge, addresses and NAT backend with defaults applied.
+    pub fn network_settings(&self) -> Result<NetworkSettings, String> {
+        let bridge_name = self.bridge_name.clone().unwrap_or_else(|| "wick0".into());
+        if bridge_name.is_empty() || bridge_name.len() > 15 || bridge_name.starts_with("wk-") {
+            return Err(format!(
+                "bridge_name = {bridge_name:?}: use 1-15 characters, not starting with \"wk-\" (reserved for VM TAPs)"
+            ));
+        }
+        let ip_s = self
+            .bridge_ip
+            .clone()
+            .unwrap_or_else(|| "172.30.0.1".into());
+        let bridge_ip: std::net::Ipv4Addr = ip_s
+            .parse()
+            .map_err(|_| format!("bridge_ip = {ip_s:?} is not an IPv4 address"))?;
+        let cidr = self.cidr.clone().unwrap_or_else(|| "172.30.0.0/24".into());
+        let (net, prefix) = cidr
+            .split_once('/')
+            .ok_or_else(|| format!("cidr = {cidr:?}: use ADDRESS/PREFIX, e.g. 172.30.0.0/24"))?;
+        let net: std::net::Ipv4Addr = net
+            .parse()
+            .map_err(|_| format!("cidr = {cidr:?}: bad network address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| (8..=30).contains(p))
+            .ok_or_else(|| format!("cidr = {cidr:?}: prefix must be 8..=30"))?;
+        let mask = u32::MAX << (32 - prefix);
+        if u32::from(bridge_ip) & mask != u32::from(net) & mask {
+            return Err(format!("bridge_ip {bridge_ip} is outside cidr {cidr}"));
+        }
+        Ok(NetworkSettings {
+            bridge_name,
+            bridge_cidr: format!("{bridge_ip}/{prefix}"),
+            bridge_ip,
+            allow_vm_to_vm: self.allow_vm_to_vm.unwrap_or(false),
+            nat_backend: self.nat_backend.clone().unwrap_or_else(|| "auto".into()),
+            dns_port: self.dns_port.unwrap_or(10053),
+        })
     }
 }
 
@@ -354,6 +475,22 @@ mod tests {
         );
         assert_eq!(d.memory_mib.value, 1024);
         assert_eq!(d.disk_mib.value, 4096);
+    }
+
+    #[test]
+    fn network_settings() {
+        let n = Config::default().network_settings().unwrap();
+        assert_eq!(n.bridge_cidr, "172.30.0.1/24");
+        assert_eq!(n.bridge_name, "wick0");
+        assert!(parse("bridge_ip = \"10.0.0.1\"")
+            .unwrap_err()
+            .contains("outside cidr"));
+        assert!(parse("bridge_name = \"wk-x\"")
+            .unwrap_err()
+            .contains("reserved"));
+        assert!(parse("nat_backend = \"pf\"").unwrap_err().contains("pf"));
+        let c = parse("bridge_ip = \"10.9.0.1\"\ncidr = \"10.9.0.0/16\"").unwrap();
+        assert_eq!(c.network_settings().unwrap().bridge_cidr, "10.9.0.1/16");
     }
 
     #[test]

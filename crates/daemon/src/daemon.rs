@@ -5,7 +5,6 @@
 //! follows the durability rule: a host resource's identity is saved in the VM's runtime before the
 //! resource exists, and [`Daemon::release`] frees everything from that record alone.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +36,8 @@ pub struct Daemon {
     pub defaults: ResolvedDefaults,
     pub store: Store,
     pub vmm: Arc<dyn Vmm>,
+    /// Root disk backend for new VMs (existing VMs keep the one in their plan).
+    pub storage: Arc<dyn wick_storage::CowBackend>,
     pub ops: Ops,
     pub caps: Vec<Arc<dyn Capability>>,
     pub started: Instant,
@@ -74,6 +75,10 @@ impl Daemon {
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", paths.db().display()))?;
         let host = HostFacts::probe();
         let defaults = config.resolve_defaults(&host);
+        let choice = config.storage_choice().map_err(|e| anyhow::anyhow!(e))?;
+        let storage: Arc<dyn wick_storage::CowBackend> =
+            Arc::from(wick_storage::select(choice, &paths.state)?);
+        tracing::info!(backend = storage.name(), "root disk backend");
         Ok(Arc::new(Daemon {
             paths,
             config,
@@ -81,6 +86,7 @@ impl Daemon {
             defaults,
             store,
             vmm,
+            storage,
             ops: Ops::default(),
             caps,
             started: Instant::now(),
@@ -213,38 +219,38 @@ impl Daemon {
         mut vm: VmRecord,
         no_start: bool,
     ) -> Result<VmRecord> {
-        op.stage("prepare root disk");
+        op.stage("prepare disks");
         let image = self.config.images.get(&vm.spec.image).cloned();
         let res: Result<()> = async {
             let image = image.ok_or_else(|| Error::internal("image vanished from config"))?;
             let dir = vm.runtime.dir.clone();
-            let disk = dir.join("rootfs.ext4");
-            vm.runtime.root_disk = Some(disk.clone());
-            vm = self.store.save_vm(&vm)?;
-            let src = image.rootfs.clone();
-            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let plan = self
+                .storage
+                .plan(&vm.id, &dir, &image.rootfs)
+                .map_err(|e| Error::precondition(format!("image {} rootfs: {e}", vm.spec.image)))?;
+            let work = dir.join("work.ext4");
+            vm.runtime.root_disk = Some(plan.disk_path());
+            vm.runtime.root_disk_plan = Some(plan_json(&plan)?);
+            vm.runtime.work_disk = Some(work.clone());
+            vm = self.store.save_vm(&vm)?; // identities recorded before anything is made
+            let storage = self.storage.clone();
+            let size = vm.spec.disk_mib;
+            tokio::task::spawn_blocking(move || -> Result<()> {
                 std::fs::create_dir_all(&dir)?;
-                match std::fs::remove_file(&disk) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-                crate::disk::sparse_copy(&src, &disk).map(|_| ())
+                storage
+                    .create(&plan)
+                    .map_err(|e| Error::precondition(e.to_string()))?;
+                wick_storage::work_disk::create(&work, size, image.work_seed.as_deref())
+                    .map_err(|e| Error::precondition(e.to_string()))
             })
             .await
-            .map_err(|e| Error::internal(e.to_string()))?
-            .map_err(|e| {
-                Error::precondition(format!(
-                    "cannot clone image {} rootfs {}: {e}",
-                    vm.spec.image,
-                    image.rootfs.display()
-                ))
-            })?;
+            .map_err(|e| Error::internal(e.to_string()))??;
             op.check()
         }
         .await;
         if let Err(e) = res {
             // Nothing usable was made: remove the VM again, leaving no trace.
+            let _ = self.release_disks(&vm);
             let _ = std::fs::remove_dir_all(&vm.runtime.dir);
             let _ = self.store.delete_vm(&vm.id);
             self.ops.forget_vm(&vm.id);
@@ -341,12 +347,21 @@ impl Daemon {
     }
 
     async fn preflight(&self, vm: &VmRecord) -> Result<()> {
-        let disk = vm.runtime.root_disk.as_deref().unwrap_or(Path::new(""));
-        if !disk.exists() {
-            return Err(Error::precondition(format!(
-                "root disk {} of VM {} is missing; delete the VM and create it again",
-                disk.display(),
+        let plan = disk_plan(vm)?;
+        let disk = tokio::task::block_in_place(|| {
+            wick_storage::backend(plan.kind(), &self.paths.state).activate(&plan)
+        })
+        .map_err(|e| {
+            Error::precondition(format!(
+                "root disk of VM {} is not usable ({e}); delete the VM and create it again",
                 vm.name
+            ))
+        })?;
+        if vm.runtime.root_disk.as_deref() != Some(disk.path.as_path()) {
+            return Err(Error::internal(format!(
+                "root disk of VM {} moved to {}",
+                vm.name,
+                disk.path.display()
             )));
         }
         if !vm.spec.kernel.exists() {
@@ -372,20 +387,6 @@ impl Daemon {
             op.check()?;
         }
 
-        op.stage("spawn vmm");
-        let mut handle = self.vmm.plan(&vm.runtime.dir);
-        vm.runtime.vmm = Some(handle.clone());
-        *vm = self.store.save_vm(vm)?; // identity recorded before the process exists
-        let spawned = self.vmm.spawn(&handle, self.boot_timeout()).await?;
-        handle.pid = Some(spawned.pid);
-        handle.start_time = Some(spawned.start_time);
-        handle.sidecars = spawned.sidecars;
-        vm.runtime.vmm = Some(handle.clone());
-        *vm = self.store.save_vm(vm)?;
-        self.watch(vm.id.clone(), handle.clone(), spawned.child);
-        op.check()?;
-
-        op.stage("boot");
         let mut cfg = VmmConfig {
             vm_id: vm.id.clone(),
             vcpu: vm.spec.vcpu,
@@ -394,7 +395,13 @@ impl Daemon {
             initrd: vm.spec.initrd.clone(),
             boot_args: vm.spec.boot_args.clone(),
             root_disk: vm.runtime.root_disk.clone().unwrap_or_default(),
-            extra_disks: Vec::new(),
+            extra_disks: vm
+                .runtime
+                .work_disk
+                .iter()
+                .filter(|p| p.exists())
+                .cloned()
+                .collect(),
             guest_cid: vm.runtime.guest_cid,
             tap: vm.runtime.tap.clone(),
             guest_mac: None,
@@ -402,6 +409,21 @@ impl Daemon {
         for cap in &self.caps {
             cap.vmm_config(vm, &mut cfg);
         }
+        op.stage("spawn vmm");
+        let mut handle = self.vmm.plan(&vm.runtime.dir);
+        vm.runtime.vmm = Some(handle.clone());
+        *vm = self.store.save_vm(vm)?; // identity recorded before the process exists
+        let spawned = self.vmm.spawn(&handle, &cfg, self.boot_timeout()).await?;
+        handle.pid = Some(spawned.pid);
+        handle.start_time = Some(spawned.start_time);
+        handle.sidecars = spawned.sidecars;
+        vm.runtime.vmm = Some(handle.clone());
+        *vm = self.store.save_vm(vm)?;
+        self.watch(vm.id.clone(), handle.clone(), spawned.child);
+        crate::failpoint::hit("after-spawn");
+        op.check()?;
+
+        op.stage("boot");
         tokio::select! {
             r = self.vmm.boot(&handle, &cfg, self.boot_timeout()) => r?,
             _ = op.cancel.cancelled() => return Err(Error::cancelled()),
@@ -515,6 +537,7 @@ impl Daemon {
                 .await?;
         }
         op.stage("remove files");
+        self.release_disks(&vm)?;
         match std::fs::remove_dir_all(&vm.runtime.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -684,6 +707,34 @@ impl Daemon {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
+}
+
+impl Daemon {
+    /// Releases the VM's root disk (loops, dm device, files) from its recorded plan. Idempotent.
+    pub fn release_disks(&self, vm: &VmRecord) -> Result<()> {
+        let Some(_) = &vm.runtime.root_disk_plan else {
+            return Ok(());
+        };
+        let plan = disk_plan(vm)?;
+        wick_storage::release(&plan, &self.paths.state)
+            .map_err(|e| Error::internal(format!("releasing root disk of {}: {e}", vm.name)))
+    }
+}
+
+/// The VM's recorded root disk plan.
+pub fn disk_plan(vm: &VmRecord) -> Result<wick_storage::DiskPlan> {
+    let v = vm.runtime.root_disk_plan.clone().ok_or_else(|| {
+        Error::precondition(format!(
+            "VM {} has no root disk record; delete it and create it again",
+            vm.name
+        ))
+    })?;
+    serde_json::from_value(v)
+        .map_err(|e| Error::internal(format!("root disk record of {}: {e}", vm.name)))
+}
+
+fn plan_json(plan: &wick_storage::DiskPlan) -> Result<serde_json::Value> {
+    serde_json::to_value(plan).map_err(|e| Error::internal(e.to_string()))
 }
 
 fn with_tail(msg: &str, tail: &str) -> String {

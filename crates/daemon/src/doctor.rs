@@ -81,6 +81,11 @@ pub async fn run(d: &Arc<Daemon>) -> DoctorReport {
     // VMM driver (binary, KVM).
     checks.extend(d.vmm.doctor());
 
+    // Storage backends.
+    if let Ok(choice) = d.config.storage_choice() {
+        checks.extend(wick_storage::doctor(choice, &d.paths.state));
+    }
+
     // Config and defaults with provenance.
     checks.push(check(
         "config",

@@ -5,17 +5,18 @@
 //! - [`capability`]: lifecycle hooks that host features (network, DNS, NAT, disks) plug into;
 //! - [`reconcile`]: start-up reconcile and sweep, from the durable records only;
 //! - [`api`]: the `/v1` HTTP API on the Unix socket and its OpenAPI document;
-//! - [`config`], [`doctor`], [`disk`]: configuration, the read-only health report, root disks.
+//! - [`config`], [`doctor`]: configuration and the read-only health report.
 //!
 //! [`run`] is the whole daemon: lock the root, reconcile, serve until told to stop.
 
 pub mod api;
 pub mod capability;
+pub mod caps;
 pub mod config;
 pub mod daemon;
-pub mod disk;
 pub mod doctor;
 pub mod error;
+pub mod failpoint;
 pub mod ops;
 pub mod reconcile;
 
@@ -57,6 +58,13 @@ pub async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
         swept = ?report.swept,
         "reconciled"
     );
+
+    let vms = d.store.list_vms(None)?;
+    for cap in &d.caps {
+        if let Err(e) = cap.started(&vms).await {
+            tracing::error!(cap = cap.name(), error = %e, "capability failed to start");
+        }
+    }
 
     let sock = d.paths.socket();
     // We hold the root lock, so an existing socket file is stale.
@@ -102,6 +110,9 @@ pub async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
         _ = async { shutdown.cancelled().await; tokio::time::sleep(Duration::from_secs(3)).await } => {}
     }
     let _ = std::fs::remove_file(&sock);
+    for cap in &d.caps {
+        cap.shutdown().await;
+    }
     tracing::info!("wickd stopped; running VMs keep running and are re-adopted at next start");
     Ok(())
 }
@@ -118,7 +129,19 @@ pub fn build_vmm(config: &config::Config) -> Arc<dyn wick_vmm::Vmm> {
     Arc::new(wick_vmm::firecracker::Firecracker::new(bin))
 }
 
-/// The capabilities every daemon runs with.
-pub fn builtin_capabilities() -> Vec<Arc<dyn capability::Capability>> {
-    Vec::new()
+/// The capabilities every daemon runs with, in hook order.
+pub fn builtin_capabilities(
+    config: &config::Config,
+) -> anyhow::Result<Vec<Arc<dyn capability::Capability>>> {
+    let mut caps: Vec<Arc<dyn capability::Capability>> = Vec::new();
+    if config.network_enabled() {
+        let settings = config.network_settings().map_err(|e| anyhow::anyhow!(e))?;
+        let runner: Arc<dyn wick_host::net::Runner> = Arc::new(wick_host::net::SystemRunner::new());
+        caps.push(Arc::new(caps::network::Network::new(
+            runner,
+            settings.clone(),
+        )?));
+        caps.push(Arc::new(caps::dns::VmDns::new(settings, config)?));
+    }
+    Ok(caps)
 }

@@ -63,7 +63,8 @@ fn real_main(paths: Paths, config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let d = wick_daemon::Daemon::open(paths, config, vmm, wick_daemon::builtin_capabilities())?;
+        let caps = wick_daemon::builtin_capabilities(&config)?;
+        let d = wick_daemon::Daemon::open(paths, config, vmm, caps)?;
         wick_daemon::run(d).await
     })
 }

@@ -95,6 +95,15 @@ async fn sweep(d: &Arc<Daemon>, report: &mut Report) -> anyhow::Result<()> {
             }
         }
     }
+    let plans: Vec<wick_storage::DiskPlan> = vms
+        .iter()
+        .filter_map(|v| crate::daemon::disk_plan(v).ok())
+        .collect();
+    let storage = d.storage.clone();
+    match tokio::task::spawn_blocking(move || storage.sweep(&plans)).await? {
+        Ok(lines) => report.swept.extend(lines),
+        Err(e) => tracing::error!(error = %e, "storage sweep failed"),
+    }
     for cap in &d.caps {
         match cap.sweep(&vms).await {
             Ok(lines) => report.swept.extend(lines),

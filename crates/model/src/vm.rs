@@ -129,9 +129,18 @@ pub struct VmRuntime {
     /// Per-VM directory under the state root.
     #[schema(value_type = String)]
     pub dir: PathBuf,
-    /// The VM's root disk (a copy-on-write clone of the image).
+    /// The VM's root disk (a copy-on-write clone of the image), as the VMM opens it.
     #[schema(value_type = Option<String>)]
     pub root_disk: Option<PathBuf>,
+    /// The storage backend's durable record of the root disk (files, loop and dm names), written
+    /// before the disk is made: what `release` needs after any crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub root_disk_plan: Option<serde_json::Value>,
+    /// The VM's work disk (ext4, mounted at `/root` in the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub work_disk: Option<PathBuf>,
     /// vsock context id of the guest.
     pub guest_cid: u32,
     /// The live (or possibly live) VMM.
@@ -139,9 +148,12 @@ pub struct VmRuntime {
     /// TAP device, once networking creates one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
-    /// Guest IPv4 address, once allocated.
+    /// Guest IPv4 address, leased at first start and kept until delete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// NAT backend (`nft`, `iptables`, `iptables-legacy`) holding this VM's NAT rules, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<String>,
     /// Why the VM is in `error`, with the tail of the VMM log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,

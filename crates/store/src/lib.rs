@@ -72,6 +72,7 @@ impl Store {
     /// An in-memory store (tests and benchmarks).
     pub fn open_in_memory() -> Result<Store> {
         let mut conn = Connection::open_in_memory()?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
         migrations::apply(&mut conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
@@ -244,6 +245,76 @@ impl Store {
             [],
             |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
         )?)
+    }
+}
+
+impl Store {
+    /// The VM's IPv4 lease: its existing one, or the first of `candidates` nobody holds. Unique
+    /// per VM and per address (enforced by the schema), safe under concurrent callers.
+    pub fn lease_ip(
+        &self,
+        vm_id: &str,
+        candidates: impl IntoIterator<Item = std::net::Ipv4Addr>,
+    ) -> Result<Option<std::net::Ipv4Addr>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<String> = tx
+            .query_row("SELECT ip FROM ip_leases WHERE vm_id = ?1", [vm_id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if let Some(ip) = existing {
+            return ip
+                .parse()
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt(format!("lease {ip:?} of vm {vm_id}")));
+        }
+        let taken: std::collections::HashSet<String> = {
+            let mut stmt = tx.prepare("SELECT ip FROM ip_leases")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let Some(ip) = candidates
+            .into_iter()
+            .find(|ip| !taken.contains(&ip.to_string()))
+        else {
+            return Ok(None);
+        };
+        tx.execute(
+            "INSERT INTO ip_leases (ip, vm_id) VALUES (?1, ?2)",
+            params![ip.to_string(), vm_id],
+        )?;
+        tx.commit()?;
+        Ok(Some(ip))
+    }
+
+    /// Releases the VM's lease. Idempotent.
+    pub fn release_ip(&self, vm_id: &str) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM ip_leases WHERE vm_id = ?1", [vm_id])?;
+        Ok(())
+    }
+
+    /// A daemon-level durable fact (e.g. that wick turned `ip_forward` on).
+    pub fn get_meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Sets (`Some`) or clears (`None`) a daemon-level fact.
+    pub fn set_meta(&self, key: &str, value: Option<&str>) -> Result<()> {
+        let conn = self.conn();
+        match value {
+            Some(v) => conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, v],
+            )?,
+            None => conn.execute("DELETE FROM meta WHERE key = ?1", [key])?,
+        };
+        Ok(())
     }
 }
 

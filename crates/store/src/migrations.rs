@@ -7,10 +7,11 @@
 use rusqlite::{params, Connection};
 
 /// `(version, name, sql)`, in order.
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "vms",
-    "CREATE TABLE vms (
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "vms",
+        "CREATE TABLE vms (
         id          TEXT PRIMARY KEY,
         name        TEXT NOT NULL UNIQUE,
         owner       INTEGER NOT NULL,
@@ -23,7 +24,20 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
         touched_at  TEXT NOT NULL
     );
     CREATE INDEX vms_owner ON vms(owner);",
-)];
+    ),
+    (
+        2,
+        "ip leases and daemon facts",
+        "CREATE TABLE ip_leases (
+        ip     TEXT PRIMARY KEY,
+        vm_id  TEXT NOT NULL UNIQUE REFERENCES vms(id) ON DELETE CASCADE
+    );
+    CREATE TABLE meta (
+        key    TEXT PRIMARY KEY,
+        value  TEXT NOT NULL
+    );",
+    ),
+];
 
 /// Applies every known migration that is not yet recorded.
 pub fn apply(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -94,7 +94,7 @@ fn migrations_are_recorded_and_future_ones_left_alone() {
     let p = dir.path().join("w.db");
     {
         let s = Store::open(&p).unwrap();
-        assert_eq!(s.schema_versions().unwrap(), vec![1]);
+        assert_eq!(s.schema_versions().unwrap(), vec![1, 2]);
     }
     {
         let c = Connection::open(&p).unwrap();
@@ -105,6 +105,46 @@ fn migrations_are_recorded_and_future_ones_left_alone() {
         .unwrap();
     }
     let s = Store::open(&p).unwrap();
-    assert_eq!(s.schema_versions().unwrap(), vec![1, 999]);
+    assert_eq!(s.schema_versions().unwrap(), vec![1, 2, 999]);
     assert_eq!(s.integrity_check().unwrap(), "ok");
+}
+
+#[test]
+fn ip_leases_are_unique_and_sticky() {
+    use std::net::Ipv4Addr;
+    let s = Store::open_in_memory().unwrap();
+    let a = s.create_vm(vm("a", 0)).unwrap();
+    let b = s.create_vm(vm("b", 0)).unwrap();
+    let range = || (2..5).map(|n| Ipv4Addr::new(10, 0, 0, n));
+    let ia = s.lease_ip(&a.id, range()).unwrap().unwrap();
+    assert_eq!(ia, Ipv4Addr::new(10, 0, 0, 2));
+    assert_eq!(s.lease_ip(&a.id, range()).unwrap(), Some(ia), "sticky");
+    let ib = s.lease_ip(&b.id, range()).unwrap().unwrap();
+    assert_ne!(ia, ib);
+    s.release_ip(&a.id).unwrap();
+    s.release_ip(&a.id).unwrap();
+    let c = s.create_vm(vm("c", 0)).unwrap();
+    assert_eq!(
+        s.lease_ip(&c.id, range()).unwrap(),
+        Some(ia),
+        "released address reused"
+    );
+    let d = s.create_vm(vm("d", 0)).unwrap();
+    let e = s.create_vm(vm("e", 0)).unwrap();
+    s.lease_ip(&d.id, range()).unwrap().unwrap();
+    assert_eq!(s.lease_ip(&e.id, range()).unwrap(), None, "range exhausted");
+    // deleting the VM drops its lease
+    s.delete_vm(&b.id).unwrap();
+    assert_eq!(s.lease_ip(&e.id, range()).unwrap(), Some(ib));
+}
+
+#[test]
+fn meta_set_get_clear() {
+    let s = Store::open_in_memory().unwrap();
+    assert_eq!(s.get_meta("k").unwrap(), None);
+    s.set_meta("k", Some("1")).unwrap();
+    s.set_meta("k", Some("2")).unwrap();
+    assert_eq!(s.get_meta("k").unwrap().as_deref(), Some("2"));
+    s.set_meta("k", None).unwrap();
+    assert_eq!(s.get_meta("k").unwrap(), None);
 }

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cargo_bin;
+use wick_host::net::testns::TestNetns;
 
 /// One isolated daemon: its root directory, config and process.
 pub struct WickdEnv {
@@ -14,6 +15,9 @@ pub struct WickdEnv {
     pub daemon: Option<Child>,
     /// Extra environment for the daemon (and so its VMMs), e.g. fake Firecracker knobs.
     pub env: Vec<(String, String)>,
+    /// The private network namespace wickd and `wick` run in (as root): the daemon's bridge,
+    /// TAPs and firewall rules live and die there, never in the host's namespace.
+    pub netns: Option<TestNetns>,
 }
 
 impl WickdEnv {
@@ -38,10 +42,14 @@ impl WickdEnv {
             kernel = img.join("vmlinux"),
         );
         std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        let netns = nix::unistd::geteuid()
+            .is_root()
+            .then(|| TestNetns::create("d").expect("create the daemon's private netns"));
         WickdEnv {
             dir,
             daemon: None,
             env: Vec::new(),
+            netns,
         }
     }
 
@@ -61,7 +69,8 @@ impl WickdEnv {
             .append(true)
             .open(self.root().join("wickd-test.log"))
             .unwrap();
-        let child = Command::new(cargo_bin("wickd"))
+        let child = self
+            .in_netns(cargo_bin("wickd"))
             .arg("--root")
             .arg(self.root())
             .env("RUST_LOG", "info")
@@ -117,9 +126,29 @@ impl WickdEnv {
         }
     }
 
-    /// A `wick` command bound to this root.
+    /// `program` as a command inside the private netns (plain when there is none).
+    pub fn in_netns(&self, program: PathBuf) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.name()]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// Runs a command inside the daemon's netns and returns its stdout (panics on failure).
+    pub fn ns_run(&self, program: &str, args: &[&str]) -> String {
+        let ns = self.netns.as_ref().expect("netns (root only)");
+        ns.run(program, args)
+            .unwrap_or_else(|e| panic!("{program} {args:?}: {e}"))
+    }
+
+    /// A `wick` command bound to this root (inside the daemon's netns, so a daemon the CLI
+    /// autostarts lands there too).
     pub fn wick_cmd(&self) -> Command {
-        let mut c = Command::new(cargo_bin("wick"));
+        let mut c = self.in_netns(cargo_bin("wick"));
         c.env("WICK_ROOT", self.root())
             .env_remove("WICK_SOCKET")
             .stdin(Stdio::null());
@@ -198,6 +227,7 @@ impl WickdEnv {
 impl Drop for WickdEnv {
     fn drop(&mut self) {
         self.kill9();
+        // (the netns field drops after this body: processes first, then the namespace)
         // Everything left that names our root was started by this test (the daemon or its VMMs).
         for pid in self.processes() {
             let _ = nix::sys::signal::kill(

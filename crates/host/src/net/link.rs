@@ -186,8 +186,20 @@ impl Bridge {
         self.cidr.addr
     }
 
-    /// Idempotent: creates the bridge if missing, adds its address if missing, sets it up.
-    /// Never removes anything (other addresses a user added stay).
+    /// The bridge's fixed MAC, derived from its IP like guests' ([`guest_mac`]; no guest has the
+    /// bridge's IP, so no guest has this MAC).
+    ///
+    /// [`guest_mac`]: super::guest_mac
+    pub fn mac(&self) -> String {
+        super::guest_mac(self.cidr.addr)
+    }
+
+    /// Idempotent: creates the bridge if missing, pins its MAC, adds its address if missing,
+    /// sets it up. Never removes anything (other addresses a user added stay).
+    ///
+    /// The MAC is pinned because a bridge otherwise takes the lowest MAC of its ports, so it
+    /// changes whenever a VM's TAP comes or goes — and every guest's ARP entry for the gateway
+    /// goes stale until it times out (measured: guests lost the gateway for seconds).
     pub fn ensure(&self, runner: &dyn Runner) -> Result<(), NetError> {
         match get_link(runner, &self.name)? {
             Some(l) if l.kind.as_deref() != Some("bridge") => {
@@ -207,6 +219,13 @@ impl Bridge {
                 }
             }
         }
+        let mac = self.mac();
+        run_ok(
+            runner,
+            "ip",
+            &["link", "set", &self.name, "address", &mac],
+            None,
+        )?;
         if !self.has_address(runner)? {
             let cidr = self.cidr.to_string();
             let args = ["addr", "add", cidr.as_str(), "dev", self.name.as_str()];
@@ -484,6 +503,7 @@ mod tests {
             [
                 "ip -j -d link show dev wick0",
                 "ip link add wick0 type bridge",
+                "ip link set wick0 address 06:00:AC:1E:00:01",
                 "ip -j addr show dev wick0",
                 "ip addr add 172.30.0.1/24 dev wick0",
                 "ip link set wick0 up",
@@ -507,6 +527,7 @@ mod tests {
             r.lines(),
             [
                 "ip -j -d link show dev wick0",
+                "ip link set wick0 address 06:00:AC:1E:00:01",
                 "ip -j addr show dev wick0",
                 "ip link set wick0 up",
             ]

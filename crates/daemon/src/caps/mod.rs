@@ -1,0 +1,4 @@
+//! The built-in capabilities (see [`crate::capability`]).
+
+pub mod dns;
+pub mod network;

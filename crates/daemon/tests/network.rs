@@ -1,0 +1,360 @@
+//! Integration: networking of real `wickd`/`wick` binaries (fake Firecracker), each daemon in its
+//! own private network namespace. A "guest" stand-in is a netns on a veth enslaved to the bridge
+//! with the VM's address; a fake "upstream" netns behind a veth proves NAT.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde_json::Value;
+use wick_host::net::testns::{self, TestNetns};
+use wick_testkit::wickd::WickdEnv;
+
+fn skip() -> bool {
+    if let Some(why) = testns::skip_reason() {
+        eprintln!("skipped: {why}");
+        return true;
+    }
+    false
+}
+
+fn vm(env: &WickdEnv, name: &str) -> Value {
+    env.wick_json(&["vm", "show", name])
+}
+
+/// Upstream netns at 198.51.100.2 behind `uplink` (198.51.100.1) of the daemon's netns, which
+/// routes everything there.
+fn upstream(env: &WickdEnv) -> TestNetns {
+    let dn = env.netns.as_ref().unwrap();
+    let up = TestNetns::create("up").unwrap();
+    dn.veth_to("uplink", &up, "eth0").unwrap();
+    dn.run("ip", &["addr", "add", "198.51.100.1/24", "dev", "uplink"])
+        .unwrap();
+    dn.run("ip", &["link", "set", "uplink", "up"]).unwrap();
+    dn.run(
+        "ip",
+        &["route", "replace", "default", "via", "198.51.100.2"],
+    )
+    .unwrap();
+    up.run("ip", &["addr", "add", "198.51.100.2/24", "dev", "eth0"])
+        .unwrap();
+    up.run("ip", &["link", "set", "eth0", "up"]).unwrap();
+    up
+}
+
+/// Serves one accept at a time in `ns` on `addr`; each connection gets the peer address back.
+fn echo_peer_server(ns: &TestNetns, addr: SocketAddr) {
+    let l = ns.listen(addr).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let peer = s
+                .peer_addr()
+                .map(|p| p.ip().to_string())
+                .unwrap_or_default();
+            let mut s = s;
+            let _ = std::io::Write::write_all(&mut s, peer.as_bytes());
+        }
+    });
+}
+
+/// Connects from `ns` to `addr` and returns what the server said (its view of our address).
+fn reach(ns: &TestNetns, addr: SocketAddr) -> Option<String> {
+    let mut s: TcpStream = ns.connect(addr, Duration::from_millis(700)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// [`reach`] for an expected success: a few attempts, since the first packets after a
+/// topology change may wait on ARP (and this machine is often loaded).
+fn reach_ok(ns: &TestNetns, addr: SocketAddr) -> Option<String> {
+    (0..4).find_map(|_| reach(ns, addr))
+}
+
+fn wick_links(env: &WickdEnv) -> Vec<String> {
+    let j: Value = serde_json::from_str(&env.ns_run("ip", &["-j", "link", "show"])).unwrap();
+    j.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap().to_string())
+        .filter(|n| n.starts_with("wk-"))
+        .collect()
+}
+
+fn nat_rules(env: &WickdEnv) -> String {
+    let ns = env.netns.as_ref().unwrap();
+    let mut all = ns.run("nft", &["list", "ruleset"]).unwrap_or_default();
+    for bin in ["iptables-save", "iptables-legacy-save"] {
+        all += &ns.run(bin, &[]).unwrap_or_default();
+    }
+    all
+}
+
+/// Rules that name a VM (per-VM chains or tagged rules).
+fn vm_rule_lines(env: &WickdEnv) -> Vec<String> {
+    nat_rules(env)
+        .lines()
+        .filter(|l| l.contains("vm-") || l.contains("wick:vm"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn nat_is_opt_in_live_toggled_and_guests_are_isolated() {
+    if skip() {
+        return;
+    }
+    let mut env = WickdEnv::new("");
+    env.start();
+    let up = upstream(&env);
+    let server: SocketAddr = "198.51.100.2:8080".parse().unwrap();
+    echo_peer_server(&up, server);
+
+    env.wick_ok(&["vm", "create", "--name", "a1", "--nat"]);
+    env.wick_ok(&["vm", "create", "--name", "b1"]);
+    let a1 = vm(&env, "a1");
+    let b1 = vm(&env, "b1");
+    let (ip_a, ip_b) = (
+        a1["runtime"]["ip"].as_str().unwrap(),
+        b1["runtime"]["ip"].as_str().unwrap(),
+    );
+    assert_ne!(ip_a, ip_b);
+    let tap_a = a1["runtime"]["tap"].as_str().unwrap();
+    assert!(tap_a.starts_with("wk-") && tap_a.len() == 15, "{tap_a}");
+    assert!(a1["runtime"]["nat"].as_str().is_some(), "{a1}");
+    // The TAP is bridged, up and isolated.
+    let detail = env.ns_run("ip", &["-d", "-j", "link", "show", tap_a]);
+    let d: Value = serde_json::from_str(&detail).unwrap();
+    assert_eq!(d[0]["master"], "wick0", "{detail}");
+    assert_eq!(
+        d[0]["linkinfo"]["info_slave_data"]["isolated"], true,
+        "{detail}"
+    );
+
+    let dn = env.netns.as_ref().unwrap();
+    let ga = dn
+        .guest("ga", "gva", "wick0", &format!("{ip_a}/24"), "172.30.0.1")
+        .unwrap();
+    let gb = dn
+        .guest("gb", "gvb", "wick0", &format!("{ip_b}/24"), "172.30.0.1")
+        .unwrap();
+
+    let seen = reach_ok(&ga, server).expect("a1 (NAT on) reaches upstream");
+    assert_eq!(
+        seen, "198.51.100.1",
+        "upstream sees the masqueraded address"
+    );
+    assert!(
+        reach(&gb, server).is_none(),
+        "b1 (no NAT) cannot reach upstream"
+    );
+
+    // Guests cannot reach each other.
+    echo_peer_server(&gb, format!("{ip_b}:9000").parse().unwrap());
+    assert!(
+        reach(&ga, format!("{ip_b}:9000").parse().unwrap()).is_none(),
+        "guest-to-guest blocked"
+    );
+
+    // Live toggle.
+    env.wick_ok(&["vm", "set", "a1", "--nat", "off"]);
+    assert!(vm(&env, "a1")["runtime"]["nat"].is_null());
+    assert!(reach(&ga, server).is_none(), "NAT off cuts a1");
+    env.wick_ok(&["vm", "set", "b1", "--nat", "on"]);
+    assert_eq!(
+        reach_ok(&gb, server).as_deref(),
+        Some("198.51.100.1"),
+        "NAT on, live, for b1"
+    );
+
+    // Stop releases TAP and rules; start brings them back; delete removes everything.
+    env.wick_ok(&["vm", "stop", "b1"]);
+    assert!(reach(&gb, server).is_none());
+    assert!(!wick_links(&env)
+        .iter()
+        .any(|l| l == b1["runtime"]["tap"].as_str().unwrap()));
+    env.wick_ok(&["vm", "start", "b1"]);
+    assert_eq!(
+        vm(&env, "b1")["runtime"]["ip"].as_str(),
+        Some(ip_b),
+        "lease kept across stop"
+    );
+    let r = reach_ok(&gb, server);
+    if r.is_none() {
+        eprintln!("DEBUG ruleset:\n{}", nat_rules(&env));
+        eprintln!(
+            "DEBUG fwd: {}",
+            env.ns_run("sysctl", &["net.ipv4.ip_forward"])
+        );
+        eprintln!("DEBUG b1: {}", vm(&env, "b1"));
+        eprintln!("DEBUG links: {}", env.ns_run("ip", &["-br", "link"]));
+    }
+    assert_eq!(r.as_deref(), Some("198.51.100.1"));
+    env.wick_ok(&["vm", "delete", "a1", "b1"]);
+    assert!(wick_links(&env).is_empty(), "{:?}", wick_links(&env));
+    assert!(vm_rule_lines(&env).is_empty(), "{:?}", vm_rule_lines(&env));
+    // The address is free again.
+    env.wick_ok(&["vm", "create", "--name", "c1", "--no-start"]);
+    env.wick_ok(&["vm", "start", "c1"]);
+    assert_eq!(vm(&env, "c1")["runtime"]["ip"].as_str(), Some(ip_a));
+    drop((ga, gb, up));
+}
+
+fn crash_drill(backend: &str) {
+    for point in ["after-tap", "after-nat", "after-spawn"] {
+        let mut env = WickdEnv::new(&format!("nat_backend = \"{backend}\""));
+        env.env.push(("WICK_FAILPOINTS".into(), point.into()));
+        env.start();
+        let out = env.wick(&["vm", "create", "--name", "a1", "--nat"]);
+        assert!(!out.status.success(), "{point}: the daemon died mid-start");
+        env.kill9(); // reap the dead daemon
+        env.env.clear();
+        env.start();
+        let a1 = vm(&env, "a1");
+        let state = a1["state"].as_str().unwrap();
+        assert!(state == "stopped" || state == "error", "{point}: {a1}");
+        for f in ["tap", "nat"] {
+            assert!(
+                a1["runtime"][f].is_null(),
+                "{point}: stale runtime.{f}: {a1}"
+            );
+        }
+        assert!(a1["runtime"]["vmm"].is_null(), "{point}: {a1}");
+        assert!(
+            wick_links(&env).is_empty(),
+            "{point}: {:?}",
+            wick_links(&env)
+        );
+        assert!(
+            vm_rule_lines(&env).is_empty(),
+            "{point}: {:?}",
+            vm_rule_lines(&env)
+        );
+        assert!(env.vmm_processes().is_empty(), "{point}: orphan VMM");
+        // And the VM still works.
+        env.wick_ok(&["vm", "start", "a1"]);
+        assert_eq!(wick_links(&env).len(), 1);
+        env.wick_ok(&["vm", "delete", "a1"]);
+        assert!(wick_links(&env).is_empty() && vm_rule_lines(&env).is_empty());
+    }
+}
+
+#[test]
+fn crash_drill_nft() {
+    if skip() {
+        return;
+    }
+    crash_drill("nft");
+}
+
+#[test]
+fn crash_drill_iptables() {
+    if skip() {
+        return;
+    }
+    crash_drill("iptables");
+}
+
+#[test]
+fn sweep_removes_leftovers_of_unknown_vms() {
+    if skip() {
+        return;
+    }
+    let mut env = WickdEnv::new("");
+    env.start();
+    env.wick_ok(&["vm", "create", "--name", "keep", "--nat"]);
+    env.kill9();
+    // Leftovers no VM owns: a TAP and NAT rules under a key of no VM.
+    env.ns_run(
+        "ip",
+        &["tuntap", "add", "dev", "wk-0000deadbeef", "mode", "tap"],
+    );
+    env.start();
+    let links = wick_links(&env);
+    let keep_tap = vm(&env, "keep")["runtime"]["tap"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        links,
+        vec![keep_tap],
+        "only the live VM's TAP survives the sweep"
+    );
+    let doctor = env.wick_json(&["doctor"]);
+    let leftovers = doctor["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "leftovers")
+        .cloned();
+    assert_eq!(leftovers.unwrap()["status"], "pass");
+}
+
+fn dig(ns: &TestNetns, server: &str, port: &str, name: &str) -> String {
+    ns.run(
+        "dig",
+        &[
+            &format!("@{server}"),
+            "-p",
+            port,
+            name,
+            "+time=2",
+            "+tries=1",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("dig: {e}"))
+}
+
+#[test]
+fn vm_dns_follows_vm_state_for_host_and_guests() {
+    if skip() {
+        return;
+    }
+    let mut env = WickdEnv::new("dns_port = 10053\nupstream_dns = [\"198.51.100.2\"]");
+    env.start();
+    if !testns::tool_works(env.netns.as_ref().unwrap(), "dig", &["-v"]) {
+        eprintln!("skipped: dig (dnsutils) missing");
+        return;
+    }
+    env.wick_ok(&["vm", "create", "--name", "a1"]);
+    let ip = vm(&env, "a1")["runtime"]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Host view.
+    let out = dig(env.netns.as_ref().unwrap(), "127.0.0.1", "10053", "a1.vm");
+    assert!(
+        out.contains("status: NOERROR") && out.contains(&ip),
+        "{out}"
+    );
+    // Guest view: port 53 on the bridge IP passes the guest isolation filter.
+    let g = env
+        .netns
+        .as_ref()
+        .unwrap()
+        .guest("gd", "gvd", "wick0", &format!("{ip}/24"), "172.30.0.1")
+        .unwrap();
+    let out = dig(&g, "172.30.0.1", "53", "a1.vm");
+    assert!(out.contains(&ip), "guest resolves a1.vm: {out}");
+
+    env.wick_ok(&["vm", "stop", "a1"]);
+    let out = dig(env.netns.as_ref().unwrap(), "127.0.0.1", "10053", "a1.vm");
+    assert!(out.contains("NXDOMAIN"), "stopped VM has no record: {out}");
+    env.wick_ok(&["vm", "start", "a1"]);
+    assert!(dig(env.netns.as_ref().unwrap(), "127.0.0.1", "10053", "a1.vm").contains(&ip));
+
+    // Records are rebuilt from the store after a daemon crash.
+    env.kill9();
+    env.start();
+    assert!(
+        dig(env.netns.as_ref().unwrap(), "127.0.0.1", "10053", "a1.vm").contains(&ip),
+        "re-adopted VM resolves"
+    );
+
+    env.wick_ok(&["vm", "delete", "a1"]);
+    let out = dig(env.netns.as_ref().unwrap(), "127.0.0.1", "10053", "a1.vm");
+    assert!(out.contains("NXDOMAIN"), "{out}");
+    drop(g);
+}
