@@ -23,9 +23,19 @@ pub struct Config {
     /// `error|warn|info|debug|trace` (the `RUST_LOG` env var wins).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
-    /// VMM driver: `firecracker`.
+    /// VMM driver: `auto` (Firecracker when its binary exists and KVM can boot guests, else
+    /// QEMU), `firecracker`, `qemu`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm: Option<String>,
+    /// QEMU binary (default `qemu-system-x86_64` on PATH).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_bin: Option<PathBuf>,
+    /// QEMU's vsock device sidecar (default `vhost-device-vsock` on PATH or in cargo's bin dir).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_vsock_bin: Option<PathBuf>,
+    /// QEMU acceleration: `auto` (probe KVM once, fall back to TCG), `kvm`, `tcg`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
     /// Path of the Firecracker binary (default: `firecracker` on PATH).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firecracker_bin: Option<PathBuf>,
@@ -74,11 +84,32 @@ pub struct Config {
     /// device-mapper exists, else copy), `reflink`, `dm-snapshot`, `copy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_backend: Option<String>,
+    /// Stop VMs untouched (no user action, no agent session) for this long (`0` = never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_stop_stale_after: Option<String>,
+    /// How often VM CPU/memory stats are sampled (and auto-stop checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats_poll_interval: Option<String>,
+    /// Host files copied into each guest's `/root` at start (missing host files: a warning).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub file_sync: Vec<FileSync>,
     #[serde(default)]
     pub vm_defaults: VmDefaults,
     /// Registered images by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub images: BTreeMap<String, ImageConfig>,
+}
+
+/// `[[file_sync]]`: a host file copied into the guest at start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSync {
+    pub host: PathBuf,
+    /// Absolute guest path under `/root`.
+    pub guest: String,
+    /// Octal permission bits as a string, e.g. `"0600"` (default `0600`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 /// `[vm_defaults]`: sizes as strings (`2G`, `512M`, bare = MiB).
@@ -103,6 +134,9 @@ pub struct ImageConfig {
     pub initrd: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_args: Option<String>,
+    /// The image runs wick-agent (wickd then waits for it and configures the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<bool>,
     /// ext4 image with the default `/root` contents, cloned into each VM's work disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub work_seed: Option<PathBuf>,
@@ -160,20 +194,36 @@ impl Config {
         if let Some(d) = &self.vm_defaults.disk {
             parse_size_mib(d).map_err(|e| format!("vm_defaults.disk: {e}"))?;
         }
+        for f in &self.file_sync {
+            if !f.guest.starts_with("/root/") {
+                return Err(format!(
+                    "file_sync guest path {:?} must be under /root/",
+                    f.guest
+                ));
+            }
+            if let Some(m) = &f.mode {
+                u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                    .map_err(|_| format!("file_sync mode {m:?}: use octal like \"0600\""))?;
+            }
+        }
         for (key, v) in [
             ("boot_timeout", &self.boot_timeout),
             ("stop_timeout", &self.stop_timeout),
+            ("auto_stop_stale_after", &self.auto_stop_stale_after),
+            ("stats_poll_interval", &self.stats_poll_interval),
         ] {
             if let Some(v) = v {
                 parse_duration(v).map_err(|e| format!("{key}: {e}"))?;
             }
         }
         if let Some(v) = &self.vmm {
-            if v != "firecracker" {
-                return Err(format!(
-                    "vmm = {v:?}: supported drivers are \"firecracker\""
-                ));
+            if !["auto", "firecracker", "qemu"].contains(&v.as_str()) {
+                return Err(format!("vmm = {v:?}: use auto, firecracker or qemu"));
             }
+        }
+        if let Some(a) = &self.accel {
+            a.parse::<wick_vmm::qemu::Accel>()
+                .map_err(|_| format!("accel = {a:?}: use auto, kvm or tcg"))?;
         }
         if let Some(b) = &self.nat_backend {
             if !["auto", "nft", "iptables", "iptables-legacy"].contains(&b.as_str()) {
@@ -412,6 +462,7 @@ mod tests {
             .unwrap_err()
             .contains("boot_timeout"));
         assert!(parse("vmm = \"vbox\"").unwrap_err().contains("vbox"));
+        assert!(parse("accel = \"hvf\"").unwrap_err().contains("hvf"));
     }
 
     #[test]

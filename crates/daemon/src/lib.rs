@@ -17,8 +17,10 @@ pub mod daemon;
 pub mod doctor;
 pub mod error;
 pub mod failpoint;
+pub mod guest;
 pub mod ops;
 pub mod reconcile;
+pub mod stats;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -65,6 +67,8 @@ pub async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
             tracing::error!(cap = cap.name(), error = %e, "capability failed to start");
         }
     }
+
+    tokio::spawn(stats::run_poller(d.clone()));
 
     let sock = d.paths.socket();
     // We hold the root lock, so an existing socket file is stale.
@@ -117,16 +121,51 @@ pub async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The VMM driver the config asks for.
-pub fn build_vmm(config: &config::Config) -> Arc<dyn wick_vmm::Vmm> {
-    let bin = wick_vmm::firecracker::Firecracker::resolve(config.firecracker_bin.as_deref())
-        .unwrap_or_else(|_| {
+/// The VMM driver the config asks for. `auto`: Firecracker when its binary exists, `/dev/kvm`
+/// is usable and QEMU's cached KVM probe (if any) did not find KVM broken; else QEMU.
+pub fn build_vmm(config: &config::Config, paths: &wick_model::Paths) -> Arc<dyn wick_vmm::Vmm> {
+    use wick_vmm::firecracker::Firecracker;
+    use wick_vmm::qemu::{Accel, Engine, Qemu, QemuOptions};
+    let qemu = || {
+        Qemu::new(QemuOptions {
+            bin: config.qemu_bin.clone(),
+            accel: config
+                .accel
+                .as_deref()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(Accel::Auto),
+            vhost_vsock_bin: config.vhost_vsock_bin.clone(),
+            accel_cache: Some(paths.state.join("accel-probe.json")),
+            ..QemuOptions::default()
+        })
+    };
+    let fc_bin = Firecracker::resolve(config.firecracker_bin.as_deref());
+    let firecracker = |bin: Option<std::path::PathBuf>| {
+        let bin = bin.unwrap_or_else(|| {
             config
                 .firecracker_bin
                 .clone()
                 .unwrap_or_else(|| "firecracker".into())
         });
-    Arc::new(wick_vmm::firecracker::Firecracker::new(bin))
+        Arc::new(Firecracker::new(bin)) as Arc<dyn wick_vmm::Vmm>
+    };
+    match config.vmm.as_deref().unwrap_or("auto") {
+        "firecracker" => firecracker(fc_bin.ok()),
+        "qemu" => Arc::new(qemu()),
+        _ => {
+            let q = qemu();
+            let kvm_ok = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok()
+                && q.cached_verdict().is_none_or(|v| v.engine == Engine::Kvm);
+            match fc_bin {
+                Ok(bin) if kvm_ok => firecracker(Some(bin)),
+                _ => Arc::new(q),
+            }
+        }
+    }
 }
 
 /// The capabilities every daemon runs with, in hook order.

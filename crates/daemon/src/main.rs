@@ -57,7 +57,7 @@ fn real_main(paths: Paths, config: Config) -> anyhow::Result<()> {
         );
     }
     let _lock = wick_daemon::lock_root(&paths)?;
-    let vmm = wick_daemon::build_vmm(&config);
+    let vmm = wick_daemon::build_vmm(&config, &paths);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -36,7 +36,7 @@ impl WickdEnv {
         f.set_len(64 << 20).unwrap();
         std::fs::write(img.join("vmlinux"), b"\x7fELF fake kernel for tests").unwrap();
         let config = format!(
-            "firecracker_bin = {fc:?}\nboot_timeout = \"10s\"\nstop_timeout = \"2s\"\n{extra_config}\n\n[images.default]\nrootfs = {rootfs:?}\nkernel = {kernel:?}\n",
+            "vmm = \"firecracker\"\nfirecracker_bin = {fc:?}\nboot_timeout = \"10s\"\nstop_timeout = \"2s\"\n{extra_config}\n\n[images.default]\nrootfs = {rootfs:?}\nkernel = {kernel:?}\n",
             fc = cargo_bin("fake-firecracker"),
             rootfs = rootfs,
             kernel = img.join("vmlinux"),

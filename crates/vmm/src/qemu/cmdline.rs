@@ -85,7 +85,16 @@ pub(crate) fn qemu_args(
     if let Some(initrd) = &cfg.initrd {
         push(&[&"-initrd", initrd]);
     }
-    push(&[&"-append", &cfg.boot_args]);
+    let mut append = cfg.boot_args.clone();
+    if engine == Engine::Tcg && !append.contains("tsc_early_khz=") {
+        // Under TCG the guest's TSC runs at the host's rate, but with no calibration source on
+        // microvm a loaded host makes the guest hang at "Marking TSC unstable" (measured: 2 of
+        // 3 boots on a busy 2-core host). Telling the kernel the rate fixes it.
+        if let Some(khz) = host_cpu_khz() {
+            append.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
+    push(&[&"-append", &append]);
     let disks = std::iter::once(("root".to_string(), &cfg.root_disk)).chain(
         cfg.extra_disks
             .iter()
@@ -140,6 +149,20 @@ pub(crate) fn sidecar_args(vhost_socket: &Path, uds: &Path, guest_cid: u32) -> V
         "--uds-path".into(),
         uds.into(),
     ]
+}
+
+/// The host CPU's nominal rate in kHz (`cpu MHz` of /proc/cpuinfo).
+fn host_cpu_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
 }
 
 #[cfg(test)]
