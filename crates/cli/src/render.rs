@@ -341,6 +341,7 @@ pub(crate) mod tests {
                 boot_args: String::new(),
                 vmm: "firecracker".into(),
                 nat: false,
+                ..Default::default()
             },
             runtime: VmRuntime {
                 ip: ip.map(Into::into),

@@ -57,6 +57,7 @@ impl CreateArgs {
             disk_size: self.disk_size.clone(),
             nat: self.nat,
             no_start: self.no_start,
+            ..Default::default()
         })
     }
 }

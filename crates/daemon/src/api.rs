@@ -77,6 +77,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{vm}/restart", post(restart_vm))
         .route("/v1/vms/{vm}/kill", post(kill_vm))
         .route("/v1/vms/{vm}/logs", get(vm_logs))
+        .route("/v1/vms/{vm}/agent", post(agent_connect))
+        .route("/v1/vms/{vm}/stats", get(vm_stats))
         .route("/v1/operations/{id}", get(get_op))
         .route("/v1/operations/{id}/events", get(op_events))
         .route("/v1/operations/{id}/cancel", post(cancel_op))
@@ -211,6 +213,80 @@ async fn vm_logs(
             .into_owned(),
     };
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+/// `POST /v1/vms/{vm}/agent` with `Connection: Upgrade` / `Upgrade: wick-agent`: after `101`
+/// the connection is a raw stream to the guest's wick-agent (speak `wick-agent-proto` on it).
+/// The daemon has already done the hybrid vsock `CONNECT`, so a `101` means the agent accepted.
+#[utoipa::path(post, path = "/v1/vms/{vm}/agent", params(("vm" = String, Path)),
+    responses((status = 101, description = "raw wick-agent-proto stream"), (status = 412, body = ApiError)))]
+async fn agent_connect(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Path(vm): Path<String>,
+    mut req: Request,
+) -> Result<Response> {
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("wick-agent"));
+    if !wants {
+        return Err(Error::invalid(
+            "send `Connection: Upgrade` and `Upgrade: wick-agent`",
+        ));
+    }
+    let vm = d.find(&vm, caller(c))?;
+    let handle = match (&vm.runtime.vmm, vm.state) {
+        (Some(h), VmState::Running) => h.clone(),
+        _ => {
+            return Err(Error::new(
+                ErrorCode::NotRunning,
+                format!("VM {} is not running (state {})", vm.name, vm.state),
+            ))
+        }
+    };
+    if !vm.spec.agent {
+        return Err(Error::precondition(format!(
+            "VM {}'s image has no wick-agent; use an image built by wick (`wick image build`)",
+            vm.name
+        )));
+    }
+    let mut agent = crate::guest::hybrid_connect(
+        &handle.vsock_socket,
+        wick_agent_proto::AGENT_PORT,
+        Duration::from_secs(5),
+    )
+    .await?;
+    d.store.touch_vm(&vm.id)?; // an agent session counts as use (auto-stop)
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let name = vm.name.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => {
+                let mut up = hyper_util::rt::TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut up, &mut agent).await;
+            }
+            Err(e) => tracing::warn!(vm = %name, error = %e, "agent upgrade failed"),
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "wick-agent")
+        .body(axum::body::Body::empty())
+        .expect("static response"))
+}
+
+#[utoipa::path(get, path = "/v1/vms/{vm}/stats", params(("vm" = String, Path)),
+    responses((status = 200, body = VmStats)))]
+async fn vm_stats(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Path(vm): Path<String>,
+) -> Result<Json<VmStats>> {
+    let vm = d.find(&vm, caller(c))?;
+    Ok(Json(d.stats.get(&vm)))
 }
 
 #[utoipa::path(post, path = "/v1/vms/prune", responses((status = 200, body = PruneResult)))]
@@ -378,6 +454,8 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         kill_vm,
         vm_logs,
         prune_vms,
+        agent_connect,
+        vm_stats,
         get_op,
         cancel_op,
         op_events,
@@ -404,6 +482,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         Provenance,
         DaemonStatus,
         DoctorReport,
+        VmStats,
         Check,
         CheckStatus,
         VmRecord,

@@ -39,6 +39,8 @@ pub struct Daemon {
     /// Root disk backend for new VMs (existing VMs keep the one in their plan).
     pub storage: Arc<dyn wick_storage::CowBackend>,
     pub ops: Ops,
+    /// Latest CPU/memory samples of running VMs.
+    pub stats: crate::stats::Stats,
     pub caps: Vec<Arc<dyn Capability>>,
     pub started: Instant,
     /// Cancelled to shut the daemon down.
@@ -88,6 +90,7 @@ impl Daemon {
             vmm,
             storage,
             ops: Ops::default(),
+            stats: Default::default(),
             caps,
             started: Instant::now(),
             shutdown: CancellationToken::new(),
@@ -150,6 +153,10 @@ impl Daemon {
                 .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string()),
             vmm: self.vmm.name().to_string(),
             nat: req.nat,
+            agent: image.agent.unwrap_or(false),
+            ssh_keys: req.ssh_keys.clone(),
+            git_name: req.git_name.clone(),
+            git_email: req.git_email.clone(),
         })
     }
 
@@ -429,6 +436,21 @@ impl Daemon {
             _ = op.cancel.cancelled() => return Err(Error::cancelled()),
         }
 
+        if vm.spec.agent {
+            op.stage("wait for agent");
+            let client = self.wait_agent(&handle, op).await?;
+            op.stage("configure guest");
+            let reply = client
+                .configure(&self.guest_config(vm))
+                .await
+                .map_err(|e| Error::precondition(format!("configuring the guest failed: {e}")))?;
+            for w in &reply.warnings {
+                tracing::warn!(vm = %vm.name, warning = %w, "guest configuration");
+            }
+            vm.runtime.host_keys = reply.host_keys;
+            *vm = self.store.save_vm(vm)?;
+        }
+
         op.stage("post start");
         for cap in &self.caps {
             cap.post_start(&mut HookCtx::new(vm, &self.store)).await?;
@@ -446,6 +468,9 @@ impl Daemon {
         if let Some(h) = vm.runtime.vmm.clone() {
             vm.state = VmState::Stopping;
             vm = self.store.save_vm(&vm)?;
+            if self.vmm.find(&h).is_some() {
+                self.shutdown_guest(&vm).await; // sync + poweroff inside first: data survives
+            }
             self.vmm.stop(&h, self.config.stop_timeout()).await?;
         }
         op.stage("release host resources");

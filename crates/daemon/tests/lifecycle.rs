@@ -511,3 +511,27 @@ fn many_refs_run_concurrently_and_report_in_order() {
     assert_eq!(m2["spec"]["vcpu"], 2);
     assert_eq!(m2["spec"]["memory_mib"], 1024);
 }
+
+#[test]
+fn stats_and_auto_stop_of_untouched_vms() {
+    if !root() {
+        return;
+    }
+    let mut env = WickdEnv::new("auto_stop_stale_after = \"2s\"\nstats_poll_interval = \"200ms\"");
+    env.start();
+    env.wick_ok(&["vm", "create", "--name", "a1"]);
+    let (st, body) = http(&env.socket(), "GET", "/v1/vms/a1/stats", None);
+    assert_eq!(st, 200, "{body}");
+    let s: Value = serde_json::from_str(&body).unwrap();
+    assert!(s["rss_kib"].as_u64().unwrap() > 0, "{s}");
+    let mut state = String::new();
+    for _ in 0..100 {
+        state = vm(&env, "a1")["state"].as_str().unwrap().to_string();
+        if state == "stopped" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(state, "stopped", "auto-stopped after 2 s untouched");
+    assert!(env.vmm_processes().is_empty());
+}

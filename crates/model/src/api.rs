@@ -97,6 +97,14 @@ pub struct CreateVmRequest {
     /// Create the VM stopped.
     #[serde(default)]
     pub no_start: bool,
+    /// SSH public keys to authorize in the guest (the CLI sends the caller's wick key).
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    /// Git identity for the guest (the CLI sends the caller's `user.name`/`user.email`).
+    #[serde(default)]
+    pub git_name: Option<String>,
+    #[serde(default)]
+    pub git_email: Option<String>,
 }
 
 /// `PATCH /v1/vms/{vm}` (`wick vm set`). vcpu/memory apply at next start; NAT applies live.
@@ -197,6 +205,26 @@ pub struct OpEvent {
     pub error: Option<ApiError>,
     #[serde(default)]
     pub vm: Option<VmRecord>,
+}
+
+/// `GET /v1/vms/{vm}/stats`: resource use of the VM's VMM processes, sampled by wickd's poller.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmStats {
+    pub name: String,
+    pub state: String,
+    pub vcpu: u32,
+    pub memory_mib: u64,
+    /// CPU use of the VMM (and sidecars) since the previous sample, in percent of one core.
+    #[serde(default)]
+    pub cpu_percent: Option<f64>,
+    /// Resident memory of the VMM (and sidecars).
+    #[serde(default)]
+    pub rss_kib: Option<u64>,
+    /// When the sample was taken (RFC 3339), absent before the first sample.
+    #[serde(default)]
+    pub sampled_at: Option<String>,
+    /// Last user action or agent session (auto-stop counts from here).
+    pub touched_at: String,
 }
 
 /// Where a resolved setting came from.

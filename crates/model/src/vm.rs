@@ -70,7 +70,7 @@ impl FromStr for VmState {
 }
 
 /// What the VM is: fixed at create, changed only by `vm set`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct VmSpec {
     pub vcpu: u32,
     pub memory_mib: u64,
@@ -88,6 +88,17 @@ pub struct VmSpec {
     /// Outbound NAT for the guest.
     #[serde(default)]
     pub nat: bool,
+    /// The image runs wick-agent: the daemon waits for it and configures the guest at start.
+    #[serde(default)]
+    pub agent: bool,
+    /// Public keys for the guest's `/root/.ssh/authorized_keys`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    /// Git identity set in the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_email: Option<String>,
 }
 
 /// Identity of a running VMM process. Written to the durable runtime **before** the process is
@@ -154,6 +165,10 @@ pub struct VmRuntime {
     /// NAT backend (`nft`, `iptables`, `iptables-legacy`) holding this VM's NAT rules, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<String>,
+    /// The guest's SSH host public keys as its agent reported them at start (for known_hosts:
+    /// `wick vm ssh` pins them, so even the first connection is verified).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_keys: Vec<String>,
     /// Why the VM is in `error`, with the tail of the VMM log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,

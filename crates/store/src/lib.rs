@@ -231,6 +231,16 @@ impl Store {
         Ok(out)
     }
 
+    /// Marks the VM as used now (a user action or an agent session): only `touched_at`
+    /// changes, so it never races with a lifecycle operation's writes of the rest.
+    pub fn touch_vm(&self, id: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE vms SET touched_at = ?2 WHERE id = ?1",
+            params![id, now()],
+        )?;
+        Ok(())
+    }
+
     /// Removes a VM's record. Idempotent.
     pub fn delete_vm(&self, id: &str) -> Result<()> {
         self.conn().execute("DELETE FROM vms WHERE id = ?1", [id])?;

@@ -314,14 +314,64 @@ fn write_atomic(path: &Path, content: &str, new_mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// The caller's wick public key (`<dir>/id_ed25519.pub`), creating the key pair on first use
+/// when ssh-keygen exists. `None` (with a warning) when there is no key to offer.
+pub fn public_key(paths: &Paths) -> Option<String> {
+    let sp = SshPaths::resolve(paths).ok()?;
+    let pubkey = PathBuf::from(format!("{}.pub", sp.key.display()));
+    if !sp.key.exists() {
+        if let Err(e) = fs::create_dir_all(&sp.dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| generate_key(&sp.key))
+        {
+            eprintln!("warning: no ssh key for the guest: {e:#}");
+            return None;
+        }
+    }
+    fs::read_to_string(&pubkey)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// The caller's git identity (`git config user.name` / `user.email`), if set.
+pub fn git_identity() -> (Option<String>, Option<String>) {
+    let get = |key: &str| {
+        Command::new("git")
+            .args(["config", "--get", key])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    (get("user.name"), get("user.email"))
+}
+
 fn generate_key(key: &Path) -> Result<()> {
+    // Generate under a temporary name and rename into place, so concurrent first uses (several
+    // `wick vm create` at once) never see half a key pair or fight over an overwrite prompt.
+    let tmp = key.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
     let status = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "wick", "-f"])
-        .arg(key)
+        .arg(&tmp)
         .stdin(std::process::Stdio::null())
         .status();
     match status {
-        Ok(s) if s.success() => Ok(()),
+        Ok(s) if s.success() => {
+            let tmp_pub = PathBuf::from(format!("{}.pub", tmp.display()));
+            if key.exists() {
+                // Someone else won the race: keep theirs.
+                let _ = fs::remove_file(&tmp);
+                let _ = fs::remove_file(&tmp_pub);
+                return Ok(());
+            }
+            fs::rename(&tmp_pub, PathBuf::from(format!("{}.pub", key.display())))?;
+            fs::rename(&tmp, key)?;
+            Ok(())
+        }
         Ok(s) => bail!("ssh-keygen failed ({s}) creating {}", key.display()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
             "ssh-keygen is not installed, so no key was created; install openssh-client, or \

@@ -36,7 +36,11 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
 }
 
 async fn create(ctx: &Ctx, args: CreateArgs) -> Result<()> {
-    let req = args.to_request()?;
+    let mut req = args.to_request()?;
+    // Who the guest should let in and commit as: the caller's wick key and git identity.
+    req.ssh_keys
+        .extend(super::ssh_config::public_key(&ctx.paths));
+    (req.git_name, req.git_email) = super::ssh_config::git_identity();
     let client = ctx.client();
 
     // The spec line: what the user gave, the daemon's resolved defaults for the rest.
