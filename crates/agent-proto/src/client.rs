@@ -1,5 +1,8 @@
-//! The host side: [`AgentClient`] speaks to a guest's agent through the VMM's hybrid vsock socket.
+//! The host side: [`AgentChannel`] and [`AgentClient`] speak to a guest's agent over any
+//! [`Connector`] — the VMM's hybrid vsock socket ([`HybridVsockConnector`]) or, in the CLI, an
+//! upgraded connection through `wickd`.
 
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -9,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Mutex};
 
@@ -25,13 +27,94 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on waiting for a request's (first) reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A client of one guest's agent. Cheap to clone; every call opens its own connection, so calls
-/// may run concurrently.
+/// A byte stream connected to the agent (after any transport handshake).
+pub trait AgentStream: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AgentStream for T {}
+
+/// A boxed [`AgentStream`], as returned by a [`Connector`].
+pub type BoxAgentStream = Box<dyn AgentStream>;
+
+/// The future returned by [`Connector::connect`].
+pub type ConnectFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<BoxAgentStream, AgentError>> + Send + 'a>>;
+
+/// How to open a fresh connection to one guest's agent. Every request uses its own connection,
+/// so `connect` is called once per request (possibly concurrently).
+pub trait Connector: Send + Sync {
+    /// A new stream on which the agent protocol starts right away (no handshake left to do).
+    fn connect(&self) -> ConnectFuture<'_>;
+
+    /// What this connects to, for messages (e.g. `vsock port 10700 through /run/vm/vsock.sock`).
+    fn describe(&self) -> String;
+}
+
+/// The VMM's hybrid vsock socket: connect to the Unix socket, `CONNECT <port>\n` → `OK …\n`.
 #[derive(Debug, Clone)]
-pub struct AgentClient {
+pub struct HybridVsockConnector {
     uds: PathBuf,
     port: u32,
+}
+
+impl HybridVsockConnector {
+    /// Connects through the VM's hybrid vsock socket `vsock_uds` to guest port `port`.
+    pub fn new(vsock_uds: &Path, port: u32) -> HybridVsockConnector {
+        HybridVsockConnector {
+            uds: vsock_uds.to_path_buf(),
+            port,
+        }
+    }
+}
+
+impl Connector for HybridVsockConnector {
+    fn connect(&self) -> ConnectFuture<'_> {
+        Box::pin(async move {
+            let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&self.uds, self.port))
+                .await
+                .map_err(|_| AgentError::Timeout {
+                    what: "accept the vsock connection",
+                    after: HANDSHAKE_TIMEOUT,
+                })??;
+            Ok(Box::new(s) as BoxAgentStream)
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("vsock port {} through {}", self.port, self.uds.display())
+    }
+}
+
+/// A way to talk to one guest's agent, without any I/O until the first call. Cheap to clone;
+/// every call opens its own connection through the [`Connector`], so calls may run
+/// concurrently. Use [`AgentClient`] to also wait for the agent and check its protocol version
+/// first; a channel learns of a version mismatch from the agent's refusal of the first request.
+#[derive(Clone)]
+pub struct AgentChannel {
+    connector: Arc<dyn Connector>,
+}
+
+impl std::fmt::Debug for AgentChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentChannel")
+            .field("connector", &self.connector.describe())
+            .finish()
+    }
+}
+
+/// A client of one guest's agent whose `Hello` succeeded with a matching protocol version.
+/// Dereferences to its [`AgentChannel`] for the calls. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    channel: AgentChannel,
     hello: HelloReply,
+}
+
+impl std::ops::Deref for AgentClient {
+    type Target = AgentChannel;
+
+    fn deref(&self) -> &AgentChannel {
+        &self.channel
+    }
 }
 
 impl AgentClient {
@@ -44,13 +127,26 @@ impl AgentClient {
         port: u32,
         timeout: Duration,
     ) -> Result<AgentClient, AgentError> {
+        Self::with_connector(
+            Arc::new(HybridVsockConnector::new(vsock_uds, port)),
+            timeout,
+        )
+        .await
+    }
+
+    /// Like [`connect`](Self::connect), over any [`Connector`]: retries `Hello` until the agent
+    /// answers or `timeout` passes; fails at once on a protocol version mismatch.
+    pub async fn with_connector(
+        connector: Arc<dyn Connector>,
+        timeout: Duration,
+    ) -> Result<AgentClient, AgentError> {
+        let channel = AgentChannel::new(connector);
         let start = Instant::now();
         let deadline = start + timeout;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt = tokio::time::timeout(remaining, async {
-                let (mut rd, _wr) =
-                    open(vsock_uds, port, remaining, Request::Hello, "say hello").await?;
+                let (mut rd, _wr) = channel.open(Request::Hello, "say hello").await?;
                 read_reply::<HelloReply>(&mut rd, "say hello", remaining).await
             })
             .await;
@@ -63,19 +159,14 @@ impl AgentClient {
                             agent_version: hello.agent_version,
                         });
                     }
-                    return Ok(AgentClient {
-                        uds: vsock_uds.to_path_buf(),
-                        port,
-                        hello,
-                    });
+                    return Ok(AgentClient { channel, hello });
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "the attempt in progress timed out".to_string(),
             };
             if Instant::now() + RETRY_INTERVAL >= deadline {
                 return Err(AgentError::NotReady {
-                    path: vsock_uds.to_path_buf(),
-                    port,
+                    target: channel.connector.describe(),
                     waited: start.elapsed(),
                     last,
                 });
@@ -87,6 +178,18 @@ impl AgentClient {
     /// The agent's answer to the `Hello` made by [`AgentClient::connect`].
     pub fn agent_info(&self) -> &HelloReply {
         &self.hello
+    }
+
+    /// The channel the calls go through.
+    pub fn channel(&self) -> &AgentChannel {
+        &self.channel
+    }
+}
+
+impl AgentChannel {
+    /// A channel opening each connection through `connector`. Does no I/O.
+    pub fn new(connector: Arc<dyn Connector>) -> AgentChannel {
+        AgentChannel { connector }
     }
 
     /// Asks `Hello` again (boot id, hostname, versions).
@@ -246,12 +349,18 @@ impl AgentClient {
         self.call(Request::Shutdown { poweroff }, "shut down").await
     }
 
-    async fn open(
-        &self,
-        request: Request,
-        what: &'static str,
-    ) -> Result<(OwnedReadHalf, OwnedWriteHalf), AgentError> {
-        open(&self.uds, self.port, HANDSHAKE_TIMEOUT, request, what).await
+    /// Opens one connection and sends the request frame.
+    async fn open(&self, request: Request, what: &'static str) -> Result<(Rd, Wr), AgentError> {
+        let stream = self.connector.connect().await?;
+        let (rd, mut wr) = tokio::io::split(stream);
+        let env = Envelope {
+            protocol: PROTOCOL_VERSION,
+            request,
+        };
+        write_json(&mut wr, FrameKind::Request, &env)
+            .await
+            .map_err(AgentError::io(what))?;
+        Ok((rd, wr))
     }
 
     async fn call<T: DeserializeOwned>(
@@ -264,30 +373,8 @@ impl AgentClient {
     }
 }
 
-/// Opens one connection: hybrid vsock handshake, then the request frame.
-async fn open(
-    uds: &Path,
-    port: u32,
-    timeout: Duration,
-    request: Request,
-    what: &'static str,
-) -> Result<(OwnedReadHalf, OwnedWriteHalf), AgentError> {
-    let stream = tokio::time::timeout(timeout, handshake(uds, port))
-        .await
-        .map_err(|_| AgentError::Timeout {
-            what: "accept the vsock connection",
-            after: timeout,
-        })??;
-    let (rd, mut wr) = stream.into_split();
-    let env = Envelope {
-        protocol: PROTOCOL_VERSION,
-        request,
-    };
-    write_json(&mut wr, FrameKind::Request, &env)
-        .await
-        .map_err(AgentError::io(what))?;
-    Ok((rd, wr))
-}
+type Rd = ReadHalf<BoxAgentStream>;
+type Wr = WriteHalf<BoxAgentStream>;
 
 /// Firecracker's hybrid vsock handshake: `CONNECT <port>\n` → `OK <hostport>\n`.
 async fn handshake(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
@@ -340,7 +427,7 @@ async fn handshake(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
 
 /// Reads a `Reply` frame and unwraps it.
 async fn read_reply<T: DeserializeOwned>(
-    rd: &mut OwnedReadHalf,
+    rd: &mut Rd,
     what: &'static str,
     timeout: Duration,
 ) -> Result<T, AgentError> {
@@ -411,13 +498,22 @@ pub struct ExecOutput {
 /// [`ExecSession::output`], [`ExecSession::pipe`], [`ExecSession::wait`]) while feeding stdin from
 /// another task: like a local process, a session whose output is not read eventually stops
 /// consuming stdin. Dropping the session before the exit kills the process group.
-#[derive(Debug)]
 pub struct ExecSession {
     pid: u32,
-    rd: OwnedReadHalf,
-    wr: Arc<Mutex<OwnedWriteHalf>>,
+    rd: Rd,
+    wr: Arc<Mutex<Wr>>,
     stdin: Option<ExecStdin>,
     exited: Option<ExitStatus>,
+}
+
+impl std::fmt::Debug for ExecSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecSession")
+            .field("pid", &self.pid)
+            .field("stdin", &self.stdin.is_some())
+            .field("exited", &self.exited)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ExecSession {
@@ -535,9 +631,14 @@ impl ExecSession {
 
 /// Writes to a guest process's stdin. Dropping it without [`close`](Self::close) leaves the
 /// process's stdin open.
-#[derive(Debug)]
 pub struct ExecStdin {
-    wr: Arc<Mutex<OwnedWriteHalf>>,
+    wr: Arc<Mutex<Wr>>,
+}
+
+impl std::fmt::Debug for ExecStdin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecStdin").finish_non_exhaustive()
+    }
 }
 
 impl ExecStdin {
@@ -584,9 +685,15 @@ impl ExecStdin {
 }
 
 /// Resizes an exec's terminal or signals its process group.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ExecControl {
-    wr: Arc<Mutex<OwnedWriteHalf>>,
+    wr: Arc<Mutex<Wr>>,
+}
+
+impl std::fmt::Debug for ExecControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecControl").finish_non_exhaustive()
+    }
 }
 
 impl ExecControl {
@@ -630,5 +737,98 @@ impl AsyncRead for TarReader {
         let n = self.cur.len().min(buf.remaining());
         buf.put_slice(&self.cur.split_to(n));
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A connector over in-memory pipes; the "agent" answers `Hello` and `Health`, and refuses
+    /// the first `refuse` connections by closing them.
+    struct Pipes {
+        refuse: usize,
+        opened: AtomicUsize,
+    }
+
+    impl Connector for Pipes {
+        fn connect(&self) -> ConnectFuture<'_> {
+            Box::pin(async move {
+                let n = self.opened.fetch_add(1, Ordering::SeqCst);
+                let (host, mut agent) = tokio::io::duplex(64 * 1024);
+                if n < self.refuse {
+                    drop(agent);
+                    return Ok(Box::new(host) as BoxAgentStream);
+                }
+                tokio::spawn(async move {
+                    let f = read_frame(&mut agent).await.unwrap().unwrap();
+                    let env: Envelope = f.json().unwrap();
+                    match env.request {
+                        Request::Hello => {
+                            let r: Reply<HelloReply> = Ok(HelloReply {
+                                agent_version: "test".into(),
+                                protocol_version: PROTOCOL_VERSION,
+                                boot_id: "b".into(),
+                                hostname: "h".into(),
+                                kernel: "k".into(),
+                            });
+                            write_json(&mut agent, FrameKind::Reply, &r).await.unwrap();
+                        }
+                        _ => {
+                            let r: Reply<()> = Err(RemoteError::new("unsupported here"));
+                            write_json(&mut agent, FrameKind::Reply, &r).await.unwrap();
+                        }
+                    }
+                });
+                Ok(Box::new(host) as BoxAgentStream)
+            })
+        }
+
+        fn describe(&self) -> String {
+            "in-memory pipes".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn any_stream_works_and_connect_retries() {
+        let c = Arc::new(Pipes {
+            refuse: 2,
+            opened: AtomicUsize::new(0),
+        });
+        let client = AgentClient::with_connector(c.clone(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(client.agent_info().hostname, "h");
+        assert_eq!(
+            c.opened.load(Ordering::SeqCst),
+            3,
+            "two refusals, then hello"
+        );
+        // Calls go through the channel, one connection each.
+        assert_eq!(client.hello().await.unwrap().boot_id, "b");
+        let e = client.channel().health().await.unwrap_err();
+        assert!(e.to_string().contains("unsupported here"), "{e}");
+        assert_eq!(c.opened.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn not_ready_names_the_connector() {
+        let c = Arc::new(Pipes {
+            refuse: usize::MAX,
+            opened: AtomicUsize::new(0),
+        });
+        let e = AgentClient::with_connector(c, Duration::from_millis(120))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AgentError::NotReady { .. }), "{e}");
+        assert!(e.to_string().contains("in-memory pipes"), "{e}");
+        // A channel does no I/O until used.
+        let ch = AgentChannel::new(Arc::new(HybridVsockConnector::new(
+            Path::new("/nonexistent/vsock.sock"),
+            10700,
+        )));
+        let e = ch.ports().await.unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/vsock.sock"), "{e}");
     }
 }

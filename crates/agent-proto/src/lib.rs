@@ -10,6 +10,11 @@
 //! agent has not started yet), the VMM closes the connection instead, and [`AgentClient::connect`]
 //! retries.
 //!
+//! The client is transport-agnostic: a [`Connector`] hands it fresh streams already connected to
+//! the agent. [`HybridVsockConnector`] does the handshake above (wickd); the CLI's connector asks
+//! wickd for an HTTP upgrade (`POST /v1/vms/{vm}/agent`), after which the connection is a raw
+//! stream to the agent — wickd did the `CONNECT`.
+//!
 //! # One request per connection
 //!
 //! Every connection carries exactly one request: the host sends a [`Request`] frame, the agent
@@ -71,7 +76,8 @@ mod msg;
 pub mod testing;
 
 pub use client::{
-    AgentClient, ExecControl, ExecEvent, ExecOutput, ExecSession, ExecStdin, TarReader,
+    AgentChannel, AgentClient, AgentStream, BoxAgentStream, ConnectFuture, Connector, ExecControl,
+    ExecEvent, ExecOutput, ExecSession, ExecStdin, HybridVsockConnector, TarReader,
 };
 pub use frame::{read_frame, write_frame, write_json, Frame, FrameKind, DATA_CHUNK, MAX_FRAME_LEN};
 pub use msg::*;
@@ -123,15 +129,19 @@ pub enum AgentError {
         detail: String,
     },
     #[error(
-        "the guest agent did not answer on vsock port {port} through {path} within {waited:?} \
-         (last error: {last}); check the VM's console log for wick-agent and vsock errors"
+        "the guest agent did not answer on {target} within {waited:?} (last error: {last}); \
+         check the VM's console log for wick-agent and vsock errors"
     )]
     NotReady {
-        path: PathBuf,
-        port: u32,
+        /// What was tried, from [`Connector::describe`].
+        target: String,
         waited: Duration,
         last: String,
     },
+    /// A [`Connector`] other than the hybrid vsock one failed to open a connection (e.g. wickd
+    /// refused the upgrade); its error is kept as is.
+    #[error(transparent)]
+    Transport(Box<dyn std::error::Error + Send + Sync>),
     #[error(
         "the guest agent speaks protocol version {agent} (agent {agent_version}) but this wick \
          speaks version {ours}: rebuild the image with a matching wick-agent"

@@ -31,6 +31,12 @@ pub enum Command {
     /// Create, run and manage VMs.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Manage images: the root filesystems VMs are created from.
+    #[command(subcommand)]
+    Image(crate::cmd::image::ImageCommand),
+    /// Manage guest kernels.
+    #[command(subcommand)]
+    Kernel(crate::cmd::kernel::KernelCommand),
     /// Inspect or stop the wickd daemon.
     #[command(subcommand)]
     Daemon(DaemonCommand),
@@ -104,6 +110,30 @@ pub enum VmCommand {
     Prune(PruneArgs),
     /// Change a VM's vcpu, memory (applied at next start) or NAT (applied live).
     Set(SetArgs),
+    /// Run a command in a VM through its agent; the command's exit code becomes wick's.
+    ///
+    /// Output streams as it comes (stdout and stderr kept apart, merged under -t). A command
+    /// killed by signal N exits 128+N. Without -i the command's stdin is /dev/null.
+    Exec(ExecArgs),
+    /// Log into a VM with OpenSSH (as root, with wick's key), or run a command there.
+    ///
+    /// Connects to the VM's IP with `HostKeyAlias=<name>.vm` and wick's own known_hosts, into
+    /// which the host keys wickd got from the guest's agent are pinned first: a changed key is
+    /// refused. Extra arguments after `--` go to ssh's remote command, as with plain ssh.
+    Ssh(SshArgs),
+    /// Copy files or directories between the host and a VM (`VM:PATH` on exactly one side).
+    ///
+    /// Directories are copied recursively; modes, mtimes and symlinks are kept. Like `cp -r`:
+    /// when DST is an existing directory (or ends with `/`), SRC is copied into it under its own
+    /// name, otherwise SRC is copied to DST. A relative guest PATH is relative to /root.
+    Cp(CpArgs),
+    /// List the TCP ports listening in a VM, with `<name>.vm:<port>` endpoints (and an http://
+    /// URL for ports that answer HTTP).
+    Ports(VmJsonArgs),
+    /// Show the guest's health as its agent reports it: uptime, boot id, load, memory, disk.
+    Health(VmJsonArgs),
+    /// Show CPU and memory use of a VM's VMM as sampled by wickd.
+    Stats(VmJsonArgs),
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +232,63 @@ pub struct SetArgs {
     #[arg(long, value_name = "on|off")]
     pub nat: Option<OnOff>,
     /// Print the updated VM as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// VM by name, id or unique id prefix.
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    /// Forward stdin to the command; the end of input closes its stdin.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Run the command under a pseudo-terminal (the local terminal goes raw; window size
+    /// changes follow).
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Set an environment variable (repeatable); `-e NAME` passes the local value.
+    #[arg(short, long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Working directory in the guest [default: the user's home].
+    #[arg(short, long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// User name or uid to run as [default: root].
+    #[arg(short, long, value_name = "USER")]
+    pub user: Option<String>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// VM by name, id or unique id prefix.
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    /// A remote command (after `--`) instead of a login shell.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// Source: a host path or VM:PATH.
+    #[arg(value_name = "SRC")]
+    pub src: String,
+    /// Destination: a host path or VM:PATH.
+    #[arg(value_name = "DST")]
+    pub dst: String,
+}
+
+/// A VM and `--json`.
+#[derive(Debug, Args)]
+pub struct VmJsonArgs {
+    /// VM by name, id or unique id prefix.
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    /// Print JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -367,6 +454,68 @@ mod tests {
         assert!(a.install && !a.uninstall);
         assert!(parse(&["ssh-config"]).is_ok());
         assert!(parse(&["ssh-config", "--install", "--uninstall"]).is_err());
+    }
+
+    #[test]
+    fn exec_needs_a_command_after_double_dash() {
+        let cli = parse(&[
+            "vm", "exec", "-it", "-e", "A=1", "-e", "B=2", "-w", "/srv", "-u", "app", "a1", "--",
+            "ls", "-la",
+        ])
+        .unwrap();
+        let Command::Vm(VmCommand::Exec(a)) = cli.command else {
+            panic!("not exec")
+        };
+        assert!(a.interactive && a.tty);
+        assert_eq!(a.env, ["A=1", "B=2"]);
+        assert_eq!(
+            (a.workdir.as_deref(), a.user.as_deref()),
+            (Some("/srv"), Some("app"))
+        );
+        assert_eq!(
+            (a.vm.as_str(), a.command),
+            ("a1", vec!["ls".into(), "-la".into()])
+        );
+        for bad in [
+            &["vm", "exec", "a1"][..],
+            &["vm", "exec", "a1", "ls"],
+            &["vm", "exec", "a1", "--"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.use_stderr(), "{bad:?}");
+            assert!(e.to_string().contains("Usage"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn ssh_cp_and_guest_queries() {
+        let cli = parse(&["vm", "ssh", "a1"]).unwrap();
+        let Command::Vm(VmCommand::Ssh(a)) = cli.command else {
+            panic!("not ssh")
+        };
+        assert!(a.command.is_empty());
+        let cli = parse(&["vm", "ssh", "a1", "--", "uname", "-r"]).unwrap();
+        let Command::Vm(VmCommand::Ssh(a)) = cli.command else {
+            panic!("not ssh")
+        };
+        assert_eq!(a.command, ["uname", "-r"]);
+        let cli = parse(&["vm", "cp", "./x", "a1:/root/x"]).unwrap();
+        let Command::Vm(VmCommand::Cp(a)) = cli.command else {
+            panic!("not cp")
+        };
+        assert_eq!((a.src.as_str(), a.dst.as_str()), ("./x", "a1:/root/x"));
+        assert!(parse(&["vm", "cp", "./x"]).is_err());
+        for cmd in ["ports", "health", "stats"] {
+            let cli = parse(&["vm", cmd, "a1", "--json"]).unwrap();
+            let Command::Vm(c) = cli.command else {
+                panic!("not vm")
+            };
+            let a = match c {
+                VmCommand::Ports(a) | VmCommand::Health(a) | VmCommand::Stats(a) => a,
+                other => panic!("{other:?}"),
+            };
+            assert!(a.json && a.vm == "a1");
+        }
     }
 
     #[test]

@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{ACCEPT, CONTENT_TYPE, HOST};
-use hyper::{Method, Request, Response};
+use hyper::header::{ACCEPT, CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -229,6 +229,48 @@ impl Client {
     pub async fn get_text(&self, path: &str) -> Result<Bytes> {
         let resp = self.send(Method::GET, path, None).await?;
         Ok(resp.into_body().collect().await?.to_bytes())
+    }
+
+    /// Opens a raw stream to VM `vm`'s wick-agent through the daemon: `POST /v1/vms/{vm}/agent`
+    /// with `Connection: Upgrade` / `Upgrade: wick-agent`; after `101` the connection speaks
+    /// `wick-agent-proto` (wickd already did the vsock `CONNECT`). Any other answer is the
+    /// daemon's [`ApiError`] (VM not running, no agent in the image, ...).
+    pub async fn agent_stream(&self, vm: &str) -> Result<TokioIo<hyper::upgrade::Upgraded>> {
+        let path = vm_path(vm, "/agent");
+        let stream = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP handshake with wickd failed")?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(&path)
+            .header(HOST, "wickd")
+            .header(CONNECTION, "upgrade")
+            .header(UPGRADE, "wick-agent")
+            .body(Full::new(Bytes::new()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .with_context(|| format!("wickd closed the connection during POST {path}"))?;
+        let status = resp.status();
+        if status != StatusCode::SWITCHING_PROTOCOLS {
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            if status.is_success() {
+                anyhow::bail!(
+                    "wickd answered HTTP {status} instead of upgrading POST {path} (is it the same \
+                     version as wick {}?)",
+                    env!("CARGO_PKG_VERSION")
+                );
+            }
+            return Err(decode_error(status.as_u16(), &bytes).into());
+        }
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .with_context(|| format!("upgrading POST {path} to the agent protocol failed"))?;
+        Ok(TokioIo::new(upgraded))
     }
 
     /// GET an `application/x-ndjson` stream of operation events.

@@ -6,13 +6,15 @@
 //! Layout:
 //!
 //! - [`cli`]: the clap command tree and global options;
-//! - [`client`]: the socket client (requests, error bodies, event streams);
+//! - [`client`]: the socket client (requests, error bodies, event streams, agent upgrades);
+//! - [`agent`]: the guest agent's protocol over wickd's upgraded connections;
 //! - [`autostart`]: starting `wickd` when a root caller finds it not running;
 //! - [`cmd`]: one module per command group;
 //! - [`progress`]: following an operation's event stream (spinner, plain lines, Ctrl-C);
 //! - [`render`]: pure formatting (tables, ages, summaries) so it can be unit-tested;
 //! - [`validate`]: client-side checks of user input before anything reaches the daemon.
 
+mod agent;
 mod autostart;
 mod cli;
 mod client;

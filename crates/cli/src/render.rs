@@ -86,6 +86,27 @@ pub fn vm_table(vms: &[VmRecord], now: i64) -> String {
     out
 }
 
+/// A plain table (header row, columns padded by three spaces, no trailing blanks).
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .force_no_tty()
+        .set_header(header.to_vec());
+    for r in rows {
+        t.add_row(r);
+    }
+    for col in t.column_iter_mut() {
+        col.set_padding((0, 3));
+    }
+    let mut out = String::new();
+    for line in t.to_string().lines() {
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// Current Unix time in seconds.
 pub fn now_unix() -> i64 {
     SystemTime::now()

@@ -24,6 +24,12 @@ impl WickdEnv {
     /// A fresh root with a config pointing at the fake Firecracker and a `default` image (a
     /// sparse 64 MiB rootfs file and a stand-in kernel file). `extra_config` is appended.
     pub fn new(extra_config: &str) -> WickdEnv {
+        Self::new_with_image_extra(extra_config, "")
+    }
+
+    /// Like [`new`](Self::new), with `image_extra` (e.g. `agent = true`) appended to the
+    /// `[images.default]` table.
+    pub fn new_with_image_extra(extra_config: &str, image_extra: &str) -> WickdEnv {
         // Short paths: Unix socket paths are limited to 108 bytes.
         let dir = tempfile::Builder::new()
             .prefix("wk")
@@ -36,7 +42,7 @@ impl WickdEnv {
         f.set_len(64 << 20).unwrap();
         std::fs::write(img.join("vmlinux"), b"\x7fELF fake kernel for tests").unwrap();
         let config = format!(
-            "vmm = \"firecracker\"\nfirecracker_bin = {fc:?}\nboot_timeout = \"10s\"\nstop_timeout = \"2s\"\n{extra_config}\n\n[images.default]\nrootfs = {rootfs:?}\nkernel = {kernel:?}\n",
+            "vmm = \"firecracker\"\nfirecracker_bin = {fc:?}\nboot_timeout = \"10s\"\nstop_timeout = \"2s\"\n{extra_config}\n\n[images.default]\nrootfs = {rootfs:?}\nkernel = {kernel:?}\n{image_extra}\n",
             fc = cargo_bin("fake-firecracker"),
             rootfs = rootfs,
             kernel = img.join("vmlinux"),

@@ -2,8 +2,14 @@
 //! [`Client`], and prints with [`crate::render`].
 
 mod config;
+mod cp;
 mod daemon;
 mod doctor;
+mod exec;
+mod guest;
+pub(crate) mod image;
+pub(crate) mod kernel;
+mod ssh;
 mod ssh_config;
 mod version;
 mod vm;
@@ -55,6 +61,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     let ctx = Ctx { paths, socket };
     match cli.command {
         Command::Vm(c) => vm::run(&ctx, c).await,
+        Command::Image(c) => image::run(&ctx, c).await,
+        Command::Kernel(c) => kernel::run(&ctx, c).await,
         Command::Daemon(c) => daemon::run(&ctx, c).await,
         Command::Config(ConfigCommand::Show(a)) => config::show(&ctx, a).await,
         Command::Doctor(a) => doctor::run(&ctx, a).await,

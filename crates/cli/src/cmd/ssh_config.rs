@@ -84,7 +84,7 @@ fn home_dir() -> Result<PathBuf> {
 }
 
 /// An ssh_config argument: quoted when it has spaces.
-fn ssh_arg(p: &Path) -> String {
+pub(crate) fn ssh_arg(p: &Path) -> String {
     let s = p.display().to_string();
     if s.chars().any(char::is_whitespace) {
         format!("\"{s}\"")
@@ -277,7 +277,7 @@ fn follow_symlink(path: &Path) -> Result<PathBuf> {
 }
 
 /// Creates `dir` (mode 0700) if missing; an existing directory keeps its mode.
-fn create_private_dir(dir: &Path) -> Result<()> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
@@ -288,7 +288,7 @@ fn create_private_dir(dir: &Path) -> Result<()> {
 
 /// Replaces `path` with `content` atomically (temp file + rename), keeping the mode of an
 /// existing file, else using `new_mode`.
-fn write_atomic(path: &Path, content: &str, new_mode: u32) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, content: &str, new_mode: u32) -> Result<()> {
     let mode = fs::metadata(path)
         .map(|m| m.permissions().mode() & 0o7777)
         .unwrap_or(new_mode);

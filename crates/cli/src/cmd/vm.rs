@@ -32,6 +32,12 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
         VmCommand::Logs(a) => logs(ctx, a).await,
         VmCommand::Prune(a) => prune(ctx, a).await,
         VmCommand::Set(a) => set(ctx, a).await,
+        VmCommand::Exec(a) => super::exec::run(ctx, a).await,
+        VmCommand::Ssh(a) => super::ssh::run(ctx, a).await,
+        VmCommand::Cp(a) => super::cp::run(ctx, a).await,
+        VmCommand::Ports(a) => super::guest::ports(ctx, a).await,
+        VmCommand::Health(a) => super::guest::health(ctx, a).await,
+        VmCommand::Stats(a) => super::guest::stats(ctx, a).await,
     }
 }
 
@@ -209,6 +215,9 @@ async fn lifecycle(ctx: &Ctx, kind: OpKind, args: LifecycleArgs) -> Result<()> {
             return Err(Exit(130).into());
         }
         let op = result?;
+        if kind == OpKind::Delete {
+            super::ssh::forget_host(&ctx.paths, &op.vm_name);
+        }
         return if args.json {
             out_json(&op)
         } else {
@@ -220,6 +229,11 @@ async fn lifecycle(ctx: &Ctx, kind: OpKind, args: LifecycleArgs) -> Result<()> {
             .map(|vm| run_op(&client, kind, vm, View::Quiet, &interrupt)),
     )
     .await;
+    if kind == OpKind::Delete {
+        for op in results.iter().flatten() {
+            super::ssh::forget_host(&ctx.paths, &op.vm_name);
+        }
+    }
     let reported = report(&vms, results, args.json, |vm, r| result_line(vm, kind, r));
     if interrupt.fired() {
         return Err(Exit(130).into());
@@ -302,6 +316,9 @@ async fn prune(ctx: &Ctx, args: PruneArgs) -> Result<()> {
         }
     }
     let res: PruneResult = client.post_empty("/v1/vms/prune").await?;
+    for name in &res.deleted {
+        super::ssh::forget_host(&ctx.paths, name);
+    }
     if args.json {
         out_json(&res)?;
     } else {

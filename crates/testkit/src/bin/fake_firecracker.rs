@@ -16,7 +16,7 @@
 //!   Firecracker; `InstanceStart` needs a boot source.
 //! - `PUT /vsock` binds the hybrid-vsock listener at `uds_path` (as Firecracker does; an existing
 //!   file there is an error). Connections get `CONNECT <port>\n` read and are closed: there is no
-//!   guest agent.
+//!   guest agent — unless `FAKE_FC_AGENT_BIN` is set (below).
 //! - `InstanceStart` prints fake serial-console lines to stdout and writes a metrics line.
 //! - `SendCtrlAltDel` makes the fake guest power off: the process exits 0 about 50 ms later,
 //!   removing its vsock socket (the API socket is left behind, like Firecracker does).
@@ -28,6 +28,15 @@
 //! - `FAKE_FC_FAIL_START=msg`: `InstanceStart` answers 400 with `msg` as fault message.
 //! - `FAKE_FC_IGNORE_CTRL_ALT_DEL=1`: `SendCtrlAltDel` is accepted but the guest never powers
 //!   off, so a graceful stop has to fall back to SIGKILL.
+//!
+//! A real agent in the fake guest (test-only): `FAKE_FC_AGENT_BIN=/path/to/wick-agent` makes
+//! `InstanceStart` spawn `wick-agent --listen-unix D/agent.sock --root-prefix D/guest-root
+//! --no-poweroff`, where D is the directory of the vsock `uds_path`. A hybrid-vsock
+//! `CONNECT 10700\n` is then answered with `OK <n>\n` and spliced to `D/agent.sock`, as
+//! Firecracker splices to the guest's vsock port; other ports are still closed. The "guest" is
+//! this host: exec runs host commands (as the fake's user), and `Configure` writes below
+//! `D/guest-root` only (which starts with an empty `etc/ssh`, so host keys get generated). The agent dies with the fake (killed by pid and reaped on every exit
+//! path, and `PR_SET_PDEATHSIG` covers a SIGKILL of the fake).
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -43,12 +52,16 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::AsyncReadExt;
-use tokio::net::UnixListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
 
 const VERSION: &str = "1.16.0-fake";
 const POST_BOOT: &str = "The requested operation is not supported after starting the microVM.";
 const PRE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
+/// The guest port wick-agent listens on (`wick_agent_proto::AGENT_PORT`).
+const AGENT_PORT: u32 = 10700;
+/// Names the wick-agent binary to run as the fake guest's agent.
+const AGENT_BIN_ENV: &str = "FAKE_FC_AGENT_BIN";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,6 +239,10 @@ struct Vm {
     vsock_task: Option<tokio::task::JoinHandle<()>>,
     logger: Option<Logger>,
     metrics: Option<Metrics>,
+    /// The agent process of the fake guest (`FAKE_FC_AGENT_BIN`), once started.
+    agent: Option<std::process::Child>,
+    /// Where that agent listens; `CONNECT 10700` is spliced there.
+    agent_sock: Option<PathBuf>,
 }
 
 type Shared = Arc<Mutex<Vm>>;
@@ -351,6 +368,80 @@ impl Vm {
             let _ = std::fs::remove_file(&v.uds_path);
         }
     }
+
+    /// Starts the fake guest's agent when `FAKE_FC_AGENT_BIN` is set and a vsock exists.
+    fn start_agent(&mut self) -> Result<(), Reply> {
+        let Some(bin) = std::env::var_os(AGENT_BIN_ENV).filter(|v| !v.is_empty()) else {
+            return Ok(());
+        };
+        let Some(vsock) = &self.vsock else {
+            println!("[fake-firecracker] {AGENT_BIN_ENV} set but no vsock device: no agent");
+            return Ok(());
+        };
+        let dir = Path::new(&vsock.uds_path)
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let sock = dir.join("agent.sock");
+        let root = dir.join("guest-root");
+        // Like a wick image: openssh-server's /etc/ssh exists, so the agent makes host keys.
+        std::fs::create_dir_all(root.join("etc/ssh")).map_err(|e| {
+            fault(format!(
+                "Start microvm error: (fake) cannot create {}: {e}",
+                root.display()
+            ))
+        })?;
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.arg("--listen-unix")
+            .arg(&sock)
+            .arg("--root-prefix")
+            .arg(&root)
+            .arg("--no-poweroff")
+            .stdin(std::process::Stdio::null());
+        // SAFETY: prctl is async-signal-safe; the closure only calls it.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                // The agent dies with the fake, even when the fake is SIGKILLed.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| {
+            fault(format!(
+                "Start microvm error: (fake) cannot run {AGENT_BIN_ENV}={}: {e}",
+                Path::new(&bin).display()
+            ))
+        })?;
+        println!(
+            "[fake-firecracker] fake guest agent pid {} on {}",
+            child.id(),
+            sock.display()
+        );
+        self.agent = Some(child);
+        self.agent_sock = Some(sock);
+        Ok(())
+    }
+
+    /// Kills (by pid) and reaps the fake guest's agent, if any.
+    fn stop_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(s) = self.agent_sock.take() {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+}
+
+/// Stops the fake guest's agent and exits the process with `code`.
+fn exit_with(vm: &Shared, code: i32) -> ! {
+    let mut vm = vm.lock().unwrap_or_else(|p| p.into_inner());
+    vm.stop_agent();
+    std::process::exit(code);
 }
 
 fn put_machine_config(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
@@ -518,36 +609,65 @@ fn patch_net(vm: &mut Vm, id: Option<&str>, body: &Bytes) -> Result<Reply, Reply
     Ok(Reply::NoContent)
 }
 
-/// Firecracker's host side of hybrid vsock, minus the guest: read `CONNECT <port>\n`, then close
-/// (no guest listens on any port).
-async fn serve_vsock(listener: UnixListener) {
+/// Firecracker's host side of hybrid vsock: read `CONNECT <port>\n`; splice port 10700 to the
+/// fake guest's agent when one runs, close every other connection (nobody listens there).
+async fn serve_vsock(listener: UnixListener, vm: Shared) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
+        let vm = vm.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 64];
-            let mut n = 0;
+            // Byte by byte: whatever follows the newline belongs to the guest connection.
+            let mut line = Vec::with_capacity(32);
             let read = async {
-                while n < buf.len() {
-                    match stream.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => {
-                            n += k;
-                            if buf[..n].contains(&b'\n') {
-                                break;
-                            }
-                        }
+                loop {
+                    let mut b = [0u8; 1];
+                    match stream.read(&mut b).await {
+                        Ok(1) if b[0] == b'\n' => return true,
+                        Ok(1) if line.len() < 64 => line.push(b[0]),
+                        _ => return false,
                     }
                 }
             };
-            let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
-            // Dropping the stream closes it: nobody is listening in the (nonexistent) guest.
+            if !tokio::time::timeout(Duration::from_secs(2), read)
+                .await
+                .unwrap_or(false)
+            {
+                return;
+            }
+            let port = String::from_utf8_lossy(&line)
+                .strip_prefix("CONNECT ")
+                .and_then(|p| p.trim().parse::<u32>().ok());
+            let target = match port {
+                Some(AGENT_PORT) => vm
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .agent_sock
+                    .clone(),
+                _ => None,
+            };
+            let Some(target) = target else {
+                return; // dropping the stream closes it: nobody listens on that guest port
+            };
+            let Ok(mut guest) = UnixStream::connect(&target).await else {
+                return; // the agent is not listening (yet): close, as Firecracker does
+            };
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1 << 30);
+            let host_port = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if stream
+                .write_all(format!("OK {host_port}\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut stream, &mut guest).await;
         });
     }
 }
 
-fn put_vsock(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
+fn put_vsock(vm: &mut Vm, shared: &Shared, body: &Bytes) -> Result<Reply, Reply> {
     let cfg: Vsock = parse(body)?;
     vm.pre_boot()?;
     if cfg.guest_cid < 3 {
@@ -570,7 +690,7 @@ fn put_vsock(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
     let _ = listener.set_nonblocking(true);
     let listener =
         UnixListener::from_std(listener).map_err(|e| fault(format!("Vsock config error: {e}")))?;
-    vm.vsock_task = Some(tokio::spawn(serve_vsock(listener)));
+    vm.vsock_task = Some(tokio::spawn(serve_vsock(listener, shared.clone())));
     vm.vsock = Some(cfg);
     Ok(Reply::NoContent)
 }
@@ -615,7 +735,7 @@ fn env_flag(name: &str) -> bool {
     matches!(std::env::var(name).as_deref(), Ok(v) if !v.is_empty() && v != "0")
 }
 
-fn put_actions(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
+fn put_actions(vm: &mut Vm, shared: &Shared, body: &Bytes) -> Result<Reply, Reply> {
     let action: Action = parse(body)?;
     match action.action_type {
         ActionType::InstanceStart => {
@@ -630,6 +750,7 @@ fn put_actions(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
                     return Err(fault(msg));
                 }
             }
+            vm.start_agent()?;
             vm.phase = Phase::Running;
             println!(
                 "[fake-firecracker] booting kernel {} with {} vcpus, {} MiB",
@@ -654,12 +775,13 @@ fn put_actions(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
                 .ok()
                 .and_then(|v| v.parse::<u64>().ok())
             {
+                let shared = shared.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                     eprintln!(
                         "[fake-firecracker] guest crashed (FAKE_FC_EXIT_AFTER_START_MS={ms}): exiting with code 1"
                     );
-                    std::process::exit(1);
+                    exit_with(&shared, 1);
                 });
             }
             Ok(Reply::NoContent)
@@ -673,13 +795,14 @@ fn put_actions(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
             println!("fake guest: Ctrl+Alt+Del received, powering off");
             let vsock = vm.vsock.as_ref().map(|v| v.uds_path.clone());
             vm.log("Vmm is stopping (fake guest powered off)");
+            let shared = shared.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 if let Some(p) = vsock {
                     let _ = std::fs::remove_file(p);
                 }
                 println!("[fake-firecracker] guest powered off, exiting");
-                std::process::exit(0);
+                exit_with(&shared, 0);
             });
             Ok(Reply::NoContent)
         }
@@ -700,7 +823,7 @@ fn patch_vm(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
     Ok(Reply::NoContent)
 }
 
-fn route(vm: &mut Vm, method: &Method, path: &str, body: Option<Bytes>) -> Reply {
+fn route(vm: &mut Vm, shared: &Shared, method: &Method, path: &str, body: Option<Bytes>) -> Reply {
     let mut tokens = path.trim_start_matches('/').split_terminator('/');
     let first = tokens.next().unwrap_or("");
     let second = tokens.next();
@@ -712,14 +835,14 @@ fn route(vm: &mut Vm, method: &Method, path: &str, body: Option<Bytes>) -> Reply
         (&Method::GET, "vm", None) if second == Some("config") => Ok(Reply::Json(vm.full_config())),
         (&Method::GET, "machine-config", None) => Ok(Reply::Json(json!(vm.machine))),
         (&Method::GET, _, Some(_)) => Err(fault("GET request cannot have a body.")),
-        (&Method::PUT, "actions", Some(b)) => put_actions(vm, b),
+        (&Method::PUT, "actions", Some(b)) => put_actions(vm, shared, b),
         (&Method::PUT, "boot-source", Some(b)) => put_boot_source(vm, b),
         (&Method::PUT, "drives", Some(b)) => put_drive(vm, second, b),
         (&Method::PUT, "logger", Some(b)) => put_logger(vm, b),
         (&Method::PUT, "machine-config", Some(b)) => put_machine_config(vm, b),
         (&Method::PUT, "metrics", Some(b)) => put_metrics(vm, b),
         (&Method::PUT, "network-interfaces", Some(b)) => put_net(vm, second, b),
-        (&Method::PUT, "vsock", Some(b)) => put_vsock(vm, b),
+        (&Method::PUT, "vsock", Some(b)) => put_vsock(vm, shared, b),
         (&Method::PUT, _, None) => Err(fault("Empty PUT request.")),
         (&Method::PATCH, "drives", Some(b)) => patch_drive(vm, second, b),
         (&Method::PATCH, "network-interfaces", Some(b)) => patch_net(vm, second, b),
@@ -768,8 +891,8 @@ async fn handle(req: Request<Incoming>, vm: Shared) -> Result<Response<Full<Byte
     };
     let body = (!body.is_empty()).then_some(body);
     let reply = {
-        let mut vm = vm.lock().unwrap_or_else(|p| p.into_inner());
-        route(&mut vm, &method, &path, body)
+        let mut guard = vm.lock().unwrap_or_else(|p| p.into_inner());
+        route(&mut guard, &vm, &method, &path, body)
     };
     Ok(respond(reply))
 }
@@ -884,6 +1007,8 @@ async fn serve(args: Args, std_listener: std::os::unix::net::UnixListener) {
         vsock_task: None,
         logger: None,
         metrics: None,
+        agent: None,
+        agent_sock: None,
     }));
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -904,6 +1029,7 @@ async fn serve(args: Args, std_listener: std::os::unix::net::UnixListener) {
         }
     }
     let mut vm = vm.lock().unwrap_or_else(|p| p.into_inner());
+    vm.stop_agent();
     vm.remove_vsock();
     let _ = std::fs::remove_file(&vm.api_sock);
     println!("[fake-firecracker] terminated by signal, sockets removed");
