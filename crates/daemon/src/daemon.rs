@@ -157,7 +157,42 @@ impl Daemon {
             ssh_keys: req.ssh_keys.clone(),
             git_name: req.git_name.clone(),
             git_email: req.git_email.clone(),
+            publish: self.check_publish(&req.publish, None)?,
         })
+    }
+
+    /// Parses `--publish` values and refuses host ports already published by another VM (or
+    /// twice in one request).
+    fn check_publish(
+        &self,
+        specs: &[String],
+        vm_id: Option<&str>,
+    ) -> Result<Vec<wick_model::PortMapping>> {
+        let mut out: Vec<wick_model::PortMapping> = Vec::new();
+        let taken: Vec<(String, wick_model::PortMapping)> = self
+            .store
+            .list_vms(None)?
+            .into_iter()
+            .filter(|v| Some(v.id.as_str()) != vm_id)
+            .flat_map(|v| v.spec.publish.into_iter().map(move |m| (v.name.clone(), m)))
+            .collect();
+        for s in specs {
+            let m = wick_model::PortMapping::parse(s).map_err(Error::invalid)?;
+            if let Some((name, _)) = taken.iter().find(|(_, t)| t.host_port == m.host_port) {
+                return Err(Error::conflict(format!(
+                    "host port {} is already published by VM {name}",
+                    m.host_port
+                )));
+            }
+            if out.iter().any(|o| o.host_port == m.host_port) {
+                return Err(Error::invalid(format!(
+                    "host port {} is published twice",
+                    m.host_port
+                )));
+            }
+            out.push(m);
+        }
+        Ok(out)
     }
 
     fn check_memory(&self, m: &str) -> Result<u64> {
@@ -612,9 +647,14 @@ impl Daemon {
         req: SetVmRequest,
         caller: Caller,
     ) -> Result<VmRecord> {
-        if req.vcpu.is_none() && req.memory.is_none() && req.nat.is_none() {
+        if req.vcpu.is_none()
+            && req.memory.is_none()
+            && req.nat.is_none()
+            && req.publish_add.is_empty()
+            && req.publish_remove.is_empty()
+        {
             return Err(Error::invalid(
-                "nothing to set: give --vcpu, --memory or --nat",
+                "nothing to set: give --vcpu, --memory, --nat or ports to publish/unpublish",
             ));
         }
         let vcpu = req.vcpu.map(check_vcpu).transpose()?;
@@ -635,6 +675,25 @@ impl Daemon {
         }
         if let Some(n) = req.nat {
             vm.spec.nat = n;
+        }
+        for port in &req.publish_remove {
+            if !vm.spec.publish.iter().any(|m| m.host_port == *port) {
+                return Err(Error::new(
+                    ErrorCode::NotFound,
+                    format!("VM {} does not publish host port {port}", vm.name),
+                ));
+            }
+            vm.spec.publish.retain(|m| m.host_port != *port);
+        }
+        let others: Vec<u16> = vm.spec.publish.iter().map(|m| m.host_port).collect();
+        for m in self.check_publish(&req.publish_add, Some(&vm.id))? {
+            if others.contains(&m.host_port) {
+                return Err(Error::conflict(format!(
+                    "host port {} is already published by {}",
+                    m.host_port, vm.name
+                )));
+            }
+            vm.spec.publish.push(m);
         }
         vm.touched_at = now();
         vm = self.store.save_vm(&vm)?;

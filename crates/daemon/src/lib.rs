@@ -181,6 +181,7 @@ pub fn builtin_capabilities(
             settings.clone(),
         )?));
         caps.push(Arc::new(caps::dns::VmDns::new(settings, config)?));
+        caps.push(Arc::new(caps::ports::Ports::default()));
     }
     Ok(caps)
 }
