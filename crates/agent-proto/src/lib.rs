@@ -104,7 +104,11 @@ pub const SYSTEMD_UNIT: &str = "\
 [Unit]
 Description=wick guest agent (vsock)
 DefaultDependencies=no
-After=systemd-remount-fs.service local-fs.target
+# The work disk is mounted at /root with `nofail`, so local-fs.target does not wait for it:
+# order after it explicitly, or Configure writes authorized_keys into the root filesystem's
+# /root and the mount then hides them (and `/root` data looks lost after a restart).
+Wants=root.mount
+After=systemd-remount-fs.service local-fs.target root.mount
 Before=shutdown.target
 Conflicts=shutdown.target
 StartLimitIntervalSec=0

@@ -75,6 +75,8 @@ impl SetArgs {
             size("--memory", m)?;
         }
         Ok(SetVmRequest {
+            publish_add: Vec::new(),
+            publish_remove: Vec::new(),
             vcpu: self.vcpu,
             memory: self.memory.clone(),
             nat: self.nat.map(|n| n.as_bool()),

@@ -87,6 +87,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/config", get(config))
         .route("/v1/doctor", get(doctor))
         .route("/v1/openapi.json", get(openapi))
+        .merge(crate::artifacts::routes())
         .fallback(|| async {
             Error::new(
                 ErrorCode::NotFound,

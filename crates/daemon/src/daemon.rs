@@ -39,12 +39,34 @@ pub struct Daemon {
     /// Root disk backend for new VMs (existing VMs keep the one in their plan).
     pub storage: Arc<dyn wick_storage::CowBackend>,
     pub ops: Ops,
+    /// Managed images and kernels.
+    pub artifacts: crate::artifacts::Artifacts,
     /// Latest CPU/memory samples of running VMs.
     pub stats: crate::stats::Stats,
     pub caps: Vec<Arc<dyn Capability>>,
     pub started: Instant,
     /// Cancelled to shut the daemon down.
     pub shutdown: CancellationToken,
+}
+
+/// What an image boots from.
+#[derive(Debug, Clone)]
+pub struct BootFiles {
+    pub rootfs: std::path::PathBuf,
+    pub work_seed: Option<std::path::PathBuf>,
+    pub kernel: std::path::PathBuf,
+    pub initrd: Option<std::path::PathBuf>,
+    pub boot_args: String,
+    pub agent: bool,
+}
+
+impl BootFiles {
+    fn apply(&self, spec: &mut VmSpec) {
+        spec.kernel = self.kernel.clone();
+        spec.initrd = self.initrd.clone();
+        spec.boot_args = self.boot_args.clone();
+        spec.agent = self.agent;
+    }
 }
 
 /// Who is asking: the peer uid of the API connection.
@@ -81,6 +103,7 @@ impl Daemon {
         let storage: Arc<dyn wick_storage::CowBackend> =
             Arc::from(wick_storage::select(choice, &paths.state)?);
         tracing::info!(backend = storage.name(), "root disk backend");
+        let artifacts = crate::artifacts::Artifacts::new(&paths)?;
         Ok(Arc::new(Daemon {
             paths,
             config,
@@ -90,6 +113,7 @@ impl Daemon {
             vmm,
             storage,
             ops: Ops::default(),
+            artifacts,
             stats: Default::default(),
             caps,
             started: Instant::now(),
@@ -126,38 +150,106 @@ impl Daemon {
             .image
             .clone()
             .unwrap_or_else(|| self.config.default_image_name().into());
-        let image = self.config.images.get(&image_name).ok_or_else(|| {
-            let known: Vec<_> = self.config.images.keys().cloned().collect();
-            Error::new(
-                ErrorCode::NotFound,
-                if known.is_empty() {
-                    format!(
-                        "image {image_name:?} is not registered and no images are configured; add an [images.{image_name}] table (rootfs, kernel) to {}",
-                        self.paths.config.display()
-                    )
-                } else {
-                    format!("image {image_name:?} not found; known images: {}", known.join(", "))
-                },
-            )
-        })?;
-        Ok(VmSpec {
+        let mut spec = VmSpec {
             vcpu,
             memory_mib,
             disk_mib,
-            image: image_name,
-            kernel: image.kernel.clone(),
-            initrd: image.initrd.clone(),
-            boot_args: image
-                .boot_args
-                .clone()
-                .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string()),
+            image: image_name.clone(),
             vmm: self.vmm.name().to_string(),
             nat: req.nat,
-            agent: image.agent.unwrap_or(false),
             ssh_keys: req.ssh_keys.clone(),
             git_name: req.git_name.clone(),
             git_email: req.git_email.clone(),
+            publish: self.check_publish(&req.publish, None)?,
+            ..Default::default()
+        };
+        match self.boot_files(&image_name) {
+            Ok(b) => b.apply(&mut spec),
+            // The default pair is prepared by the create operation itself (first use); the
+            // spec's boot files are filled in then.
+            Err(_)
+                if image_name == crate::artifacts::DEFAULT_IMAGE
+                    && !self.config.images.contains_key(&image_name)
+                    && !self.artifacts.default_ready() => {}
+            Err(e) => return Err(e),
+        }
+        Ok(spec)
+    }
+
+    /// Root filesystem, work-seed and boot files of an image: a `[images.NAME]` table of the
+    /// config first, else a managed image (with its kernel).
+    pub fn boot_files(&self, image: &str) -> Result<BootFiles> {
+        if let Some(i) = self.config.images.get(image) {
+            return Ok(BootFiles {
+                rootfs: i.rootfs.clone(),
+                work_seed: i.work_seed.clone(),
+                kernel: i.kernel.clone(),
+                initrd: i.initrd.clone(),
+                boot_args: i
+                    .boot_args
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_BOOT_ARGS.into()),
+                agent: i.agent.unwrap_or(false),
+            });
+        }
+        let b = self.artifacts.resolve(image).map_err(|e| {
+            let configured: Vec<_> = self.config.images.keys().cloned().collect();
+            if e.code() == ErrorCode::NotFound && !configured.is_empty() {
+                Error::new(
+                    ErrorCode::NotFound,
+                    format!("{e}; images in the config: {}", configured.join(", ")),
+                )
+            } else {
+                e
+            }
+        })?;
+        // QEMU boots the bzImage; Firecracker needs the ELF vmlinux.
+        let kernel = match (self.vmm.name(), &b.kernel_bzimage) {
+            ("qemu", Some(bz)) => bz.clone(),
+            _ => b.kernel_vmlinux.clone(),
+        };
+        Ok(BootFiles {
+            rootfs: b.rootfs,
+            work_seed: b.work_seed,
+            kernel,
+            initrd: b.initrd,
+            boot_args: DEFAULT_BOOT_ARGS.into(),
+            agent: b.agent,
         })
+    }
+
+    /// Parses `--publish` values and refuses host ports already published by another VM (or
+    /// twice in one request).
+    fn check_publish(
+        &self,
+        specs: &[String],
+        vm_id: Option<&str>,
+    ) -> Result<Vec<wick_model::PortMapping>> {
+        let mut out: Vec<wick_model::PortMapping> = Vec::new();
+        let taken: Vec<(String, wick_model::PortMapping)> = self
+            .store
+            .list_vms(None)?
+            .into_iter()
+            .filter(|v| Some(v.id.as_str()) != vm_id)
+            .flat_map(|v| v.spec.publish.into_iter().map(move |m| (v.name.clone(), m)))
+            .collect();
+        for s in specs {
+            let m = wick_model::PortMapping::parse(s).map_err(Error::invalid)?;
+            if let Some((name, _)) = taken.iter().find(|(_, t)| t.host_port == m.host_port) {
+                return Err(Error::conflict(format!(
+                    "host port {} is already published by VM {name}",
+                    m.host_port
+                )));
+            }
+            if out.iter().any(|o| o.host_port == m.host_port) {
+                return Err(Error::invalid(format!(
+                    "host port {} is published twice",
+                    m.host_port
+                )));
+            }
+            out.push(m);
+        }
+        Ok(out)
     }
 
     fn check_memory(&self, m: &str) -> Result<u64> {
@@ -226,10 +318,18 @@ impl Daemon {
         mut vm: VmRecord,
         no_start: bool,
     ) -> Result<VmRecord> {
-        op.stage("prepare disks");
-        let image = self.config.images.get(&vm.spec.image).cloned();
         let res: Result<()> = async {
-            let image = image.ok_or_else(|| Error::internal("image vanished from config"))?;
+            if vm.spec.kernel.as_os_str().is_empty() {
+                // First use: prepare the default kernel and golden image, once, visibly.
+                op.stage("first use: prepare the default kernel and image");
+                self.artifacts
+                    .ensure_default(|s| op.stage(&format!("first use: {s}")))
+                    .await?;
+                self.boot_files(&vm.spec.image)?.apply(&mut vm.spec);
+                vm = self.store.save_vm(&vm)?;
+            }
+            op.stage("prepare disks");
+            let image = self.boot_files(&vm.spec.image)?;
             let dir = vm.runtime.dir.clone();
             let plan = self
                 .storage
@@ -612,9 +712,14 @@ impl Daemon {
         req: SetVmRequest,
         caller: Caller,
     ) -> Result<VmRecord> {
-        if req.vcpu.is_none() && req.memory.is_none() && req.nat.is_none() {
+        if req.vcpu.is_none()
+            && req.memory.is_none()
+            && req.nat.is_none()
+            && req.publish_add.is_empty()
+            && req.publish_remove.is_empty()
+        {
             return Err(Error::invalid(
-                "nothing to set: give --vcpu, --memory or --nat",
+                "nothing to set: give --vcpu, --memory, --nat or ports to publish/unpublish",
             ));
         }
         let vcpu = req.vcpu.map(check_vcpu).transpose()?;
@@ -635,6 +740,25 @@ impl Daemon {
         }
         if let Some(n) = req.nat {
             vm.spec.nat = n;
+        }
+        for port in &req.publish_remove {
+            if !vm.spec.publish.iter().any(|m| m.host_port == *port) {
+                return Err(Error::new(
+                    ErrorCode::NotFound,
+                    format!("VM {} does not publish host port {port}", vm.name),
+                ));
+            }
+            vm.spec.publish.retain(|m| m.host_port != *port);
+        }
+        let others: Vec<u16> = vm.spec.publish.iter().map(|m| m.host_port).collect();
+        for m in self.check_publish(&req.publish_add, Some(&vm.id))? {
+            if others.contains(&m.host_port) {
+                return Err(Error::conflict(format!(
+                    "host port {} is already published by {}",
+                    m.host_port, vm.name
+                )));
+            }
+            vm.spec.publish.push(m);
         }
         vm.touched_at = now();
         vm = self.store.save_vm(&vm)?;

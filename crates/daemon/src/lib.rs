@@ -5,11 +5,14 @@
 //! - [`capability`]: lifecycle hooks that host features (network, DNS, NAT, disks) plug into;
 //! - [`reconcile`]: start-up reconcile and sweep, from the durable records only;
 //! - [`api`]: the `/v1` HTTP API on the Unix socket and its OpenAPI document;
+//! - [`artifacts`]: managed images and kernels (import, pull, golden build, first use);
+//! - [`guest`], [`stats`]: the guest agent at start/stop, stats sampling and auto-stop;
 //! - [`config`], [`doctor`]: configuration and the read-only health report.
 //!
 //! [`run`] is the whole daemon: lock the root, reconcile, serve until told to stop.
 
 pub mod api;
+pub mod artifacts;
 pub mod capability;
 pub mod caps;
 pub mod config;
@@ -181,6 +184,7 @@ pub fn builtin_capabilities(
             settings.clone(),
         )?));
         caps.push(Arc::new(caps::dns::VmDns::new(settings, config)?));
+        caps.push(Arc::new(caps::ports::Ports::default()));
     }
     Ok(caps)
 }

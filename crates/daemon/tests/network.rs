@@ -358,3 +358,70 @@ fn vm_dns_follows_vm_state_for_host_and_guests() {
     assert!(out.contains("NXDOMAIN"), "{out}");
     drop(g);
 }
+
+#[test]
+fn published_ports_forward_live_and_survive_a_daemon_restart() {
+    if skip() {
+        return;
+    }
+    let mut env = WickdEnv::new("");
+    env.start();
+    let body = r#"{"name": "p1", "publish": ["127.0.0.1:18080:8000"]}"#;
+    let (st, text) =
+        wick_testkit::wickd::http(&env.socket(), "POST", "/v1/vms", Some(body.as_bytes()));
+    assert_eq!(st, 202, "{text}");
+    let mut p1 = Value::Null;
+    for _ in 0..100 {
+        p1 = vm(&env, "p1");
+        if p1["state"] == "running" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(p1["state"], "running", "{p1}");
+    let ip = p1["runtime"]["ip"].as_str().unwrap().to_string();
+    let dn = env.netns.as_ref().unwrap();
+    let g = dn
+        .guest("gp", "gvp", "wick0", &format!("{ip}/24"), "172.30.0.1")
+        .unwrap();
+    echo_peer_server(&g, format!("{ip}:8000").parse().unwrap());
+    let front: SocketAddr = "127.0.0.1:18080".parse().unwrap();
+    assert_eq!(
+        reach_ok(dn, front).as_deref(),
+        Some("172.30.0.1"),
+        "forwarded to the guest"
+    );
+
+    // A second VM cannot take the same host port.
+    let (st, text) = wick_testkit::wickd::http(
+        &env.socket(),
+        "POST",
+        "/v1/vms",
+        Some(br#"{"name": "p2", "publish": ["18080:80"]}"#),
+    );
+    assert_eq!(st, 409, "{text}");
+
+    // Restored after a daemon crash.
+    env.kill9();
+    env.start();
+    let dn = env.netns.as_ref().unwrap();
+    assert_eq!(
+        reach_ok(dn, front).as_deref(),
+        Some("172.30.0.1"),
+        "restored at start"
+    );
+
+    // Unpublished live.
+    let (st, text) = wick_testkit::wickd::http(
+        &env.socket(),
+        "PATCH",
+        "/v1/vms/p1",
+        Some(br#"{"publish_remove": [18080]}"#),
+    );
+    assert_eq!(st, 200, "{text}");
+    assert!(
+        reach(env.netns.as_ref().unwrap(), front).is_none(),
+        "no longer listening"
+    );
+    drop(g);
+}

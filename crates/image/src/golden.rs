@@ -99,7 +99,11 @@ impl GoldenOptions {
             self.work_seed_size_mib
         ));
         match &self.agent_bin {
-            Some(a) => h.update(format!("agent={}\n", sha256_file(a)?)),
+            Some(a) => h.update(format!(
+                "agent={}\nunit={}\n",
+                sha256_file(a)?,
+                crate::inject::AGENT_UNIT
+            )),
             None => h.update("agent=none\n"),
         }
         Ok(hex::encode(h.finalize()))

@@ -15,19 +15,8 @@ pub const AGENT_PATH: &str = "usr/local/bin/wick-agent";
 /// The agent's unit file in the guest.
 pub const AGENT_UNIT_PATH: &str = "etc/systemd/system/wick-agent.service";
 
-const AGENT_UNIT: &str = "\
-[Unit]
-Description=wick guest agent (host <-> guest channel over vsock)
-After=local-fs.target
-
-[Service]
-ExecStart=/usr/local/bin/wick-agent
-Restart=always
-RestartSec=1
-
-[Install]
-WantedBy=multi-user.target
-";
+/// The agent's systemd unit: one definition, shared with the agent's own crate.
+pub(crate) const AGENT_UNIT: &str = wick_agent_proto::SYSTEMD_UNIT;
 
 /// Writes `bytes` to `root/rel` with `mode`, owned by root, replacing whatever was there.
 pub(crate) fn write_file(root: &Path, rel: &str, bytes: &[u8], mode: u32) -> Result<()> {

@@ -105,6 +105,9 @@ pub struct CreateVmRequest {
     pub git_name: Option<String>,
     #[serde(default)]
     pub git_email: Option<String>,
+    /// Published ports, `[HOST_IP:]HOST_PORT:GUEST_PORT` each.
+    #[serde(default)]
+    pub publish: Vec<String>,
 }
 
 /// `PATCH /v1/vms/{vm}` (`wick vm set`). vcpu/memory apply at next start; NAT applies live.
@@ -117,6 +120,12 @@ pub struct SetVmRequest {
     pub memory: Option<String>,
     #[serde(default)]
     pub nat: Option<bool>,
+    /// Ports to start forwarding (`[HOST_IP:]HOST_PORT:GUEST_PORT`), live on a running VM.
+    #[serde(default)]
+    pub publish_add: Vec<String>,
+    /// Host ports to stop forwarding.
+    #[serde(default)]
+    pub publish_remove: Vec<u16>,
 }
 
 /// `POST /v1/vms/{vm}/kill`.

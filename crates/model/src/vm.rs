@@ -99,6 +99,47 @@ pub struct VmSpec {
     pub git_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_email: Option<String>,
+    /// Host ports forwarded to guest ports by wickd (`--publish`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<PortMapping>,
+}
+
+/// A published port: wickd listens on `host_ip:host_port` and forwards to the guest's
+/// `guest_port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub struct PortMapping {
+    pub host_ip: String,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+impl PortMapping {
+    /// Parses `[HOST_IP:]HOST_PORT:GUEST_PORT`; the host IP defaults to `127.0.0.1`.
+    pub fn parse(s: &str) -> Result<PortMapping, String> {
+        let bad = || {
+            format!("invalid --publish {s:?}: use [HOST_IP:]HOST_PORT:GUEST_PORT, e.g. 8080:8000")
+        };
+        let (host, guest) = s.rsplit_once(':').ok_or_else(bad)?;
+        let (ip, hport) = match host.rsplit_once(':') {
+            Some((ip, p)) => (ip.trim_matches(|c| c == '[' || c == ']'), p),
+            None => ("127.0.0.1", host),
+        };
+        let ip: std::net::IpAddr = ip
+            .parse()
+            .map_err(|_| format!("{}: {ip:?} is not an IP address", bad()))?;
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0);
+        Ok(PortMapping {
+            host_ip: ip.to_string(),
+            host_port: port(hport).ok_or_else(bad)?,
+            guest_port: port(guest).ok_or_else(bad)?,
+        })
+    }
+}
+
+impl fmt::Display for PortMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.host_ip, self.host_port, self.guest_port)
+    }
 }
 
 /// Identity of a running VMM process. Written to the durable runtime **before** the process is
@@ -223,6 +264,21 @@ mod tests {
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
         assert_eq!(short_id(&a).len(), 12);
+    }
+
+    #[test]
+    fn port_mappings() {
+        let m = PortMapping::parse("8080:8000").unwrap();
+        assert_eq!(
+            (m.host_ip.as_str(), m.host_port, m.guest_port),
+            ("127.0.0.1", 8080, 8000)
+        );
+        let m = PortMapping::parse("0.0.0.0:80:8000").unwrap();
+        assert_eq!(m.host_ip, "0.0.0.0");
+        assert_eq!(m.to_string(), "0.0.0.0:80:8000");
+        for bad in ["8080", "x:1", "1:0", "70000:1", "nope:1:2", ""] {
+            assert!(PortMapping::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

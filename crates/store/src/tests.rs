@@ -20,10 +20,7 @@ fn vm(name: &str, owner: u32) -> VmRecord {
             boot_args: String::new(),
             vmm: "firecracker".into(),
             nat: false,
-            agent: false,
-            ssh_keys: Vec::new(),
-            git_name: None,
-            git_email: None,
+            ..Default::default()
         },
         runtime: VmRuntime::default(),
         created_at: t.clone(),

@@ -79,3 +79,4 @@ mod tests {
         assert!(p.parent().unwrap().join("deps").is_dir());
     }
 }
+pub mod guest;

@@ -59,6 +59,14 @@ impl WickdEnv {
         }
     }
 
+    /// A fresh root whose `config.toml` is exactly `config` (for real-guest tests that bring
+    /// their own VMM and images).
+    pub fn with_config(config: &str) -> WickdEnv {
+        let env = WickdEnv::new("");
+        std::fs::write(env.root().join("config.toml"), config).unwrap();
+        env
+    }
+
     pub fn root(&self) -> &Path {
         self.dir.path()
     }

@@ -2,3 +2,4 @@
 
 pub mod dns;
 pub mod network;
+pub mod ports;

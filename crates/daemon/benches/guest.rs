@@ -1,0 +1,179 @@
+//! Real-guest benchmark (QEMU TCG on this host; prints a table, asserts nothing):
+//! create→agent-ready and create→ssh-ready, the same create broken down per stage (host side
+//! vs the guest's boot), exec round trip over the agent, and tar upload throughput.
+//!
+//! `cargo bench -p wick-daemon --bench guest` as root; skipped (with the reason) where QEMU,
+//! vhost-device-vsock or the golden image's prerequisites are missing.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wick_agent_proto::{AgentClient, ExecRequest, AGENT_PORT};
+use wick_testkit::guest::guest_assets;
+use wick_testkit::wickd::{http, WickdEnv};
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn main() {
+    let a = match guest_assets() {
+        Ok(a) => a,
+        Err(why) => {
+            eprintln!("benchmark skipped: {why}");
+            return;
+        }
+    };
+    let config = format!(
+        "vmm = \"qemu\"\naccel = \"tcg\"\nboot_timeout = \"180s\"\n\n[images.default]\nrootfs = {:?}\nwork_seed = {:?}\nkernel = {:?}\ninitrd = {:?}\nagent = true\nboot_args = \"console=ttyS0 reboot=k panic=-1 root=/dev/vda rw\"\n",
+        a.rootfs, a.work_seed, a.kernel, a.initrd
+    );
+    let mut env = WickdEnv::with_config(&config);
+    env.start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runs = 3;
+    let (mut ready, mut ssh) = (Vec::new(), Vec::new());
+    let mut stages: Vec<(String, u64)> = Vec::new();
+    for i in 0..runs {
+        let name = format!("b{i}");
+        let t = Instant::now();
+        let body = format!(r#"{{"name": "{name}", "memory": "1G", "disk_size": "2G"}}"#);
+        let (st, text) = http(&env.socket(), "POST", "/v1/vms", Some(body.as_bytes()));
+        assert_eq!(st, 202, "{text}");
+        let op: Value = serde_json::from_str(&text).unwrap();
+        let (_, events) = http(
+            &env.socket(),
+            "GET",
+            &format!("/v1/operations/{}/events", op["id"].as_str().unwrap()),
+            None,
+        );
+        ready.push(t.elapsed());
+        let evs: Vec<Value> = events
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.is_object())
+            .collect();
+        assert_eq!(evs.last().unwrap()["state"], "succeeded", "{events}");
+        for w in evs.windows(2) {
+            let d = w[1]["elapsed_ms"].as_u64().unwrap() - w[0]["elapsed_ms"].as_u64().unwrap();
+            stages.push((w[0]["stage"].as_str().unwrap_or("?").to_string(), d));
+        }
+        // ssh-ready: sshd's banner on the guest's port 22, from the daemon's namespace.
+        let vm = env.wick_json(&["vm", "show", &name]);
+        let ip = vm["runtime"]["ip"].as_str().unwrap().to_string();
+        let ns = env.netns.as_ref().unwrap();
+        loop {
+            if let Ok(mut s) = ns.connect(
+                format!("{ip}:22").parse().unwrap(),
+                Duration::from_millis(500),
+            ) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut b = [0u8; 4];
+                if s.read_exact(&mut b).is_ok() && &b == b"SSH-" {
+                    break;
+                }
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(240),
+                "sshd never answered"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ssh.push(t.elapsed());
+    }
+
+    let vm = env.wick_json(&["vm", "show", "b0"]);
+    let sock = vm["runtime"]["vmm"]["vsock_socket"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = rt
+        .block_on(AgentClient::connect(
+            sock.as_ref(),
+            AGENT_PORT,
+            Duration::from_secs(10),
+        ))
+        .unwrap();
+    let mut exec = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let out = rt
+            .block_on(async {
+                client
+                    .exec(ExecRequest {
+                        argv: vec!["true".into()],
+                        ..Default::default()
+                    })
+                    .await?
+                    .output()
+                    .await
+            })
+            .unwrap();
+        assert_eq!(out.status.code, Some(0));
+        exec.push(t.elapsed());
+    }
+    // 64 MiB of incompressible data as one tar upload into /root.
+    let mut data = vec![0u8; 64 << 20];
+    let mut x: u64 = 0x9E3779B97F4A7C15;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let mut tarball = Vec::new();
+    {
+        let mut t = tar::Builder::new(&mut tarball);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append_data(&mut h, "blob.bin", data.as_slice()).unwrap();
+        t.finish().unwrap();
+    }
+    let t = Instant::now();
+    rt.block_on(client.put_tar("/root", tarball.as_slice()))
+        .unwrap();
+    let put = t.elapsed();
+
+    println!(
+        "wick real-guest benchmark (QEMU TCG, {runs} VMs, 1 GiB, debug={})",
+        cfg!(debug_assertions)
+    );
+    println!("{:<44} {:>10} {:>10}", "measure", "p50", "max");
+    let row = |name: &str, v: &mut Vec<Duration>| {
+        let max = *v.iter().max().unwrap();
+        println!("{:<44} {:>10} {:>10}", name, ms(pct(v, 0.5)), ms(max));
+    };
+    row("create → agent ready + configured", &mut ready);
+    row("create → ssh banner", &mut ssh);
+    let mut names: Vec<String> = Vec::new();
+    for (n, _) in &stages {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    for n in names {
+        let mut v: Vec<Duration> = stages
+            .iter()
+            .filter(|(s, _)| *s == n)
+            .map(|(_, d)| Duration::from_millis(*d))
+            .collect();
+        row(&format!("  stage: {n}"), &mut v);
+    }
+    row("exec `true` round trip (agent over vsock)", &mut exec);
+    println!(
+        "{:<44} {:>10}",
+        "tar upload 64 MiB (agent over vsock)",
+        format!("{:.1} MiB/s", 64.0 / put.as_secs_f64())
+    );
+}

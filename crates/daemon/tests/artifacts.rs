@@ -1,0 +1,296 @@
+//! Integration: managed images and kernels through a real `wickd` and the real `wick` CLI
+//! (import, list, show, delete refused while a VM uses them), and the first-use preparation of
+//! the default image and kernel through `wick_daemon::artifacts` (a real golden build, only where
+//! one can run). Needs root; parts skip with a printed reason when a tool or cache is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::Value;
+use wick_daemon::artifacts::{Artifacts, DEFAULT_IMAGE, DEFAULT_KERNEL};
+use wick_testkit::wickd::WickdEnv;
+
+fn root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        true
+    } else {
+        eprintln!("skipped: needs root");
+        false
+    }
+}
+
+/// A 32 MiB ext4 holding a tiny tree, made without mounting (`mkfs.ext4 -d`).
+fn small_ext4(dir: &Path) -> Option<PathBuf> {
+    let src = dir.join("tree");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/hostname"), "tiny\n").unwrap();
+    let img = dir.join("tiny.ext4");
+    let ok = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "root", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("32M")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: mkfs.ext4 -d failed or e2fsprogs is missing");
+        return None;
+    }
+    Some(img)
+}
+
+/// The Debian cloud kernel package from the test cache (downloaded once), or why not.
+fn cloud_kernel_deb() -> Result<PathBuf, String> {
+    if let Err(e) = wick_kernel::initramfs::locate_init_binary() {
+        return Err(format!("no static wick-init for the initramfs: {e}"));
+    }
+    let dir = wick_image::testcache::cache_root().join("debian-kernel");
+    wick_kernel::debian::download_cloud_kernel(&dir)
+        .map_err(|e| format!("the Debian cloud kernel package is unavailable: {e}"))
+}
+
+fn names(list: &Value, key: &str) -> Vec<String> {
+    list[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {key} in {list}"))
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn stderr_of(env: &WickdEnv, args: &[&str]) -> String {
+    let out = env.wick(args);
+    assert!(
+        !out.status.success(),
+        "wick {args:?} should fail; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn images_and_kernels_through_wickd() {
+    if !root() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let Some(img) = small_ext4(work.path()) else {
+        return;
+    };
+    let mut env = WickdEnv::new("");
+    env.start();
+    let img_s = img.to_str().unwrap();
+
+    let t = Instant::now();
+    let line = env.wick_ok(&["image", "import", img_s, "--name", "tiny"]);
+    eprintln!("bench: image import of a 32 MiB ext4: {:?}", t.elapsed());
+    assert!(line.starts_with("tiny  "), "{line}");
+    let list = env.wick_json(&["image", "list"]);
+    assert_eq!(names(&list, "images"), ["tiny"]);
+    let tiny = &list["images"][0];
+    assert_eq!(tiny["source"]["kind"], "import", "{tiny}");
+    assert_eq!(tiny["size"], 32 << 20);
+    let rootfs = PathBuf::from(tiny["rootfs"].as_str().unwrap());
+    assert!(
+        rootfs.starts_with(env.root().join("state/images")),
+        "{tiny}"
+    );
+    let table = env.wick_ok(&["image", "list"]);
+    assert!(
+        table.starts_with("NAME") && table.contains("tiny"),
+        "{table}"
+    );
+    let shown = env.wick_json(&["image", "show", "tiny"]);
+    assert_eq!(shown["id"], tiny["id"]);
+
+    // Refusals with clear messages.
+    let e = stderr_of(&env, &["image", "import", img_s, "--name", "tiny"]);
+    assert!(e.contains("already exists"), "{e}");
+    let e = stderr_of(
+        &env,
+        &["image", "import", "/nonexistent.tar", "--name", "x"],
+    );
+    assert!(e.contains("does not exist"), "{e}");
+    let e = stderr_of(&env, &["image", "import", img_s, "--name", "Bad/Name"]);
+    assert!(e.contains("invalid image name"), "{e}");
+    let e = stderr_of(&env, &["image", "show", "nope"]);
+    assert!(e.contains("not found"), "{e}");
+
+    let kernel = match cloud_kernel_deb() {
+        Ok(deb) => {
+            let t = Instant::now();
+            let line = env.wick_ok(&["kernel", "import", deb.to_str().unwrap(), "--name", "k1"]);
+            eprintln!(
+                "bench: kernel import of the Debian cloud .deb: {:?}",
+                t.elapsed()
+            );
+            assert!(line.starts_with("k1  "), "{line}");
+            let list = env.wick_json(&["kernel", "list"]);
+            assert_eq!(names(&list, "kernels"), ["k1"]);
+            let k = list["kernels"][0].clone();
+            assert_eq!(k["source_format"], "deb", "{k}");
+            assert!(
+                k["version"].as_str().unwrap().contains("cloud-amd64"),
+                "{k}"
+            );
+            let table = env.wick_ok(&["kernel", "list"]);
+            assert!(table.contains("k1") && table.contains("deb"), "{table}");
+            Some(k)
+        }
+        Err(why) => {
+            eprintln!("skipped the kernel part: {why}");
+            None
+        }
+    };
+
+    // A VM using the image (and the kernel): deletion is refused, naming it.
+    let Some(k) = kernel else {
+        env.wick_ok(&["image", "delete", "tiny"]);
+        assert!(names(&env.wick_json(&["image", "list"]), "images").is_empty());
+        return;
+    };
+    let vmlinux = k["vmlinux"].as_str().unwrap().to_string();
+    set_default_kernel(&env, "tiny", "k1");
+    if !env
+        .wick(&[
+            "vm",
+            "create",
+            "--name",
+            "v1",
+            "--image",
+            "tiny",
+            "--no-start",
+        ])
+        .status
+        .success()
+    {
+        // The daemon resolves images from its config: register the managed files there.
+        env.stop();
+        let cfg = env.root().join("config.toml");
+        let mut text = std::fs::read_to_string(&cfg).unwrap();
+        text.push_str(&format!(
+            "\n[images.tiny]\nrootfs = {:?}\nkernel = {vmlinux:?}\n",
+            rootfs.display().to_string()
+        ));
+        std::fs::write(&cfg, text).unwrap();
+        env.start();
+        env.wick_ok(&[
+            "vm",
+            "create",
+            "--name",
+            "v1",
+            "--image",
+            "tiny",
+            "--no-start",
+        ]);
+    }
+    let e = stderr_of(&env, &["image", "delete", "tiny"]);
+    assert!(e.contains("used by VM v1"), "{e}");
+    let e = stderr_of(&env, &["kernel", "delete", "k1"]);
+    assert!(e.contains("kernel \"k1\" is used by VM v1"), "{e}");
+    let listed = env.wick_json(&["kernel", "list"]);
+    assert_eq!(listed["kernels"][0]["used_by"][0], "v1", "{listed}");
+    assert!(Path::new(&vmlinux).exists());
+
+    env.wick_ok(&["vm", "delete", "v1"]);
+    assert_eq!(env.wick_ok(&["kernel", "delete", "k1"]), "k1: deleted\n");
+    env.wick_ok(&["image", "delete", "tiny"]);
+    assert!(names(&env.wick_json(&["kernel", "list"]), "kernels").is_empty());
+    assert!(names(&env.wick_json(&["image", "list"]), "images").is_empty());
+    assert!(!Path::new(&vmlinux).exists() && !rootfs.exists());
+    let pruned = env.wick_json(&["image", "prune"]);
+    assert!(pruned["removed"].is_array(), "{pruned}");
+}
+
+/// Sets the image's default kernel directly in the store (no CLI verb does this yet).
+fn set_default_kernel(env: &WickdEnv, image: &str, kernel: &str) {
+    let store = wick_image::ImageStore::new(env.root().join("state/images")).unwrap();
+    store.set_default_kernel(image, Some(kernel)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_use_prepares_the_default_pair_once() {
+    if !root() {
+        return;
+    }
+    if let Some(why) = wick_image::testcache::golden_unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let deb = match cloud_kernel_deb() {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let paths = wick_model::Paths::new(Some(dir.path()));
+    // Seed the kernel download from the test cache (download_cloud_kernel reuses a .deb there).
+    let kdir = paths.cache.join("debian-kernel");
+    std::fs::create_dir_all(&kdir).unwrap();
+    std::fs::copy(&deb, kdir.join(deb.file_name().unwrap())).unwrap();
+    let agent = wick_testkit::cargo_bin("wick-agent");
+    let a = Arc::new(
+        Artifacts::new(&paths)
+            .unwrap()
+            .with_agent_binary(&agent)
+            .with_golden_options(wick_image::testcache::test_golden_options(None)),
+    );
+    assert!(!a.default_ready());
+
+    let seen: Vec<Arc<Mutex<Vec<String>>>> = (0..2).map(|_| Default::default()).collect();
+    let t = Instant::now();
+    let tasks: Vec<_> = seen
+        .iter()
+        .map(|s| {
+            let (a, s) = (a.clone(), s.clone());
+            tokio::spawn(async move {
+                a.ensure_default(move |st| s.lock().unwrap().push(st.to_string()))
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().expect("first use prepares the defaults");
+    }
+    eprintln!(
+        "bench: first use (kernel import + golden build): {:?}",
+        t.elapsed()
+    );
+    let (s0, s1) = (
+        seen[0].lock().unwrap().clone(),
+        seen[1].lock().unwrap().clone(),
+    );
+    assert_eq!(s0, s1, "both callers see every stage");
+    assert!(s0.iter().any(|s| s.starts_with("import kernel")), "{s0:?}");
+    assert!(s0.iter().any(|s| s.contains("debootstrap")), "{s0:?}");
+    assert_eq!(
+        s0.iter()
+            .filter(|s| s.starts_with("download kernel"))
+            .count(),
+        1,
+        "prepared once: {s0:?}"
+    );
+
+    let boot = a.resolve(DEFAULT_IMAGE).unwrap();
+    assert_eq!(boot.kernel_name, DEFAULT_KERNEL);
+    assert!(boot.agent && boot.work_seed.is_some() && boot.rootfs.is_file());
+    assert!(boot.kernel_vmlinux.is_file());
+    assert_eq!(
+        a.get_image(DEFAULT_IMAGE)
+            .unwrap()
+            .default_kernel
+            .as_deref(),
+        Some(DEFAULT_KERNEL)
+    );
+    // Ready now: a second first use does nothing.
+    let mut again = Vec::new();
+    a.ensure_default(|s| again.push(s.to_string()))
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{again:?}");
+}

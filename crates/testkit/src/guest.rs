@@ -1,0 +1,135 @@
+//! Real guest assets for end-to-end tests: the golden Debian image with the real `wick-agent`
+//! injected, and the Debian cloud kernel imported with its initramfs (built around a static
+//! `wick-init`). Both are cached under `$WICK_TEST_CACHE` (default `/var/cache/wick-test`), so
+//! only the first run pays for debootstrap (~45 s) and the kernel download.
+//!
+//! Every function returns `Err(reason)` when the host cannot provide the assets; tests print the
+//! reason and skip — they never pretend to pass.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::cargo_bin;
+
+/// What a QEMU guest boots from.
+#[derive(Debug, Clone)]
+pub struct GuestAssets {
+    pub rootfs: PathBuf,
+    pub work_seed: PathBuf,
+    /// bzImage (QEMU's `-kernel`).
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+fn cache() -> PathBuf {
+    wick_image::testcache::cache_root()
+}
+
+fn target_dir() -> PathBuf {
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(t);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "target"))
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"))
+}
+
+/// A static `wick-init`: the usual build when it is static, else built into
+/// `target/wick-init-static` with `+crt-static` (a separate target dir, so this nested cargo
+/// never waits for the outer one's lock).
+pub fn static_wick_init() -> Result<PathBuf, String> {
+    if let Ok(p) = wick_kernel::initramfs::locate_init_binary() {
+        return Ok(p);
+    }
+    let dir = target_dir().join("wick-init-static");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "wick-init",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_TARGET_DIR", &dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .map_err(|e| format!("cannot run cargo to build wick-init: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building static wick-init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let init = dir.join("x86_64-unknown-linux-gnu/release/wick-init");
+    if !wick_kernel::initramfs::is_static_elf(&init) {
+        return Err(format!("{} is not a static binary", init.display()));
+    }
+    Ok(init)
+}
+
+fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+}
+
+/// Why a QEMU guest cannot run here, if it cannot.
+pub fn qemu_unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root".into());
+    }
+    if !on_path("qemu-system-x86_64") {
+        return Some("qemu-system-x86_64 is not installed (scripts/install-host-deps)".into());
+    }
+    let cargo_bin_dir = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin"));
+    if !on_path("vhost-device-vsock")
+        && !cargo_bin_dir.is_some_and(|d| d.join("vhost-device-vsock").is_file())
+    {
+        return Some(
+            "vhost-device-vsock is not installed (cargo install --locked vhost-device-vsock)"
+                .into(),
+        );
+    }
+    wick_image::testcache::golden_unavailable()
+}
+
+/// The golden image (with the real agent) and the imported Debian kernel, from the cache or
+/// made now.
+pub fn guest_assets() -> Result<GuestAssets, String> {
+    if let Some(why) = qemu_unavailable() {
+        return Err(why);
+    }
+    let agent = cargo_bin("wick-agent");
+    let golden =
+        wick_image::testcache::golden(Some(&agent), &mut |s| eprintln!("golden image: {s}"))
+            .map_err(|e| format!("golden image: {e}"))?;
+    let init = static_wick_init()?;
+    let deb = wick_kernel::debian::download_cloud_kernel(&cache().join("debian-kernel"))
+        .map_err(|e| format!("Debian cloud kernel: {e}"))?;
+    let store = wick_kernel::store::KernelStore::new(cache().join("e2e-kernels"))
+        .map_err(|e| e.to_string())?
+        .with_init_binary(init);
+    let rec = match store.get("debian") {
+        Ok(r) => r,
+        Err(_) => store
+            .import(&deb, "debian")
+            .map_err(|e| format!("kernel import: {e}"))?,
+    };
+    Ok(GuestAssets {
+        rootfs: golden.rootfs,
+        work_seed: golden.work_seed,
+        kernel: rec
+            .bzimage
+            .clone()
+            .ok_or("the Debian kernel has no bzImage")?,
+        initrd: rec
+            .initrd
+            .clone()
+            .ok_or("the Debian kernel has no initramfs")?,
+    })
+}
