@@ -208,9 +208,12 @@ mod tests {
 
     #[test]
     fn golden_full_tcg() {
+        // A given tsc_early_khz is kept (the host's rate is only added when absent).
+        let mut cfg = config();
+        cfg.boot_args.push_str(" tsc_early_khz=1000");
         let args = qemu_args(
             &handle(),
-            &config(),
+            &cfg,
             Engine::Tcg,
             Path::new("/s/vms/ab/vhu.sock"),
         );
@@ -221,7 +224,7 @@ mod tests {
              -nodefaults -no-user-config -display none -no-reboot -S \
              -chardev file,id=con,append=on,path=/s/vms/ab/vmm.log -serial chardev:con \
              -kernel /k/vmlinuz -initrd /k/initrd.img \
-             -append console=ttyS0 reboot=k panic=-1 root=/dev/vda \
+             -append console=ttyS0 reboot=k panic=-1 root=/dev/vda tsc_early_khz=1000 \
              -drive id=root,format=raw,if=none,file=/s/vms/ab/root,,1.ext4 \
              -device virtio-blk-device,drive=root \
              -drive id=disk1,format=raw,if=none,file=/s/vms/ab/work.ext4 \
@@ -232,6 +235,18 @@ mod tests {
              -device vhost-user-vsock-device,chardev=vsk \
              -qmp unix:/s/vms/ab/qmp.sock,server=on,wait=off"
         );
+    }
+
+    #[test]
+    fn tcg_gets_the_host_tsc_rate() {
+        let args = qemu_args(&handle(), &config(), Engine::Tcg, Path::new("/v"));
+        let append = joined(&args);
+        match host_cpu_khz() {
+            Some(khz) => assert!(append.contains(&format!("tsc_early_khz={khz}")), "{append}"),
+            None => assert!(!append.contains("tsc_early_khz"), "{append}"),
+        }
+        let kvm = joined(&qemu_args(&handle(), &config(), Engine::Kvm, Path::new("/v")));
+        assert!(!kvm.contains("tsc_early_khz"), "KVM keeps the kernel's calibration");
     }
 
     #[test]
