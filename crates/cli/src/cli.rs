@@ -108,8 +108,11 @@ pub enum VmCommand {
     Logs(LogsArgs),
     /// Delete every VM of yours that is not running.
     Prune(PruneArgs),
-    /// Change a VM's vcpu, memory (applied at next start) or NAT (applied live).
+    /// Change a VM's vcpu, memory (applied at next start), NAT or published ports (live).
     Set(SetArgs),
+    /// Forward host ports to a VM's guest ports (`wick vm set --publish/--unpublish`).
+    #[command(name = "port-forward")]
+    PortForward(PortForwardArgs),
     /// Run a command in a VM through its agent; the command's exit code becomes wick's.
     ///
     /// Output streams as it comes (stdout and stderr kept apart, merged under -t). A command
@@ -159,6 +162,14 @@ pub struct CreateArgs {
     /// Create the VM but leave it stopped.
     #[arg(long)]
     pub no_start: bool,
+    /// Forward a host port to a guest port, owned by wickd (repeatable). The host IP defaults to
+    /// 127.0.0.1.
+    #[arg(
+        long = "publish",
+        short = 'p',
+        value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
+    )]
+    pub publish: Vec<String>,
     /// Print the created VM as JSON.
     #[arg(long)]
     pub json: bool,
@@ -218,6 +229,20 @@ pub struct PruneArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PortForwardArgs {
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    /// Mappings to add, `[HOST_IP:]HOST_PORT:GUEST_PORT`.
+    #[arg(value_name = "MAPPING")]
+    pub mappings: Vec<String>,
+    /// Host ports to stop forwarding.
+    #[arg(long = "remove", value_name = "HOST_PORT")]
+    pub remove: Vec<u16>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct SetArgs {
     /// VM by name, id or unique id prefix.
     #[arg(value_name = "VM")]
@@ -231,6 +256,16 @@ pub struct SetArgs {
     /// Outbound NAT (applies live to a running VM).
     #[arg(long, value_name = "on|off")]
     pub nat: Option<OnOff>,
+    /// Start forwarding a host port to a guest port, live (repeatable).
+    #[arg(
+        long = "publish",
+        short = 'p',
+        value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
+    )]
+    pub publish: Vec<String>,
+    /// Stop forwarding a host port, live (repeatable).
+    #[arg(long = "unpublish", value_name = "HOST_PORT")]
+    pub unpublish: Vec<u16>,
     /// Print the updated VM as JSON.
     #[arg(long)]
     pub json: bool,

@@ -57,6 +57,12 @@ impl CreateArgs {
             disk_size: self.disk_size.clone(),
             nat: self.nat,
             no_start: self.no_start,
+            publish: self
+                .publish
+                .iter()
+                .map(|p| wick_model::PortMapping::parse(p).map(|_| p.clone()))
+                .collect::<Result<_, _>>()
+                .map_err(anyhow::Error::msg)?,
             ..Default::default()
         })
     }
@@ -65,8 +71,18 @@ impl CreateArgs {
 impl SetArgs {
     /// The request body, after checking every value; at least one change is required.
     pub fn to_request(&self) -> Result<SetVmRequest> {
-        if self.vcpu.is_none() && self.memory.is_none() && self.nat.is_none() {
-            bail!("nothing to change: pass at least one of --vcpu, --memory or --nat on|off");
+        if self.vcpu.is_none()
+            && self.memory.is_none()
+            && self.nat.is_none()
+            && self.publish.is_empty()
+            && self.unpublish.is_empty()
+        {
+            bail!(
+                "nothing to change: pass at least one of --vcpu, --memory, --nat on|off, --publish or --unpublish"
+            );
+        }
+        for p in &self.publish {
+            wick_model::PortMapping::parse(p).map_err(anyhow::Error::msg)?;
         }
         if let Some(v) = self.vcpu {
             vcpu("--vcpu", v)?;
@@ -75,8 +91,8 @@ impl SetArgs {
             size("--memory", m)?;
         }
         Ok(SetVmRequest {
-            publish_add: Vec::new(),
-            publish_remove: Vec::new(),
+            publish_add: self.publish.clone(),
+            publish_remove: self.unpublish.clone(),
             vcpu: self.vcpu,
             memory: self.memory.clone(),
             nat: self.nat.map(|n| n.as_bool()),

@@ -3,10 +3,11 @@
 //! private network namespace. Skipped (with the reason) where QEMU, vhost-device-vsock, the
 //! Debian mirror or root are missing.
 
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wick_agent_proto::{AgentClient, ExecRequest, AGENT_PORT};
+use wick_host::net::testns::TestNetns;
 use wick_testkit::guest::guest_assets;
 use wick_testkit::wickd::WickdEnv;
 
@@ -33,40 +34,29 @@ boot_args = "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw"
     )
 }
 
-fn agent(env: &WickdEnv, name: &str, rt: &tokio::runtime::Runtime) -> AgentClient {
-    let v: Value = env.wick_json(&["vm", "show", name]);
-    let sock = v["runtime"]["vmm"]["vsock_socket"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    rt.block_on(AgentClient::connect(
-        sock.as_ref(),
-        AGENT_PORT,
-        Duration::from_secs(30),
-    ))
-    .expect("agent reachable")
-}
-
-fn run(rt: &tokio::runtime::Runtime, c: &AgentClient, argv: &[&str]) -> (i32, String) {
-    let out = rt
-        .block_on(async {
-            c.exec(ExecRequest {
-                argv: argv.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            })
-            .await?
-            .output()
-            .await
-        })
-        .expect("exec");
+/// `wick vm exec NAME -- ARGS`: (exit code, stdout).
+fn exec(env: &WickdEnv, name: &str, args: &[&str]) -> (i32, String) {
+    let mut a = vec!["vm", "exec", name, "--"];
+    a.extend_from_slice(args);
+    let out = env.wick(&a);
     (
-        out.status.code.unwrap_or(-1),
+        out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).to_string(),
     )
 }
 
+fn links(env: &WickdEnv) -> Vec<String> {
+    let j: Value = serde_json::from_str(&env.ns_run("ip", &["-j", "link", "show"])).unwrap();
+    j.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap().to_string())
+        .filter(|n| n.starts_with("wk-"))
+        .collect()
+}
+
 #[test]
-fn real_guest_boots_runs_and_keeps_its_data() {
+fn real_guest_end_to_end() {
     let assets = match guest_assets() {
         Ok(a) => a,
         Err(why) => {
@@ -74,12 +64,34 @@ fn real_guest_boots_runs_and_keeps_its_data() {
             return;
         }
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let mut env = WickdEnv::with_config(&config(&assets));
     env.start();
+
+    // A fake upstream behind the daemon's namespace, for NAT.
+    let dn = env.netns.as_ref().unwrap();
+    let up = TestNetns::create("e2eup").unwrap();
+    dn.veth_to("uplink", &up, "eth0").unwrap();
+    dn.run("ip", &["addr", "add", "198.51.100.1/24", "dev", "uplink"])
+        .unwrap();
+    dn.run("ip", &["link", "set", "uplink", "up"]).unwrap();
+    dn.run(
+        "ip",
+        &["route", "replace", "default", "via", "198.51.100.2"],
+    )
+    .unwrap();
+    up.run("ip", &["addr", "add", "198.51.100.2/24", "dev", "eth0"])
+        .unwrap();
+    up.run("ip", &["link", "set", "eth0", "up"]).unwrap();
+    let listener = up.listen("198.51.100.2:8080".parse().unwrap()).unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let peer = s
+                .peer_addr()
+                .map(|p| p.ip().to_string())
+                .unwrap_or_default();
+            let _ = s.write_all(peer.as_bytes());
+        }
+    });
 
     let t = Instant::now();
     let out = env.wick(&[
@@ -91,50 +103,128 @@ fn real_guest_boots_runs_and_keeps_its_data() {
         "1G",
         "--disk-size",
         "2G",
+        "--nat",
+        "--publish",
+        "127.0.0.1:18000:8000",
     ]);
     let created = t.elapsed();
     if !out.status.success() {
-        let show = env.wick(&["vm", "logs", "g1"]);
+        let log = env.wick(&["vm", "logs", "g1"]);
         panic!(
             "create failed: {}\n--- vm log ---\n{}\n--- daemon ---\n{}",
             String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&show.stdout),
+            String::from_utf8_lossy(&log.stdout),
             env.daemon_log()
         );
     }
     eprintln!("create → agent ready and configured: {created:?}");
-    let c = agent(&env, "g1", &rt);
-    let (code, uname) = run(&rt, &c, &["uname", "-r"]);
+    let g1 = env.wick_json(&["vm", "show", "g1"]);
+    let vm_dir = g1["runtime"]["dir"].as_str().unwrap().to_string();
+
+    let (code, uname) = exec(&env, "g1", &["uname", "-r"]);
     assert_eq!(code, 0);
     assert!(uname.contains("cloud-amd64"), "guest kernel: {uname}");
-    assert_eq!(run(&rt, &c, &["sh", "-c", "exit 7"]).0, 7);
-    let (_, host) = run(&rt, &c, &["hostname"]);
-    assert_eq!(host.trim(), "g1");
-    // The work disk is /root.
-    let (code, mnt) = run(&rt, &c, &["sh", "-c", "findmnt -n -o SOURCE /root"]);
-    assert_eq!(code, 0, "{mnt}");
-    assert!(mnt.contains("vdb"), "{mnt}");
     assert_eq!(
-        run(&rt, &c, &["sh", "-c", "echo kept > /root/proof && sync"]).0,
-        0
+        exec(&env, "g1", &["sh", "-c", "exit 7"]).0,
+        7,
+        "exit code passes through"
+    );
+    assert_eq!(exec(&env, "g1", &["hostname"]).1.trim(), "g1");
+    let (_, mnt) = exec(&env, "g1", &["findmnt", "-n", "-o", "SOURCE", "/root"]);
+    assert!(mnt.contains("vdb"), "/root is the work disk: {mnt}");
+
+    // Real OpenSSH with wick's key and pinned host keys.
+    let out = env.wick(&["vm", "ssh", "g1", "--", "true"]);
+    assert!(
+        out.status.success(),
+        "vm ssh: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
+    // vm cp round trip.
+    let host = tempfile::tempdir().unwrap();
+    let src = host.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("a.txt"), b"alpha\n").unwrap();
+    std::fs::write(src.join("sub/bin"), (0..=255u8).collect::<Vec<_>>()).unwrap();
+    std::os::unix::fs::symlink("a.txt", src.join("link")).unwrap();
+    env.wick_ok(&["vm", "cp", src.to_str().unwrap(), "g1:/root/copied"]);
+    let back = host.path().join("back");
+    env.wick_ok(&["vm", "cp", "g1:/root/copied", back.to_str().unwrap()]);
+    assert_eq!(std::fs::read(back.join("a.txt")).unwrap(), b"alpha\n");
+    assert_eq!(
+        std::fs::read(back.join("sub/bin")).unwrap(),
+        (0..=255u8).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        std::fs::read_link(back.join("link")).unwrap().to_str(),
+        Some("a.txt")
+    );
+
+    // A guest HTTP server on 8000: listed by vm ports, reachable through --publish.
+    let server = r#"setsid perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalPort=>8000,Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){<$c>; print $c "HTTP/1.0 200 OK\r\n\r\nhello from g1\n"; close $c}' >/dev/null 2>&1 < /dev/null &"#;
+    assert_eq!(exec(&env, "g1", &["sh", "-c", server]).0, 0);
+    let mut ports = Value::Null;
+    for _ in 0..50 {
+        ports = env.wick_json(&["vm", "ports", "g1"]);
+        if ports.to_string().contains("8000") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ports.to_string().contains("8000"), "vm ports: {ports}");
+    let dn = env.netns.as_ref().unwrap();
+    let mut s = dn
+        .connect("127.0.0.1:18000".parse().unwrap(), Duration::from_secs(5))
+        .expect("publish");
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.contains("hello from g1"), "{body}");
+
+    // NAT: the guest reaches the upstream, which sees the masqueraded address.
+    let (code, seen) = exec(
+        &env,
+        "g1",
+        &["bash", "-c", "exec 3<>/dev/tcp/198.51.100.2/8080; cat <&3"],
+    );
+    assert_eq!((code, seen.trim()), (0, "198.51.100.1"), "NAT");
+
+    // Data in /root survives stop/start.
+    assert_eq!(
+        exec(&env, "g1", &["sh", "-c", "echo kept > /root/proof && sync"]).0,
+        0
+    );
     let t = Instant::now();
     env.wick_ok(&["vm", "stop", "g1"]);
     eprintln!("stop (agent poweroff): {:?}", t.elapsed());
     env.wick_ok(&["vm", "start", "g1"]);
-    let c = agent(&env, "g1", &rt);
-    let (code, proof) = run(&rt, &c, &["cat", "/root/proof"]);
-    assert_eq!(code, 0, "cat /root/proof");
-    assert_eq!(proof.trim(), "kept", "data in /root survives stop/start");
+    let (code, proof) = exec(&env, "g1", &["cat", "/root/proof"]);
+    assert_eq!(
+        (code, proof.trim()),
+        (0, "kept"),
+        "data in /root survives stop/start"
+    );
 
+    // Delete leaves no process, TAP, rule, socket or file behind.
     env.wick_ok(&["vm", "delete", "g1"]);
     assert!(env.vmm_processes().is_empty());
-    let procs = env.processes();
-    assert!(
-        procs
-            .iter()
-            .all(|p| Some(*p) == env.daemon.as_ref().map(|d| d.id())),
-        "only the daemon is left: {procs:?}"
-    );
+    let daemon = env.daemon.as_ref().map(|d| d.id());
+    let procs: Vec<u32> = env
+        .processes()
+        .into_iter()
+        .filter(|p| Some(*p) != daemon)
+        .collect();
+    assert!(procs.is_empty(), "left over processes: {procs:?}");
+    assert!(links(&env).is_empty(), "{:?}", links(&env));
+    let rules = env.ns_run("nft", &["list", "ruleset"]);
+    assert!(!rules.contains("vm-"), "{rules}");
+    assert!(!std::path::Path::new(&vm_dir).exists(), "VM dir removed");
+    assert!(dn
+        .connect(
+            "127.0.0.1:18000".parse().unwrap(),
+            Duration::from_millis(500)
+        )
+        .is_err());
+    drop(up);
 }

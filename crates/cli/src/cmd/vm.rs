@@ -32,6 +32,21 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
         VmCommand::Logs(a) => logs(ctx, a).await,
         VmCommand::Prune(a) => prune(ctx, a).await,
         VmCommand::Set(a) => set(ctx, a).await,
+        VmCommand::PortForward(a) => {
+            set(
+                ctx,
+                SetArgs {
+                    vm: a.vm,
+                    vcpu: None,
+                    memory: None,
+                    nat: None,
+                    publish: a.mappings,
+                    unpublish: a.remove,
+                    json: a.json,
+                },
+            )
+            .await
+        }
         VmCommand::Exec(a) => super::exec::run(ctx, a).await,
         VmCommand::Ssh(a) => super::ssh::run(ctx, a).await,
         VmCommand::Cp(a) => super::cp::run(ctx, a).await,
@@ -363,6 +378,10 @@ async fn set(ctx: &Ctx, args: SetArgs) -> Result<()> {
         format_mib(vm.spec.memory_mib),
         if vm.spec.nat { "on" } else { "off" }
     );
+    if !vm.spec.publish.is_empty() {
+        let ports: Vec<String> = vm.spec.publish.iter().map(|m| m.to_string()).collect();
+        line.push_str(&format!(" · publish {}", ports.join(", ")));
+    }
     if (req.vcpu.is_some() || req.memory.is_some()) && vm.state.may_have_vmm() {
         line.push_str(" (vcpu and memory apply at the next start)");
     }

@@ -245,8 +245,16 @@ mod tests {
             Some(khz) => assert!(append.contains(&format!("tsc_early_khz={khz}")), "{append}"),
             None => assert!(!append.contains("tsc_early_khz"), "{append}"),
         }
-        let kvm = joined(&qemu_args(&handle(), &config(), Engine::Kvm, Path::new("/v")));
-        assert!(!kvm.contains("tsc_early_khz"), "KVM keeps the kernel's calibration");
+        let kvm = joined(&qemu_args(
+            &handle(),
+            &config(),
+            Engine::Kvm,
+            Path::new("/v"),
+        ));
+        assert!(
+            !kvm.contains("tsc_early_khz"),
+            "KVM keeps the kernel's calibration"
+        );
     }
 
     #[test]
