@@ -1,0 +1,97 @@
+//! A bounded in-memory pipe from a blocking writer (the tar builder on its own thread) to an
+//! async reader (`AgentClient::put_tar`), so the archive is streamed, never buffered whole.
+
+use std::io::{self, Write};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::mpsc;
+
+/// Size of the chunks handed across; the channel holds a few of them.
+const CHUNK: usize = 256 * 1024;
+const DEPTH: usize = 8;
+
+pub(crate) fn pipe() -> (PipeWriter, PipeReader) {
+    let (tx, rx) = mpsc::channel(DEPTH);
+    (
+        PipeWriter {
+            tx,
+            buf: BytesMut::with_capacity(CHUNK),
+        },
+        PipeReader {
+            rx,
+            cur: Bytes::new(),
+        },
+    )
+}
+
+/// The blocking end. Call [`PipeWriter::finish`] (or drop it) at the end; [`PipeWriter::fail`]
+/// makes the reader see an error instead of a clean end.
+pub(crate) struct PipeWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: BytesMut,
+}
+
+impl PipeWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.buf.split().freeze();
+        self.buf.reserve(CHUNK);
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
+    }
+
+    pub fn finish(mut self) -> io::Result<()> {
+        self.send()
+    }
+
+    pub fn fail(self, e: io::Error) {
+        let _ = self.tx.blocking_send(Err(e));
+    }
+}
+
+impl Write for PipeWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = CHUNK - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The async end.
+pub(crate) struct PipeReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    cur: Bytes,
+}
+
+impl AsyncRead for PipeReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.cur.is_empty() {
+            match ready!(self.rx.poll_recv(cx)) {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Poll::Ready(Err(e)),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = self.cur.len().min(buf.remaining());
+        buf.put_slice(&self.cur.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
