@@ -91,6 +91,7 @@ impl SetArgs {
             size("--memory", m)?;
         }
         Ok(SetVmRequest {
+            workspace: None,
             publish_add: self.publish.clone(),
             publish_remove: self.unpublish.clone(),
             vcpu: self.vcpu,

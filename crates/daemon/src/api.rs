@@ -20,7 +20,9 @@ use serde::Deserialize;
 use tokio::net::UnixListener;
 use utoipa::OpenApi;
 use wick_model::api::*;
-use wick_model::{Sidecar, VmRecord, VmRuntime, VmSpec, VmState, VmmHandle};
+use wick_model::{
+    PortMapping, Sidecar, VmRecord, VmRuntime, VmSpec, VmState, VmmHandle, WorkspaceInfo,
+};
 
 use crate::daemon::{Caller, Daemon};
 use crate::error::{Error, Result};
@@ -491,6 +493,8 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         VmRuntime,
         VmState,
         VmmHandle,
+        WorkspaceInfo,
+        PortMapping,
         Sidecar
     ))
 )]

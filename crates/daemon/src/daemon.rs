@@ -717,6 +717,7 @@ impl Daemon {
             && req.nat.is_none()
             && req.publish_add.is_empty()
             && req.publish_remove.is_empty()
+            && req.workspace.is_none()
         {
             return Err(Error::invalid(
                 "nothing to set: give --vcpu, --memory, --nat or ports to publish/unpublish",
@@ -740,6 +741,9 @@ impl Daemon {
         }
         if let Some(n) = req.nat {
             vm.spec.nat = n;
+        }
+        if let Some(w) = &req.workspace {
+            vm.spec.workspace = Some(w.clone());
         }
         for port in &req.publish_remove {
             if !vm.spec.publish.iter().any(|m| m.host_port == *port) {

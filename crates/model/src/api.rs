@@ -126,6 +126,9 @@ pub struct SetVmRequest {
     /// Host ports to stop forwarding.
     #[serde(default)]
     pub publish_remove: Vec<u16>,
+    /// Record the repository just prepared into the guest (the CLI sends it after a prepare).
+    #[serde(default)]
+    pub workspace: Option<crate::vm::WorkspaceInfo>,
 }
 
 /// `POST /v1/vms/{vm}/kill`.

@@ -102,6 +102,26 @@ pub struct VmSpec {
     /// Host ports forwarded to guest ports by wickd (`--publish`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<PortMapping>,
+    /// The repository last prepared into the guest (`vm run PATH`, `vm workspace prepare`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<WorkspaceInfo>,
+}
+
+/// A host repository copied into the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WorkspaceInfo {
+    /// The host repository's top-level directory.
+    pub source_path: String,
+    pub guest_path: String,
+    /// The host `HEAD` commit copied.
+    pub head_commit: String,
+    /// The branch checked out in the guest.
+    #[serde(default)]
+    pub branch: Option<String>,
+    /// `shallow` or `full_copy`.
+    pub mode: String,
+    /// RFC 3339 UTC.
+    pub prepared_at: String,
 }
 
 /// A published port: wickd listens on `host_ip:host_port` and forwards to the guest's
