@@ -100,7 +100,7 @@ mod tests {
         inject_agent(&root, &agent).unwrap();
         assert_eq!(fs::read(root.join(AGENT_PATH)).unwrap(), b"#!/bin/sh\n");
         let unit = fs::read_to_string(root.join(AGENT_UNIT_PATH)).unwrap();
-        assert!(unit.contains("Restart=always") && unit.contains("After=local-fs.target"));
+        assert!(unit.contains("Restart=always") && unit.contains("root.mount"));
         assert!(root
             .join("etc/systemd/system/multi-user.target.wants/wick-agent.service")
             .symlink_metadata()

@@ -60,7 +60,7 @@ fn golden_build_from_debian_packages() {
     // The stand-in agent and its enabled unit.
     assert!(cat(img, "/usr/local/bin/wick-agent").contains("fake wick-agent"));
     let unit = cat(img, "/etc/systemd/system/wick-agent.service");
-    assert!(unit.contains("After=local-fs.target") && unit.contains("Restart=always"));
+    assert!(unit.contains("root.mount") && unit.contains("Restart=always"));
     assert!(exists(
         img,
         "/etc/systemd/system/multi-user.target.wants/wick-agent.service"
