@@ -42,11 +42,21 @@ fn small_ext4(dir: &Path) -> Option<PathBuf> {
     Some(img)
 }
 
+/// Points `WICK_INIT_BIN` (read by wickd and by `Artifacts` in this process) at a static
+/// wick-init, building one if needed. Call before starting a daemon.
+fn ensure_init_env() -> Result<(), String> {
+    static INIT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let p = INIT
+        .get_or_init(wick_testkit::guest::static_wick_init)
+        .clone()?;
+    // Same value from every test thread; set before any daemon is spawned.
+    std::env::set_var("WICK_INIT_BIN", p);
+    Ok(())
+}
+
 /// The Debian cloud kernel package from the test cache (downloaded once), or why not.
 fn cloud_kernel_deb() -> Result<PathBuf, String> {
-    if let Err(e) = wick_kernel::initramfs::locate_init_binary() {
-        return Err(format!("no static wick-init for the initramfs: {e}"));
-    }
+    ensure_init_env().map_err(|e| format!("no static wick-init for the initramfs: {e}"))?;
     let dir = wick_image::testcache::cache_root().join("debian-kernel");
     wick_kernel::debian::download_cloud_kernel(&dir)
         .map_err(|e| format!("the Debian cloud kernel package is unavailable: {e}"))
@@ -80,6 +90,9 @@ fn images_and_kernels_through_wickd() {
     let Some(img) = small_ext4(work.path()) else {
         return;
     };
+    if let Err(why) = ensure_init_env() {
+        eprintln!("note: {why}");
+    }
     let mut env = WickdEnv::new("");
     env.start();
     let img_s = img.to_str().unwrap();
