@@ -4,7 +4,11 @@
 
 use std::sync::Arc;
 
-use wick_agent_proto::{AgentChannel, AgentError, BoxAgentStream, ConnectFuture, Connector};
+use std::time::Duration;
+
+use wick_agent_proto::{
+    AgentChannel, AgentClient, AgentError, BoxAgentStream, ConnectFuture, Connector,
+};
 
 use crate::client::Client;
 
@@ -36,6 +40,18 @@ pub fn channel(client: Client, vm: &str) -> AgentChannel {
         client: Arc::new(client),
         vm: vm.to_string(),
     }))
+}
+
+/// A client of VM `vm`'s agent whose protocol version was checked (`Hello`), retrying until it
+/// answers or `timeout` passes. Check that the VM runs first: every refusal is retried.
+pub async fn connect(client: Client, vm: &str, timeout: Duration) -> anyhow::Result<AgentClient> {
+    let connector = Arc::new(DaemonConnector {
+        client: Arc::new(client),
+        vm: vm.to_string(),
+    });
+    AgentClient::with_connector(connector, timeout)
+        .await
+        .map_err(to_anyhow)
 }
 
 /// The daemon's error (often an [`wick_model::api::ApiError`]) carried through

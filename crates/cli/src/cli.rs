@@ -88,6 +88,16 @@ pub enum VmCommand {
     /// `[vm_defaults]`: config file, then a host heuristic, then a built-in floor. `wick config
     /// show` prints the resolved defaults and where each came from.
     Create(CreateArgs),
+    /// Create a VM, copy a repository into it and run a command there, or log in.
+    ///
+    /// Three shapes: `wick vm run` (a new VM, then an interactive ssh session), `wick vm run
+    /// PATH` (the git repository at PATH copied to /root/repo, then ssh), and `wick vm run PATH
+    /// -- CMD...` (CMD run in /root/repo; its exit code becomes wick's). With --rm the VM is
+    /// deleted when the command or session ends. Sizes and image default as for `vm create`.
+    Run(Box<RunArgs>),
+    /// Copy a host repository into a VM, or export the guest's changes as a patch.
+    #[command(subcommand)]
+    Workspace(WorkspaceCommand),
     /// Boot one or more stopped VMs.
     Start(LifecycleArgs),
     /// Stop one or more VMs gracefully (guest poweroff, forced after a timeout).
@@ -141,6 +151,19 @@ pub enum VmCommand {
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
+    #[command(flatten)]
+    pub vm: VmSpecArgs,
+    /// Create the VM but leave it stopped.
+    #[arg(long)]
+    pub no_start: bool,
+    /// Print the created VM as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a new VM looks like: shared by `vm create` and `vm run`.
+#[derive(Debug, Args, Default)]
+pub struct VmSpecArgs {
     /// VM name: a DNS label (a-z, 0-9, '-'). Generated when omitted (e.g. calm-otter).
     #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
     pub name: Option<String>,
@@ -159,9 +182,6 @@ pub struct CreateArgs {
     /// Give the guest outbound network access (NAT).
     #[arg(long)]
     pub nat: bool,
-    /// Create the VM but leave it stopped.
-    #[arg(long)]
-    pub no_start: bool,
     /// Forward a host port to a guest port, owned by wickd (repeatable). The host IP defaults to
     /// 127.0.0.1.
     #[arg(
@@ -170,9 +190,98 @@ pub struct CreateArgs {
         value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
     )]
     pub publish: Vec<String>,
-    /// Print the created VM as JSON.
+}
+
+/// `wick vm run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A git repository (any directory inside its working tree) to copy into /root/repo.
+    #[arg(value_name = "PATH")]
+    pub path: Option<PathBuf>,
+    #[command(flatten)]
+    pub vm: VmSpecArgs,
+    /// Delete the VM when the command or session ends (kept if the guest never came up).
     #[arg(long)]
-    pub json: bool,
+    pub rm: bool,
+    #[command(flatten)]
+    pub workspace: WorkspaceFlags,
+    /// Print the spec and what would be copied; create nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Where the repository goes in the guest (for tests whose guest is the host).
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub guest_path: Option<String>,
+    /// The command to run in the repository (after `--`); without it, an interactive ssh session.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// How a repository is copied into the guest (`vm run PATH`, `vm workspace prepare`).
+#[derive(Debug, Args, Default, Clone)]
+pub struct WorkspaceFlags {
+    /// Create this branch in the guest only and check it out.
+    #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
+    pub branch: Option<String>,
+    /// Start --branch from this host branch, tag or commit instead of HEAD.
+    #[arg(long, value_name = "REF", allow_hyphen_values = true)]
+    pub from: Option<String>,
+    /// Also copy untracked files that are not ignored.
+    #[arg(long)]
+    pub include_untracked: bool,
+    /// `shallow` (working tree plus a depth-1 history; the default) or `full_copy` (the whole
+    /// .git directory and submodules as they are).
+    #[arg(long, value_name = "MODE")]
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCommand {
+    /// Copy a host git repository into a running VM through its agent.
+    ///
+    /// Tracked files (plus untracked, non-ignored ones with --include-untracked) and the
+    /// history needed to commit and diff there. Everything is checked on the host before any
+    /// guest I/O. Preparing the same VM again sends only what changed.
+    Prepare(WorkspacePrepareArgs),
+    /// Print the guest repository's changes as a binary-safe patch (for `git apply`).
+    ///
+    /// The diff is against the guest's HEAD (or --base-commit) and includes uncommitted and
+    /// untracked files; it is built through a throwaway index, so the guest's index and tree are
+    /// untouched. E.g. `wick vm workspace export a1 | git apply`.
+    Export(WorkspaceExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WorkspacePrepareArgs {
+    /// VM by name, id or unique id prefix.
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    /// The host repository (any directory inside its working tree).
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+    /// Where the repository goes in the guest.
+    #[arg(long, value_name = "DIR", default_value = wick_workspace::DEFAULT_GUEST_PATH)]
+    pub guest_path: String,
+    #[command(flatten)]
+    pub workspace: WorkspaceFlags,
+    /// List what would be copied; touch nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkspaceExportArgs {
+    /// VM by name, id or unique id prefix.
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    /// The guest repository.
+    #[arg(long, value_name = "DIR", default_value = wick_workspace::DEFAULT_GUEST_PATH)]
+    pub guest_path: String,
+    /// Diff against this commit instead of the guest's HEAD (includes the guest's commits).
+    #[arg(long, value_name = "SHA", allow_hyphen_values = true)]
+    pub base_commit: Option<String>,
+    /// Write the patch to FILE instead of stdout.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -394,12 +503,12 @@ mod tests {
         let Command::Vm(VmCommand::Create(a)) = cli.command else {
             panic!("not create")
         };
-        assert_eq!(a.name.as_deref(), Some("a1"));
-        assert_eq!(a.image.as_deref(), Some("debian"));
-        assert_eq!(a.vcpu, Some(2));
-        assert_eq!(a.memory.as_deref(), Some("1G"));
-        assert_eq!(a.disk_size.as_deref(), Some("8G"));
-        assert!(a.nat && a.no_start && a.json);
+        assert_eq!(a.vm.name.as_deref(), Some("a1"));
+        assert_eq!(a.vm.image.as_deref(), Some("debian"));
+        assert_eq!(a.vm.vcpu, Some(2));
+        assert_eq!(a.vm.memory.as_deref(), Some("1G"));
+        assert_eq!(a.vm.disk_size.as_deref(), Some("8G"));
+        assert!(a.vm.nat && a.no_start && a.json);
     }
 
     #[test]
@@ -411,9 +520,9 @@ mod tests {
         let Command::Vm(VmCommand::Create(a)) = cli.command else {
             panic!("not create")
         };
-        assert_eq!(a.name.as_deref(), Some("-bad"));
-        assert_eq!(a.vcpu, Some(-1));
-        assert_eq!(a.memory.as_deref(), Some("-5"));
+        assert_eq!(a.vm.name.as_deref(), Some("-bad"));
+        assert_eq!(a.vm.vcpu, Some(-1));
+        assert_eq!(a.vm.memory.as_deref(), Some("-5"));
     }
 
     #[test]
@@ -551,6 +660,75 @@ mod tests {
             };
             assert!(a.json && a.vm == "a1");
         }
+    }
+
+    #[test]
+    fn run_shapes() {
+        let cli = parse(&["vm", "run"]).unwrap();
+        let Command::Vm(VmCommand::Run(a)) = cli.command else {
+            panic!("not run")
+        };
+        assert!(a.path.is_none() && a.command.is_empty() && !a.rm);
+        let cli = parse(&[
+            "vm",
+            "run",
+            "--rm",
+            "--name",
+            "a1",
+            "--branch",
+            "wip",
+            "--from",
+            "v1",
+            "--mode",
+            "full_copy",
+            "--include-untracked",
+            "--nat",
+            "-p",
+            "8080:80",
+            "./repo",
+            "--",
+            "make",
+            "-j2",
+        ])
+        .unwrap();
+        let Command::Vm(VmCommand::Run(a)) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.path.as_deref(), Some(std::path::Path::new("./repo")));
+        assert_eq!(a.command, ["make", "-j2"]);
+        assert!(a.rm && a.vm.nat && a.workspace.include_untracked);
+        assert_eq!(a.vm.name.as_deref(), Some("a1"));
+        assert_eq!(a.workspace.branch.as_deref(), Some("wip"));
+        assert_eq!(a.workspace.from.as_deref(), Some("v1"));
+        assert_eq!(a.workspace.mode.as_deref(), Some("full_copy"));
+        assert_eq!(a.vm.publish, ["8080:80"]);
+    }
+
+    #[test]
+    fn workspace_commands() {
+        let cli = parse(&["vm", "workspace", "prepare", "a1", "."]).unwrap();
+        let Command::Vm(VmCommand::Workspace(WorkspaceCommand::Prepare(a))) = cli.command else {
+            panic!("not prepare")
+        };
+        assert_eq!(a.guest_path, "/root/repo");
+        assert!(!a.dry_run && a.workspace.branch.is_none() && a.workspace.mode.is_none());
+        let cli = parse(&[
+            "vm",
+            "workspace",
+            "export",
+            "a1",
+            "--base-commit",
+            "abc",
+            "-o",
+            "x.patch",
+        ])
+        .unwrap();
+        let Command::Vm(VmCommand::Workspace(WorkspaceCommand::Export(a))) = cli.command else {
+            panic!("not export")
+        };
+        assert_eq!(a.base_commit.as_deref(), Some("abc"));
+        assert_eq!(a.output.as_deref(), Some(std::path::Path::new("x.patch")));
+        assert!(parse(&["vm", "workspace", "prepare", "a1"]).is_err());
     }
 
     #[test]

@@ -209,18 +209,70 @@ impl Drop for Display {
     }
 }
 
+/// Stages of work done by the CLI itself (e.g. preparing a workspace), drawn like an
+/// operation's: a spinner and `✓ stage (12 ms)` lines on a terminal, `[label] stage: ...` lines
+/// elsewhere.
+pub struct Stages {
+    display: Display,
+    current: Option<(String, std::time::Instant)>,
+    started: std::time::Instant,
+}
+
+impl Stages {
+    pub fn new(view: View, label: String) -> Stages {
+        Stages {
+            display: Display::new(view, label),
+            current: None,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Ends the current stage (successfully) and begins `stage`.
+    pub fn enter(&mut self, stage: &str) {
+        if self.current.as_ref().is_some_and(|(s, _)| s == stage) {
+            return;
+        }
+        self.end_current(true);
+        self.current = Some((stage.to_string(), std::time::Instant::now()));
+        self.display.step(&Step::Enter(stage.to_string()));
+    }
+
+    /// Ends the current stage and clears the spinner; `ok` is false after a failure.
+    pub fn finish(&mut self, ok: bool) {
+        self.end_current(ok);
+        let state = if ok {
+            OpState::Succeeded
+        } else {
+            OpState::Failed
+        };
+        let elapsed_ms = self.started.elapsed().as_millis() as u64;
+        if self.display.view == View::Plain {
+            self.display.step(&Step::Finished { state, elapsed_ms });
+        }
+        self.display.finish();
+    }
+
+    fn end_current(&mut self, ok: bool) {
+        if let Some((stage, at)) = self.current.take() {
+            let ms = at.elapsed().as_millis() as u64;
+            self.display.step(&Step::Done { stage, ms, ok });
+        }
+    }
+}
+
 /// Ctrl-C, observed by every follower. The first Ctrl-C asks each followed operation to
 /// cancel; a second one exits at once with status 130.
 #[derive(Clone)]
 pub struct Interrupt {
     rx: watch::Receiver<bool>,
+    task: std::sync::Arc<tokio::task::JoinHandle<()>>,
 }
 
 impl Interrupt {
     /// Installs the Ctrl-C handler (from then on Ctrl-C no longer kills the process outright).
     pub fn install() -> Interrupt {
         let (tx, rx) = watch::channel(false);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 let _ = tx.send(true);
                 if tokio::signal::ctrl_c().await.is_ok() {
@@ -231,7 +283,16 @@ impl Interrupt {
             // Keep the sender alive so receivers never see a closed channel.
             std::future::pending::<()>().await;
         });
-        Interrupt { rx }
+        Interrupt {
+            rx,
+            task: std::sync::Arc::new(task),
+        }
+    }
+
+    /// Stops watching Ctrl-C (e.g. before running a command that handles signals itself), so a
+    /// second Ctrl-C no longer exits the process at once.
+    pub fn disarm(&self) {
+        self.task.abort();
     }
 
     /// Whether Ctrl-C was pressed.

@@ -60,7 +60,16 @@ pub fn vm_table(vms: &[VmRecord], now: i64) -> String {
         .set_content_arrangement(ContentArrangement::Disabled)
         .force_no_tty()
         .set_header([
-            "ID", "NAME", "STATE", "IMAGE", "IP", "VCPU", "MEM", "DISK", "CREATED",
+            "ID",
+            "NAME",
+            "STATE",
+            "IMAGE",
+            "IP",
+            "VCPU",
+            "MEM",
+            "DISK",
+            "WORKSPACE",
+            "CREATED",
         ]);
     for vm in vms {
         t.add_row([
@@ -72,6 +81,7 @@ pub fn vm_table(vms: &[VmRecord], now: i64) -> String {
             vm.spec.vcpu.to_string(),
             format_mib(vm.spec.memory_mib),
             format_mib(vm.spec.disk_mib),
+            workspace_cell(vm.spec.workspace.as_ref()),
             age(&vm.created_at, now),
         ]);
     }
@@ -84,6 +94,34 @@ pub fn vm_table(vms: &[VmRecord], now: i64) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `repo@3f2a9c1` (the source directory's name and the short head commit), or `-`.
+pub fn workspace_cell(w: Option<&wick_model::WorkspaceInfo>) -> String {
+    let Some(w) = w else {
+        return "-".into();
+    };
+    let name = std::path::Path::new(&w.source_path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| w.source_path.clone());
+    let head: String = w.head_commit.chars().take(7).collect();
+    format!("{name}@{head}")
+}
+
+/// `512 B`, `3.4 KiB`, `12.0 MiB`, `1.5 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 /// A plain table (header row, columns padded by three spaces, no trailing blanks).
@@ -430,13 +468,33 @@ pub(crate) mod tests {
                 None,
             ),
         ];
+        let mut vms = vms;
+        vms[0].spec.workspace = Some(wick_model::WorkspaceInfo {
+            source_path: "/home/u/src/repo".into(),
+            guest_path: "/root/repo".into(),
+            head_commit: "1234567890abcdef".into(),
+            branch: Some("main".into()),
+            mode: "shallow".into(),
+            prepared_at: "2024-05-01T12:00:00Z".into(),
+        });
         let out = vm_table(&vms, 1_714_564_800 + 300);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 3, "{out}");
         let header: Vec<&str> = lines[0].split_whitespace().collect();
         assert_eq!(
             header,
-            ["ID", "NAME", "STATE", "IMAGE", "IP", "VCPU", "MEM", "DISK", "CREATED"]
+            [
+                "ID",
+                "NAME",
+                "STATE",
+                "IMAGE",
+                "IP",
+                "VCPU",
+                "MEM",
+                "DISK",
+                "WORKSPACE",
+                "CREATED"
+            ]
         );
         let row: Vec<&str> = lines[1].split_whitespace().collect();
         assert_eq!(
@@ -450,6 +508,7 @@ pub(crate) mod tests {
                 "2",
                 "1G",
                 "8G",
+                "repo@1234567",
                 "5m",
                 "ago"
             ]
@@ -463,6 +522,15 @@ pub(crate) mod tests {
         let col = lines[0].find("NAME").unwrap();
         assert_eq!(lines[1].find("calm-otter"), Some(col));
         assert_eq!(lines[2].find("b2"), Some(col));
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(200 << 20), "200.0 MiB");
+        assert_eq!(workspace_cell(None), "-");
     }
 
     #[test]

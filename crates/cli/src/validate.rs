@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use wick_model::api::{CreateVmRequest, SetVmRequest};
 use wick_model::{parse_size_mib, validate_name};
 
-use crate::cli::{CreateArgs, SetArgs};
+use crate::cli::{SetArgs, VmSpecArgs, WorkspaceFlags};
 
 /// A VM name: a DNS label.
 pub fn name(name: &str) -> Result<()> {
@@ -29,9 +29,9 @@ pub fn size(flag: &str, s: &str) -> Result<u64> {
     parse_size_mib(s).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
 }
 
-impl CreateArgs {
-    /// The request body, after checking every value.
-    pub fn to_request(&self) -> Result<CreateVmRequest> {
+impl VmSpecArgs {
+    /// The `POST /v1/vms` body, after checking every value.
+    pub fn to_request(&self, no_start: bool) -> Result<CreateVmRequest> {
         if let Some(n) = &self.name {
             name(n)?;
         }
@@ -56,7 +56,7 @@ impl CreateArgs {
             memory: self.memory.clone(),
             disk_size: self.disk_size.clone(),
             nat: self.nat,
-            no_start: self.no_start,
+            no_start,
             publish: self
                 .publish
                 .iter()
@@ -64,6 +64,26 @@ impl CreateArgs {
                 .collect::<Result<_, _>>()
                 .map_err(anyhow::Error::msg)?,
             ..Default::default()
+        })
+    }
+}
+
+impl WorkspaceFlags {
+    /// The workspace options, after checking the flags that need no repository (`--mode`,
+    /// `--from` without `--branch`); the rest is checked by [`wick_workspace::inspect`].
+    pub fn to_options(&self) -> Result<wick_workspace::PrepareOptions> {
+        if self.from.is_some() && self.branch.is_none() {
+            return Err(wick_workspace::WorkspaceError::FromWithoutBranch.into());
+        }
+        let mode = match &self.mode {
+            Some(m) => m.parse::<wick_workspace::Mode>()?,
+            None => wick_workspace::Mode::default(),
+        };
+        Ok(wick_workspace::PrepareOptions {
+            mode,
+            branch: self.branch.clone(),
+            from: self.from.clone(),
+            include_untracked: self.include_untracked,
         })
     }
 }
@@ -112,7 +132,7 @@ mod tests {
         let Command::Vm(VmCommand::Create(a)) = cli.command else {
             panic!()
         };
-        a.to_request().unwrap_err().to_string()
+        a.vm.to_request(a.no_start).unwrap_err().to_string()
     }
 
     fn set_result(args: &[&str]) -> anyhow::Result<wick_model::api::SetVmRequest> {
@@ -155,12 +175,45 @@ mod tests {
         let Command::Vm(VmCommand::Create(a)) = cli.command else {
             panic!()
         };
-        let r = a.to_request().unwrap();
+        let r = a.vm.to_request(a.no_start).unwrap();
         assert_eq!(r.name.as_deref(), Some("a1"));
         assert_eq!(r.memory.as_deref(), Some("2G"));
         assert_eq!(r.vcpu, Some(3));
         assert!(r.nat && !r.no_start);
         assert_eq!(r.disk_size, None);
+    }
+
+    #[test]
+    fn workspace_flags() {
+        let cli = Cli::try_parse_from(["wick", "vm", "run", ".", "--from", "v1"]).unwrap();
+        let Command::Vm(VmCommand::Run(a)) = cli.command else {
+            panic!()
+        };
+        let m = a.workspace.to_options().unwrap_err().to_string();
+        assert!(m.starts_with("--from needs --branch"), "{m}");
+        let cli = Cli::try_parse_from(["wick", "vm", "run", ".", "--mode", "deep"]).unwrap();
+        let Command::Vm(VmCommand::Run(a)) = cli.command else {
+            panic!()
+        };
+        let m = a.workspace.to_options().unwrap_err().to_string();
+        assert!(m.contains("unknown workspace mode \"deep\""), "{m}");
+        let cli = Cli::try_parse_from([
+            "wick",
+            "vm",
+            "run",
+            ".",
+            "--mode",
+            "full-copy",
+            "--branch",
+            "wip",
+        ])
+        .unwrap();
+        let Command::Vm(VmCommand::Run(a)) = cli.command else {
+            panic!()
+        };
+        let o = a.workspace.to_options().unwrap();
+        assert_eq!(o.mode, wick_workspace::Mode::FullCopy);
+        assert_eq!(o.branch.as_deref(), Some("wip"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::os::fd::AsFd;
 use anyhow::{bail, Context, Result};
 use nix::sys::termios::{self, SetArg, Termios};
 use tokio::signal::unix::{signal, SignalKind};
-use wick_agent_proto::{ExecRequest, WindowSize};
+use wick_agent_proto::{AgentChannel, ExecRequest, WindowSize};
 
 use super::Ctx;
 use crate::agent;
@@ -30,8 +30,18 @@ pub async fn run(ctx: &Ctx, a: ExecArgs) -> Result<()> {
         a.tty,
         |k| std::env::var(k).ok(),
     )?;
-    let tty = req.tty.is_some();
     let chan = agent::channel(ctx.client(), &a.vm);
+    match stream(&chan, req).await? {
+        0 => Ok(()),
+        code => Err(Exit(code.clamp(1, 255) as u8).into()),
+    }
+}
+
+/// Runs `req` through `chan`, streaming its output to wick's stdout/stderr (and wick's stdin to
+/// it when `req.stdin`), forwarding signals and window sizes, and returns its shell exit code
+/// (signal N → 128+N). A second signal of one kind gives up: `Err(Exit(128+N))`.
+pub(super) async fn stream(chan: &AgentChannel, req: ExecRequest) -> Result<i32> {
+    let tty = req.tty.is_some();
     let mut session = chan.exec(req).await.map_err(agent::to_anyhow)?;
 
     // Raw mode only once the command runs, so errors before print normally.
@@ -84,15 +94,12 @@ pub async fn run(ctx: &Ctx, a: ExecArgs) -> Result<()> {
         t.abort();
     }
     let status = result.map_err(agent::to_anyhow)?;
-    match status.shell_code() {
-        0 => Ok(()),
-        code => Err(Exit(code.clamp(1, 255) as u8).into()),
-    }
+    Ok(status.shell_code())
 }
 
 /// The exec request for the command line (pure, for tests). `lookup` reads local environment
 /// variables for `-e NAME` without a value.
-fn request(
+pub(super) fn request(
     argv: Vec<String>,
     env: &[String],
     cwd: Option<String>,

@@ -9,10 +9,12 @@ mod exec;
 mod guest;
 pub(crate) mod image;
 pub(crate) mod kernel;
+mod run;
 mod ssh;
 mod ssh_config;
 mod version;
 mod vm;
+mod workspace;
 
 use std::io::{self, Write};
 use std::path::PathBuf;

@@ -25,6 +25,31 @@ use crate::client::vm_path;
 
 pub async fn run(ctx: &Ctx, a: SshArgs) -> Result<()> {
     let vm: VmRecord = ctx.client().get(&vm_path(&a.vm, "")).await?;
+    let err = command(ctx, &vm, &a.command)?.exec();
+    Err(ssh_error(err))
+}
+
+/// Runs ssh into `vm` as a child and waits for it (so the caller can act afterwards, e.g.
+/// delete the VM); returns ssh's exit code (signal N → 128+N).
+pub(super) fn session(ctx: &Ctx, vm: &VmRecord, remote: &[String]) -> Result<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    let status = command(ctx, vm, remote)?.status().map_err(ssh_error)?;
+    Ok(status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1))
+}
+
+fn ssh_error(err: io::Error) -> anyhow::Error {
+    if err.kind() == io::ErrorKind::NotFound {
+        anyhow::anyhow!("ssh is not installed: install the OpenSSH client (openssh-client)")
+    } else {
+        anyhow::Error::new(err).context("cannot run ssh")
+    }
+}
+
+/// The ssh command line into `vm` (running, with an IP), after pinning its host keys.
+fn command(ctx: &Ctx, vm: &VmRecord, remote: &[String]) -> Result<Command> {
     if vm.state != VmState::Running {
         bail!(
             "VM {} is not running (state {}); start it with `wick vm start {}`",
@@ -59,12 +84,10 @@ pub async fn run(ctx: &Ctx, a: SshArgs) -> Result<()> {
         pin_host_keys(&paths.known_hosts, &alias, &vm.runtime.host_keys)?;
         "yes"
     };
-    let args = ssh_args(&paths, &alias, &ip, strict, &a.command);
-    let err = Command::new("ssh").args(&args).exec();
-    if err.kind() == io::ErrorKind::NotFound {
-        bail!("ssh is not installed: install the OpenSSH client (openssh-client)");
-    }
-    Err(err).context("cannot run ssh")
+    let args = ssh_args(&paths, &alias, &ip, strict, remote);
+    let mut cmd = Command::new("ssh");
+    cmd.args(&args);
+    Ok(cmd)
 }
 
 /// The name wick's known_hosts knows a VM by.

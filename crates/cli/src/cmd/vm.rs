@@ -5,12 +5,17 @@ use std::io::{self, BufRead, IsTerminal, Write};
 use anyhow::{bail, Result};
 use futures::future::join_all;
 use serde::Serialize;
-use wick_model::api::{ApiError, ConfigView, KillRequest, OpKind, Operation, PruneResult, VmList};
+use wick_model::api::{
+    ApiError, ConfigView, CreateVmRequest, KillRequest, OpKind, OpState, Operation, PruneResult,
+    VmList,
+};
 use wick_model::size::format_mib;
 use wick_model::{VmRecord, VmState};
 
 use super::{out, out_json, outln, Ctx};
-use crate::cli::{CreateArgs, KillArgs, LifecycleArgs, LogsArgs, PruneArgs, SetArgs, VmCommand};
+use crate::cli::{
+    CreateArgs, KillArgs, LifecycleArgs, LogsArgs, PruneArgs, SetArgs, VmCommand, VmSpecArgs,
+};
 use crate::client::{vm_path, Client};
 use crate::progress::{follow, outcome, Interrupt, View};
 use crate::render;
@@ -19,6 +24,8 @@ use crate::Exit;
 pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
     match cmd {
         VmCommand::Create(a) => create(ctx, a).await,
+        VmCommand::Run(a) => super::run::run(ctx, *a).await,
+        VmCommand::Workspace(c) => super::workspace::run(ctx, c).await,
         VmCommand::Start(a) => lifecycle(ctx, OpKind::Start, a).await,
         VmCommand::Stop(a) => lifecycle(ctx, OpKind::Stop, a).await,
         VmCommand::Restart(a) => lifecycle(ctx, OpKind::Restart, a).await,
@@ -57,14 +64,39 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
 }
 
 async fn create(ctx: &Ctx, args: CreateArgs) -> Result<()> {
-    let mut req = args.to_request()?;
-    // Who the guest should let in and commit as: the caller's wick key and git identity.
+    let req = create_request(ctx, &args.vm, args.no_start)?;
+    let client = ctx.client();
+    let spec = spec_line(&client, &req).await?;
+    if args.json {
+        eprintln!("{spec}");
+    } else {
+        outln(&spec)?;
+    }
+    let interrupt = Interrupt::install();
+    let vm = outcome_vm(&client, create_vm(&client, &req, &interrupt).await?).await?;
+    if args.json {
+        out_json(&vm)
+    } else {
+        outln(&render::vm_summary(&vm))
+    }
+}
+
+/// The `POST /v1/vms` body for `args`: checked, plus who the guest should let in and commit
+/// as (the caller's wick key and git identity).
+pub(super) fn create_request(
+    ctx: &Ctx,
+    args: &VmSpecArgs,
+    no_start: bool,
+) -> Result<CreateVmRequest> {
+    let mut req = args.to_request(no_start)?;
     req.ssh_keys
         .extend(super::ssh_config::public_key(&ctx.paths));
     (req.git_name, req.git_email) = super::ssh_config::git_identity();
-    let client = ctx.client();
+    Ok(req)
+}
 
-    // The spec line: what the user gave, the daemon's resolved defaults for the rest.
+/// The `spec:` line: what the user gave, the daemon's resolved defaults for the rest.
+pub(super) async fn spec_line(client: &Client, req: &CreateVmRequest) -> Result<String> {
     let memory = req
         .memory
         .as_deref()
@@ -88,16 +120,19 @@ async fn create(ctx: &Ctx, args: CreateArgs) -> Result<()> {
             )
         }
     };
-    let spec = render::spec_line(vcpu, memory, disk);
-    if args.json {
-        eprintln!("{spec}");
-    } else {
-        outln(&spec)?;
-    }
+    Ok(render::spec_line(vcpu, memory, disk))
+}
 
-    let interrupt = Interrupt::install();
-    let op: Operation = client.post("/v1/vms", &req).await?;
-    let op = follow(&client, op, View::auto(), &interrupt).await?;
+/// Creates a VM and follows the operation with live progress. `Ok(Ok(op))`: it succeeded;
+/// `Ok(Err(op))`: it failed or was cancelled (the terminal operation, for its error and the
+/// stage it failed in). Ctrl-C cancels the operation and ends the command with status 130.
+pub(super) async fn create_vm(
+    client: &Client,
+    req: &CreateVmRequest,
+    interrupt: &Interrupt,
+) -> Result<Result<Operation, Operation>> {
+    let op: Operation = client.post("/v1/vms", req).await?;
+    let op = follow(client, op, View::auto(), interrupt).await?;
     if interrupt.fired() {
         match outcome(op) {
             Ok(op) => eprintln!("interrupted, but {} had already finished", op.vm_name),
@@ -105,16 +140,32 @@ async fn create(ctx: &Ctx, args: CreateArgs) -> Result<()> {
         }
         return Err(Exit(130).into());
     }
-    let op = outcome(op)?;
-    let vm = match op.vm {
+    Ok(match op.state {
+        OpState::Succeeded => Ok(op),
+        _ => Err(op),
+    })
+}
+
+/// The VM a finished create made, or the operation's error.
+pub(super) async fn outcome_vm(
+    client: &Client,
+    result: Result<Operation, Operation>,
+) -> Result<VmRecord> {
+    let op = result.or_else(outcome)?;
+    Ok(match op.vm {
         Some(vm) => vm,
         None => client.get(&vm_path(&op.vm_id, "")).await?,
-    };
-    if args.json {
-        out_json(&vm)
-    } else {
-        outln(&render::vm_summary(&vm))
-    }
+    })
+}
+
+/// Deletes VM `vm` (quietly; the result is one line on stderr) and forgets its host keys.
+pub(super) async fn delete_vm(ctx: &Ctx, vm: &str) -> Result<()> {
+    let client = ctx.client();
+    let op: Operation = client.delete(&vm_path(vm, "")).await?;
+    let op = follow(&client, op, View::Quiet, &Interrupt::install()).await?;
+    let op = outcome(op)?;
+    super::ssh::forget_host(&ctx.paths, &op.vm_name);
+    Ok(())
 }
 
 fn op_request(kind: OpKind, vm: &str) -> (hyper::Method, String) {
@@ -392,7 +443,7 @@ async fn set(ctx: &Ctx, args: SetArgs) -> Result<()> {
 mod tests {
     use super::*;
     use crate::render::tests::vm;
-    use wick_model::api::{ErrorCode, OpState};
+    use wick_model::api::ErrorCode;
 
     fn op(kind: OpKind, vm_rec: Option<VmRecord>) -> Operation {
         Operation {
