@@ -7,7 +7,6 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wick_host::net::testns::TestNetns;
 use wick_testkit::guest::guest_assets;
 use wick_testkit::wickd::WickdEnv;
 
@@ -68,20 +67,7 @@ fn real_guest_end_to_end() {
     env.start();
 
     // A fake upstream behind the daemon's namespace, for NAT.
-    let dn = env.netns.as_ref().unwrap();
-    let up = TestNetns::create("e2eup").unwrap();
-    dn.veth_to("uplink", &up, "eth0").unwrap();
-    dn.run("ip", &["addr", "add", "198.51.100.1/24", "dev", "uplink"])
-        .unwrap();
-    dn.run("ip", &["link", "set", "uplink", "up"]).unwrap();
-    dn.run(
-        "ip",
-        &["route", "replace", "default", "via", "198.51.100.2"],
-    )
-    .unwrap();
-    up.run("ip", &["addr", "add", "198.51.100.2/24", "dev", "eth0"])
-        .unwrap();
-    up.run("ip", &["link", "set", "eth0", "up"]).unwrap();
+    let up = env.upstream();
     let listener = up.listen("198.51.100.2:8080".parse().unwrap()).unwrap();
     std::thread::spawn(move || {
         for mut s in listener.incoming().flatten() {

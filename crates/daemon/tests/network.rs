@@ -22,26 +22,6 @@ fn vm(env: &WickdEnv, name: &str) -> Value {
     env.wick_json(&["vm", "show", name])
 }
 
-/// Upstream netns at 198.51.100.2 behind `uplink` (198.51.100.1) of the daemon's netns, which
-/// routes everything there.
-fn upstream(env: &WickdEnv) -> TestNetns {
-    let dn = env.netns.as_ref().unwrap();
-    let up = TestNetns::create("up").unwrap();
-    dn.veth_to("uplink", &up, "eth0").unwrap();
-    dn.run("ip", &["addr", "add", "198.51.100.1/24", "dev", "uplink"])
-        .unwrap();
-    dn.run("ip", &["link", "set", "uplink", "up"]).unwrap();
-    dn.run(
-        "ip",
-        &["route", "replace", "default", "via", "198.51.100.2"],
-    )
-    .unwrap();
-    up.run("ip", &["addr", "add", "198.51.100.2/24", "dev", "eth0"])
-        .unwrap();
-    up.run("ip", &["link", "set", "eth0", "up"]).unwrap();
-    up
-}
-
 /// Serves one accept at a time in `ns` on `addr`; each connection gets the peer address back.
 fn echo_peer_server(ns: &TestNetns, addr: SocketAddr) {
     let l = ns.listen(addr).unwrap();
@@ -107,7 +87,7 @@ fn nat_is_opt_in_live_toggled_and_guests_are_isolated() {
     }
     let mut env = WickdEnv::new("");
     env.start();
-    let up = upstream(&env);
+    let up = env.upstream();
     let server: SocketAddr = "198.51.100.2:8080".parse().unwrap();
     echo_peer_server(&up, server);
 

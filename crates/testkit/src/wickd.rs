@@ -152,6 +152,27 @@ impl WickdEnv {
         }
     }
 
+    /// A fake "upstream" network: a new namespace at 198.51.100.2 behind a veth `uplink`
+    /// (198.51.100.1) of the daemon's namespace, which routes everything there. NAT is proven
+    /// when a server in it sees 198.51.100.1 as the guest's address.
+    pub fn upstream(&self) -> TestNetns {
+        let dn = self.netns.as_ref().expect("netns (root only)");
+        let up = TestNetns::create("up").expect("upstream netns");
+        let ok = |r: Result<String, wick_host::net::NetError>| {
+            r.unwrap_or_else(|e| panic!("upstream setup: {e}"));
+        };
+        ok(dn.veth_to("uplink", &up, "eth0").map(|_| String::new()));
+        ok(dn.run("ip", &["addr", "add", "198.51.100.1/24", "dev", "uplink"]));
+        ok(dn.run("ip", &["link", "set", "uplink", "up"]));
+        ok(dn.run(
+            "ip",
+            &["route", "replace", "default", "via", "198.51.100.2"],
+        ));
+        ok(up.run("ip", &["addr", "add", "198.51.100.2/24", "dev", "eth0"]));
+        ok(up.run("ip", &["link", "set", "eth0", "up"]));
+        up
+    }
+
     /// Runs a command inside the daemon's netns and returns its stdout (panics on failure).
     pub fn ns_run(&self, program: &str, args: &[&str]) -> String {
         let ns = self.netns.as_ref().expect("netns (root only)");
