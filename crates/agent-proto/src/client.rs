@@ -7,12 +7,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Mutex};
 
@@ -327,10 +327,7 @@ impl AgentChannel {
                 }
             }
         });
-        Ok(TarReader {
-            rx,
-            cur: Bytes::new(),
-        })
+        Ok(TarReader::new(rx))
     }
 
     /// The guest's listening TCP ports.
@@ -715,30 +712,7 @@ impl ExecControl {
 
 /// A tar archive streamed from the guest. Reading fails if the agent reports an error midway or
 /// the connection ends before the end of the archive.
-#[derive(Debug)]
-pub struct TarReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    cur: Bytes,
-}
-
-impl AsyncRead for TarReader {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        while self.cur.is_empty() {
-            match ready!(self.rx.poll_recv(cx)) {
-                Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Poll::Ready(Err(e)),
-                None => return Poll::Ready(Ok(())),
-            }
-        }
-        let n = self.cur.len().min(buf.remaining());
-        buf.put_slice(&self.cur.split_to(n));
-        Poll::Ready(Ok(()))
-    }
-}
+pub type TarReader = crate::pipe::ChunkReader;
 
 #[cfg(test)]
 mod tests {

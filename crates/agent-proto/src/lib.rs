@@ -72,6 +72,7 @@
 mod client;
 mod frame;
 mod msg;
+pub mod pipe;
 #[cfg(feature = "testing")]
 pub mod testing;
 

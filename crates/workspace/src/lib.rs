@@ -40,7 +40,6 @@ mod git;
 mod inspect;
 mod manifest;
 mod prepare;
-mod stream;
 
 use std::fmt;
 use std::path::PathBuf;

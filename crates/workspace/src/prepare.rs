@@ -15,8 +15,8 @@ use wick_agent_proto::{AgentClient, ExecOutput, ExecRequest};
 
 use crate::inspect::RepoPlan;
 use crate::manifest::{self, Entry, GuestEntry, Kind, Manifest, Meta};
-use crate::stream::{self, PipeWriter};
 use crate::{git, Mode, Result, WorkspaceError, WorkspaceRecord, MANIFEST_NAME};
+use wick_agent_proto::pipe::PipeWriter;
 
 /// What a [`prepare`] did.
 #[derive(Debug, Clone)]
@@ -236,7 +236,7 @@ pub async fn prepare(
             String::new()
         }
     ));
-    let (writer, reader) = stream::pipe();
+    let (writer, reader) = wick_agent_proto::pipe::pipe();
     let root = plan.root.clone();
     let encoded = manifest.encode();
     let tar_job =

@@ -13,13 +13,12 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
-use std::pin::Pin;
-use std::task::{ready, Context as TaskContext, Poll};
+
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use wick_agent_proto::{AgentChannel, ExecRequest, DATA_CHUNK};
 
@@ -161,21 +160,18 @@ async fn to_guest(
         let name = base_name(dst).context("the destination has no file name")?;
         (guest_parent(dst), name)
     };
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
+    let (mut w, reader) = wick_agent_proto::pipe::pipe();
     let src_owned = src.to_path_buf();
     let builder = tokio::task::spawn_blocking(move || {
-        let mut w = ChannelWriter::new(tx.clone());
-        let r = archive(&src_owned, Path::new(&name), &mut w).and_then(|()| w.flush());
-        if let Err(e) = &r {
-            // Make the reader fail, so a partial archive is never sent as complete.
-            let _ = tx.blocking_send(Err(io::Error::new(e.kind(), e.to_string())));
+        match archive(&src_owned, Path::new(&name), &mut w) {
+            Ok(()) => w.finish(),
+            Err(e) => {
+                // Make the reader fail, so a partial archive is never sent as complete.
+                w.fail(io::Error::new(e.kind(), e.to_string()));
+                Err(e)
+            }
         }
-        r
     });
-    let reader = ChannelReader {
-        rx,
-        cur: Bytes::new(),
-    };
     let put = chan.put_tar(&dest_dir, reader).await;
     let built = builder.await.context("the archiving thread panicked")?;
     if let Err(e) = built {
@@ -457,71 +453,6 @@ pub fn unpack_safe<R: Read>(archive: R, dest: &Path, name: &str) -> Result<(u64,
         }
     }
     Ok((count, bytes))
-}
-
-/// A blocking `Write` sending [`DATA_CHUNK`]-sized chunks into a channel.
-struct ChannelWriter {
-    tx: mpsc::Sender<io::Result<Bytes>>,
-    buf: Vec<u8>,
-}
-
-impl ChannelWriter {
-    fn new(tx: mpsc::Sender<io::Result<Bytes>>) -> Self {
-        ChannelWriter {
-            tx,
-            buf: Vec::with_capacity(DATA_CHUNK),
-        }
-    }
-
-    fn send(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(DATA_CHUNK));
-        self.tx
-            .blocking_send(Ok(chunk.into()))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
-    }
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(DATA_CHUNK - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == DATA_CHUNK {
-            self.send()?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send()
-    }
-}
-
-/// An `AsyncRead` over a channel of chunks (or an error ending the stream).
-struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    cur: Bytes,
-}
-
-impl AsyncRead for ChannelReader {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        while self.cur.is_empty() {
-            match ready!(self.rx.poll_recv(cx)) {
-                Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Poll::Ready(Err(e)),
-                None => return Poll::Ready(Ok(())),
-            }
-        }
-        let n = self.cur.len().min(buf.remaining());
-        buf.put_slice(&self.cur.split_to(n));
-        Poll::Ready(Ok(()))
-    }
 }
 
 /// A blocking `Read` over a channel of chunks.

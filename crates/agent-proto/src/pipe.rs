@@ -1,5 +1,6 @@
-//! A bounded in-memory pipe from a blocking writer (the tar builder on its own thread) to an
-//! async reader (`AgentClient::put_tar`), so the archive is streamed, never buffered whole.
+//! A bounded in-memory pipe from a blocking writer (a tar builder on its own thread) to an
+//! async reader (what `put_tar` consumes), so archives are streamed, never buffered whole; and
+//! [`ChunkReader`], the async end over a channel of chunks, also behind [`crate::TarReader`].
 
 use std::io::{self, Write};
 use std::pin::Pin;
@@ -13,23 +14,22 @@ use tokio::sync::mpsc;
 const CHUNK: usize = 256 * 1024;
 const DEPTH: usize = 8;
 
-pub(crate) fn pipe() -> (PipeWriter, PipeReader) {
+/// A new pipe: write the archive into the [`PipeWriter`] on a blocking thread, hand the
+/// [`PipeReader`] to the async consumer.
+pub fn pipe() -> (PipeWriter, PipeReader) {
     let (tx, rx) = mpsc::channel(DEPTH);
     (
         PipeWriter {
             tx,
             buf: BytesMut::with_capacity(CHUNK),
         },
-        PipeReader {
-            rx,
-            cur: Bytes::new(),
-        },
+        ChunkReader::new(rx),
     )
 }
 
 /// The blocking end. Call [`PipeWriter::finish`] (or drop it) at the end; [`PipeWriter::fail`]
 /// makes the reader see an error instead of a clean end.
-pub(crate) struct PipeWriter {
+pub struct PipeWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: BytesMut,
 }
@@ -71,13 +71,27 @@ impl Write for PipeWriter {
     }
 }
 
-/// The async end.
-pub(crate) struct PipeReader {
+/// The async end of a [`pipe`].
+pub type PipeReader = ChunkReader;
+
+/// An `AsyncRead` over a channel of chunks; an `Err` chunk ends the stream with that error,
+/// and a closed channel is a clean end.
+#[derive(Debug)]
+pub struct ChunkReader {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     cur: Bytes,
 }
 
-impl AsyncRead for PipeReader {
+impl ChunkReader {
+    pub fn new(rx: mpsc::Receiver<io::Result<Bytes>>) -> ChunkReader {
+        ChunkReader {
+            rx,
+            cur: Bytes::new(),
+        }
+    }
+}
+
+impl AsyncRead for ChunkReader {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
