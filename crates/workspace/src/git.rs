@@ -39,7 +39,7 @@ where
                     .map(|a| a.to_string_lossy().into_owned())
                     .unwrap_or_default()
             ),
-            source: e,
+            error: e,
         })
 }
 

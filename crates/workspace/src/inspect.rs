@@ -116,7 +116,7 @@ pub fn inspect(path: &Path, opts: &PrepareOptions) -> Result<RepoPlan> {
         } else {
             WorkspaceError::Io {
                 what: format!("cannot read {}", path.display()),
-                source: e,
+                error: e,
             }
         }
     })?;

@@ -164,12 +164,10 @@ pub enum WorkspaceError {
         repo: PathBuf,
         detail: String,
     },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The message carries the OS error; it is deliberately not named `source` (thiserror
+    /// would also chain it, and error reports would print it twice).
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
     #[error("in the guest, could not {what}: {detail}")]
     Guest { what: &'static str, detail: String },
     #[error(transparent)]
@@ -179,7 +177,7 @@ pub enum WorkspaceError {
 impl WorkspaceError {
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> WorkspaceError {
         let what = what.into();
-        move |source| WorkspaceError::Io { what, source }
+        move |error| WorkspaceError::Io { what, error }
     }
 }
 
