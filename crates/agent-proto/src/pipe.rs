@@ -109,3 +109,35 @@ impl AsyncRead for ChunkReader {
         Poll::Ready(Ok(()))
     }
 }
+
+/// The other direction: a blocking `Read` over a channel of chunks (an async task receives the
+/// stream and sends chunks; an unpacker on a blocking thread reads them). A closed channel is
+/// the end of the stream.
+#[derive(Debug)]
+pub struct BlockingChunkReader {
+    rx: mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl BlockingChunkReader {
+    pub fn new(rx: mpsc::Receiver<Bytes>) -> BlockingChunkReader {
+        BlockingChunkReader {
+            rx,
+            cur: Bytes::new(),
+        }
+    }
+}
+
+impl io::Read for BlockingChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = self.cur.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
+}

@@ -46,7 +46,10 @@ where
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let unpack_dest = dest.clone();
     let mut unpacker = Some(tokio::task::spawn_blocking(move || {
-        unpack(ChannelReader::new(rx), &unpack_dest)
+        unpack(
+            wick_agent_proto::pipe::BlockingChunkReader::new(rx),
+            &unpack_dest,
+        )
     }));
     let mut tx = Some(tx);
     // The unpacker's result, once known before the end of the stream.
@@ -101,35 +104,6 @@ async fn join(
         None => Err(RemoteError::new(
             "internal error: the unpacker was already joined",
         )),
-    }
-}
-
-/// A blocking `Read` over a channel of byte chunks.
-struct ChannelReader {
-    rx: mpsc::Receiver<Bytes>,
-    cur: Bytes,
-}
-
-impl ChannelReader {
-    fn new(rx: mpsc::Receiver<Bytes>) -> Self {
-        ChannelReader {
-            rx,
-            cur: Bytes::new(),
-        }
-    }
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(b) => self.cur = b,
-                None => return Ok(0),
-            }
-        }
-        let n = self.cur.len().min(buf.len());
-        buf[..n].copy_from_slice(&self.cur.split_to(n));
-        Ok(n)
     }
 }
 

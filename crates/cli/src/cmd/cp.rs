@@ -234,8 +234,13 @@ async fn to_host(chan: &AgentChannel, src: &str, dst_arg: &str, dst: &Path) -> R
     };
     let mut tar = chan.get_tar(src).await.map_err(agent::to_anyhow)?;
     let (tx, rx) = mpsc::channel::<Bytes>(8);
-    let unpacker =
-        tokio::task::spawn_blocking(move || unpack_safe(BlockingReader::new(rx), &dest_dir, &name));
+    let unpacker = tokio::task::spawn_blocking(move || {
+        unpack_safe(
+            wick_agent_proto::pipe::BlockingChunkReader::new(rx),
+            &dest_dir,
+            &name,
+        )
+    });
     let mut buf = vec![0u8; DATA_CHUNK];
     let mut streamed = Ok(());
     loop {
@@ -453,35 +458,6 @@ pub fn unpack_safe<R: Read>(archive: R, dest: &Path, name: &str) -> Result<(u64,
         }
     }
     Ok((count, bytes))
-}
-
-/// A blocking `Read` over a channel of chunks.
-struct BlockingReader {
-    rx: mpsc::Receiver<Bytes>,
-    cur: Bytes,
-}
-
-impl BlockingReader {
-    fn new(rx: mpsc::Receiver<Bytes>) -> Self {
-        BlockingReader {
-            rx,
-            cur: Bytes::new(),
-        }
-    }
-}
-
-impl Read for BlockingReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(b) => self.cur = b,
-                None => return Ok(0),
-            }
-        }
-        let n = self.cur.len().min(buf.len());
-        buf[..n].copy_from_slice(&self.cur.split_to(n));
-        Ok(n)
-    }
 }
 
 #[cfg(test)]
