@@ -73,6 +73,24 @@ pub async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
 
     tokio::spawn(stats::run_poller(d.clone()));
 
+    let shutdown = d.shutdown.clone();
+    // Handlers exist before the socket does: a SIGTERM sent as soon as it accepts is a clean
+    // shutdown, never the default death.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = shutdown.cancelled() => {}
+            }
+            shutdown.cancel();
+        }
+    });
+
     let sock = d.paths.socket();
     // We hold the root lock, so an existing socket file is stale.
     match std::fs::remove_file(&sock) {
@@ -89,22 +107,6 @@ pub async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
         nix::unistd::chown(&sock, None, Some(g.gid))?;
     }
     tracing::info!(socket = %sock.display(), pid = std::process::id(), "wickd serving");
-
-    let shutdown = d.shutdown.clone();
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-                _ = shutdown.cancelled() => {}
-            }
-            shutdown.cancel();
-        }
-    });
 
     let app = api::router(d.clone()).into_make_service_with_connect_info::<api::PeerCred>();
     let server = axum::serve(listener, app).with_graceful_shutdown({

@@ -978,8 +978,20 @@ fn bind_api(path: &Path) -> std::os::unix::net::UnixListener {
     }
 }
 
+/// SIGTERM and SIGINT, held pending from start-up until the handlers exist: a signal sent as
+/// soon as the socket accepts must still mean a clean exit, not the default death.
+fn termination_signals() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGTERM);
+    set.add(nix::sys::signal::Signal::SIGINT);
+    set
+}
+
 fn main() {
     let args = parse_args();
+    termination_signals()
+        .thread_block()
+        .expect("block SIGTERM/SIGINT");
     let std_listener = bind_api(&args.api_sock);
     std_listener
         .set_nonblocking(true)
@@ -1012,6 +1024,9 @@ async fn serve(args: Args, std_listener: std::os::unix::net::UnixListener) {
     }));
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    termination_signals()
+        .thread_unblock()
+        .expect("unblock SIGTERM/SIGINT");
     loop {
         tokio::select! {
             conn = listener.accept() => {
