@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use wick_host::proc;
+use wick_model::api::{Check, CheckStatus};
 
 use crate::VmmError;
 
@@ -54,6 +55,30 @@ pub(crate) fn resolve_bin(
         None => find_on_path(OsStr::new(default_name)).ok_or_else(|| {
             VmmError::BinaryNotFound(format!("`{default_name}` is not on PATH; {how}"))
         }),
+    }
+}
+
+/// One `wick doctor` line of the `vmm` area.
+pub(crate) fn check(name: &str, status: CheckStatus, detail: String, hint: Option<&str>) -> Check {
+    Check {
+        area: "vmm".into(),
+        name: name.into(),
+        status,
+        detail,
+        hint: hint.map(str::to_owned),
+    }
+}
+
+/// Doctor line for a binary: pass with its `--version`, or fail with `how` to install it.
+pub(crate) fn binary_check(name: &str, bin: &Path, how: &str) -> Check {
+    match bin_version(bin) {
+        Ok(v) => check(
+            name,
+            CheckStatus::Pass,
+            format!("{} ({v})", bin.display()),
+            None,
+        ),
+        Err(e) => check(name, CheckStatus::Fail, e, Some(how)),
     }
 }
 

@@ -21,8 +21,9 @@ use wick_model::api::{Check, CheckStatus};
 use wick_model::VmmHandle;
 
 use crate::common::{
-    bin_version, find_process, is_executable, open_log, remove_if_exists, remove_vsock_sockets,
-    resolve_bin, sigkill_and_wait, trusted_start_time, vm_dir, wait_gone, with_tail,
+    bin_version, binary_check, check, find_process, is_executable, open_log, remove_if_exists,
+    remove_vsock_sockets, resolve_bin, sigkill_and_wait, trusted_start_time, vm_dir, wait_gone,
+    with_tail,
 };
 use crate::{Spawned, Vmm, VmmConfig, VmmError};
 
@@ -389,28 +390,11 @@ impl Vmm for Firecracker {
     }
 
     fn doctor(&self) -> Vec<Check> {
-        let check = |name: &str, status, detail: String, hint: Option<&str>| Check {
-            area: "vmm".into(),
-            name: name.into(),
-            status,
-            detail,
-            hint: hint.map(str::to_owned),
-        };
-        let mut checks = Vec::new();
-        match self.version() {
-            Ok(v) => checks.push(check(
-                "firecracker",
-                CheckStatus::Pass,
-                format!("{} ({v})", self.bin.display()),
-                None,
-            )),
-            Err(e) => checks.push(check(
-                "firecracker",
-                CheckStatus::Fail,
-                e,
-                Some("install a Firecracker v1.x release binary on PATH, or set `firecracker_bin` in config.toml"),
-            )),
-        }
+        let mut checks = vec![binary_check(
+            "firecracker",
+            &self.bin,
+            "install a Firecracker v1.x release binary on PATH, or set `firecracker_bin` in config.toml",
+        )];
         let kvm = Path::new("/dev/kvm");
         if !kvm.exists() {
             checks.push(check(

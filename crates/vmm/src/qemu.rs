@@ -33,8 +33,9 @@ use wick_model::api::{Check, CheckStatus};
 use wick_model::{Sidecar, VmmHandle};
 
 use crate::common::{
-    bin_version, find_process, is_executable, open_log, remove_if_exists, remove_vsock_sockets,
-    resolve_bin, sigkill_and_wait, tail_lines, trusted_start_time, vm_dir, wait_gone, with_tail,
+    bin_version, binary_check, check, find_process, is_executable, open_log, remove_if_exists,
+    remove_vsock_sockets, resolve_bin, sigkill_and_wait, tail_lines, trusted_start_time, vm_dir,
+    wait_gone, with_tail,
 };
 use crate::{Spawned, Vmm, VmmConfig, VmmError};
 use accel::AccelVerdict;
@@ -731,32 +732,10 @@ impl Vmm for Qemu {
     }
 
     fn doctor(&self) -> Vec<Check> {
-        let check = |name: &str, status, detail: String, hint: Option<&str>| Check {
-            area: "vmm".into(),
-            name: name.into(),
-            status,
-            detail,
-            hint: hint.map(str::to_owned),
-        };
-        let mut checks = Vec::new();
-        match self.version() {
-            Ok(v) => checks.push(check(
-                "qemu",
-                CheckStatus::Pass,
-                format!("{} ({v})", self.bin.display()),
-                None,
-            )),
-            Err(e) => checks.push(check("qemu", CheckStatus::Fail, e, Some(QEMU_HOW))),
-        }
-        match bin_version(&self.sidecar_bin) {
-            Ok(v) => checks.push(check(
-                SIDECAR,
-                CheckStatus::Pass,
-                format!("{} ({v})", self.sidecar_bin.display()),
-                None,
-            )),
-            Err(e) => checks.push(check(SIDECAR, CheckStatus::Fail, e, Some(SIDECAR_HOW))),
-        }
+        let mut checks = vec![
+            binary_check("qemu", &self.bin, QEMU_HOW),
+            binary_check(SIDECAR, &self.sidecar_bin, SIDECAR_HOW),
+        ];
         let kvm = Path::new("/dev/kvm");
         checks.push(if kvm.exists() {
             check("kvm", CheckStatus::Pass, "/dev/kvm exists".into(), None)
