@@ -73,6 +73,7 @@ mod client;
 mod frame;
 mod msg;
 pub mod pipe;
+pub mod tarfs;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -6,7 +6,8 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
+use wick_agent_proto::tarfs::{check_inside, safe_relative};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -107,20 +108,6 @@ async fn join(
     }
 }
 
-/// Checks an archive path: relative, no `..`. Returns it normalized (no `.` components).
-fn safe_relative(path: &Path) -> Result<PathBuf, String> {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(p) => out.push(p),
-            Component::CurDir => {}
-            Component::ParentDir => return Err("contains `..`".into()),
-            Component::RootDir | Component::Prefix(_) => return Err("is absolute".into()),
-        }
-    }
-    Ok(out)
-}
-
 /// Unpacks `archive` into `dest`, refusing any entry that would escape it. Returns the number of
 /// entries. Directory entries are applied last so read-only directories do not block their
 /// contents.
@@ -191,27 +178,6 @@ fn unpack<R: Read>(archive: R, dest: &Path) -> Result<u64, RemoteError> {
             .map_err(|e| fail(format!("creating directory {}: {e}", name.display())))?;
     }
     Ok(count)
-}
-
-/// Fails if `path` (which may not exist yet) resolves outside `root`.
-fn check_inside(root: &Path, path: &Path) -> Result<(), String> {
-    // Resolve the longest existing prefix; what does not exist yet cannot be a symlink.
-    let mut existing = path.to_path_buf();
-    while !existing.exists() && existing.symlink_metadata().is_err() {
-        if !existing.pop() {
-            return Ok(());
-        }
-    }
-    match existing.canonicalize() {
-        Ok(real) if real.starts_with(root) => Ok(()),
-        Ok(real) => Err(format!(
-            "{} leads outside the destination (to {})",
-            existing.display(),
-            real.display()
-        )),
-        // A dangling symlink as a parent directory: nothing can be written through it safely.
-        Err(e) => Err(format!("cannot resolve {}: {e}", existing.display())),
-    }
 }
 
 /// `GetFiles`: reply ready, then stream a tar of `path` as `Data`… `DataEnd` (or `Error`).
@@ -302,30 +268,9 @@ fn archive(src: &Path, out: ChannelWriter) -> Result<(), RemoteError> {
         .unwrap_or_else(|| PathBuf::from("."));
     let mut b = tar::Builder::new(out);
     b.follow_symlinks(false);
-    add(&mut b, src, &name).map_err(fail)?;
+    wick_agent_proto::tarfs::append_tree(&mut b, src, &name).map_err(fail)?;
     let mut out = b.into_inner().map_err(fail)?;
     out.flush().map_err(fail)
-}
-
-fn add<W: Write>(b: &mut tar::Builder<W>, path: &Path, name: &Path) -> io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let meta = path.symlink_metadata()?;
-    let ft = meta.file_type();
-    if ft.is_socket() {
-        tracing::debug!("skipping socket {}", path.display());
-        return Ok(());
-    }
-    if ft.is_dir() {
-        b.append_dir(name, path)?;
-        let mut children: Vec<_> = fs::read_dir(path)?.collect::<Result<_, _>>()?;
-        children.sort_by_key(|e| e.file_name());
-        for c in children {
-            add(b, &c.path(), &name.join(c.file_name()))?;
-        }
-        return Ok(());
-    }
-    b.append_path_with_name(path, name)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
+use wick_agent_proto::tarfs::{check_inside, safe_relative};
 
 use std::time::Instant;
 
@@ -268,41 +269,8 @@ async fn to_host(chan: &AgentChannel, src: &str, dst_arg: &str, dst: &Path) -> R
 fn archive<W: Write>(src: &Path, name: &Path, out: W) -> io::Result<()> {
     let mut b = tar::Builder::new(out);
     b.follow_symlinks(false);
-    add(&mut b, src, name)?;
+    wick_agent_proto::tarfs::append_tree(&mut b, src, name)?;
     b.finish()
-}
-
-fn add<W: Write>(b: &mut tar::Builder<W>, path: &Path, name: &Path) -> io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let ft = path.symlink_metadata()?.file_type();
-    if ft.is_socket() {
-        return Ok(());
-    }
-    if ft.is_dir() {
-        b.append_dir(name, path)?;
-        let mut children: Vec<_> = fs::read_dir(path)?.collect::<Result<_, _>>()?;
-        children.sort_by_key(|e| e.file_name());
-        for c in children {
-            add(b, &c.path(), &name.join(c.file_name()))?;
-        }
-        return Ok(());
-    }
-    b.append_path_with_name(path, name)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
-}
-
-/// An archive path checked to be relative without `..`, normalized (no `.` components).
-fn safe_relative(path: &Path) -> Result<PathBuf, String> {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(p) => out.push(p),
-            Component::CurDir => {}
-            Component::ParentDir => return Err("contains `..`".into()),
-            Component::RootDir | Component::Prefix(_) => return Err("is absolute".into()),
-        }
-    }
-    Ok(out)
 }
 
 /// `rel` with its first component replaced by `name`.
@@ -314,25 +282,6 @@ fn renamed(rel: &Path, name: &str) -> PathBuf {
         PathBuf::from(name) // `join("")` would add a trailing slash
     } else {
         Path::new(name).join(rest)
-    }
-}
-
-/// Fails if `path` (which may not exist yet) resolves outside `root` (canonical).
-fn check_inside(root: &Path, path: &Path) -> Result<(), String> {
-    let mut existing = path.to_path_buf();
-    while existing.symlink_metadata().is_err() {
-        if !existing.pop() {
-            return Ok(());
-        }
-    }
-    match existing.canonicalize() {
-        Ok(real) if real.starts_with(root) => Ok(()),
-        Ok(real) => Err(format!(
-            "{} leads outside the destination (to {})",
-            existing.display(),
-            real.display()
-        )),
-        Err(e) => Err(format!("cannot resolve {}: {e}", existing.display())),
     }
 }
 
