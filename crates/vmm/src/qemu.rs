@@ -577,6 +577,37 @@ pub fn console_failure(log: &Path) -> Option<String> {
     ))
 }
 
+/// A boot under KVM that shows no sign of the kernel (no `Linux version` since the last start
+/// marker) and has not written to its console for `after`: on some hosts KVM neither fails nor
+/// runs a stock guest (HOST-NOTES), so silence is the failure. A healthy KVM guest prints its
+/// banner within milliseconds; an idle guest after boot is not judged (it printed the banner).
+pub fn kvm_stall(log: &Path, after: Duration) -> Option<String> {
+    let text = tail_lines(log, 4000);
+    let since_start = &text[text.rfind(START_MARKER)?..];
+    let marker = since_start.lines().next()?;
+    if !marker.contains(&format!("(accel {})", Engine::Kvm))
+        || since_start.contains("Linux version")
+    {
+        return None;
+    }
+    let idle = std::fs::metadata(log)
+        .ok()?
+        .modified()
+        .ok()?
+        .elapsed()
+        .ok()?;
+    (idle >= after).then(|| {
+        with_tail(
+            format!(
+                "the guest made no progress under KVM in {}s (the kernel printed nothing): this \
+                 host's KVM cannot run it; use accel = \"tcg\" (or \"auto\") on this host",
+                idle.as_secs()
+            ),
+            log,
+        )
+    })
+}
+
 #[async_trait]
 impl Vmm for Qemu {
     fn name(&self) -> &'static str {
@@ -789,8 +820,10 @@ impl Vmm for Qemu {
         Ok(())
     }
 
+    /// A fatal console line, or a KVM boot that stays silent for the probe timeout.
     fn guest_failure(&self, handle: &VmmHandle) -> Option<String> {
         console_failure(&handle.log_path)
+            .or_else(|| kvm_stall(&handle.log_path, self.probe_timeout))
     }
 }
 
@@ -867,6 +900,30 @@ mod tests {
         writeln!(f, "{START_MARKER} ===\n[    0.000000] Linux version 6.1").unwrap();
         assert_eq!(console_failure(&log), None);
         assert_eq!(console_failure(&dir.path().join("missing")), None);
+    }
+
+    #[test]
+    fn a_silent_kvm_boot_is_a_failure_a_silent_tcg_or_booted_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        let now = Duration::ZERO;
+        std::fs::write(&log, format!("{START_MARKER} (accel kvm) ===\n")).unwrap();
+        let msg = kvm_stall(&log, now).unwrap();
+        assert!(
+            msg.contains("no progress under KVM") && msg.contains("tcg"),
+            "{msg}"
+        );
+        // Not yet silent for long enough.
+        assert_eq!(kvm_stall(&log, Duration::from_secs(3600)), None);
+        std::fs::write(&log, format!("{START_MARKER} (accel tcg) ===\n")).unwrap();
+        assert_eq!(kvm_stall(&log, now), None);
+        std::fs::write(
+            &log,
+            format!("{START_MARKER} (accel kvm) ===\n[    0.000000] Linux version 6.1\n"),
+        )
+        .unwrap();
+        assert_eq!(kvm_stall(&log, now), None);
+        assert_eq!(kvm_stall(&dir.path().join("missing"), now), None);
     }
 
     #[test]

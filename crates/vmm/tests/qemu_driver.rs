@@ -209,15 +209,64 @@ async fn qmp_client_reports_a_silent_or_wrong_peer() {
 }
 
 /// A stand-in process whose command line carries `args` (as QEMU's and the sidecar's do), so
-/// the driver finds it by scanning `/proc`.
-fn stand_in(args: &[OsString]) -> std::process::Child {
-    std::process::Command::new("sh")
-        .arg("-c")
-        // The shell itself keeps `args` on its command line (an `exec` would drop them).
-        .arg("while :; do sleep 0.2; done")
-        .args(args)
-        .spawn()
-        .unwrap()
+/// the driver finds it by scanning `/proc`. A thread reaps it when it exits; dropping the guard
+/// SIGKILLs it if it still runs (also when the test fails), so no stand-in outlives its test.
+struct StandIn {
+    pid: u32,
+    start_time: Option<u64>,
+    reaper: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StandIn {
+    fn spawn(args: &[OsString]) -> StandIn {
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            // The shell itself keeps `args` on its command line (an `exec` would drop them).
+            .arg("while :; do sleep 0.2; done")
+            .args(args)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let start_time = proc::start_time(pid);
+        let reaper = std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        let stand_in = StandIn {
+            pid,
+            start_time,
+            reaper: Some(reaper),
+        };
+        // `spawn` returns once the child has exec'ed, but the kernel publishes the new command
+        // line (`/proc/<pid>/cmdline`) a moment later: on a loaded host a scan right away can
+        // miss the process. Wait (bounded) until it is visible, as QEMU's own QMP socket would
+        // make the driver wait.
+        let want = args.last().expect("a stand-in carries an argument");
+        let t = Instant::now();
+        while !proc::find_by_arg(want).contains(&pid) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "stand-in pid {pid} never showed {want:?} in /proc"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stand_in
+    }
+
+    /// Waits until the stand-in has exited and was reaped.
+    fn join(mut self) {
+        if let Some(r) = self.reaper.take() {
+            r.join().unwrap();
+        }
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        let _ = proc::signal(self.pid, self.start_time, Signal::SIGKILL);
+        if let Some(r) = self.reaper.take() {
+            let _ = r.join();
+        }
+    }
 }
 
 fn qmp_arg(socket: &Path) -> OsString {
@@ -233,10 +282,10 @@ async fn stop_tries_powerdown_then_quit_then_kills_the_sidecar() {
     let qemu = Qemu::new(QemuOptions::default());
     let mut h = qemu.plan(dir.path());
 
-    let mut fake_qemu = stand_in(&[qmp_arg(&h.api_socket)]);
-    let qemu_pid = fake_qemu.id();
-    let mut fake_sidecar = stand_in(&["--socket".into(), h.sidecars[0].socket.clone().into()]);
-    let sidecar_pid = fake_sidecar.id();
+    let fake_qemu = StandIn::spawn(&[qmp_arg(&h.api_socket)]);
+    let qemu_pid = fake_qemu.pid;
+    let fake_sidecar = StandIn::spawn(&["--socket".into(), h.sidecars[0].socket.clone().into()]);
+    let sidecar_pid = fake_sidecar.pid;
     std::fs::write(&h.sidecars[0].socket, b"").unwrap();
     std::fs::write(&h.vsock_socket, b"").unwrap();
     std::fs::write(dir.path().join("vsock.sock_52"), b"").unwrap();
@@ -258,13 +307,9 @@ async fn stop_tries_powerdown_then_quit_then_kills_the_sidecar() {
     h.start_time = proc::start_time(qemu_pid);
     assert_eq!(qemu.find(&h), Some(qemu_pid));
 
-    // Reap the stand-ins as they die, so they do not linger as zombies.
-    let reaper = std::thread::spawn(move || {
-        let _ = fake_qemu.wait();
-        let _ = fake_sidecar.wait();
-    });
     qemu.stop(&h, Duration::from_millis(300)).await.unwrap();
-    reaper.join().unwrap();
+    fake_qemu.join();
+    fake_sidecar.join();
     let asked = fake.asked();
     let pd = asked.iter().position(|c| c == "system_powerdown").unwrap();
     let quit = asked.iter().position(|c| c == "quit").unwrap();
@@ -292,15 +337,15 @@ async fn stop_kills_what_does_not_answer_and_trusts_no_reused_pid() {
     let dir = tempfile::tempdir().unwrap();
     let qemu = Qemu::new(QemuOptions::default());
     let mut h = qemu.plan(dir.path());
-    let mut fake_qemu = stand_in(&[qmp_arg(&h.api_socket)]);
-    let pid = fake_qemu.id();
+    let fake_qemu = StandIn::spawn(&[qmp_arg(&h.api_socket)]);
+    let pid = fake_qemu.pid;
     h.pid = Some(pid);
-    h.start_time = Some(proc::start_time(pid).unwrap() + 1); // a different process's
-                                                             // The recorded identity is wrong, but the scan still finds the process serving the socket.
+    // A different process's start time: the recorded identity is wrong, but the scan still
+    // finds the process serving the socket.
+    h.start_time = Some(fake_qemu.start_time.unwrap() + 1);
     assert_eq!(qemu.find(&h), Some(pid));
-    let reaper = std::thread::spawn(move || fake_qemu.wait());
     qemu.stop(&h, Duration::from_millis(100)).await.unwrap();
-    reaper.join().unwrap().unwrap();
+    fake_qemu.join();
     assert_eq!(qemu.find(&h), None);
 }
 
