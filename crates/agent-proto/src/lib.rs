@@ -73,6 +73,7 @@ mod client;
 mod frame;
 mod msg;
 pub mod pipe;
+mod relay;
 pub mod tarfs;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -83,6 +84,7 @@ pub use client::{
 };
 pub use frame::{read_frame, write_frame, write_json, Frame, FrameKind, DATA_CHUNK, MAX_FRAME_LEN};
 pub use msg::*;
+pub use relay::relay;
 
 use std::path::PathBuf;
 use std::time::Duration;

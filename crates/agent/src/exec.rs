@@ -33,6 +33,9 @@ use crate::vsock::FdStream;
 /// After the exit, stop waiting for output once none arrived for this long.
 const DRAIN_IDLE: Duration = Duration::from_millis(500);
 
+/// After sending the exit, how long to wait for the host to close the connection.
+const LINGER: Duration = Duration::from_secs(5);
+
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Who the process runs as.
@@ -367,7 +370,12 @@ where
     let _ = tx.send(frame).await;
     drop(tx);
     let _ = writer.await;
-    input.abort();
+    // The exit is sent and our side shut down. Keep reading until the host closes (it does once
+    // it has the exit), bounded: closing a socket with unread frames in it (a late end of stdin)
+    // resets the connection, and a reset may overtake the exit on its way to the host.
+    if tokio::time::timeout(LINGER, &mut input).await.is_err() {
+        input.abort();
+    }
     Ok(())
 }
 

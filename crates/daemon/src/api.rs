@@ -268,7 +268,7 @@ async fn agent_connect(
         match on_upgrade.await {
             Ok(up) => {
                 let mut up = hyper_util::rt::TokioIo::new(up);
-                let _ = tokio::io::copy_bidirectional(&mut up, &mut agent).await;
+                let _ = wick_agent_proto::relay(&mut up, &mut agent).await;
             }
             Err(e) => tracing::warn!(vm = %name, error = %e, "agent upgrade failed"),
         }

@@ -571,7 +571,12 @@ fn run_passes_exit_codes_and_rm_leaves_nothing() {
         .is_empty());
     // Without PATH the command runs in /root.
     let out = env.wick(&["vm", "run", "--rm", "--", "pwd"]);
-    assert_eq!((code(&out), text(&out.stdout)), (Some(0), "/root\n".into()));
+    assert_eq!(
+        (code(&out), text(&out.stdout)),
+        (Some(0), "/root\n".into()),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(env.vmm_processes().is_empty());
 
     // The command runs in the repository; its exit code becomes wick's; the VM stays and shows
@@ -647,4 +652,84 @@ fn rm_keeps_a_vm_whose_guest_never_came_up() {
     let list = env.wick_json(&["vm", "list"]);
     assert_eq!(list["vms"][0]["name"], "k1", "{list}");
     env.wick_ok(&["vm", "logs", "k1"]);
+}
+
+/// Busy loops that load every core while they live; each ends by itself after 5 minutes and is
+/// killed (by pid) when the guard drops, also when the test fails.
+struct Load(Vec<std::process::Child>);
+
+impl Load {
+    fn start(n: usize) -> Load {
+        Load(
+            (0..n)
+                .map(|_| {
+                    Command::new("timeout")
+                        .args(["300", "sh", "-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("start a busy loop")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `vm run --rm` 56 times, 8 at a time, on a loaded machine: every exit code and every output is
+/// the command's, and nothing is left behind.
+#[test]
+fn run_rm_exit_codes_hold_under_load() {
+    if !prerequisites() {
+        return;
+    }
+    let env = env();
+    let load = Load::start(std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for worker in 0..8 {
+            let (env, failures) = (&env, &failures);
+            s.spawn(move || {
+                for i in 0..7 {
+                    let (args, want_code, want_out): (&[&str], i32, &str) = if i % 2 == 0 {
+                        (&["true"], 0, "")
+                    } else {
+                        (&["sh", "-c", "echo out; exit 3"], 3, "out\n")
+                    };
+                    let mut argv = vec!["vm", "run", "--rm", "--"];
+                    argv.extend_from_slice(args);
+                    let out = env.wick(&argv);
+                    if out.status.code() != Some(want_code) || text(&out.stdout) != want_out {
+                        failures.lock().unwrap().push(format!(
+                            "worker {worker} run {i} {args:?}: {} (want {want_code}), stdout \
+                             {:?}, stderr:\n{}",
+                            out.status,
+                            text(&out.stdout),
+                            text(&out.stderr)
+                        ));
+                    }
+                }
+            });
+        }
+    });
+    drop(load);
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of 56 runs went wrong:\n{}\ndaemon log:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        env.daemon_log()
+    );
+    assert!(env.wick_json(&["vm", "list"])["vms"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(env.vmm_processes().is_empty(), "a VMM survived --rm");
 }

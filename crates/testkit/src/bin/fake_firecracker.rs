@@ -662,7 +662,7 @@ async fn serve_vsock(listener: UnixListener, vm: Shared) {
             {
                 return;
             }
-            let _ = tokio::io::copy_bidirectional(&mut stream, &mut guest).await;
+            let _ = wick_agent_proto::relay(&mut stream, &mut guest).await;
         });
     }
 }
