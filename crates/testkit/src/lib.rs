@@ -3,8 +3,12 @@
 //! - `fake-firecracker` (a binary of this crate): an API-faithful fake of Firecracker v1.x.
 //! - [`cargo_bin`]: the path of a workspace binary, for tests that spawn one.
 //! - [`wickd`]: a real `wickd` in an isolated `WICK_ROOT`, with the fake Firecracker as its VMM.
+//! - [`skip`]: how a test that cannot run here says so (never a silent pass).
 
+mod skip;
 pub mod wickd;
+
+pub use skip::{skip, SKIP_LOG_ENV};
 
 use std::path::{Path, PathBuf};
 
