@@ -51,6 +51,6 @@ pub use link::{
     list_wick_links, parse_links, set_port_isolation, tap_name, validate_ifname, validate_key,
     vm_key, Bridge, Link, DEFAULT_BRIDGE, DEFAULT_BRIDGE_CIDR, IFNAME_MAX, KEY_LEN, LINK_PREFIX,
 };
-pub use nat::{detect_backend, IptablesNat, NatBackend, NftNat};
+pub use nat::{detect_backend, IptablesNat, NatBackend, NftNat, PortGuard};
 pub use runner::{run_ok, Runner, SystemRunner};
 pub use sweep::{keep_set, leftovers, sweep, SweepReport};
