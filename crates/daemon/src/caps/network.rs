@@ -207,6 +207,7 @@ impl Capability for Network {
         self.backend()?
             .guard_port(&vm_key(&cx.vm.id), &tap, &guest_mac(ip), ip)
             .map_err(|e| net_err("guest port guard", e))?;
+        failpoint::hit("after-guard");
         let tap_res = net::create_tap(
             &*self.runner,
             &tap,
