@@ -314,6 +314,21 @@ impl Capability for Network {
                 Some("apt-get install nftables"),
             )),
         }
+        // The per-port anti-spoofing guard needs nftables' bridge family, whatever the backend.
+        match net::run_ok(&*self.runner, "nft", &["list", "tables", "bridge"], None) {
+            Ok(_) => out.push(check(
+                "port guard",
+                CheckStatus::Pass,
+                "nftables bridge family (anti-spoofing on every guest port)".into(),
+                None,
+            )),
+            Err(e) => out.push(check(
+                "port guard",
+                CheckStatus::Fail,
+                format!("VMs are refused without it: {e}"),
+                Some("apt-get install nftables"),
+            )),
+        }
         match ForwardGuard::is_enabled(&*self.runner) {
             Ok(on) => out.push(check(
                 "ip_forward",
