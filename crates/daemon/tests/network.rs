@@ -651,3 +651,26 @@ fn allow_vm_to_vm_lets_routed_guest_traffic_pass() {
         );
     }
 }
+
+/// A VM adopted at start (e.g. from a wickd that predates the guard, simulated by deleting the
+/// guard table) gets its port guard back before the API serves.
+#[test]
+fn restart_restores_the_port_guard_of_adopted_vms() {
+    if skip() {
+        return;
+    }
+    let mut env = WickdEnv::new("");
+    env.start();
+    env.wick_ok(&["vm", "create", "--name", "g1"]);
+    let key: String = vm(&env, "g1")["id"].as_str().unwrap()[..12].to_string();
+    let chain = format!("vm-{key}-port");
+    assert!(nat_rules(&env).contains(&chain), "{}", nat_rules(&env));
+    env.kill9();
+    env.ns_run("nft", &["delete", "table", "bridge", "wick"]);
+    assert!(!nat_rules(&env).contains(&chain));
+    env.start();
+    assert_eq!(vm(&env, "g1")["state"], "running", "adopted");
+    assert!(nat_rules(&env).contains(&chain), "{}", nat_rules(&env));
+    env.wick_ok(&["vm", "delete", "g1"]);
+    assert!(vm_rule_lines(&env).is_empty(), "{:?}", vm_rule_lines(&env));
+}

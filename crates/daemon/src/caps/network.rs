@@ -360,6 +360,28 @@ impl Capability for Network {
         out
     }
 
+    /// Re-applies the host filter and every live VM's port guard (both idempotent): VMs adopted
+    /// from a wickd that predates them (or whose rules someone flushed) are covered again.
+    async fn started(&self, vms: &[VmRecord]) -> Result<()> {
+        let live: Vec<(&VmRecord, Ipv4Addr, String)> = vms
+            .iter()
+            .filter_map(|v| Some((v, Self::guest_ip(v)?, v.runtime.tap.clone()?)))
+            .collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let backend = self.backend()?;
+        backend
+            .apply_host_isolation(self.bridge.ip())
+            .map_err(|e| net_err("guest isolation rules", e))?;
+        for (vm, ip, tap) in live {
+            if let Err(e) = backend.guard_port(&vm_key(&vm.id), &tap, &guest_mac(ip), ip) {
+                tracing::error!(vm = %vm.name, error = %e, "guest port guard not restored");
+            }
+        }
+        Ok(())
+    }
+
     async fn sweep(&self, vms: &[VmRecord]) -> Result<Vec<String>> {
         let keep: HashSet<String> = vms.iter().filter_map(|v| v.runtime.tap.clone()).collect();
         let backend = self.backend().ok();
