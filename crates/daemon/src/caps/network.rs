@@ -201,8 +201,9 @@ impl Capability for Network {
         let tap = tap_name(&cx.vm.id);
         cx.vm.runtime.tap = Some(tap.clone());
         cx.persist()?; // recorded before it exists
-                       // The anti-spoofing guard goes on before the port exists, so the TAP is never a bridge
-                       // port without it (its rules derive from the VM key: cleanup and sweep find them).
+
+        // The anti-spoofing guard goes on before the port exists, so the TAP is never a bridge
+        // port without it (its rules derive from the VM key: cleanup and sweep find them).
         let ip = Self::guest_ip(cx.vm).ok_or_else(|| Error::internal("guest IP"))?;
         self.backend()?
             .guard_port(&vm_key(&cx.vm.id), &tap, &guest_mac(ip), ip)
