@@ -159,6 +159,12 @@ fn remove_all_leaves_nothing_wick_named() {
     nft.remove_all_wick().unwrap();
     let after = w.wick.run("nft", &["list", "ruleset"]).unwrap();
     assert!(!after.contains("wick"), "{after}");
+    // The port guard's `bridge wick` table goes too.
+    nft.guard_port("g1", "wk-g1", "06:00:ac:1e:00:05", ip)
+        .unwrap();
+    nft.remove_all_wick().unwrap();
+    let after = w.wick.run("nft", &["list", "ruleset"]).unwrap();
+    assert!(!after.contains("wick"), "{after}");
 
     if tool_works(&w.wick, "iptables", &["-w", "-S"]) {
         let ipt = IptablesNat::new(r.clone(), "iptables", "wick0").unwrap();
@@ -170,5 +176,153 @@ fn remove_all_leaves_nothing_wick_named() {
             let rules = w.wick.run("iptables", &["-w", "-t", table, "-S"]).unwrap();
             assert!(!rules.to_lowercase().contains("wick"), "{table}: {rules}");
         }
+        let rules6 = w.wick.run("ip6tables", &["-w", "-S"]).unwrap();
+        assert!(!rules6.to_lowercase().contains("wick"), "{rules6}");
     }
+}
+
+/// An interface's IPv6 link-local address in `ns`, once DAD is done, and its index.
+fn link_local(ns: &TestNetns, dev: &str) -> (std::net::Ipv6Addr, u32) {
+    for _ in 0..100 {
+        let out = ns
+            .run(
+                "ip",
+                &["-6", "-j", "addr", "show", "dev", dev, "scope", "link"],
+            )
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+        let info = &v[0]["addr_info"][0];
+        if let (Some(a), None) = (info["local"].as_str(), info["tentative"].as_bool()) {
+            let idx = v[0]["ifindex"].as_u64().unwrap() as u32;
+            return (a.parse().unwrap(), idx);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{dev} got no usable IPv6 link-local address");
+}
+
+/// Issue #9 defect 7: a guest reached host services listening on `[::]` through the bridge's
+/// link-local address (the iptables backend filtered IPv4 only).
+fn ipv6_from_the_bridge_is_dropped(make: impl FnOnce(Arc<dyn Runner>) -> Box<dyn NatBackend>) {
+    let w = world();
+    let nat = make(Arc::new(w.wick.runner()));
+    let _l = w.wick.listen(sa("[::]:8086")).unwrap();
+    let (bridge_ll, _) = link_local(&w.wick, "wick0");
+    let (_, idx) = link_local(&w.guest, "eth0");
+    let dst = SocketAddr::V6(std::net::SocketAddrV6::new(bridge_ll, 8086, 0, idx));
+    // Reachable without the filter (so the test can see a difference)...
+    let open = (0..4).any(|_| w.guest.connect(dst, T).is_ok());
+    assert!(open, "guest cannot reach {dst} even without wick's filter");
+    nat.apply_host_isolation("172.30.0.1".parse().unwrap())
+        .unwrap();
+    assert!(
+        w.guest.connect(dst, T).is_err(),
+        "{}: guest reached a host service over IPv6 ({dst})",
+        nat.name()
+    );
+    assert!(w.guest.connect(sa("172.30.0.1:8086"), T).is_err());
+    // ... and reachable again once wick's rules are gone (it was the filter).
+    nat.remove_all_wick().unwrap();
+    assert!((0..4).any(|_| w.guest.connect(dst, T).is_ok()));
+}
+
+#[test]
+fn ipv6_from_bridge_dropped_nft() {
+    require!("nft", &["list", "tables"]);
+    ipv6_from_the_bridge_is_dropped(|r| Box::new(NftNat::new(r, "wick0").unwrap()));
+}
+
+#[test]
+fn ipv6_from_bridge_dropped_iptables() {
+    require!("ip6tables", &["-w", "-S"]);
+    ipv6_from_the_bridge_is_dropped(|r| {
+        Box::new(IptablesNat::new(r, "iptables", "wick0").unwrap())
+    });
+}
+
+#[test]
+fn ipv6_from_bridge_dropped_iptables_legacy() {
+    require!("ip6tables-legacy", &["-w", "-S"]);
+    ipv6_from_the_bridge_is_dropped(|r| {
+        Box::new(IptablesNat::new(r, "iptables-legacy", "wick0").unwrap())
+    });
+}
+
+/// Issue #9 defect 8: guest -> gateway -> other guest (a /32 route via the host) was forwarded
+/// although guests must not reach each other (`allow_vm_to_vm = false`); with `true` it passes.
+fn routed_guest_to_guest(make: impl Fn(Arc<dyn Runner>, bool) -> Box<dyn NatBackend>) {
+    let w = world();
+    let r: Arc<dyn Runner> = Arc::new(w.wick.runner());
+    let g2 = w
+        .wick
+        .guest("g2", "wk-g2", "wick0", "172.30.0.6/24", "172.30.0.1")
+        .unwrap();
+    for (g, peer) in [(&w.guest, "172.30.0.6/32"), (&g2, "172.30.0.5/32")] {
+        for key in ["all", "eth0"] {
+            let k = format!("net.ipv4.conf.{key}.accept_redirects=0");
+            g.run("sysctl", &["-qw", &k]).unwrap();
+        }
+        g.run("ip", &["route", "add", peer, "via", "172.30.0.1"])
+            .unwrap();
+    }
+    ForwardGuard::ensure_enabled(&*r).unwrap();
+    let _srv = g2.listen(sa("172.30.0.6:9000")).unwrap();
+    let to_g2 = sa("172.30.0.6:9000");
+    assert!(
+        (0..4).any(|_| w.guest.connect(to_g2, T).is_ok()),
+        "routed guest -> guest does not work even without wick's rules"
+    );
+    let strict = make(r.clone(), false);
+    strict
+        .apply_host_isolation("172.30.0.1".parse().unwrap())
+        .unwrap();
+    strict
+        .enable("g1", "172.30.0.5".parse().unwrap(), "wk-g1", None)
+        .unwrap();
+    assert!(
+        w.guest.connect(to_g2, T).is_err(),
+        "{}: guest reached another guest through the gateway",
+        strict.name()
+    );
+    let open = make(r.clone(), true);
+    open.apply_host_isolation("172.30.0.1".parse().unwrap())
+        .unwrap();
+    assert!(
+        (0..4).any(|_| w.guest.connect(to_g2, T).is_ok()),
+        "{}: allow_vm_to_vm = true must let routed guest traffic pass",
+        open.name()
+    );
+    open.remove_all_wick().unwrap();
+}
+
+#[test]
+fn routed_guest_to_guest_nft() {
+    require!("nft", &["list", "tables"]);
+    routed_guest_to_guest(|r, allow| {
+        Box::new(NftNat::new(r, "wick0").unwrap().with_vm_to_vm(allow))
+    });
+}
+
+#[test]
+fn routed_guest_to_guest_iptables() {
+    require!("iptables", &["-w", "-t", "nat", "-S"]);
+    routed_guest_to_guest(|r, allow| {
+        Box::new(
+            IptablesNat::new(r, "iptables", "wick0")
+                .unwrap()
+                .with_vm_to_vm(allow),
+        )
+    });
+}
+
+#[test]
+fn routed_guest_to_guest_iptables_legacy() {
+    require!("iptables-legacy", &["-w", "-t", "nat", "-S"]);
+    routed_guest_to_guest(|r, allow| {
+        Box::new(
+            IptablesNat::new(r, "iptables-legacy", "wick0")
+                .unwrap()
+                .with_vm_to_vm(allow),
+        )
+    });
 }

@@ -1,13 +1,13 @@
-//! The leftover sweep, for real, inside a private network namespace: TAPs and NAT entries
-//! (nft and, when available, iptables) for VMs "a" and "b"; sweeping while keeping "a" removes
-//! exactly b's. Root only; skipped with a printed reason otherwise.
+//! The leftover sweep, for real, inside a private network namespace: TAPs, port guards and NAT
+//! entries (nft and, when available, iptables) for VMs "a" and "b"; sweeping while keeping "a"
+//! removes exactly b's. Root only; skipped with a printed reason otherwise.
 
 use std::sync::Arc;
 
 use wick_host::net::testns::{skip_reason, tool_works, TestNetns};
 use wick_host::net::{
-    create_tap, keep_set, leftovers, list_wick_links, sweep, tap_name, Bridge, IptablesNat,
-    NatBackend, NftNat, Runner,
+    create_tap, guest_mac, keep_set, leftovers, list_wick_links, sweep, tap_name, Bridge,
+    IptablesNat, NatBackend, NftNat, Runner,
 };
 
 #[test]
@@ -36,6 +36,10 @@ fn sweep_keeps_only_live_vms() {
         eprintln!("note: iptables not usable, sweeping nft only");
     }
     for (id, ip) in [("a", "172.30.0.5"), ("b", "172.30.0.6")] {
+        let ipv4: std::net::Ipv4Addr = ip.parse().unwrap();
+        backends[0]
+            .guard_port(id, &tap_name(id), &guest_mac(ipv4), ipv4)
+            .unwrap();
         create_tap(&*r, &tap_name(id), "wick0", true).unwrap();
         for b in &backends {
             b.enable(id, ip.parse().unwrap(), &tap_name(id), None)
@@ -76,6 +80,10 @@ fn sweep_keeps_only_live_vms() {
         assert_eq!(b.list_vm_keys().unwrap(), ["a"], "{}", b.name());
     }
     assert!(leftovers(&*r, &keep, &refs).is_empty());
+    // The port guards went the same way: b's chain is gone, a's stays.
+    let rules = w.run("nft", &["list", "table", "bridge", "wick"]).unwrap();
+    assert!(rules.contains("vm-a-port"), "{rules}");
+    assert!(!rules.contains("vm-b-port"), "{rules}");
     // The bridge is never swept.
     assert!(w.run("ip", &["link", "show", "wick0"]).is_ok());
 }

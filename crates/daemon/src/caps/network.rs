@@ -62,7 +62,11 @@ impl Network {
             .get_or_init(|| {
                 let b: std::result::Result<Box<dyn NatBackend>, NetError> =
                     match self.settings.nat_backend.as_str() {
-                        "auto" => net::detect_backend(self.runner.clone(), &self.bridge.name),
+                        "auto" => net::detect_backend(
+                            self.runner.clone(),
+                            &self.bridge.name,
+                            self.settings.allow_vm_to_vm,
+                        ),
                         name => self.backend_named(name),
                     };
                 b.map(Arc::from).map_err(|e| e.to_string())
@@ -77,15 +81,14 @@ impl Network {
 
     fn backend_named(&self, name: &str) -> std::result::Result<Box<dyn NatBackend>, NetError> {
         match name {
-            "nft" => Ok(Box::new(NftNat::new(
-                self.runner.clone(),
-                &self.bridge.name,
-            )?)),
-            bin => Ok(Box::new(IptablesNat::new(
-                self.runner.clone(),
-                bin,
-                &self.bridge.name,
-            )?)),
+            "nft" => Ok(Box::new(
+                NftNat::new(self.runner.clone(), &self.bridge.name)?
+                    .with_vm_to_vm(self.settings.allow_vm_to_vm),
+            )),
+            bin => Ok(Box::new(
+                IptablesNat::new(self.runner.clone(), bin, &self.bridge.name)?
+                    .with_vm_to_vm(self.settings.allow_vm_to_vm),
+            )),
         }
     }
 
@@ -198,6 +201,14 @@ impl Capability for Network {
         let tap = tap_name(&cx.vm.id);
         cx.vm.runtime.tap = Some(tap.clone());
         cx.persist()?; // recorded before it exists
+
+        // The anti-spoofing guard goes on before the port exists, so the TAP is never a bridge
+        // port without it (its rules derive from the VM key: cleanup and sweep find them).
+        let ip = Self::guest_ip(cx.vm).ok_or_else(|| Error::internal("guest IP"))?;
+        self.backend()?
+            .guard_port(&vm_key(&cx.vm.id), &tap, &guest_mac(ip), ip)
+            .map_err(|e| net_err("guest port guard", e))?;
+        failpoint::hit("after-guard");
         let tap_res = net::create_tap(
             &*self.runner,
             &tap,
@@ -226,6 +237,12 @@ impl Capability for Network {
         self.disable_nat(cx)?;
         // The name is deterministic: delete it even if a crash lost the record's field.
         net::delete_tap(&*self.runner, &tap_name(&cx.vm.id)).map_err(|e| net_err("TAP", e))?;
+        // Then its guard (after the TAP: never a port without one). Without a backend no guard
+        // can have been installed.
+        if let Ok(b) = self.backend() {
+            b.unguard_port(&vm_key(&cx.vm.id))
+                .map_err(|e| net_err("guest port guard", e))?;
+        }
         if cx.vm.runtime.tap.take().is_some() {
             cx.persist()?;
         }
@@ -298,6 +315,21 @@ impl Capability for Network {
                 Some("apt-get install nftables"),
             )),
         }
+        // The per-port anti-spoofing guard needs nftables' bridge family, whatever the backend.
+        match net::run_ok(&*self.runner, "nft", &["list", "tables", "bridge"], None) {
+            Ok(_) => out.push(check(
+                "port guard",
+                CheckStatus::Pass,
+                "nftables bridge family (anti-spoofing on every guest port)".into(),
+                None,
+            )),
+            Err(e) => out.push(check(
+                "port guard",
+                CheckStatus::Fail,
+                format!("VMs are refused without it: {e}"),
+                Some("apt-get install nftables"),
+            )),
+        }
         match ForwardGuard::is_enabled(&*self.runner) {
             Ok(on) => out.push(check(
                 "ip_forward",
@@ -327,6 +359,28 @@ impl Capability for Network {
             ));
         }
         out
+    }
+
+    /// Re-applies the host filter and every live VM's port guard (both idempotent): VMs adopted
+    /// from a wickd that predates them (or whose rules someone flushed) are covered again.
+    async fn started(&self, vms: &[VmRecord]) -> Result<()> {
+        let live: Vec<(&VmRecord, Ipv4Addr, String)> = vms
+            .iter()
+            .filter_map(|v| Some((v, Self::guest_ip(v)?, v.runtime.tap.clone()?)))
+            .collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let backend = self.backend()?;
+        backend
+            .apply_host_isolation(self.bridge.ip())
+            .map_err(|e| net_err("guest isolation rules", e))?;
+        for (vm, ip, tap) in live {
+            if let Err(e) = backend.guard_port(&vm_key(&vm.id), &tap, &guest_mac(ip), ip) {
+                tracing::error!(vm = %vm.name, error = %e, "guest port guard not restored");
+            }
+        }
+        Ok(())
     }
 
     async fn sweep(&self, vms: &[VmRecord]) -> Result<Vec<String>> {

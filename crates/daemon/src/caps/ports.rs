@@ -63,6 +63,9 @@ impl Ports {
         tokio::spawn(async move {
             loop {
                 let (mut client, _) = tokio::select! {
+                    // Cancellation first: a connection queued before this task ran again must
+                    // not be served once the mapping is gone (`select!` picks randomly).
+                    biased;
                     _ = token.cancelled() => return,
                     r = listener.accept() => match r {
                         Ok(c) => c,

@@ -24,8 +24,14 @@
 //! `bridge link set dev wk-<key> isolated off` ([`set_port_isolation`]). Note the kernel's rule:
 //! an isolated port can still talk to any **non-isolated** port, so turning isolation off on one
 //! VM's TAP opens that VM to every VM on the bridge, not to one chosen peer (tested in
-//! `tests/net_bridge.rs`). The base forward rules do not interfere: bridged guest-to-guest frames
-//! cross FORWARD (with `br_netfilter`) with in = out = the bridge, which they leave alone.
+//! `tests/net_bridge.rs`). Bridged guest-to-guest frames cross FORWARD (with `br_netfilter`) with
+//! in = out = the bridge, like traffic a guest *routes* to another through the gateway: the NAT
+//! backends drop that unless built `with_vm_to_vm(true)` (the daemon's `allow_vm_to_vm`), so
+//! without the opt-in neither path works, and with it both do.
+//!
+//! # Anti-spoofing
+//! Every VM's port also gets a [`PortGuard`] (nftables `bridge` family): only frames from the
+//! VM's own MAC and leased IPv4 address, ARP for that address only, no IPv6 or other ethertypes.
 //!
 //! # Durability
 //! Nothing here keeps state in memory: names derive from the VM id ([`vm_key`], [`tap_name`]),
@@ -51,6 +57,6 @@ pub use link::{
     list_wick_links, parse_links, set_port_isolation, tap_name, validate_ifname, validate_key,
     vm_key, Bridge, Link, DEFAULT_BRIDGE, DEFAULT_BRIDGE_CIDR, IFNAME_MAX, KEY_LEN, LINK_PREFIX,
 };
-pub use nat::{detect_backend, IptablesNat, NatBackend, NftNat};
+pub use nat::{detect_backend, IptablesNat, NatBackend, NftNat, PortGuard};
 pub use runner::{run_ok, Runner, SystemRunner};
 pub use sweep::{keep_set, leftovers, sweep, SweepReport};

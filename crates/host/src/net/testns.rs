@@ -6,10 +6,14 @@
 //! caller's own namespace except `ip netns add/del` of its own names.
 
 use std::collections::hash_map::RandomState;
+use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::error::NetError;
@@ -126,6 +130,149 @@ impl TestNetns {
         g.run("ip", &["link", "set", "eth0", "up"])?;
         g.run("ip", &["route", "add", "default", "via", gateway])?;
         Ok(g)
+    }
+}
+
+/// Attaches to the TAP `name` in the calling thread's namespace (creating a transient one when it
+/// does not exist), the way a VMM opens its TAP: `/dev/net/tun` + `TUNSETIFF`, no packet info.
+fn open_tap(name: &str) -> std::io::Result<File> {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
+    let n = name.len().min(15);
+    req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq` (40 bytes), which `req` is.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// Moves frames from `from` to `to` until `stop` (what a VMM's virtio-net device does).
+fn pump(from: Arc<File>, to: Arc<File>, stop: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        let mut pfd = libc::pollfd {
+            fd: from.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
+            continue;
+        }
+        match (&*from).read(&mut buf) {
+            Ok(n) if n > 0 => {
+                let _ = (&*to).write(&buf[..n]);
+            }
+            // The TAP went away (VM stopped) or a transient error: do not spin.
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// A guest stand-in behind a real TAP (a **test fake** of a VM's NIC, not a VMM): two threads
+/// move frames between the host-side TAP (e.g. the daemon's `wk-…`) and a TAP `eth0` in the
+/// stand-in's own namespace, so the host sees exactly what a VM would send through its TAP.
+/// [`inject`](Self::inject) sends a hand-made frame "from the guest". Stops on drop.
+pub struct TapGuest {
+    /// The stand-in's namespace (its `eth0` is the guest NIC).
+    pub ns: TestNetns,
+    host: Arc<File>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl TapGuest {
+    /// Sends one raw Ethernet frame into the host's TAP, as if the guest had sent it.
+    pub fn inject(&self, frame: &[u8]) -> std::io::Result<()> {
+        (&*self.host).write_all(frame)
+    }
+}
+
+impl std::ops::Deref for TapGuest {
+    type Target = TestNetns;
+    fn deref(&self) -> &TestNetns {
+        &self.ns
+    }
+}
+
+impl Drop for TapGuest {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl TestNetns {
+    /// A guest stand-in on the existing TAP `tap` of this namespace (see [`TapGuest`]): a new
+    /// namespace `wkt-<tag>-<rand>` whose `eth0` has `mac` (what the VMM would set), address
+    /// `cidr` and a default route via `gateway`. It neither does DAD nor accepts ICMP redirects,
+    /// so tests do not depend on timing.
+    pub fn guest_on_tap(
+        &self,
+        tag: &str,
+        tap: &str,
+        mac: &str,
+        cidr: &str,
+        gateway: &str,
+    ) -> Result<TapGuest, NetError> {
+        let io_err = |what: String| {
+            move |source| NetError::Spawn {
+                command: what,
+                source,
+                hint: "TAPs need root (CAP_NET_ADMIN) and /dev/net/tun".into(),
+            }
+        };
+        let host = self
+            .enter(|| open_tap(tap))
+            .map_err(io_err(format!("attach to TAP {tap}")))?;
+        let ns = TestNetns::create(tag)?;
+        for key in [
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv4.conf.all.accept_redirects=0",
+            "net.ipv4.conf.default.accept_redirects=0",
+        ] {
+            ns.run("sysctl", &["-qw", key])?;
+        }
+        let guest = ns
+            .enter(|| open_tap("eth0"))
+            .map_err(io_err("create TAP eth0 in the stand-in".into()))?;
+        ns.run("ip", &["link", "set", "eth0", "address", mac])?;
+        ns.run("ip", &["addr", "add", cidr, "dev", "eth0"])?;
+        ns.run("ip", &["link", "set", "eth0", "up"])?;
+        ns.run("ip", &["route", "add", "default", "via", gateway])?;
+        let (host, guest) = (Arc::new(host), Arc::new(guest));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = [(host.clone(), guest.clone()), (guest, host.clone())]
+            .into_iter()
+            .map(|(from, to)| {
+                let stop = stop.clone();
+                std::thread::spawn(move || pump(from, to, stop))
+            })
+            .collect();
+        Ok(TapGuest {
+            ns,
+            host,
+            stop,
+            threads,
+        })
     }
 }
 

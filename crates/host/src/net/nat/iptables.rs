@@ -7,6 +7,14 @@
 //! `-m comment --comment wick:vm-<key>` and are removed by listing the chain (`-S`) and deleting
 //! exactly the tagged rules. Base rules carry `wick:base`. Every call uses `-w` (xtables lock).
 //! Unlike nft, changes are not atomic: a re-enable removes the old rules, then adds the new ones.
+//!
+//! IPv6 (guests get none): `ip6tables` (`ip6tables-legacy` with `iptables-legacy`) gets its own
+//! `WICK-INPUT` (established, neighbour discovery, then drop everything from the bridge) and
+//! `WICK-FORWARD` (drop everything to or from the bridge). Without them a guest reaches host
+//! services listening on `[::]` through the bridge's link-local address.
+//!
+//! The port guard (anti-spoofing) uses nftables' bridge family ([`super::PortGuard`]); without a
+//! usable `nft` a VM is refused rather than started unprotected.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -16,7 +24,7 @@ use crate::net::link::validate_ifname;
 use crate::net::link::validate_key;
 use crate::net::runner::{command_error, run_ok, stderr_lower, Runner};
 
-use super::NatBackend;
+use super::{NatBackend, PortGuard};
 
 /// wick's nat chain.
 pub const CHAIN_POSTROUTING: &str = "WICK-POSTROUTING";
@@ -36,11 +44,18 @@ const CHAINS: [(&str, &str, &str); 3] = [
     ("filter", CHAIN_INPUT, "INPUT"),
 ];
 
+/// The IPv6 chains (table filter): (wick chain, built-in parent chain).
+const CHAINS6: [(&str, &str); 2] = [(CHAIN_FORWARD, "FORWARD"), (CHAIN_INPUT, "INPUT")];
+
 /// iptables NAT backend.
 pub struct IptablesNat {
     runner: Arc<dyn Runner>,
     binary: String,
+    /// The matching `ip6tables` binary.
+    binary6: String,
     bridge: String,
+    allow_vm_to_vm: bool,
+    guard: PortGuard,
 }
 
 fn own(v: &[&str]) -> Vec<String> {
@@ -133,6 +148,68 @@ pub fn base_forward_rules(bridge: &str) -> Vec<Vec<String>> {
     ]
 }
 
+/// The rule dropping traffic routed from the bridge back into it (guest -> gateway -> guest),
+/// appended to `WICK-FORWARD` unless `allow_vm_to_vm`.
+pub fn vm_to_vm_rule(bridge: &str) -> Vec<String> {
+    own(&[
+        "-i",
+        bridge,
+        "-o",
+        bridge,
+        "-m",
+        "comment",
+        "--comment",
+        TAG_BASE,
+        "-j",
+        "DROP",
+    ])
+}
+
+/// The IPv6 host isolation rules appended to a flushed ip6tables `WICK-INPUT`.
+pub fn isolation6_rules(bridge: &str) -> Vec<Vec<String>> {
+    let c = ["-m", "comment", "--comment", TAG_BASE];
+    let mut rules = vec![own(&[
+        "-i",
+        bridge,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "RELATED,ESTABLISHED",
+    ])];
+    for t in ["neighbour-solicitation", "neighbour-advertisement"] {
+        rules.push(own(&["-i", bridge, "-p", "ipv6-icmp", "--icmpv6-type", t]));
+    }
+    for r in &mut rules {
+        r.extend(own(&c));
+        r.extend(own(&["-j", "ACCEPT"]));
+    }
+    let mut drop = own(&["-i", bridge]);
+    drop.extend(own(&c));
+    drop.extend(own(&["-j", "DROP"]));
+    rules.push(drop);
+    rules
+}
+
+/// The IPv6 forward rules appended to a flushed ip6tables `WICK-FORWARD`: nothing is forwarded
+/// to or from the bridge.
+pub fn forward6_rules(bridge: &str) -> Vec<Vec<String>> {
+    ["-i", "-o"]
+        .iter()
+        .map(|dir| {
+            own(&[
+                dir,
+                bridge,
+                "-m",
+                "comment",
+                "--comment",
+                TAG_BASE,
+                "-j",
+                "DROP",
+            ])
+        })
+        .collect()
+}
+
 /// The host isolation rules appended to a flushed `WICK-INPUT` (arguments after
 /// `-A WICK-INPUT`).
 pub fn isolation_rules(bridge: &str, bridge_ip: Ipv4Addr) -> Vec<Vec<String>> {
@@ -218,14 +295,28 @@ impl IptablesNat {
         }
         validate_ifname(bridge)?;
         Ok(Self {
+            guard: PortGuard::new(runner.clone()),
             runner,
             binary: binary.to_string(),
+            binary6: binary.replacen("iptables", "ip6tables", 1),
             bridge: bridge.to_string(),
+            allow_vm_to_vm: false,
         })
+    }
+
+    /// Lets traffic routed from one guest to another through the host pass (the daemon's
+    /// `allow_vm_to_vm`); dropped by default.
+    pub fn with_vm_to_vm(mut self, allow: bool) -> Self {
+        self.allow_vm_to_vm = allow;
+        self
     }
 
     fn ipt(&self, args: &[&str]) -> Result<String, NetError> {
         run_ok(&*self.runner, &self.binary, args, None)
+    }
+
+    fn ipt6(&self, args: &[&str]) -> Result<String, NetError> {
+        run_ok(&*self.runner, &self.binary6, args, None)
     }
 
     /// Runs; `Ok(false)` instead of an error when it exits non-zero (checks, `-C`).
@@ -238,7 +329,17 @@ impl IptablesNat {
     /// chain as "incompatible, use 'nft' tool" rather than "no chain", so existence comes from
     /// the table's `-N` lines instead of an error message.
     fn rules(&self, table: &str, chain: &str) -> Result<Option<Vec<Vec<String>>>, NetError> {
-        let out = self.ipt(&["-w", "-t", table, "-S"])?;
+        self.rules_of(&self.binary, table, chain)
+    }
+
+    /// [`rules`](Self::rules) with another binary (`ip6tables`).
+    fn rules_of(
+        &self,
+        bin: &str,
+        table: &str,
+        chain: &str,
+    ) -> Result<Option<Vec<Vec<String>>>, NetError> {
+        let out = run_ok(&*self.runner, bin, &["-w", "-t", table, "-S"], None)?;
         let mut exists = false;
         let mut rules = Vec::new();
         for args in out.lines().map(split_rule) {
@@ -253,13 +354,91 @@ impl IptablesNat {
 
     /// Creates wick's chain (if missing) and its jump from the top of the parent (if missing).
     fn ensure_chain(&self, table: &str, chain: &str, parent: &str) -> Result<(), NetError> {
+        self.ensure_chain_of(&self.binary, table, chain, parent)
+    }
+
+    /// [`ensure_chain`](Self::ensure_chain) with another binary (`ip6tables`).
+    fn ensure_chain_of(
+        &self,
+        bin: &str,
+        table: &str,
+        chain: &str,
+        parent: &str,
+    ) -> Result<(), NetError> {
+        let r = &*self.runner;
         let args = ["-w", "-t", table, "-N", chain];
-        let out = self.runner.run(&self.binary, &args, None)?;
+        let out = r.run(bin, &args, None)?;
         if !out.status.success() && !stderr_lower(&out).contains("exists") {
-            return Err(command_error(&self.binary, &args, &out));
+            return Err(command_error(bin, &args, &out));
         }
-        if !self.ipt_check(&["-w", "-t", table, "-C", parent, "-j", chain])? {
-            self.ipt(&["-w", "-t", table, "-I", parent, "1", "-j", chain])?;
+        let check = ["-w", "-t", table, "-C", parent, "-j", chain];
+        if !r.run(bin, &check, None)?.status.success() {
+            run_ok(
+                r,
+                bin,
+                &["-w", "-t", table, "-I", parent, "1", "-j", chain],
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the rules of ip6tables' `chain` (created and jumped to if missing).
+    fn set_chain6(
+        &self,
+        chain: &str,
+        parent: &str,
+        rules: Vec<Vec<String>>,
+    ) -> Result<(), NetError> {
+        let bin = self.binary6.clone();
+        self.ensure_chain_of(&bin, "filter", chain, parent)?;
+        self.ipt6(&["-w", "-t", "filter", "-F", chain])?;
+        for rule in rules {
+            let mut args = vec!["-w", "-t", "filter", "-A", chain];
+            args.extend(rule.iter().map(String::as_str));
+            self.ipt6(&args)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the VM's NAT rules (not its port guard).
+    fn remove_nat(&self, vm_key: &str) -> Result<bool, NetError> {
+        validate_key(vm_key)?;
+        let mut removed = false;
+        for (table, chain) in [("nat", CHAIN_POSTROUTING), ("filter", CHAIN_FORWARD)] {
+            for rule in self.rules(table, chain)?.unwrap_or_default() {
+                if rule_key(&rule) != Some(vm_key) {
+                    continue;
+                }
+                // "-A CHAIN rest..." -> "-D CHAIN rest..."
+                let mut args = vec!["-w", "-t", table, "-D"];
+                args.extend(rule.iter().skip(1).map(String::as_str));
+                self.ipt(&args)?;
+                removed = true;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes one built-in -> wick jump (all copies) and the chain, when present.
+    fn remove_chain_of(
+        &self,
+        bin: &str,
+        table: &str,
+        chain: &str,
+        parent: &str,
+    ) -> Result<(), NetError> {
+        let r = &*self.runner;
+        // Every jump (there should be one; a crash mid-way could in theory leave more).
+        for _ in 0..16 {
+            let del = ["-w", "-t", table, "-D", parent, "-j", chain];
+            if !r.run(bin, &del, None)?.status.success() {
+                break;
+            }
+        }
+        if self.rules_of(bin, table, chain)?.is_some() {
+            run_ok(r, bin, &["-w", "-t", table, "-F", chain], None)?;
+            run_ok(r, bin, &["-w", "-t", table, "-X", chain], None)?;
         }
         Ok(())
     }
@@ -276,6 +455,17 @@ impl IptablesNat {
                 add.extend(&r);
                 self.ipt(&add)?;
             }
+        }
+        let rule = vm_to_vm_rule(&self.bridge);
+        let r: Vec<&str> = rule.iter().map(String::as_str).collect();
+        let mut check = vec!["-w", "-t", "filter", "-C", CHAIN_FORWARD];
+        check.extend(&r);
+        let present = self.ipt_check(&check)?;
+        if present == self.allow_vm_to_vm {
+            let op = if present { "-D" } else { "-A" };
+            let mut args = vec!["-w", "-t", "filter", op, CHAIN_FORWARD];
+            args.extend(&r);
+            self.ipt(&args)?;
         }
         Ok(())
     }
@@ -298,7 +488,7 @@ impl NatBackend for IptablesNat {
             validate_ifname(o)?;
         }
         self.ensure_base()?;
-        self.remove_vm(vm_key)?;
+        self.remove_nat(vm_key)?;
         for rule in vm_rules(&self.bridge, vm_key, guest_ip, out_iface) {
             let r: Vec<&str> = rule.iter().map(String::as_str).collect();
             self.ipt(&r)?;
@@ -307,29 +497,25 @@ impl NatBackend for IptablesNat {
     }
 
     fn disable(&self, vm_key: &str, _guest_ip: Ipv4Addr, _tap: &str) -> Result<(), NetError> {
-        self.remove_vm(vm_key).map(|_| ())
+        self.remove_nat(vm_key).map(|_| ())
+    }
+
+    fn guard_port(&self, key: &str, tap: &str, mac: &str, ip: Ipv4Addr) -> Result<(), NetError> {
+        self.guard.apply(key, tap, mac, ip)
+    }
+
+    fn unguard_port(&self, vm_key: &str) -> Result<bool, NetError> {
+        self.guard.remove(vm_key)
     }
 
     fn remove_vm(&self, vm_key: &str) -> Result<bool, NetError> {
-        validate_key(vm_key)?;
-        let mut removed = false;
-        for (table, chain) in [("nat", CHAIN_POSTROUTING), ("filter", CHAIN_FORWARD)] {
-            for rule in self.rules(table, chain)?.unwrap_or_default() {
-                if rule_key(&rule) != Some(vm_key) {
-                    continue;
-                }
-                // "-A CHAIN rest..." -> "-D CHAIN rest..."
-                let mut args = vec!["-w", "-t", table, "-D"];
-                args.extend(rule.iter().skip(1).map(String::as_str));
-                self.ipt(&args)?;
-                removed = true;
-            }
-        }
-        Ok(removed)
+        let nat = self.remove_nat(vm_key)?;
+        let guarded = self.guard.remove(vm_key)?;
+        Ok(nat || guarded)
     }
 
     fn list_vm_keys(&self) -> Result<Vec<String>, NetError> {
-        let mut keys = Vec::new();
+        let mut keys = self.guard.list_keys()?;
         for (table, chain) in [("nat", CHAIN_POSTROUTING), ("filter", CHAIN_FORWARD)] {
             for rule in self.rules(table, chain)?.unwrap_or_default() {
                 if let Some(k) = rule_key(&rule) {
@@ -351,23 +537,19 @@ impl NatBackend for IptablesNat {
             args.extend(rule.iter().map(String::as_str));
             self.ipt(&args)?;
         }
+        self.set_chain6(CHAIN_INPUT, "INPUT", isolation6_rules(&self.bridge))?;
+        self.set_chain6(CHAIN_FORWARD, "FORWARD", forward6_rules(&self.bridge))?;
         Ok(())
     }
 
     fn remove_all_wick(&self) -> Result<(), NetError> {
         for (table, chain, parent) in CHAINS {
-            // Every jump (there should be one; a crash mid-way could in theory leave more).
-            for _ in 0..16 {
-                if !self.ipt_check(&["-w", "-t", table, "-D", parent, "-j", chain])? {
-                    break;
-                }
-            }
-            if self.rules(table, chain)?.is_some() {
-                self.ipt(&["-w", "-t", table, "-F", chain])?;
-                self.ipt(&["-w", "-t", table, "-X", chain])?;
-            }
+            self.remove_chain_of(&self.binary, table, chain, parent)?;
         }
-        Ok(())
+        for (chain, parent) in CHAINS6 {
+            self.remove_chain_of(&self.binary6, "filter", chain, parent)?;
+        }
+        self.guard.remove_all()
     }
 }
 
@@ -378,6 +560,13 @@ mod tests {
 
     fn fake(bin: &str) -> (Arc<RecordingRunner>, IptablesNat) {
         let r = Arc::new(RecordingRunner::new());
+        // No port guard table (nft answers "no such table").
+        r.respond(
+            "nft -j list table bridge",
+            1,
+            "",
+            "Error: No such file or directory",
+        );
         let n = IptablesNat::new(r.clone(), bin, "wick0").unwrap();
         (r, n)
     }
@@ -408,6 +597,8 @@ mod tests {
                 "iptables -w -t filter -A WICK-FORWARD -i wick0 ! -o wick0 -m comment --comment wick:base -j DROP",
                 "iptables -w -t filter -C WICK-FORWARD -o wick0 ! -i wick0 -m comment --comment wick:base -j DROP",
                 "iptables -w -t filter -A WICK-FORWARD -o wick0 ! -i wick0 -m comment --comment wick:base -j DROP",
+                "iptables -w -t filter -C WICK-FORWARD -i wick0 -o wick0 -m comment --comment wick:base -j DROP",
+                "iptables -w -t filter -A WICK-FORWARD -i wick0 -o wick0 -m comment --comment wick:base -j DROP",
                 "iptables -w -t nat -S",
                 "iptables -w -t filter -S",
                 "iptables -w -t nat -A WICK-POSTROUTING -s 172.30.0.5/32 ! -o wick0 -m comment --comment wick:vm-0123456789ab -j MASQUERADE",
@@ -526,10 +717,66 @@ mod tests {
             .iter()
             .position(|x| x == "iptables -w -t filter -F WICK-INPUT")
             .unwrap();
-        assert_eq!(l.len() - flush - 1, 5);
+        let v4_end = l.iter().position(|x| x.starts_with("ip6tables")).unwrap();
+        assert_eq!(v4_end - flush - 1, 5);
         assert_eq!(
-            l.last().unwrap(),
+            l[v4_end - 1],
             "iptables -w -t filter -A WICK-INPUT -i wick0 -m comment --comment wick:base -j DROP"
+        );
+        // IPv6: the same shape with ip6tables (neighbour discovery only), and no forwarding.
+        assert_eq!(
+            &l[v4_end..],
+            [
+                "ip6tables -w -t filter -N WICK-INPUT",
+                "ip6tables -w -t filter -C INPUT -j WICK-INPUT",
+                "ip6tables -w -t filter -F WICK-INPUT",
+                "ip6tables -w -t filter -A WICK-INPUT -i wick0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment wick:base -j ACCEPT",
+                "ip6tables -w -t filter -A WICK-INPUT -i wick0 -p ipv6-icmp --icmpv6-type neighbour-solicitation -m comment --comment wick:base -j ACCEPT",
+                "ip6tables -w -t filter -A WICK-INPUT -i wick0 -p ipv6-icmp --icmpv6-type neighbour-advertisement -m comment --comment wick:base -j ACCEPT",
+                "ip6tables -w -t filter -A WICK-INPUT -i wick0 -m comment --comment wick:base -j DROP",
+                "ip6tables -w -t filter -N WICK-FORWARD",
+                "ip6tables -w -t filter -C FORWARD -j WICK-FORWARD",
+                "ip6tables -w -t filter -F WICK-FORWARD",
+                "ip6tables -w -t filter -A WICK-FORWARD -i wick0 -m comment --comment wick:base -j DROP",
+                "ip6tables -w -t filter -A WICK-FORWARD -o wick0 -m comment --comment wick:base -j DROP",
+            ]
+        );
+        // The legacy backend pairs with ip6tables-legacy.
+        let (r, n) = fake("iptables-legacy");
+        n.apply_host_isolation("172.30.0.1".parse().unwrap())
+            .unwrap();
+        assert!(r
+            .lines()
+            .iter()
+            .any(|x| x.starts_with("ip6tables-legacy -w")));
+        assert!(!r.lines().iter().any(|x| x.starts_with("ip6tables -w")));
+    }
+
+    #[test]
+    fn golden_vm_to_vm_opt_in_removes_the_routed_drop() {
+        let (r, n) = fake("iptables");
+        let n = n.with_vm_to_vm(true);
+        // The drop is there from an earlier run with allow_vm_to_vm = false: it goes.
+        n.apply_host_isolation("172.30.0.1".parse().unwrap())
+            .unwrap();
+        assert!(r.lines().contains(
+            &"iptables -w -t filter -D WICK-FORWARD -i wick0 -o wick0 -m comment --comment wick:base -j DROP"
+                .to_string()
+        ));
+        r.clear();
+        r.respond(
+            "iptables -w -t filter -C WICK-FORWARD -i wick0 -o wick0",
+            1,
+            "",
+            "",
+        );
+        n.apply_host_isolation("172.30.0.1".parse().unwrap())
+            .unwrap();
+        assert!(
+            !r.lines()
+                .iter()
+                .any(|l| l.contains("-i wick0 -o wick0")
+                    && (l.contains(" -A ") || l.contains(" -D ")))
         );
     }
 
@@ -541,6 +788,14 @@ mod tests {
         r.respond("iptables -w -t filter -D", 1, "", "Bad rule");
         r.respond("iptables -w -t nat -S", 0, "-N WICK-POSTROUTING\n", "");
         r.respond("iptables -w -t filter -S", 0, "-N WICK-FORWARD\n", "");
+        r.respond("ip6tables -w -t filter -D", 1, "", "Bad rule");
+        r.respond("ip6tables -w -t filter -S", 0, "-N WICK-INPUT\n", "");
+        r.respond(
+            "nft -j list table bridge",
+            1,
+            "",
+            "Error: No such file or directory",
+        );
         n.remove_all_wick().unwrap();
         assert_eq!(
             r.lines(),
@@ -556,6 +811,13 @@ mod tests {
                 "iptables -w -t filter -X WICK-FORWARD",
                 "iptables -w -t filter -D INPUT -j WICK-INPUT",
                 "iptables -w -t filter -S",
+                "ip6tables -w -t filter -D FORWARD -j WICK-FORWARD",
+                "ip6tables -w -t filter -S",
+                "ip6tables -w -t filter -D INPUT -j WICK-INPUT",
+                "ip6tables -w -t filter -S",
+                "ip6tables -w -t filter -F WICK-INPUT",
+                "ip6tables -w -t filter -X WICK-INPUT",
+                "nft -j list table bridge wick",
             ]
         );
     }

@@ -13,14 +13,25 @@
 //! [`NatBackend::apply_host_isolation`]): forwarded traffic between the bridge and any other
 //! interface is dropped unless a VM's NAT rules accept it, so a non-NAT VM cannot reach (or be
 //! reached from) the outside even when the host forwards for other reasons. Routed packets from a
-//! guest arrive on the **bridge** (not on its TAP), so per-VM rules match the guest IP.
+//! guest arrive on the **bridge** (not on its TAP), so per-VM rules match the guest IP. Unless the
+//! backend was built `with_vm_to_vm(true)` (the daemon's `allow_vm_to_vm`), traffic routed from
+//! the bridge back into the bridge (guest -> gateway -> other guest) is dropped too: port isolation
+//! only stops *bridged* guest-to-guest frames. IPv6 from the bridge is dropped at input and in
+//! forward (guests get no IPv6; `inet` table for nft, `ip6tables` for the iptables backend).
+//!
+//! Every VM port also gets an anti-spoofing guard ([`PortGuard`], nftables' `bridge` family, for
+//! both backends): the guest may send only from its own MAC and leased IP. Its state is derived
+//! from the VM key like the NAT rules, and [`NatBackend::remove_vm`] / [`NatBackend::list_vm_keys`]
+//! cover it, so the sweep removes a crashed VM's guard too.
 
+mod guard;
 mod iptables;
 mod nft;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+pub use guard::{guard_script, key_of_port_chain, port_chain, GuardState, PortGuard};
 pub use iptables::IptablesNat;
 pub use nft::NftNat;
 
@@ -45,32 +56,54 @@ pub trait NatBackend: Send + Sync {
     /// Disables NAT for one VM; `Ok` when it had none.
     fn disable(&self, vm_key: &str, guest_ip: Ipv4Addr, tap: &str) -> Result<(), NetError>;
 
-    /// Removes every rule of the VM with this key (what [`disable`](Self::disable) does, for the
-    /// sweep, which knows only keys). Returns whether anything was removed.
+    /// Installs (or replaces) the anti-spoofing guard of the VM's bridge port `tap`: only frames
+    /// from `mac` and `ip` (see [`PortGuard`]). Call it before the TAP joins the bridge; an error
+    /// means the VM must not start.
+    fn guard_port(
+        &self,
+        vm_key: &str,
+        tap: &str,
+        mac: &str,
+        guest_ip: Ipv4Addr,
+    ) -> Result<(), NetError>;
+
+    /// Removes the VM's port guard; `Ok(false)` when it had none.
+    fn unguard_port(&self, vm_key: &str) -> Result<bool, NetError>;
+
+    /// Removes every rule of the VM with this key (NAT rules and port guard; what
+    /// [`disable`](Self::disable) and [`unguard_port`](Self::unguard_port) do, for the sweep,
+    /// which knows only keys). Returns whether anything was removed.
     fn remove_vm(&self, vm_key: &str) -> Result<bool, NetError>;
 
-    /// Keys of the VMs that currently have NAT rules (sorted, unique).
+    /// Keys of the VMs that currently have NAT rules or a port guard (sorted, unique).
     fn list_vm_keys(&self) -> Result<Vec<String>, NetError>;
 
     /// Installs (or refreshes) the host input filter on the bridge: guests may reach the host only
     /// for DNS (udp/tcp 53 to `bridge_ip`), ICMP echo to `bridge_ip` and established traffic;
-    /// everything else arriving from the bridge is dropped. Also installs the base forward rules.
+    /// everything else arriving from the bridge is dropped (IPv6 too, but neighbour discovery).
+    /// Also installs the base forward rules.
     fn apply_host_isolation(&self, bridge_ip: Ipv4Addr) -> Result<(), NetError>;
 
-    /// Removes wick's own table/chains entirely (nothing else).
+    /// Removes wick's own tables/chains entirely, the port guard's included (nothing else).
     fn remove_all_wick(&self) -> Result<(), NetError>;
 }
 
 /// Picks the backend: `nft` if `nft list tables` works, else `iptables` if it works, else
 /// `iptables-legacy`; [`NetError::NoBackend`] (listing every failure) when none does.
+/// `allow_vm_to_vm` is passed on to the backend's `with_vm_to_vm`.
 pub fn detect_backend(
     runner: Arc<dyn Runner>,
     bridge: &str,
+    allow_vm_to_vm: bool,
 ) -> Result<Box<dyn NatBackend>, NetError> {
     validate_ifname(bridge)?;
     let mut why = Vec::new();
     match super::runner::run_ok(&*runner, "nft", &["list", "tables"], None) {
-        Ok(_) => return Ok(Box::new(NftNat::new(runner, bridge)?)),
+        Ok(_) => {
+            return Ok(Box::new(
+                NftNat::new(runner, bridge)?.with_vm_to_vm(allow_vm_to_vm),
+            ))
+        }
         Err(e) => why.push(e.to_string()),
     }
     for bin in ["iptables", "iptables-legacy"] {
@@ -80,7 +113,11 @@ pub fn detect_backend(
             &["-w", "-t", "nat", "-S", "POSTROUTING"],
             None,
         ) {
-            Ok(_) => return Ok(Box::new(IptablesNat::new(runner, bin, bridge)?)),
+            Ok(_) => {
+                return Ok(Box::new(
+                    IptablesNat::new(runner, bin, bridge)?.with_vm_to_vm(allow_vm_to_vm),
+                ))
+            }
             Err(e) => why.push(e.to_string()),
         }
     }
@@ -95,7 +132,10 @@ mod tests {
     #[test]
     fn detect_prefers_nft_then_iptables_then_legacy() {
         let r = Arc::new(RecordingRunner::new());
-        assert_eq!(detect_backend(r.clone(), "wick0").unwrap().name(), "nft");
+        assert_eq!(
+            detect_backend(r.clone(), "wick0", false).unwrap().name(),
+            "nft"
+        );
 
         let r = Arc::new(RecordingRunner::new());
         r.respond(
@@ -105,7 +145,7 @@ mod tests {
             "Error: Could not process rule: Operation not supported",
         );
         assert_eq!(
-            detect_backend(r.clone(), "wick0").unwrap().name(),
+            detect_backend(r.clone(), "wick0", false).unwrap().name(),
             "iptables"
         );
 
@@ -117,12 +157,12 @@ mod tests {
             "",
             "iptables v1.8.9 (nf_tables): table nat missing",
         );
-        let b = detect_backend(r.clone(), "wick0").unwrap();
+        let b = detect_backend(r.clone(), "wick0", false).unwrap();
         assert_eq!(b.name(), "iptables-legacy");
 
         let r = Arc::new(RecordingRunner::new());
         r.respond("", 1, "", "broken");
-        let e = detect_backend(r.clone(), "wick0")
+        let e = detect_backend(r.clone(), "wick0", false)
             .err()
             .unwrap()
             .to_string();

@@ -6,6 +6,7 @@
 //!   map fwd_vms { type ipv4_addr : verdict }   # guest ip -> jump vm-<key>-filter
 //!   chain postrouting { type nat hook postrouting priority srcnat; ip saddr vmap @nat_vms }
 //!   chain forward { type filter hook forward priority filter;
+//!     iifname BR oifname BR drop                    # routed guest->guest, unless allow_vm_to_vm
 //!     iifname BR ip saddr vmap @fwd_vms; oifname BR ip daddr vmap @fwd_vms
 //!     iifname BR oifname != BR drop; oifname BR iifname != BR drop }
 //!   chain input { ... host isolation, see apply_host_isolation ... }
@@ -16,7 +17,9 @@
 //! ```
 //! The per-VM chains are reached through verdict maps, so adding or removing a VM is one
 //! transaction of `add`/`delete element` + chain, with no rule handles involved. Every change is
-//! a single `nft -f -` script: it applies entirely or not at all.
+//! a single `nft -f -` script: it applies entirely or not at all. The table is `inet`, so the
+//! input and forward drops cover IPv6 as well. The port guard lives in `bridge wick`
+//! ([`super::PortGuard`]).
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -28,7 +31,7 @@ use crate::net::error::NetError;
 use crate::net::link::{validate_ifname, validate_key};
 use crate::net::runner::{command_error, run_ok, stderr_lower, Runner};
 
-use super::NatBackend;
+use super::{NatBackend, PortGuard};
 
 /// The table (family `inet`).
 pub const TABLE: &str = "wick";
@@ -39,6 +42,8 @@ pub const VM_CHAIN_PREFIX: &str = "vm-";
 pub struct NftNat {
     runner: Arc<dyn Runner>,
     bridge: String,
+    allow_vm_to_vm: bool,
+    guard: PortGuard,
 }
 
 /// What wick's table holds right now (from `nft -j list table inet wick`).
@@ -71,8 +76,9 @@ pub fn key_of_chain(chain: &str) -> Option<&str> {
 }
 
 /// Statements that create the table, maps and base chains and (re)write the base chains' rules.
-/// Idempotent, and safe to prepend to any transaction.
-pub fn base_script(bridge: &str) -> String {
+/// Idempotent, and safe to prepend to any transaction. Unless `vm_to_vm`, traffic routed from
+/// the bridge back into it (guest -> gateway -> guest) is dropped first.
+pub fn base_script(bridge: &str, vm_to_vm: bool) -> String {
     let t = format!("inet {TABLE}");
     let mut s = String::new();
     let _ = writeln!(s, "add table {t}");
@@ -89,6 +95,12 @@ pub fn base_script(bridge: &str) -> String {
     let _ = writeln!(s, "flush chain {t} postrouting");
     let _ = writeln!(s, "add rule {t} postrouting ip saddr vmap @nat_vms");
     let _ = writeln!(s, "flush chain {t} forward");
+    if !vm_to_vm {
+        let _ = writeln!(
+            s,
+            "add rule {t} forward iifname \"{bridge}\" oifname \"{bridge}\" drop"
+        );
+    }
     let _ = writeln!(
         s,
         "add rule {t} forward iifname \"{bridge}\" ip saddr vmap @fwd_vms"
@@ -134,6 +146,7 @@ pub fn remove_vm_script(state: &NftState, key: &str) -> String {
 /// map elements.
 pub fn enable_script(
     bridge: &str,
+    vm_to_vm: bool,
     state: &NftState,
     key: &str,
     guest_ip: Ipv4Addr,
@@ -142,7 +155,7 @@ pub fn enable_script(
     let t = format!("inet {TABLE}");
     let (nat, filter) = vm_chains(key);
     let ip = guest_ip.to_string();
-    let mut s = base_script(bridge);
+    let mut s = base_script(bridge, vm_to_vm);
     // Elements for this IP that point elsewhere (a stale VM that had the IP) must go first, or
     // `add element` fails with "File exists". Then drop this VM's own old entries.
     for (map, elems) in [("nat_vms", &state.nat_elems), ("fwd_vms", &state.fwd_elems)] {
@@ -173,11 +186,12 @@ pub fn enable_script(
     s
 }
 
-/// The transaction installing the host input filter (plus the base chains).
-pub fn isolation_script(bridge: &str, bridge_ip: Ipv4Addr) -> String {
+/// The transaction installing the host input filter (plus the base chains). The final drop
+/// covers IPv6 too (`inet`); only neighbour discovery is let through.
+pub fn isolation_script(bridge: &str, vm_to_vm: bool, bridge_ip: Ipv4Addr) -> String {
     let t = format!("inet {TABLE}");
     let b = format!("iifname \"{bridge}\"");
-    let mut s = base_script(bridge);
+    let mut s = base_script(bridge, vm_to_vm);
     let _ = writeln!(
         s,
         "add chain {t} input {{ type filter hook input priority filter; policy accept; }}"
@@ -198,6 +212,10 @@ pub fn isolation_script(bridge: &str, bridge_ip: Ipv4Addr) -> String {
     let _ = writeln!(
         s,
         "add rule {t} input {b} ip daddr {bridge_ip} icmp type echo-request accept"
+    );
+    let _ = writeln!(
+        s,
+        "add rule {t} input {b} icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept"
     );
     let _ = writeln!(s, "add rule {t} input {b} drop");
     s
@@ -258,9 +276,18 @@ impl NftNat {
     pub fn new(runner: Arc<dyn Runner>, bridge: &str) -> Result<Self, NetError> {
         validate_ifname(bridge)?;
         Ok(Self {
+            guard: PortGuard::new(runner.clone()),
             runner,
             bridge: bridge.to_string(),
+            allow_vm_to_vm: false,
         })
+    }
+
+    /// Lets traffic routed from one guest to another through the host pass (the daemon's
+    /// `allow_vm_to_vm`); dropped by default.
+    pub fn with_vm_to_vm(mut self, allow: bool) -> Self {
+        self.allow_vm_to_vm = allow;
+        self
     }
 
     /// Reads wick's table (an empty state when it does not exist).
@@ -274,6 +301,14 @@ impl NftNat {
             return Err(command_error("nft", &args, &out));
         }
         parse_state(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Removes the VM's NAT chains and elements (not its port guard).
+    fn remove_nat(&self, vm_key: &str) -> Result<bool, NetError> {
+        validate_key(vm_key)?;
+        let script = remove_vm_script(&self.state()?, vm_key);
+        self.apply(&script)?;
+        Ok(!script.is_empty())
     }
 
     /// Applies one transaction.
@@ -304,6 +339,7 @@ impl NatBackend for NftNat {
         let st = self.state()?;
         self.apply(&enable_script(
             &self.bridge,
+            self.allow_vm_to_vm,
             &st,
             vm_key,
             guest_ip,
@@ -312,37 +348,50 @@ impl NatBackend for NftNat {
     }
 
     fn disable(&self, vm_key: &str, _guest_ip: Ipv4Addr, _tap: &str) -> Result<(), NetError> {
-        self.remove_vm(vm_key).map(|_| ())
+        self.remove_nat(vm_key).map(|_| ())
+    }
+
+    fn guard_port(&self, key: &str, tap: &str, mac: &str, ip: Ipv4Addr) -> Result<(), NetError> {
+        self.guard.apply(key, tap, mac, ip)
+    }
+
+    fn unguard_port(&self, vm_key: &str) -> Result<bool, NetError> {
+        self.guard.remove(vm_key)
     }
 
     fn remove_vm(&self, vm_key: &str) -> Result<bool, NetError> {
-        validate_key(vm_key)?;
-        let script = remove_vm_script(&self.state()?, vm_key);
-        self.apply(&script)?;
-        Ok(!script.is_empty())
+        let nat = self.remove_nat(vm_key)?;
+        let guarded = self.guard.remove(vm_key)?;
+        Ok(nat || guarded)
     }
 
     fn list_vm_keys(&self) -> Result<Vec<String>, NetError> {
         let st = self.state()?;
-        let mut keys: Vec<String> = st
-            .chains
-            .iter()
-            .map(String::as_str)
-            .chain(st.nat_elems.iter().map(|(_, t)| t.as_str()))
-            .chain(st.fwd_elems.iter().map(|(_, t)| t.as_str()))
-            .filter_map(key_of_chain)
-            .map(str::to_string)
-            .collect();
+        let mut keys: Vec<String> = self.guard.list_keys()?;
+        keys.extend(
+            st.chains
+                .iter()
+                .map(String::as_str)
+                .chain(st.nat_elems.iter().map(|(_, t)| t.as_str()))
+                .chain(st.fwd_elems.iter().map(|(_, t)| t.as_str()))
+                .filter_map(key_of_chain)
+                .map(str::to_string),
+        );
         keys.sort();
         keys.dedup();
         Ok(keys)
     }
 
     fn apply_host_isolation(&self, bridge_ip: Ipv4Addr) -> Result<(), NetError> {
-        self.apply(&isolation_script(&self.bridge, bridge_ip))
+        self.apply(&isolation_script(
+            &self.bridge,
+            self.allow_vm_to_vm,
+            bridge_ip,
+        ))
     }
 
     fn remove_all_wick(&self) -> Result<(), NetError> {
+        self.guard.remove_all()?;
         if !self.state()?.exists {
             return Ok(());
         }
@@ -363,6 +412,7 @@ add chain inet wick forward { type filter hook forward priority filter; policy a
 flush chain inet wick postrouting
 add rule inet wick postrouting ip saddr vmap @nat_vms
 flush chain inet wick forward
+add rule inet wick forward iifname "wick0" oifname "wick0" drop
 add rule inet wick forward iifname "wick0" ip saddr vmap @fwd_vms
 add rule inet wick forward oifname "wick0" ip daddr vmap @fwd_vms
 add rule inet wick forward iifname "wick0" oifname != "wick0" drop
@@ -465,7 +515,9 @@ delete chain inet wick vm-a-filter
         );
         assert!(!n.remove_vm("a").unwrap());
         n.remove_all_wick().unwrap();
-        assert_eq!(r.lines().len(), 2);
+        // inet + bridge table listed by each, nothing applied.
+        assert_eq!(r.lines().len(), 4);
+        assert!(r.stdins().is_empty());
     }
 
     #[test]
@@ -503,6 +555,7 @@ add rule inet wick input iifname "wick0" ct state established,related accept
 add rule inet wick input iifname "wick0" ip daddr 172.30.0.1 udp dport 53 accept
 add rule inet wick input iifname "wick0" ip daddr 172.30.0.1 tcp dport 53 accept
 add rule inet wick input iifname "wick0" ip daddr 172.30.0.1 icmp type echo-request accept
+add rule inet wick input iifname "wick0" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
 add rule inet wick input iifname "wick0" drop
 "#
         );
@@ -510,7 +563,10 @@ add rule inet wick input iifname "wick0" drop
         r.clear();
         r.respond("nft -j list table", 0, STATE, "");
         n.remove_all_wick().unwrap();
-        assert_eq!(r.stdins(), ["delete table inet wick\n"]);
+        assert_eq!(
+            r.stdins(),
+            ["delete table bridge wick\n", "delete table inet wick\n"]
+        );
     }
 
     #[test]
