@@ -179,3 +179,93 @@ fn wickd_raises_its_open_file_limit() {
         .collect();
     assert_eq!(nums, vec![hard, hard], "{line}");
 }
+
+#[test]
+fn workspace_export_streams_a_large_patch_with_bounded_cli_memory() {
+    let test = "workspace_export_streams_a_large_patch_with_bounded_cli_memory";
+    if !root(test) {
+        return;
+    }
+    let have_git = std::process::Command::new("git")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_git {
+        eprintln!("SKIP: {test}: needs git");
+        return;
+    }
+    // The fake guest is this host: the guest repository is a temp dir.
+    let mut env = WickdEnv::new_with_image_extra("", "agent = true");
+    env.env.push((
+        "FAKE_FC_AGENT_BIN".into(),
+        wick_testkit::cargo_bin("wick-agent").display().to_string(),
+    ));
+    env.start();
+    env.wick_ok(&["vm", "create", "--name", "a1"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    let git = |args: &[&str]| {
+        let st = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@t.invalid"])
+            .args(args)
+            .current_dir(&repo)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    std::fs::write(repo.join("README"), "hello\n").unwrap();
+    git(&["add", "README"]);
+    git(&["commit", "-q", "-m", "init"]);
+    // A 64 MiB new text file, written line by line: the patch is larger than that. (This
+    // process must stay small: a forked child's max RSS starts from its parent's.)
+    const BIG: usize = 64 << 20;
+    let line = "0123456789abcdef".repeat(6) + "\n";
+    let mut w = std::io::BufWriter::new(std::fs::File::create(repo.join("big.txt")).unwrap());
+    for _ in 0..BIG / line.len() + 1 {
+        std::io::Write::write_all(&mut w, line.as_bytes()).unwrap();
+    }
+    std::io::Write::flush(&mut w).unwrap();
+    drop(w);
+
+    #[allow(clippy::zombie_processes)] // reaped below by wait4, for its rusage
+    let mut child = env
+        .wick_cmd()
+        .args(["vm", "workspace", "export", "a1", "--guest-path"])
+        .arg(&repo)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let mut stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    // Reap it ourselves to get its resource usage (max RSS in KiB).
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child's pid with valid out-pointers.
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(r, child.id() as i32, "wait4");
+    let copied = reader.join().unwrap().unwrap();
+    let err = err_reader.join().unwrap();
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "export failed: {err}"
+    );
+    assert!(copied >= BIG as u64, "patch of {copied} bytes");
+    // An upper bound on the CLI's own peak: the maximum of its and (through fork) this
+    // process's resident set.
+    let max_rss_kib = usage.ru_maxrss as u64;
+    eprintln!("wick export of a {copied}-byte patch: max RSS {max_rss_kib} KiB");
+    assert!(
+        max_rss_kib < 48 << 10,
+        "the CLI's max RSS was {max_rss_kib} KiB for a {copied}-byte patch"
+    );
+}
