@@ -140,8 +140,8 @@ fn log_tail_of_a_huge_log_reads_only_its_end() {
         tail.trim_end(),
         "console line 97\nconsole line 98\nconsole line 99"
     );
-    // Starting again fails nothing here, but a failed start and an unexpected exit take the
-    // same tail: the daemon's peak memory must not have grown by anything like the file.
+    // (A failed start and an unexpected exit take the same tail.) The daemon's peak memory must
+    // not have grown by anything like the file.
     let grown = vm_hwm_kib(pid).saturating_sub(before);
     assert!(
         grown < 64 << 10,
