@@ -1,6 +1,7 @@
 //! TCP clients, served here rather than by hickory's listener so that connections are capped
 //! per source address and in total, and a connection without a complete query for
-//! [`DnsLimits::tcp_idle`] is closed. Queries on one connection are answered one at a time.
+//! [`DnsLimits::tcp_idle`] is closed. Queries on one connection are answered one at a time; an
+//! unparsable message closes the connection, a response message is ignored.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use std::time::Duration;
 use hickory_server::net::runtime::TokioTime;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::net::NetError;
+use hickory_server::proto::op::MessageType;
 use hickory_server::proto::rr::Record;
 use hickory_server::proto::serialize::binary::BinEncoder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -74,6 +76,9 @@ async fn serve<H: RequestHandler>(
         let Ok(request) = Request::from_bytes(raw, src, Protocol::Tcp) else {
             return debug!(%src, "unparsable DNS query over TCP; closing");
         };
+        if request.metadata.message_type == MessageType::Response {
+            continue; // as hickory does: never answer responses (no reflection games)
+        }
         let out = Answer::default();
         handler
             .handle_request::<_, TokioTime>(&request, out.clone())
