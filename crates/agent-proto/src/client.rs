@@ -24,6 +24,8 @@ use crate::{AgentError, PROTOCOL_VERSION};
 const RETRY_INTERVAL: Duration = Duration::from_millis(50);
 /// Bound on the hybrid-vsock handshake of one connection once the agent is known to be up.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes [`ExecSession::output`] collects per stream.
+pub const OUTPUT_LIMIT: usize = 64 << 20;
 /// Bound on waiting for a request's (first) reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -581,14 +583,45 @@ impl ExecSession {
             .await
     }
 
-    /// Waits for the exit, collecting stdout and stderr.
+    /// Waits for the exit, collecting stdout and stderr, each up to [`OUTPUT_LIMIT`] bytes (see
+    /// [`output_limited`](Self::output_limited)).
     pub async fn output(self) -> Result<ExecOutput, AgentError> {
+        self.output_limited(OUTPUT_LIMIT).await
+    }
+
+    /// Waits for the exit, collecting stdout and stderr. The guest decides how much it prints,
+    /// so more than `max` bytes on either stream is an error (and dropping the session kills
+    /// the process) rather than unbounded memory on the host.
+    pub async fn output_limited(mut self, max: usize) -> Result<ExecOutput, AgentError> {
+        if let Some(stdin) = self.stdin.take() {
+            stdin.close().await?;
+        }
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        let status = self.pipe(&mut stdout, &mut stderr).await?;
-        Ok(ExecOutput {
-            stdout,
-            stderr,
-            status,
+        while let Some(ev) = self.next_event().await? {
+            let (buf, name, chunk) = match ev {
+                ExecEvent::Stdout(b) => (&mut stdout, "stdout", b),
+                ExecEvent::Stderr(b) => (&mut stderr, "stderr", b),
+                ExecEvent::Exit(status) => {
+                    return Ok(ExecOutput {
+                        stdout,
+                        stderr,
+                        status,
+                    })
+                }
+            };
+            if buf.len() + chunk.len() > max {
+                return Err(AgentError::Protocol {
+                    what: "collect the command's output",
+                    detail: format!(
+                        "the command printed more than {max} bytes on {name}; not buffering more"
+                    ),
+                });
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Err(AgentError::Protocol {
+            what: "stream the command's output",
+            detail: "no exit status".into(),
         })
     }
 

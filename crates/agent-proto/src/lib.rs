@@ -80,7 +80,7 @@ pub mod testing;
 
 pub use client::{
     AgentChannel, AgentClient, AgentStream, BoxAgentStream, ConnectFuture, Connector, ExecControl,
-    ExecEvent, ExecOutput, ExecSession, ExecStdin, HybridVsockConnector, TarReader,
+    ExecEvent, ExecOutput, ExecSession, ExecStdin, HybridVsockConnector, TarReader, OUTPUT_LIMIT,
 };
 pub use frame::{read_frame, write_frame, write_json, Frame, FrameKind, DATA_CHUNK, MAX_FRAME_LEN};
 pub use msg::*;

@@ -99,3 +99,92 @@ async fn proxy(
     tokio::io::copy_bidirectional(&mut host, &mut guest).await?;
     Ok(())
 }
+
+/// A **hostile** fake guest agent (tests only), standing for a guest whose root replaced
+/// wick-agent: it answers `Hello` like the real agent and every `Exec` with `ExecStarted`, then
+/// `stdout` bytes on stdout and `stderr` bytes on stderr (stderr first, in full-size frames),
+/// then exit code `code`; anything else gets an error reply. Stops (and removes its socket)
+/// when dropped.
+pub struct FloodAgent {
+    path: PathBuf,
+    task: JoinHandle<()>,
+}
+
+impl FloodAgent {
+    /// Listens on the Unix socket `path` (route the agent port of a [`FakeVsockMuxer`] to it).
+    /// Must be called inside a tokio runtime.
+    pub fn start(path: &Path, stdout: u64, stderr: u64, code: i32) -> io::Result<FloodAgent> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _ = flood(stream, stdout, stderr, code).await;
+                });
+            }
+        });
+        Ok(FloodAgent {
+            path: path.to_path_buf(),
+            task,
+        })
+    }
+}
+
+impl Drop for FloodAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn flood(stream: UnixStream, stdout: u64, stderr: u64, code: i32) -> io::Result<()> {
+    use crate::frame::{read_frame, write_frame, write_json, FrameKind, DATA_CHUNK};
+    use crate::msg::{Envelope, ExecStarted, ExitStatus, HelloReply, RemoteError, Reply, Request};
+    let (mut rd, mut wr) = stream.into_split();
+    let Some(frame) = read_frame(&mut rd).await? else {
+        return Ok(());
+    };
+    let env: Envelope = frame.json()?;
+    // Whatever the host sends later (stdin, signals) is read and ignored.
+    tokio::spawn(async move { while let Ok(Some(_)) = read_frame(&mut rd).await {} });
+    match env.request {
+        Request::Hello => {
+            let hello = HelloReply {
+                agent_version: "flood-agent (test fake)".into(),
+                protocol_version: crate::PROTOCOL_VERSION,
+                boot_id: "flood".into(),
+                hostname: "flood".into(),
+                kernel: "fake".into(),
+            };
+            write_json(&mut wr, FrameKind::Reply, &Reply::Ok(hello)).await
+        }
+        Request::Exec(_) => {
+            write_json(
+                &mut wr,
+                FrameKind::Reply,
+                &Reply::Ok(ExecStarted { pid: 4242 }),
+            )
+            .await?;
+            let chunk = vec![b'x'; DATA_CHUNK];
+            for (kind, mut left) in [(FrameKind::Stderr, stderr), (FrameKind::Stdout, stdout)] {
+                while left > 0 {
+                    let n = left.min(DATA_CHUNK as u64) as usize;
+                    write_frame(&mut wr, kind, &chunk[..n]).await?;
+                    left -= n as u64;
+                }
+            }
+            let status = ExitStatus {
+                code: Some(code),
+                signal: None,
+            };
+            write_json(&mut wr, FrameKind::Exit, &status).await
+        }
+        _ => {
+            let no: Reply<()> = Err(RemoteError::new("the flood agent only floods"));
+            write_json(&mut wr, FrameKind::Reply, &no).await
+        }
+    }
+}

@@ -212,8 +212,7 @@ async fn vm_logs(
     let vm = d.find(&vm, caller(c))?;
     let text = match q.tail {
         Some(n) => d.log_tail(&vm, n) + "\n",
-        None => String::from_utf8_lossy(&std::fs::read(d.log_path(&vm)).unwrap_or_default())
-            .into_owned(),
+        None => d.log_all(&vm),
     };
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }

@@ -90,6 +90,10 @@ pub struct Config {
     /// How often VM CPU/memory stats are sampled (and auto-stop checked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats_poll_interval: Option<String>,
+    /// Cap of each VM's VMM log (`vmm.log` + `vmm.log.1`, the serial console), e.g. `8M`,
+    /// `512K` (default 8 MiB, at least 64 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_log_max: Option<String>,
     /// Host files copied into each guest's `/root` at start (missing host files: a warning).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub file_sync: Vec<FileSync>,
@@ -98,6 +102,24 @@ pub struct Config {
     /// Registered images by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub images: BTreeMap<String, ImageConfig>,
+}
+
+/// A byte size: `65536`, `512K`, `8M`, `1G` (binary units; a bare number means bytes).
+pub fn parse_size_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(end);
+    let bad = || format!("{s:?} is not a size; use a number with an optional K, M or G suffix");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mul: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// `[[file_sync]]`: a host file copied into the guest at start.
@@ -232,6 +254,7 @@ impl Config {
                 ));
             }
         }
+        self.vmm_log_limit()?;
         self.network_settings()?;
         self.storage_choice()?;
         if let Some(ups) = &self.upstream_dns {
@@ -245,6 +268,20 @@ impl Config {
                 .map_err(|e| format!("images.{name}: image names follow VM name rules: {e}"))?;
         }
         Ok(())
+    }
+
+    /// The VMM log cap (`vmm_log_max`).
+    pub fn vmm_log_limit(&self) -> Result<wick_vmm::log::LogLimit, String> {
+        let Some(v) = &self.vmm_log_max else {
+            return Ok(wick_vmm::log::LogLimit::default());
+        };
+        let max = parse_size_bytes(v).map_err(|e| format!("vmm_log_max: {e}"))?;
+        if max < wick_vmm::log::MIN_LOG_MAX {
+            return Err(format!(
+                "vmm_log_max = {v:?}: must be at least 64K (the log must hold a boot's lines)"
+            ));
+        }
+        Ok(wick_vmm::log::LogLimit { max })
     }
 
     pub fn boot_timeout(&self) -> Duration {
@@ -463,6 +500,20 @@ mod tests {
             .contains("boot_timeout"));
         assert!(parse("vmm = \"vbox\"").unwrap_err().contains("vbox"));
         assert!(parse("accel = \"hvf\"").unwrap_err().contains("hvf"));
+    }
+
+    #[test]
+    fn vmm_log_max_is_a_checked_size() {
+        let c = parse("vmm_log_max = \"512K\"").unwrap();
+        assert_eq!(c.vmm_log_limit().unwrap().max, 512 << 10);
+        assert_eq!(
+            Config::default().vmm_log_limit().unwrap().max,
+            wick_vmm::log::DEFAULT_LOG_MAX
+        );
+        for bad in ["\"lots\"", "\"1K\"", "\"99999999999G\""] {
+            let e = parse(&format!("vmm_log_max = {bad}")).unwrap_err();
+            assert!(e.contains("vmm_log_max"), "{e}");
+        }
     }
 
     #[test]

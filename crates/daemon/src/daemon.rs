@@ -853,12 +853,24 @@ impl Daemon {
             .unwrap_or_else(|| self.vmm.plan(&vm.runtime.dir).log_path)
     }
 
-    /// The last `n` lines of the VM's log.
+    /// The last `n` lines of the VM's log (`vmm.log`, continued into `vmm.log.1`), read from
+    /// the end: never more than the configured log cap, whatever the file's size.
     pub fn log_tail(&self, vm: &VmRecord, n: usize) -> String {
-        let text = std::fs::read(self.log_path(vm)).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        let max = self.config.vmm_log_limit().unwrap_or_default().max;
+        wick_vmm::log::log_tail_lines(&self.log_path(vm), n, max)
+    }
+
+    /// The whole VM log: `vmm.log.1` then `vmm.log`, each at most the log cap (from its end).
+    pub fn log_all(&self, vm: &VmRecord) -> String {
+        let max = self.config.vmm_log_limit().unwrap_or_default().max;
+        let log = self.log_path(vm);
+        let read = |p: &std::path::Path| wick_vmm::log::read_tail(p, usize::MAX - 1, max);
+        let (older, current) = (read(&wick_vmm::log::rotated_path(&log)), read(&log));
+        match (older.is_empty(), current.is_empty()) {
+            (true, _) => current + "\n",
+            (false, true) => older + "\n",
+            (false, false) => format!("{older}\n{current}\n"),
+        }
     }
 }
 

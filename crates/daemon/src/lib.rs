@@ -24,6 +24,7 @@ pub mod guest;
 pub mod ops;
 pub mod reconcile;
 pub mod stats;
+pub mod vmmlog;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -32,6 +33,18 @@ use std::time::Duration;
 use anyhow::Context;
 pub use daemon::Daemon;
 use tokio::net::UnixListener;
+
+/// Raises the `RLIMIT_NOFILE` soft limit to the hard limit: every VM, agent session, DNS query
+/// and forwarded connection costs wickd file descriptors, and the usual soft default (1024)
+/// would let a few busy guests starve the others. Returns the (old, new) soft limit.
+pub fn raise_nofile_limit() -> nix::Result<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, getrlimit(Resource::RLIMIT_NOFILE)?.0))
+}
 
 /// Takes the root's single-instance lock: two daemons on one root would fight over everything.
 /// Held for the life of the process (the returned value must be kept).
@@ -72,6 +85,7 @@ pub async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
     }
 
     tokio::spawn(stats::run_poller(d.clone()));
+    tokio::spawn(vmmlog::run_log_keeper(d.clone()));
 
     let shutdown = d.shutdown.clone();
     // Handlers exist before the socket does: a SIGTERM sent as soon as it accepts is a clean

@@ -56,6 +56,14 @@ fn real_main(paths: Paths, config: Config) -> anyhow::Result<()> {
             "wickd is not running as root: VMs needing host resources will fail to start"
         );
     }
+    match wick_daemon::raise_nofile_limit() {
+        Ok((from, to)) => tracing::debug!(
+            from,
+            to,
+            "RLIMIT_NOFILE soft limit raised to the hard limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the RLIMIT_NOFILE soft limit"),
+    }
     let _lock = wick_daemon::lock_root(&paths)?;
     let vmm = wick_daemon::build_vmm(&config, &paths);
     let rt = tokio::runtime::Builder::new_multi_thread()

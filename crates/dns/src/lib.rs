@@ -19,6 +19,13 @@
 //!    behind systemd-resolved) when that file exists and names any, else of `/etc/resolv.conf`,
 //!    loopback stubs (127.0.0.0/8, ::1) skipped so we never loop back to a local stub; the files
 //!    are re-read every few seconds. No upstream answering: SERVFAIL.
+//! 4. Bounds ([`DnsLimits`], so a guest cannot exhaust the daemon): forwarded queries waiting
+//!    for an upstream (each holds a socket) are capped per client address (32) and in total
+//!    (256); a query beyond either cap gets REFUSED at once, without contacting an upstream.
+//!    `.vm` answers need no upstream and are never refused. TCP connections are capped per
+//!    client address (8) and in total (256): beyond, a new connection is closed right after
+//!    accept. A TCP connection with no complete query for 2 s is closed; its queries are
+//!    answered one at a time.
 //!
 //! # What the daemon does with it
 //!
@@ -39,14 +46,17 @@
 //! - At shutdown, [`DnsServer::shutdown`] each server.
 
 mod forward;
+mod limits;
 mod records;
 pub mod resolved;
 mod server;
+mod tcp;
 mod upstream;
 
 use std::io;
 use std::net::SocketAddr;
 
+pub use limits::DnsLimits;
 pub use records::Records;
 pub use server::{DnsConfig, DnsServer, DEFAULT_TTL, DEFAULT_UPSTREAM_TIMEOUT};
 pub use upstream::{

@@ -17,6 +17,7 @@ use hickory_server::Server;
 use tracing::{debug, warn};
 
 use crate::forward;
+use crate::limits::{Counter, DnsLimits};
 use crate::records::Records;
 use crate::upstream::{Upstreams, RESOLVED_UPSTREAM_CONF, SYSTEM_RESOLV_CONF};
 use crate::Error;
@@ -26,8 +27,6 @@ use crate::Error;
 pub const DEFAULT_TTL: u32 = 5;
 /// How long one upstream gets to answer before the next is tried.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
-/// An idle TCP client connection is closed after this long.
-const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Largest UDP answer we send to an EDNS client (the DNS flag day 2020 value).
 const EDNS_PAYLOAD: u16 = 1232;
 
@@ -47,6 +46,8 @@ pub struct DnsConfig {
     pub ttl: u32,
     /// Per-upstream answer timeout.
     pub upstream_timeout: Duration,
+    /// Bounds on upstream queries in flight and TCP connections, per client and in total.
+    pub limits: DnsLimits,
 }
 
 impl DnsConfig {
@@ -58,6 +59,7 @@ impl DnsConfig {
             upstreams: Vec::new(),
             ttl: DEFAULT_TTL,
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            limits: DnsLimits::default(),
         }
     }
 }
@@ -65,7 +67,17 @@ impl DnsConfig {
 /// A running DNS server. Dropping it stops it too; [`DnsServer::shutdown`] also waits.
 pub struct DnsServer {
     server: Server<Handler>,
+    /// Our own TCP listeners (see [`crate::tcp`]).
+    tcp: Vec<tokio::task::JoinHandle<()>>,
     local: Vec<SocketAddr>,
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        for t in &self.tcp {
+            t.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for DnsServer {
@@ -107,19 +119,25 @@ impl DnsServer {
                 ttl: cfg.ttl,
                 upstream_timeout: cfg.upstream_timeout,
                 own: local.clone(),
+                in_flight: Counter::new(
+                    cfg.limits.max_in_flight_per_source,
+                    cfg.limits.max_in_flight,
+                ),
             }),
         };
-        let mut server = Server::new(handler);
+        let mut server = Server::new(handler.clone());
+        let mut tcp_tasks = Vec::new();
         for (udp, tcp) in sockets {
             server.register_socket(tokio::net::UdpSocket::from_std(udp).map_err(Error::Io)?);
-            server.register_listener(
-                tokio::net::TcpListener::from_std(tcp).map_err(Error::Io)?,
-                TCP_IDLE,
-                16,
-            );
+            let tcp = tokio::net::TcpListener::from_std(tcp).map_err(Error::Io)?;
+            tcp_tasks.push(crate::tcp::spawn(tcp, handler.clone(), cfg.limits));
         }
         debug!(?local, "dns server started");
-        Ok(DnsServer { server, local })
+        Ok(DnsServer {
+            server,
+            tcp: tcp_tasks,
+            local,
+        })
     }
 
     /// The addresses actually bound (useful with port 0), in `listen` order.
@@ -129,6 +147,10 @@ impl DnsServer {
 
     /// Stops accepting queries, closes every socket and waits for the server's tasks to end.
     pub async fn shutdown(mut self) -> Result<(), Error> {
+        for t in self.tcp.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
         self.server
             .shutdown_gracefully()
             .await
@@ -168,6 +190,8 @@ struct HandlerInner {
     upstream_timeout: Duration,
     /// Our own listening addresses: never forwarded to (that would loop).
     own: Vec<SocketAddr>,
+    /// Forwarded queries waiting for an upstream, per client address.
+    in_flight: std::sync::Arc<Counter>,
 }
 
 impl HandlerInner {
@@ -280,6 +304,14 @@ impl HandlerInner {
         request: &Request,
         mut response: R,
     ) -> io::Result<ResponseInfo> {
+        // Each forwarded query holds a socket until the upstream answers or times out.
+        let _slot = match self.in_flight.acquire(request.src().ip()) {
+            Ok(slot) => slot,
+            Err(full) => {
+                debug!(src = %request.src(), ?full, "too many queries in flight; REFUSED");
+                return self.error(request, ResponseCode::Refused, response).await;
+            }
+        };
         let upstreams: Vec<SocketAddr> = self
             .upstreams
             .current()

@@ -279,3 +279,200 @@ async fn real_dig_sees_the_records() {
     server.shutdown().await.unwrap();
     upstream.stop().await;
 }
+
+/// UDP sockets of this process's network namespace connected to `to` (per `/proc/net/udp`).
+fn udp_sockets_to(to: SocketAddr) -> usize {
+    let SocketAddr::V4(v4) = to else {
+        panic!("IPv4 only")
+    };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    std::fs::read_to_string("/proc/net/udp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(2) == Some(want.as_str()))
+        .count()
+}
+
+/// One UDP query from a socket bound to `from`.
+async fn udp_from(
+    from: Ipv4Addr,
+    server: SocketAddr,
+    name: &str,
+) -> hickory_server::proto::op::Message {
+    use hickory_server::proto::op::{Message, Query};
+    use hickory_server::proto::rr::Name;
+    let mut q = Message::query();
+    q.metadata.id = 4242;
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let sock = tokio::net::UdpSocket::bind((from, 0)).await.unwrap();
+    sock.send_to(&q.to_vec().unwrap(), server).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf))
+        .await
+        .expect("UDP answer within 10 s")
+        .unwrap();
+    Message::from_vec(&buf[..n]).unwrap()
+}
+
+#[tokio::test]
+async fn a_query_flood_from_one_source_is_capped_and_others_are_still_served() {
+    // An upstream that never answers (nobody reads this socket), then a working one.
+    let blackhole = std::net::UdpSocket::bind("127.0.0.4:0").unwrap();
+    let hole = blackhole.local_addr().unwrap();
+    let upstream = FakeUpstream::start(Ipv4Addr::new(127, 0, 0, 2)).await;
+    let records = Records::new();
+    records.set("a1", VM_IP);
+    let mut cfg = DnsConfig::new(vec!["127.0.0.1:0".parse().unwrap()], records);
+    cfg.upstreams = vec![hole, upstream.addr];
+    cfg.upstream_timeout = Duration::from_secs(1);
+    cfg.limits.max_in_flight_per_source = 8;
+    cfg.limits.max_in_flight = 64;
+    let server = DnsServer::start(cfg).await.unwrap();
+    let addr = server.local_addrs()[0];
+
+    // 400 distinct queries from 127.0.0.1 as fast as possible.
+    const FLOOD: u16 = 400;
+    let flooder = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..FLOOD {
+        let mut q = hickory_server::proto::op::Message::query();
+        q.metadata.id = i;
+        q.add_query(hickory_server::proto::op::Query::query(
+            hickory_server::proto::rr::Name::from_ascii(format!("f{i}.test.")).unwrap(),
+            RecordType::A,
+        ));
+        flooder.send_to(&q.to_vec().unwrap(), addr).await.unwrap();
+    }
+    // While the flood waits on the blackhole: bounded sockets, .vm and other sources served.
+    let mut peak = 0;
+    let watch = async {
+        for _ in 0..40 {
+            peak = peak.max(udp_sockets_to(hole));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let (vm, other, ()) = tokio::join!(
+        udp(addr, "a1.vm.", RecordType::A, true),
+        udp_from(Ipv4Addr::new(127, 0, 0, 5), addr, "example.test."),
+        watch
+    );
+    assert_eq!(a_records(&vm), [VM_IP], "{vm:?}");
+    assert_eq!(
+        other.metadata.response_code,
+        ResponseCode::NoError,
+        "{other:?}"
+    );
+    assert_eq!(a_records(&other), [EXAMPLE_IP]);
+    assert!(peak >= 1, "the flood reached the blackholed upstream");
+    assert!(
+        peak <= 8 + 1,
+        "{peak} sockets to the blackholed upstream (cap 8 per source, +1 for the other source)"
+    );
+
+    // The excess was refused at once (the kernel may drop some of a burst this size, so count
+    // what came back: REFUSED, or forwarded within the cap).
+    let (mut refused, mut forwarded) = (0, 0);
+    let mut buf = vec![0u8; 65535];
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(1500), flooder.recv_from(&mut buf)).await
+    {
+        let m = hickory_server::proto::op::Message::from_vec(&buf[..n]).unwrap();
+        if m.metadata.response_code == ResponseCode::Refused {
+            refused += 1;
+        } else {
+            forwarded += 1;
+        }
+    }
+    assert!(refused >= 100, "only {refused} REFUSED");
+    // 8 slots, each busy ~1 s per query on the blackhole: a few rounds at most.
+    assert!(forwarded <= 8 * 4, "{forwarded} flood queries forwarded");
+    eprintln!(
+        "flood of {FLOOD}: peak {peak} upstream sockets, {refused} REFUSED, {forwarded} forwarded"
+    );
+    server.shutdown().await.unwrap();
+    upstream.stop().await;
+}
+
+#[tokio::test]
+async fn tcp_connections_are_capped_per_source_and_idle_ones_closed() {
+    use tokio::io::AsyncReadExt;
+    let records = Records::new();
+    records.set("a1", VM_IP);
+    let mut cfg = DnsConfig::new(vec!["127.0.0.1:0".parse().unwrap()], records);
+    cfg.upstreams = vec![dead_upstream()];
+    cfg.limits.max_tcp_per_source = 4;
+    cfg.limits.tcp_idle = Duration::from_secs(2);
+    let server = DnsServer::start(cfg).await.unwrap();
+    let addr = server.local_addrs()[0];
+
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        conns.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Closed right away: everything beyond the first 4 of this source.
+    let tasks: Vec<_> = conns
+        .drain(..)
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut b = [0u8; 1];
+                let r = tokio::time::timeout(Duration::from_millis(1000), c.read(&mut b)).await;
+                (c, r.map(|r| r.map_err(|e| e.kind())))
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        let (c, r) = t.await.unwrap();
+        conns.push(c);
+        results.push(r);
+    }
+    let closed = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Ok(0)) | Ok(Err(_))))
+        .count();
+    let open = results.iter().filter(|r| r.is_err()).count();
+    assert_eq!((closed, open), (6, 4), "{results:?}");
+
+    // Another source still gets TCP answers meanwhile.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.5:0".parse().unwrap()).unwrap();
+    let mut s = sock.connect(addr).await.unwrap();
+    let m = tcp_query_on(&mut s, "a1.vm.").await;
+    assert_eq!(a_records(&m), [VM_IP]);
+
+    // The idle ones are closed after tcp_idle.
+    for c in conns.iter_mut() {
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "idle connection still open: {r:?}"
+        );
+    }
+    server.shutdown().await.unwrap();
+}
+
+async fn tcp_query_on(
+    s: &mut tokio::net::TcpStream,
+    name: &str,
+) -> hickory_server::proto::op::Message {
+    use hickory_server::proto::op::{Message, Query};
+    use hickory_server::proto::rr::Name;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut q = Message::query();
+    q.metadata.id = 99;
+    q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let bytes = q.to_vec().unwrap();
+    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&bytes);
+    s.write_all(&framed).await.unwrap();
+    let len = s.read_u16().await.unwrap() as usize;
+    let mut buf = vec![0u8; len];
+    s.read_exact(&mut buf).await.unwrap();
+    Message::from_vec(&buf).unwrap()
+}

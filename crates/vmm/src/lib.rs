@@ -14,6 +14,7 @@ use wick_model::VmmHandle;
 
 mod common;
 pub mod firecracker;
+pub mod log;
 pub mod qemu;
 
 /// Everything a driver needs to boot one VM.

@@ -32,8 +32,12 @@ git -c core.quotePath=false -c diff.noprefix=false -c diff.mnemonicPrefix=false 
   --src-prefix=a/ --dst-prefix=b/ "$base" --
 "#;
 
+/// How much of the guest's stderr an export keeps for its error message.
+const STDERR_KEEP: usize = 64 * 1024;
+
 /// Streams the patch of the guest repository at `guest_path` against `HEAD` (or `base_commit`)
-/// into `out`; returns its size. `git apply` on the host (at that commit) replays it. On failure
+/// into `out`, chunk by chunk as the guest sends it (never held whole in memory); returns its
+/// size. The guest's stderr is kept only up to 64 KiB, for the error message. `git apply` on the host (at that commit) replays it. On failure
 /// nothing useful was written (the checks run before the diff starts).
 pub async fn export_to<W: AsyncWrite + Unpin>(
     client: &AgentClient,
@@ -63,12 +67,18 @@ pub async fn export_to<W: AsyncWrite + Unpin>(
     req.env = vec![("LC_ALL".into(), "C".into())];
     let session = client.exec(req).await?;
     let mut counted = Counting { w: out, n: 0 };
-    let mut stderr = Vec::new();
+    let mut stderr = Capped::new(STDERR_KEEP);
     let status = session.pipe(&mut counted, &mut stderr).await?;
     let n = counted.n;
     out_flush(counted.w).await?;
     if !status.success() {
-        let mut detail = String::from_utf8_lossy(&stderr).trim().to_string();
+        let mut detail = String::from_utf8_lossy(&stderr.kept).trim().to_string();
+        if stderr.dropped > 0 {
+            detail.push_str(&format!(
+                " [{} more bytes of stderr not shown]",
+                stderr.dropped
+            ));
+        }
         if detail.is_empty() {
             detail = format!("exit status {}", status.shell_code());
         }
@@ -83,7 +93,8 @@ pub async fn export_to<W: AsyncWrite + Unpin>(
     Ok(n)
 }
 
-/// [`export_to`] into memory.
+/// [`export_to`] into memory (bounded by nothing but the patch: for tests and small repositories;
+/// the CLI streams with [`export_to`]).
 pub async fn export(
     client: &AgentClient,
     guest_path: &str,
@@ -98,6 +109,50 @@ async fn out_flush<W: AsyncWrite + Unpin>(w: &mut W) -> Result<()> {
     w.flush()
         .await
         .map_err(WorkspaceError::io("write the patch"))
+}
+
+/// Keeps the first `cap` bytes written to it and counts the rest.
+struct Capped {
+    cap: usize,
+    kept: Vec<u8>,
+    dropped: u64,
+}
+
+impl Capped {
+    fn new(cap: usize) -> Capped {
+        Capped {
+            cap,
+            kept: Vec::new(),
+            dropped: 0,
+        }
+    }
+}
+
+impl AsyncWrite for Capped {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let room = self.cap.saturating_sub(self.kept.len()).min(buf.len());
+        self.kept.extend_from_slice(&buf[..room]);
+        self.dropped += (buf.len() - room) as u64;
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 /// Counts the bytes passed through to the caller's writer.

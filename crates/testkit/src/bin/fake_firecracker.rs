@@ -26,6 +26,9 @@
 //! - `FAKE_FC_EXIT_AFTER_START_MS=N`: N ms after `InstanceStart` the "guest crashes": a line on
 //!   stderr and exit code 1.
 //! - `FAKE_FC_FAIL_START=msg`: `InstanceStart` answers 400 with `msg` as fault message.
+//! - `FAKE_FC_CONSOLE_SPAM_KIB_S=N`: after `InstanceStart` the "guest" prints numbered lines
+//!   (`spam <n> ...`) to the serial console (stdout) at about N KiB/s until the process exits,
+//!   like a guest stuck in a print loop (a real serial console is far slower than this can be).
 //! - `FAKE_FC_IGNORE_CTRL_ALT_DEL=1`: `SendCtrlAltDel` is accepted but the guest never powers
 //!   off, so a graceful stop has to fall back to SIGKILL.
 //!
@@ -731,6 +734,35 @@ fn put_metrics(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
     Ok(Reply::NoContent)
 }
 
+/// Prints numbered console lines forever at about `kib_per_s` KiB/s (`FAKE_FC_CONSOLE_SPAM_KIB_S`).
+fn spam_console(kib_per_s: u64) {
+    const TICK: Duration = Duration::from_millis(10);
+    let per_tick = (kib_per_s * 1024 / 100).max(1);
+    let mut n: u64 = 0;
+    let start = std::time::Instant::now();
+    let mut ticks: u32 = 0;
+    loop {
+        let mut chunk = String::new();
+        while (chunk.len() as u64) < per_tick {
+            chunk.push_str(&format!("spam {n} the guest prints without end\n"));
+            n += 1;
+        }
+        let mut out = std::io::stdout().lock();
+        if out
+            .write_all(chunk.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            return;
+        }
+        drop(out);
+        ticks += 1;
+        // Paced against the start, so the rate holds however long each write takes.
+        let due = start + TICK * ticks;
+        std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+    }
+}
+
 fn env_flag(name: &str) -> bool {
     matches!(std::env::var(name).as_deref(), Ok(v) if !v.is_empty() && v != "0")
 }
@@ -769,6 +801,12 @@ fn put_actions(vm: &mut Vm, shared: &Shared, body: &Bytes) -> Result<Reply, Repl
                 );
             }
             println!("fake guest: reached init");
+            if let Some(kib) = std::env::var("FAKE_FC_CONSOLE_SPAM_KIB_S")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                std::thread::spawn(move || spam_console(kib));
+            }
             vm.log("Successfully started microvm (fake)");
             vm.write_metrics();
             if let Some(ms) = std::env::var("FAKE_FC_EXIT_AFTER_START_MS")
