@@ -305,4 +305,21 @@ fn guest_text_reaches_the_terminal_escaped() {
     // JSON output escapes by itself and keeps the exact guest string.
     let ports = env.wick_json(&["vm", "ports", "a1"]);
     assert_eq!(ports["ports"][0]["process"], evil.as_str());
+
+    // The daemon's own errors carry guest text too (here: a failed boot-time configure).
+    Script::default()
+        .on(
+            "configure",
+            Answer::Error(format!("configure failed {evil}")),
+        )
+        .write(&script)
+        .unwrap();
+    let out = env.wick(&["vm", "create", "--name", "a2"]);
+    assert_no_raw_controls("vm create", &out);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("configure failed \\x1b]0;pwned\\x07evil"),
+        "{err}"
+    );
 }
