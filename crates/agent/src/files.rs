@@ -7,7 +7,7 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use wick_agent_proto::tarfs::{check_inside, safe_relative};
+use wick_agent_proto::tarfs::{self, UnpackOptions};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -108,76 +108,19 @@ async fn join(
     }
 }
 
-/// Unpacks `archive` into `dest`, refusing any entry that would escape it. Returns the number of
-/// entries. Directory entries are applied last so read-only directories do not block their
-/// contents.
+/// Unpacks `archive` into `dest` with the shared unpacker (`tarfs::unpack`: nothing outside
+/// `dest` is followed or written, special mode bits are dropped). Returns the number of
+/// entries; skipped device nodes and fifos are logged.
 fn unpack<R: Read>(archive: R, dest: &Path) -> Result<u64, RemoteError> {
-    let fail =
-        |what: String| RemoteError::new(format!("unpacking into {}: {what}", dest.display()));
-    let mut ar = tar::Archive::new(archive);
-    ar.set_preserve_permissions(true);
-    ar.set_preserve_mtime(true);
-    ar.set_overwrite(true);
-    ar.set_unpack_xattrs(false);
-    let dest = dest
-        .canonicalize()
-        .map_err(|e| fail(format!("cannot resolve the destination: {e}")))?;
-    let mut dirs = Vec::new();
-    let mut count = 0u64;
-    for entry in ar.entries().map_err(|e| fail(e.to_string()))? {
-        let mut entry = entry.map_err(|e| fail(format!("reading the archive: {e}")))?;
-        let raw = entry
-            .path()
-            .map_err(|e| fail(format!("bad entry name: {e}")))?
-            .into_owned();
-        let rel = safe_relative(&raw)
-            .map_err(|why| fail(format!("refusing entry {}: its path {why}", raw.display())))?;
-        let kind = entry.header().entry_type();
-        if kind.is_hard_link() {
-            let target = entry
-                .link_name()
-                .map_err(|e| fail(format!("bad link name of {}: {e}", raw.display())))?
-                .unwrap_or_default();
-            safe_relative(&target).map_err(|why| {
-                fail(format!(
-                    "refusing hard link {} -> {}: its target {why}",
-                    raw.display(),
-                    target.display()
-                ))
-            })?;
-        }
-        count += 1;
-        if rel.as_os_str().is_empty() {
-            continue; // the destination itself (`./`)
-        }
-        // Refuse writing through a symlink that leads outside `dest` (the tar crate checks the
-        // parent directory too; this also covers the entry's own final component being replaced).
-        if let Some(parent) = rel.parent() {
-            check_inside(&dest, &dest.join(parent))
-                .map_err(|why| fail(format!("refusing entry {}: {why}", raw.display())))?;
-        }
-        if kind.is_dir() {
-            dirs.push(entry);
-            continue;
-        }
-        let unpacked = entry
-            .unpack_in(&dest)
-            .map_err(|e| fail(format!("writing {}: {e}", raw.display())))?;
-        if !unpacked {
-            return Err(fail(format!(
-                "refusing entry {}: it would land outside the destination",
-                raw.display()
-            )));
-        }
+    let done = tarfs::unpack(archive, dest, &UnpackOptions::default()).map_err(RemoteError::new)?;
+    if !done.skipped.is_empty() {
+        tracing::warn!(
+            "unpacking into {}: skipped {}",
+            dest.display(),
+            done.skipped.join(", ")
+        );
     }
-    // Deepest first, so a read-only parent is applied after its children.
-    dirs.reverse();
-    for mut d in dirs {
-        let name = d.path().map(|p| p.into_owned()).unwrap_or_default();
-        d.unpack_in(&dest)
-            .map_err(|e| fail(format!("creating directory {}: {e}", name.display())))?;
-    }
-    Ok(count)
+    Ok(done.entries)
 }
 
 /// `GetFiles`: reply ready, then stream a tar of `path` as `Data`… `DataEnd` (or `Error`).
@@ -278,13 +221,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn safe_relative_paths() {
-        assert_eq!(
-            safe_relative(Path::new("./a/b")).unwrap(),
-            PathBuf::from("a/b")
-        );
-        assert!(safe_relative(Path::new("a/../../x")).is_err());
-        assert!(safe_relative(Path::new("/etc/x")).is_err());
-        assert_eq!(safe_relative(Path::new(".")).unwrap(), PathBuf::new());
+    fn unpacks_with_the_shared_unpacker() {
+        let src = tempfile::tempdir().unwrap();
+        fs::create_dir(src.path().join("d")).unwrap();
+        fs::write(src.path().join("d/f"), b"x").unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        wick_agent_proto::tarfs::append_tree(&mut b, &src.path().join("d"), Path::new("d"))
+            .unwrap();
+        let bytes = b.into_inner().unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        assert_eq!(unpack(&bytes[..], dest.path()).unwrap(), 2);
+        assert_eq!(fs::read(dest.path().join("d/f")).unwrap(), b"x");
+        let e = unpack(&b"not a tar archive at all"[..], dest.path());
+        assert!(e.is_err());
     }
 }

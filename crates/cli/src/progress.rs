@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use wick_model::api::{ApiError, ErrorCode, OpEvent, OpKind, OpState, Operation};
 
 use crate::client::{op_path, Client};
-use crate::render::duration_ms;
+use crate::render::{self, duration_ms};
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,16 +172,16 @@ impl Display {
             View::Quiet => {}
             View::Plain => {
                 if let Some(line) = plain_line(&self.label, step) {
-                    eprintln!("{line}");
+                    eprintln!("{}", render::escape(&line));
                 }
             }
             View::Live => {
                 let Some(bar) = &self.bar else { return };
                 if let Some(line) = live_line(step) {
-                    bar.println(line);
+                    bar.println(render::escape(&line));
                 }
                 if let Step::Enter(stage) = step {
-                    bar.set_message(stage.clone());
+                    bar.set_message(render::escape_inline(stage));
                     bar.reset_elapsed();
                 }
             }
@@ -189,6 +189,7 @@ impl Display {
     }
 
     fn note(&self, msg: &str) {
+        let msg = render::escape(msg);
         match (&self.bar, self.view) {
             (Some(bar), _) => bar.println(msg),
             (None, View::Plain) => eprintln!("[{}] {msg}", self.label),

@@ -10,25 +10,67 @@ use wick_model::api::{ApiError, CheckStatus, ConfigView, DaemonStatus, DoctorRep
 use wick_model::size::format_mib;
 use wick_model::VmRecord;
 
+/// Text that may come from a guest (agent messages, VMM log tails in the daemon's errors, process
+/// names...) made safe to print on a terminal: control characters other than newline and tab
+/// (ESC, BEL, CR, backspace, DEL, the C1 range) and bidirectional-override characters are shown
+/// as visible escapes (`\x1b`, `\u{9b}`), so a guest cannot retitle, clear or rewrite the
+/// user's terminal. Use it wherever guest text is shown; byte streams the user asked for (`vm
+/// logs`, exec output) stay raw.
+pub fn escape(s: &str) -> String {
+    escape_with(s, |c| c == '\n' || c == '\t')
+}
+
+/// [`escape`] for one-line cells (table cells, single fields): newlines and tabs are escaped
+/// too.
+pub fn escape_inline(s: &str) -> String {
+    escape_with(s, |_| false)
+}
+
+fn escape_with(s: &str, keep: impl Fn(char) -> bool) -> String {
+    let unsafe_char = |c: char| {
+        !keep(c)
+            && (c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+    };
+    if !s.chars().any(unsafe_char) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c {
+            c if !unsafe_char(c) => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x80 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+        }
+    }
+    out
+}
+
 /// `error: <message>` for the final error of a command, with `(operation <id>)` when the
-/// daemon's error names one.
+/// daemon's error names one. Escaped: errors carry guest text (agent messages, VMM log tails).
 pub fn error_line(e: &anyhow::Error) -> String {
     let op = e
         .chain()
         .find_map(|c| c.downcast_ref::<ApiError>())
         .and_then(|a| a.op_id.as_deref());
-    match op {
+    escape(&match op {
         Some(op) => format!("error: {e:#} (operation {op})"),
         None => format!("error: {e:#}"),
-    }
+    })
 }
 
-/// An [`ApiError`] as one line, without the `error:` prefix.
+/// An [`ApiError`] as one line, without the `error:` prefix (escaped, like [`error_line`]).
 pub fn api_error(e: &ApiError) -> String {
-    match &e.op_id {
+    escape(&match &e.op_id {
         Some(op) => format!("{} (operation {op})", e.message),
         None => e.message.clone(),
-    }
+    })
 }
 
 /// Pretty JSON plus a newline.
@@ -552,6 +594,28 @@ pub(crate) mod tests {
         assert_eq!(duration_ms(1234), "1.2 s");
         assert_eq!(uptime(3 * 86_400 + 4 * 3600 + 5), "3d 4h");
         assert_eq!(uptime(125), "2m 5s");
+    }
+
+    #[test]
+    fn escapes_terminal_controls() {
+        let evil = "\x1b]0;pwned\x07a\x1b[2J\r\u{9b}2J\u{202e}x\x7f";
+        let want = "\\x1b]0;pwned\\x07a\\x1b[2J\\r\\u{9b}2J\\u{202e}x\\x7f";
+        assert_eq!(escape(evil), want);
+        assert_eq!(escape("two\nlines\tok, é ✓"), "two\nlines\tok, é ✓");
+        assert_eq!(escape_inline("a\nb\tc"), "a\\nb\\tc");
+        let api = ApiError::new(
+            ErrorCode::FailedPrecondition,
+            format!("boot failed: {evil}"),
+        );
+        for line in [
+            api_error(&api),
+            error_line(&anyhow::Error::new(api.clone())),
+        ] {
+            assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+            assert!(line.contains(want), "{line}");
+        }
+        let e = anyhow::anyhow!("agent said {evil}").context("copying");
+        assert_eq!(error_line(&e), format!("error: copying: agent said {want}"));
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! Test fakes and fixtures. Everything here is a stand-in, named as one.
 //!
 //! - `fake-firecracker` (a binary of this crate): an API-faithful fake of Firecracker v1.x.
+//! - `hostile-agent` (a binary of this crate): a fake, hostile guest agent that answers each
+//!   request as a script says (crafted tars, escape sequences, raw frames); see [`hostile`].
 //! - [`cargo_bin`]: the path of a workspace binary, for tests that spawn one.
 //! - [`wickd`]: a real `wickd` in an isolated `WICK_ROOT`, with the fake Firecracker as its VMM.
 //! - [`skip`]: how a test that cannot run here says so (never a silent pass).
 
 mod skip;
+pub mod hostile;
 pub mod wickd;
 
 pub use skip::{skip, SKIP_LOG_ENV};

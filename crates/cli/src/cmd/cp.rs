@@ -2,9 +2,9 @@
 //!
 //! Host → guest: the host file or tree is archived (the `tar` crate, symlinks kept as symlinks,
 //! modes and mtimes recorded) on a blocking thread and streamed into the agent's `PutFiles`,
-//! which refuses entries escaping the destination. Guest → host: the agent's `GetFiles` archive
-//! is unpacked by [`unpack_safe`], which refuses absolute paths, `..`, writes through symlinks
-//! and hard links outside the destination.
+//! which unpacks it with the shared `tarfs::unpack`. Guest → host: the agent's `GetFiles`
+//! archive (attacker input: a hostile guest crafts it) is unpacked by [`unpack_safe`], the same
+//! unpacker, which never follows a symlink below DST and drops setuid/setgid/sticky bits.
 //!
 //! Naming follows `cp -r`: when DST is an existing directory (or ends with `/`), SRC lands inside
 //! it under its own name; otherwise SRC is copied *as* DST. The archive's single top-level entry
@@ -13,7 +13,7 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use wick_agent_proto::tarfs::{check_inside, safe_relative};
+use wick_agent_proto::tarfs::{self, UnpackOptions};
 
 use std::time::Instant;
 
@@ -26,6 +26,7 @@ use wick_agent_proto::{AgentChannel, ExecRequest, DATA_CHUNK};
 use super::Ctx;
 use crate::agent;
 use crate::cli::CpArgs;
+use crate::render;
 
 /// Where a guest path is relative to when not absolute.
 const GUEST_HOME: &str = "/root";
@@ -273,140 +274,27 @@ fn archive<W: Write>(src: &Path, name: &Path, out: W) -> io::Result<()> {
     b.finish()
 }
 
-/// `rel` with its first component replaced by `name`.
-fn renamed(rel: &Path, name: &str) -> PathBuf {
-    let mut it = rel.components();
-    it.next();
-    let rest = it.as_path();
-    if rest.as_os_str().is_empty() {
-        PathBuf::from(name) // `join("")` would add a trailing slash
-    } else {
-        Path::new(name).join(rest)
-    }
-}
-
-/// Unpacks a tar archive holding one top-level entry into `dest`, naming that entry `name`.
-/// Refuses (with an error, before writing the entry) absolute paths, `..`, more than one
-/// top-level entry, paths through symlinks leading outside `dest`, and hard links to outside.
-/// Modes and mtimes are kept (ownership is not); directories get their modes last so read-only
-/// ones do not block their contents. Returns (entries, bytes of file data).
+/// Unpacks a tar archive holding one top-level entry into `dest`, naming that entry `name`,
+/// with the shared unpacker (`tarfs::unpack`): absolute paths, `..`, more than one top-level
+/// entry, anything below a symlink and hard links to files not from the archive are refused;
+/// symlinks are replaced, never followed; setuid/setgid/sticky bits are dropped; device nodes
+/// and fifos are skipped (and named on stderr). Returns (entries, bytes of file data).
 pub fn unpack_safe<R: Read>(archive: R, dest: &Path, name: &str) -> Result<(u64, u64)> {
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        bail!("invalid destination name {name:?}");
+    let opts = UnpackOptions {
+        rename_top: Some(name.to_string()),
+    };
+    let done = tarfs::unpack(archive, dest, &opts).map_err(|e| anyhow::anyhow!(e))?;
+    if !done.skipped.is_empty() {
+        eprintln!(
+            "{}",
+            render::escape(&format!(
+                "warning: skipped {} special file(s) (device nodes, fifos are not copied): {}",
+                done.skipped.len(),
+                done.skipped.join(", ")
+            ))
+        );
     }
-    let dest = dest
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", dest.display()))?;
-    let fail = |what: String| anyhow::anyhow!("unpacking into {}: {what}", dest.display());
-    let mut ar = tar::Archive::new(archive);
-    ar.set_preserve_permissions(true);
-    ar.set_preserve_mtime(true);
-    ar.set_overwrite(true);
-    ar.set_unpack_xattrs(false);
-    let mut top: Option<PathBuf> = None;
-    let mut dirs = Vec::new();
-    let (mut count, mut bytes) = (0u64, 0u64);
-    for entry in ar.entries().map_err(|e| fail(e.to_string()))? {
-        let mut entry = entry.map_err(|e| fail(format!("reading the archive: {e}")))?;
-        let raw = entry
-            .path()
-            .map_err(|e| fail(format!("bad entry name: {e}")))?
-            .into_owned();
-        let rel = safe_relative(&raw)
-            .map_err(|why| fail(format!("refusing entry {}: its path {why}", raw.display())))?;
-        let Some(first) = rel.components().next() else {
-            continue; // `./` itself
-        };
-        let first = PathBuf::from(first.as_os_str());
-        match &top {
-            None => top = Some(first.clone()),
-            Some(t) if *t != first => {
-                return Err(fail(format!(
-                    "refusing entry {}: the archive has more than one top-level entry",
-                    raw.display()
-                )))
-            }
-            Some(_) => {}
-        }
-        let target = dest.join(renamed(&rel, name));
-        if let Some(parent) = target.parent() {
-            check_inside(&dest, parent)
-                .map_err(|why| fail(format!("refusing entry {}: {why}", raw.display())))?;
-        }
-        count += 1;
-        let kind = entry.header().entry_type();
-        if kind.is_dir() {
-            fs::create_dir_all(&target)
-                .map_err(|e| fail(format!("creating {}: {e}", target.display())))?;
-            dirs.push((
-                target,
-                entry.header().mode().ok(),
-                entry.header().mtime().ok(),
-            ));
-            continue;
-        }
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent)
-                .map_err(|e| fail(format!("creating {}: {e}", parent.display())))?;
-        }
-        if kind.is_hard_link() {
-            let link = entry
-                .link_name()
-                .map_err(|e| fail(format!("bad link name of {}: {e}", raw.display())))?
-                .unwrap_or_default()
-                .into_owned();
-            let link_rel = safe_relative(&link).map_err(|why| {
-                fail(format!(
-                    "refusing hard link {} -> {}: its target {why}",
-                    raw.display(),
-                    link.display()
-                ))
-            })?;
-            if !top.as_ref().is_some_and(|t| link_rel.starts_with(t)) {
-                return Err(fail(format!(
-                    "refusing hard link {} -> {}: the target is outside the archive",
-                    raw.display(),
-                    link.display()
-                )));
-            }
-            let src = dest.join(renamed(&link_rel, name));
-            check_inside(&dest, &src)
-                .map_err(|why| fail(format!("refusing hard link {}: {why}", raw.display())))?;
-            let _ = fs::remove_file(&target);
-            fs::hard_link(&src, &target)
-                .map_err(|e| fail(format!("linking {}: {e}", target.display())))?;
-            continue;
-        }
-        if target.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-            return Err(fail(format!(
-                "refusing entry {}: {} is a directory",
-                raw.display(),
-                target.display()
-            )));
-        }
-        bytes += entry.header().size().unwrap_or(0);
-        entry
-            .unpack(&target)
-            .map_err(|e| fail(format!("writing {}: {e}", target.display())))?;
-    }
-    if top.is_none() {
-        return Err(fail("the archive is empty".into()));
-    }
-    // Deepest first, so a read-only parent is applied after its children.
-    use std::os::unix::fs::PermissionsExt;
-    for (dir, mode, mtime) in dirs.into_iter().rev() {
-        if let Some(mode) = mode {
-            fs::set_permissions(&dir, fs::Permissions::from_mode(mode & 0o7777))
-                .map_err(|e| fail(format!("setting the mode of {}: {e}", dir.display())))?;
-        }
-        if let Some(mtime) = mtime {
-            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
-            if let Ok(f) = fs::File::open(&dir) {
-                let _ = f.set_modified(t);
-            }
-        }
-    }
-    Ok((count, bytes))
+    Ok((done.entries, done.bytes))
 }
 
 #[cfg(test)]

@@ -107,13 +107,14 @@ fn ports_table(rows: &[PortView]) -> String {
         &["PROTO", "ADDRESS", "PORT", "PROCESS", "ENDPOINT", "URL"],
         rows.iter()
             .map(|r| {
+                // `proto` and `process` are guest text.
                 vec![
-                    r.proto.clone(),
+                    render::escape_inline(&r.proto),
                     r.address.to_string(),
                     r.port.to_string(),
-                    match (&r.process, r.pid) {
+                    match (r.process.as_deref().map(render::escape_inline), r.pid) {
                         (Some(p), Some(pid)) => format!("{p} ({pid})"),
-                        (Some(p), None) => p.clone(),
+                        (Some(p), None) => p,
                         (None, Some(pid)) => pid.to_string(),
                         (None, None) => dash(),
                     },
@@ -153,10 +154,11 @@ pub async fn health(ctx: &Ctx, a: VmJsonArgs) -> Result<()> {
         return out_json(&h);
     }
     let mib = |b: u64| format_mib(b / (1024 * 1024));
+    // The version and boot id are guest text.
     let text = format!(
         "agent     {}\nboot id   {}\nuptime    {}\nload      {:.2} {:.2} {:.2}\nmemory    {} available of {}\nroot fs   {} free of {}\n",
-        h.agent_version,
-        h.boot_id,
+        render::escape_inline(&h.agent_version),
+        render::escape_inline(&h.boot_id),
         render::uptime(h.uptime_secs as u64),
         h.load[0],
         h.load[1],

@@ -17,7 +17,7 @@ use super::{vm, workspace, Ctx};
 use crate::cli::RunArgs;
 use crate::client::vm_path;
 use crate::progress::{outcome, Interrupt};
-use crate::{agent, Exit};
+use crate::{agent, render, Exit};
 
 /// Create stages in which a failure means the guest did not come up: its VM is kept, even with
 /// `--rm`, so its log can be read.
@@ -86,8 +86,11 @@ pub async fn run(ctx: &Ctx, a: RunArgs) -> Result<()> {
         match vm::delete_vm(ctx, &vm.id).await {
             Ok(()) => eprintln!("deleted VM {}", vm.name),
             Err(e) => eprintln!(
-                "warning: could not delete VM {}: {e:#}; delete it with `wick vm delete {}`",
-                vm.name, vm.name
+                "{}",
+                render::escape(&format!(
+                    "warning: could not delete VM {}: {e:#}; delete it with `wick vm delete {}`",
+                    vm.name, vm.name
+                ))
             ),
         }
     } else if a.command.is_empty() {
@@ -159,7 +162,10 @@ async fn create_failed(ctx: &Ctx, op: Operation, rm: bool) -> anyhow::Error {
         eprintln!("kept VM {name} for inspection: wick vm logs {name}");
     } else {
         if let Err(e) = vm::delete_vm(ctx, &id).await {
-            eprintln!("warning: could not delete VM {name}: {e:#}");
+            eprintln!(
+                "{}",
+                render::escape(&format!("warning: could not delete VM {name}: {e:#}"))
+            );
         }
     }
     err

@@ -39,7 +39,9 @@
 //! Firecracker splices to the guest's vsock port; other ports are still closed. The "guest" is
 //! this host: exec runs host commands (as the fake's user), and `Configure` writes below
 //! `D/guest-root` only (which starts with an empty `etc/ssh`, so host keys get generated). The agent dies with the fake (killed by pid and reaped on every exit
-//! path, and `PR_SET_PDEATHSIG` covers a SIGKILL of the fake).
+//! path, and `PR_SET_PDEATHSIG` covers a SIGKILL of the fake). `FAKE_FC_AGENT_BIN` may name
+//! testkit's `hostile-agent` instead (a scripted hostile guest, see `wick_testkit::hostile`):
+//! it takes the same arguments.
 
 use std::convert::Infallible;
 use std::io::Write;
