@@ -301,12 +301,21 @@ impl Daemon {
         Ok(())
     }
 
-    /// Refuses `spec` (new, or replacing VM `vm_id`) when it would take a non-root `owner`
-    /// past a `[limits]` total. Callers hold [`Daemon::quota`] until the record is saved.
-    fn check_limits(&self, owner: u32, vm_id: Option<&str>, spec: &VmSpec) -> Result<()> {
+    /// Refuses `spec` (a new VM, or `old` = the current spec of VM `vm_id`) when it would take
+    /// a non-root `owner` past a `[limits]` total. A change that does not grow a resource is
+    /// never refused for it (limits lowered in the config do not block shrinking or `--nat`).
+    /// Callers hold [`Daemon::quota`] until the record is saved.
+    fn check_limits(
+        &self,
+        owner: u32,
+        current: Option<(&str, &VmSpec)>,
+        spec: &VmSpec,
+    ) -> Result<()> {
         if owner == 0 {
             return Ok(());
         }
+        let vm_id = current.map(|(id, _)| id);
+        let old = current.map(|(_, s)| s);
         let limits = self.config.limits.resolve(&self.host);
         let others: Vec<VmRecord> = self
             .store
@@ -315,14 +324,23 @@ impl Daemon {
             .filter(|v| Some(v.id.as_str()) != vm_id)
             .collect();
         let sum = |f: fn(&VmSpec) -> u64| others.iter().map(|v| f(&v.spec)).sum::<u64>();
+        let grows = |f: fn(&VmSpec) -> u64| old.is_none_or(|o| f(spec) > f(o));
         let checks = [
-            ("max_vms", "VMs", others.len() as u64, 1, limits.max_vms),
+            (
+                "max_vms",
+                "VMs",
+                others.len() as u64,
+                1,
+                limits.max_vms,
+                old.is_none(),
+            ),
             (
                 "max_vcpus",
                 "vCPUs",
                 sum(|s| s.vcpu as u64),
                 spec.vcpu as u64,
                 limits.max_vcpus,
+                grows(|s| s.vcpu as u64),
             ),
             (
                 "max_memory",
@@ -330,6 +348,7 @@ impl Daemon {
                 sum(|s| s.memory_mib),
                 spec.memory_mib,
                 limits.max_memory_mib,
+                grows(|s| s.memory_mib),
             ),
             (
                 "max_disk",
@@ -337,10 +356,11 @@ impl Daemon {
                 sum(|s| s.disk_mib),
                 spec.disk_mib,
                 limits.max_disk_mib,
+                grows(|s| s.disk_mib),
             ),
         ];
-        for (key, what, used, more, max) in checks {
-            if used + more > max {
+        for (key, what, used, more, max, grows) in checks {
+            if grows && used + more > max {
                 return Err(Error::new(
                     ErrorCode::PermissionDenied,
                     format!(
@@ -877,7 +897,7 @@ impl Daemon {
         vm.touched_at = now();
         {
             let _quota = self.quota.lock().unwrap_or_else(|e| e.into_inner());
-            self.check_limits(vm.owner, Some(&vm.id), &vm.spec)?;
+            self.check_limits(vm.owner, Some((&vm.id, &old)), &vm.spec)?;
             vm = self.store.save_vm(&vm)?;
         }
         for cap in &self.caps {

@@ -828,6 +828,26 @@ fn per_user_limits() {
         &["--name", "u3", "--memory", "512M", "--vcpu", "2"],
     ]
     .concat());
+    // A lower limit in the config: usage over it blocks growth only.
+    env.stop();
+    let cfg = env.root().join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("max_memory = \"1G\"", "max_memory = \"512M\""),
+    )
+    .unwrap();
+    env.start();
+    let user = |args: &[&str]| env.wick_as_user(args);
+    let ok = |args: &[&str]| {
+        let out = user(args);
+        assert!(out.status.success(), "{args:?}: {}", out_text(&out));
+    };
+    ok(&["vm", "set", "u2", "--vcpu", "1"]);
+    ok(&["vm", "set", "u2", "--memory", "128M"]);
+    let out = user(&["vm", "set", "u2", "--memory", "300M"]);
+    assert!(!out.status.success(), "{}", out_text(&out));
+    assert!(out_text(&out).contains("max_memory"), "{}", out_text(&out));
     for i in 0..3 {
         env.wick_ok(&[
             "vm",
