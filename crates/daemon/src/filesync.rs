@@ -1,15 +1,14 @@
 //! `[[file_sync]]`: reading the host files copied into a guest, with its owner's rights.
 //!
 //! wickd is root, but a VM owned by a non-root user must receive only files that user could
-//! read. The files are read in a dedicated thread that first takes the owner's filesystem
-//! identity: `setgroups` (the owner's supplementary groups), `setfsgid` and `setfsuid`, all as
-//! raw per-thread syscalls. The kernel then resolves every path component, symlinks included,
-//! with the owner's permissions (and `fs.protected_symlinks`), and the change of fsuid from 0
-//! drops the thread's CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH. So a symlink the owner could not
-//! follow, a directory they cannot search or a file they cannot read is refused by the kernel,
-//! not by a check that could race it. The thread ends after the reads: its credentials are never
-//! reused, and the other threads of wickd never change theirs (glibc's `setgroups` would change
-//! every thread's, hence the raw syscall).
+//! read. The files are read in a dedicated thread that first becomes the owner: `setgroups`
+//! (the owner's supplementary groups), `setresgid` and `setresuid`, all as raw per-thread
+//! syscalls (glibc's wrappers would change every thread of wickd). With no uid 0 left the kernel
+//! drops all of the thread's capabilities, then resolves every path component, symlinks
+//! included, with the owner's permissions (and `fs.protected_symlinks`), and applies the
+//! owner's ptrace rules to `/proc` files. So a symlink the owner could not follow, a directory
+//! they cannot search or a file they cannot read is refused by the kernel, not by a check that
+//! could race it. The thread ends after the reads: its credentials are never reused.
 //!
 //! Only regular files are read (a FIFO or device is refused; opened non-blocking so it cannot
 //! hang), each at most [`MAX_FILE`] bytes.
@@ -110,8 +109,9 @@ fn read_one(path: &Path) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-/// Gives the calling thread (only) `uid`'s filesystem identity: supplementary groups, fsgid,
-/// fsuid. Verified after the fact; any failure is an error and the thread must not read.
+/// Makes the calling thread (only) `uid`: its supplementary groups, gid and uid (real,
+/// effective, saved, and so fs ids), no capabilities. Verified after the fact; on any failure
+/// the thread must not read.
 fn become_owner(uid: u32) -> Result<(), String> {
     let user = User::from_uid(Uid::from_raw(uid))
         .map_err(|e| e.to_string())?
@@ -128,15 +128,25 @@ fn become_owner(uid: u32) -> Result<(), String> {
     if rc != 0 {
         return Err(format!("setgroups: {}", std::io::Error::last_os_error()));
     }
-    // setfsgid/setfsuid are per-thread system calls; they return the previous value, so a
-    // second call tells whether the first took effect.
-    nix::unistd::setfsgid(user.gid);
-    if nix::unistd::setfsgid(user.gid) != user.gid {
-        return Err("setfsgid failed".into());
+    let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
+    // SAFETY: raw setresgid/setresuid change only this thread's ids (glibc's wrappers would
+    // change every thread's). With every uid non-zero the kernel clears the thread's
+    // capabilities, so no CAP_DAC_* or CAP_SYS_PTRACE is left to bypass the owner's rights.
+    let rc = unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) };
+    if rc != 0 {
+        return Err(format!("setresgid: {}", std::io::Error::last_os_error()));
     }
-    nix::unistd::setfsuid(user.uid);
-    if nix::unistd::setfsuid(user.uid) != user.uid {
-        return Err("setfsuid failed".into());
+    let rc = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+    if rc != 0 {
+        return Err(format!("setresuid: {}", std::io::Error::last_os_error()));
+    }
+    // getresuid/getresgid report this thread's ids: check the switch took.
+    let ids = nix::unistd::getresuid().map_err(|e| e.to_string())?;
+    let gids = nix::unistd::getresgid().map_err(|e| e.to_string())?;
+    if [ids.real, ids.effective, ids.saved] != [user.uid; 3]
+        || [gids.real, gids.effective, gids.saved] != [user.gid; 3]
+    {
+        return Err("the thread did not take the owner's ids".into());
     }
     Ok(())
 }
@@ -190,6 +200,16 @@ mod tests {
         assert!(refused[0].contains("secret") && refused[0].contains("uid 65534"));
         assert!(refused[0].contains("Permission denied"), "{}", refused[0]);
         assert!(refused[2].contains("not a regular file"), "{}", refused[2]);
+
+        // No capability is left either: root's /proc/1/maps needs ptrace rights (CAP_SYS_PTRACE
+        // would pass them), though its mode is 0444.
+        let init_is_root =
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/1").unwrap()) == 0;
+        if init_is_root {
+            let (got, refused) = read_files(&[sync(Path::new("/proc/1/maps"))], nobody);
+            assert!(got.is_empty(), "{refused:?}");
+            assert!(refused[0].contains("ermission denied"), "{refused:?}");
+        }
 
         let (got, refused) = read_files(&files, 0);
         assert_eq!(got.len(), 3, "root reads files and links: {refused:?}");
