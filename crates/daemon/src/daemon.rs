@@ -580,6 +580,23 @@ impl Daemon {
     }
 
     async fn preflight(&self, vm: &VmRecord) -> Result<()> {
+        // Published before the rules (or the config) changed: checked again at every start.
+        if vm.owner != 0 {
+            for m in &vm.spec.publish {
+                self.check_user_publish(m).map_err(|e| {
+                    Error::new(
+                        e.code(),
+                        format!(
+                            "VM {}: {}; unpublish it with `wick vm set {} --unpublish {}`",
+                            vm.name,
+                            e.message(),
+                            vm.name,
+                            m.host_port
+                        ),
+                    )
+                })?;
+            }
+        }
         let plan = disk_plan(vm)?;
         let disk = tokio::task::block_in_place(|| {
             wick_storage::backend(plan.kind(), &self.paths.state).activate(&plan)

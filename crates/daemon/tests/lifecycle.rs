@@ -706,6 +706,23 @@ fn user_addresses_are_a_config_setting() {
         "10.1.2.3:18081:80",
     ]);
     assert!(!out.status.success(), "{}", out_text(&out));
+    // Root takes the address back: the VM does not start with it any more.
+    env.stop();
+    let cfg = env.root().join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("user_publish_addresses", "# was")).unwrap();
+    env.start();
+    let out = env.wick_as_user(&["vm", "start", "u1"]);
+    let text = out_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("not loopback") && text.contains("--unpublish 18080"),
+        "{text}"
+    );
+    let out = env.wick_as_user(&["vm", "set", "u1", "--unpublish", "18080"]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    let out = env.wick_as_user(&["vm", "start", "u1"]);
+    assert!(out.status.success(), "{}", out_text(&out));
 }
 
 #[test]
