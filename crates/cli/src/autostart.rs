@@ -6,6 +6,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,6 +26,7 @@ pub async fn start_daemon(paths: &Paths, socket: &Path) -> Result<()> {
         .with_context(|| format!("cannot create {}", paths.run.display()))?;
     let log_path = paths.daemon_log();
     let log = OpenOptions::new()
+        .mode(0o600) // the daemon's log is root's
         .create(true)
         .append(true)
         .open(&log_path)

@@ -3,13 +3,13 @@
 
 use anyhow::{bail, Result};
 use wick_model::api::{CreateVmRequest, SetVmRequest};
-use wick_model::{parse_size_mib, validate_name};
+use wick_model::{parse_size_mib, validate_vm_name};
 
 use crate::cli::{SetArgs, VmSpecArgs, WorkspaceFlags};
 
 /// A VM name: a DNS label.
 pub fn name(name: &str) -> Result<()> {
-    validate_name(name)?;
+    validate_vm_name(name)?;
     Ok(())
 }
 

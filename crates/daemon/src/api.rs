@@ -302,14 +302,7 @@ fn visible_op(d: &Daemon, id: &str, c: Caller) -> Result<Arc<crate::ops::OpEntry
         .get(id)
         .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("no operation {id:?}")))?;
     if let Some(uid) = c.filter() {
-        let snap = op.snapshot();
-        let own = d
-            .store
-            .get_vm(&snap.vm_id)
-            .map(|v| v.owner == uid)
-            .unwrap_or(false)
-            || snap.vm.as_ref().is_some_and(|v| v.owner == uid);
-        if !own {
+        if op.owner != uid {
             return Err(Error::new(
                 ErrorCode::NotFound,
                 format!("no operation {id:?}"),

@@ -99,6 +99,13 @@ pub struct Config {
     pub file_sync: Vec<FileSync>,
     #[serde(default)]
     pub vm_defaults: VmDefaults,
+    /// Host addresses non-root owners may publish ports on besides loopback (default none:
+    /// loopback only). Root may publish on any address and any port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_publish_addresses: Vec<String>,
+    /// `[limits]`: what each non-root owner's VMs may add up to.
+    #[serde(default)]
+    pub limits: Limits,
     /// Registered images by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub images: BTreeMap<String, ImageConfig>,
@@ -144,6 +151,51 @@ pub struct VmDefaults {
     pub memory: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
+}
+
+/// `[limits]`: per-owner totals for non-root owners, over all the VMs they own (running or
+/// not). Sizes as strings (`64G`, bare = MiB). Root's VMs are not limited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Number of VMs (default 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vms: Option<u64>,
+    /// Sum of vCPUs (default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u64>,
+    /// Sum of memory (default: the host's RAM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<String>,
+    /// Sum of work disk sizes (default 1T).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_disk: Option<String>,
+}
+
+/// [`Limits`] with defaults applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedLimits {
+    pub max_vms: u64,
+    pub max_vcpus: u64,
+    pub max_memory_mib: u64,
+    pub max_disk_mib: u64,
+}
+
+impl Limits {
+    /// The limits with defaults (`host` gives the memory default).
+    pub fn resolve(&self, host: &HostFacts) -> ResolvedLimits {
+        let size = |s: &Option<String>, default: u64| {
+            s.as_deref()
+                .and_then(|s| parse_size_mib(s).ok())
+                .unwrap_or(default)
+        };
+        ResolvedLimits {
+            max_vms: self.max_vms.unwrap_or(16),
+            max_vcpus: self.max_vcpus.unwrap_or(64),
+            max_memory_mib: size(&self.max_memory, host.memory_mib.unwrap_or(16 * 1024)),
+            max_disk_mib: size(&self.max_disk, 1024 * 1024),
+        }
+    }
 }
 
 /// `[images.NAME]`: a root filesystem and the kernel that boots it.
@@ -227,6 +279,18 @@ impl Config {
                 u32::from_str_radix(m.trim_start_matches("0o"), 8)
                     .map_err(|_| format!("file_sync mode {m:?}: use octal like \"0600\""))?;
             }
+        }
+        for (key, v) in [
+            ("limits.max_memory", &self.limits.max_memory),
+            ("limits.max_disk", &self.limits.max_disk),
+        ] {
+            if let Some(v) = v {
+                parse_size_mib(v).map_err(|e| format!("{key}: {e}"))?;
+            }
+        }
+        for a in &self.user_publish_addresses {
+            a.parse::<std::net::IpAddr>()
+                .map_err(|_| format!("user_publish_addresses: {a:?} is not an IP address"))?;
         }
         for (key, v) in [
             ("boot_timeout", &self.boot_timeout),
@@ -593,6 +657,35 @@ mod tests {
         assert!(parse("nat_backend = \"pf\"").unwrap_err().contains("pf"));
         let c = parse("bridge_ip = \"10.9.0.1\"\ncidr = \"10.9.0.0/16\"").unwrap();
         assert_eq!(c.network_settings().unwrap().bridge_cidr, "10.9.0.1/16");
+    }
+
+    #[test]
+    fn limits_and_publish_addresses() {
+        let host = HostFacts {
+            cpus: Some(2),
+            memory_mib: Some(4096),
+        };
+        let l = Config::default().limits.resolve(&host);
+        assert_eq!(
+            (l.max_vms, l.max_vcpus, l.max_memory_mib, l.max_disk_mib),
+            (16, 64, 4096, 1 << 20)
+        );
+        let c = parse("[limits]\nmax_vms = 2\nmax_memory = \"1G\"\nmax_disk = \"10G\"").unwrap();
+        let l = c.limits.resolve(&host);
+        assert_eq!(
+            (l.max_vms, l.max_memory_mib, l.max_disk_mib),
+            (2, 1024, 10240)
+        );
+        assert!(parse("[limits]\nmax_memory = \"lots\"")
+            .unwrap_err()
+            .contains("limits.max_memory"));
+        assert!(parse("[limits]\nmax_ram = 1")
+            .unwrap_err()
+            .contains("max_ram"));
+        assert!(parse("user_publish_addresses = [\"10.0.0.5\"]").is_ok());
+        assert!(parse("user_publish_addresses = [\"any\"]")
+            .unwrap_err()
+            .contains("user_publish_addresses"));
     }
 
     #[test]

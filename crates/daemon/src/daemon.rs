@@ -14,7 +14,7 @@ use wick_model::api::{
     CreateVmRequest, ErrorCode, KillRequest, OpKind, PruneResult, ResolvedDefaults, SetVmRequest,
 };
 use wick_model::{
-    new_vm_id, parse_size_mib, validate_name, Paths, VmRecord, VmRuntime, VmSpec, VmState,
+    new_vm_id, parse_size_mib, validate_vm_name, Paths, VmRecord, VmRuntime, VmSpec, VmState,
     VmmHandle,
 };
 use wick_store::{now, Store, StoreError};
@@ -47,6 +47,8 @@ pub struct Daemon {
     pub started: Instant,
     /// Cancelled to shut the daemon down.
     pub shutdown: CancellationToken,
+    /// Held while a `[limits]` check and the record it admits are saved.
+    quota: std::sync::Mutex<()>,
 }
 
 /// What an image boots from.
@@ -90,11 +92,22 @@ impl Daemon {
         vmm: Arc<dyn Vmm>,
         caps: Vec<Arc<dyn Capability>>,
     ) -> anyhow::Result<Arc<Daemon>> {
-        for d in [&paths.state, &paths.run, &paths.cache] {
-            std::fs::create_dir_all(d)
+        for d in [
+            &paths.state,
+            &paths.run,
+            &paths.cache,
+            &paths.state.join("vms"),
+        ] {
+            crate::perms::make_dir(d, crate::perms::Access::Private)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", d.display()))?;
         }
-        std::fs::create_dir_all(paths.state.join("vms"))?;
+        // An older install left things group/world readable: fix them before serving.
+        for d in [&paths.state, &paths.run, &paths.cache] {
+            let fixed = crate::perms::harden_tree(d);
+            if !fixed.is_empty() {
+                tracing::info!(dir = %d.display(), count = fixed.len(), "made private");
+            }
+        }
         let store = Store::open(&paths.db())
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", paths.db().display()))?;
         let host = HostFacts::probe();
@@ -118,6 +131,7 @@ impl Daemon {
             caps,
             started: Instant::now(),
             shutdown: CancellationToken::new(),
+            quota: std::sync::Mutex::new(()),
         }))
     }
 
@@ -133,7 +147,7 @@ impl Daemon {
     // ---------------------------------------------------------------- create
 
     /// Validates the request into a spec (every check the CLI makes, again).
-    pub fn resolve_spec(&self, req: &CreateVmRequest) -> Result<VmSpec> {
+    pub fn resolve_spec(&self, req: &CreateVmRequest, caller: Caller) -> Result<VmSpec> {
         let vcpu = match req.vcpu {
             Some(v) => check_vcpu(v)?,
             None => self.defaults.vcpu.value as u32,
@@ -160,7 +174,7 @@ impl Daemon {
             ssh_keys: req.ssh_keys.clone(),
             git_name: req.git_name.clone(),
             git_email: req.git_email.clone(),
-            publish: self.check_publish(&req.publish, None)?,
+            publish: self.check_publish(&req.publish, None, caller)?,
             ..Default::default()
         };
         match self.boot_files(&image_name) {
@@ -219,11 +233,13 @@ impl Daemon {
     }
 
     /// Parses `--publish` values and refuses host ports already published by another VM (or
-    /// twice in one request).
+    /// twice in one request), and, for non-root callers, privileged ports and addresses other
+    /// than loopback and `user_publish_addresses`.
     fn check_publish(
         &self,
         specs: &[String],
         vm_id: Option<&str>,
+        caller: Caller,
     ) -> Result<Vec<wick_model::PortMapping>> {
         let mut out: Vec<wick_model::PortMapping> = Vec::new();
         let taken: Vec<(String, wick_model::PortMapping)> = self
@@ -235,6 +251,9 @@ impl Daemon {
             .collect();
         for s in specs {
             let m = wick_model::PortMapping::parse(s).map_err(Error::invalid)?;
+            if caller.uid != 0 {
+                self.check_user_publish(&m)?;
+            }
             if let Some((name, _)) = taken.iter().find(|(_, t)| t.host_port == m.host_port) {
                 return Err(Error::conflict(format!(
                     "host port {} is already published by VM {name}",
@@ -252,6 +271,109 @@ impl Daemon {
         Ok(out)
     }
 
+    /// What a non-root owner may publish: ports a non-root process could bind itself, on
+    /// loopback or an address root listed in `user_publish_addresses`.
+    fn check_user_publish(&self, m: &wick_model::PortMapping) -> Result<()> {
+        let denied = |msg: String| Error::new(ErrorCode::PermissionDenied, msg);
+        let start = unprivileged_port_start();
+        if u32::from(m.host_port) < start {
+            return Err(denied(format!(
+                "host port {} is privileged (below net.ipv4.ip_unprivileged_port_start = {start}); \
+                 only root may publish it: use a port >= {start}",
+                m.host_port
+            )));
+        }
+        let ip: std::net::IpAddr = m
+            .host_ip
+            .parse()
+            .map_err(|_| Error::invalid(format!("bad host IP {}", m.host_ip)))?;
+        let listed = self
+            .config
+            .user_publish_addresses
+            .iter()
+            .any(|a| a.parse::<std::net::IpAddr>().ok() == Some(ip));
+        if !ip.is_loopback() && !listed {
+            return Err(denied(format!(
+                "host address {ip} is not loopback; only root may publish on it (root can allow \
+                 it for everyone in user_publish_addresses in the config)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses `spec` (a new VM, or `old` = the current spec of VM `vm_id`) when it would take
+    /// a non-root `owner` past a `[limits]` total. A change that does not grow a resource is
+    /// never refused for it (limits lowered in the config do not block shrinking or `--nat`).
+    /// Callers hold [`Daemon::quota`] until the record is saved.
+    fn check_limits(
+        &self,
+        owner: u32,
+        current: Option<(&str, &VmSpec)>,
+        spec: &VmSpec,
+    ) -> Result<()> {
+        if owner == 0 {
+            return Ok(());
+        }
+        let vm_id = current.map(|(id, _)| id);
+        let old = current.map(|(_, s)| s);
+        let limits = self.config.limits.resolve(&self.host);
+        let others: Vec<VmRecord> = self
+            .store
+            .list_vms(Some(owner))?
+            .into_iter()
+            .filter(|v| Some(v.id.as_str()) != vm_id)
+            .collect();
+        let sum = |f: fn(&VmSpec) -> u64| others.iter().map(|v| f(&v.spec)).sum::<u64>();
+        let grows = |f: fn(&VmSpec) -> u64| old.is_none_or(|o| f(spec) > f(o));
+        let checks = [
+            (
+                "max_vms",
+                "VMs",
+                others.len() as u64,
+                1,
+                limits.max_vms,
+                old.is_none(),
+            ),
+            (
+                "max_vcpus",
+                "vCPUs",
+                sum(|s| s.vcpu as u64),
+                spec.vcpu as u64,
+                limits.max_vcpus,
+                grows(|s| s.vcpu as u64),
+            ),
+            (
+                "max_memory",
+                "MiB of memory",
+                sum(|s| s.memory_mib),
+                spec.memory_mib,
+                limits.max_memory_mib,
+                grows(|s| s.memory_mib),
+            ),
+            (
+                "max_disk",
+                "MiB of work disk",
+                sum(|s| s.disk_mib),
+                spec.disk_mib,
+                limits.max_disk_mib,
+                grows(|s| s.disk_mib),
+            ),
+        ];
+        for (key, what, used, more, max, grows) in checks {
+            if grows && used + more > max {
+                return Err(Error::new(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "limit [limits] {key} = {max} {what} per user: uid {owner}'s other VMs \
+                         use {used}, this VM needs {more}; delete or shrink a VM, or ask root to \
+                         raise the limit"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn check_memory(&self, m: &str) -> Result<u64> {
         let mib = parse_size_mib(m).map_err(|e| Error::invalid(format!("--memory: {e}")))?;
         if let Some(host) = self.host.memory_mib {
@@ -267,9 +389,12 @@ impl Daemon {
     /// Registers the VM (durable record first) and starts the create operation.
     pub fn create(self: &Arc<Self>, req: CreateVmRequest, caller: Caller) -> Result<Arc<OpEntry>> {
         if let Some(name) = &req.name {
-            validate_name(name).map_err(|e| Error::invalid(e.to_string()))?;
+            validate_vm_name(name).map_err(|e| Error::invalid(e.to_string()))?;
         }
-        let spec = self.resolve_spec(&req)?;
+        let spec = self.resolve_spec(&req, caller)?;
+        // Checked and recorded under one lock: concurrent creates cannot both pass the limits.
+        let quota = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_limits(caller.uid, None, &spec)?;
         let mut attempt = 0;
         let vm = loop {
             let name = match &req.name {
@@ -299,6 +424,7 @@ impl Daemon {
                 Err(e) => return Err(e.into()),
             }
         };
+        drop(quota);
         let op = self.ops.begin(OpKind::Create, &vm);
         let guard = self.ops.try_lock_vm(&vm.id, &vm.name, Some(&op.id()))?;
         let d = self.clone();
@@ -343,7 +469,7 @@ impl Daemon {
             let storage = self.storage.clone();
             let size = vm.spec.disk_mib;
             tokio::task::spawn_blocking(move || -> Result<()> {
-                std::fs::create_dir_all(&dir)?;
+                crate::perms::make_dir(&dir, crate::perms::Access::Private)?;
                 storage
                     .create(&plan)
                     .map_err(|e| Error::precondition(e.to_string()))?;
@@ -454,6 +580,23 @@ impl Daemon {
     }
 
     async fn preflight(&self, vm: &VmRecord) -> Result<()> {
+        // Published before the rules (or the config) changed: checked again at every start.
+        if vm.owner != 0 {
+            for m in &vm.spec.publish {
+                self.check_user_publish(m).map_err(|e| {
+                    Error::new(
+                        e.code(),
+                        format!(
+                            "VM {}: {}; unpublish it with `wick vm set {} --unpublish {}`",
+                            vm.name,
+                            e.message(),
+                            vm.name,
+                            m.host_port
+                        ),
+                    )
+                })?;
+            }
+        }
         let plan = disk_plan(vm)?;
         let disk = tokio::task::block_in_place(|| {
             wick_storage::backend(plan.kind(), &self.paths.state).activate(&plan)
@@ -540,8 +683,12 @@ impl Daemon {
             op.stage("wait for agent");
             let client = self.wait_agent(&handle, op).await?;
             op.stage("configure guest");
+            let (cfg, refused) = self.guest_config(vm).await;
+            for why in refused {
+                op.stage(&format!("warning: {why}")); // the user sees what was not copied
+            }
             let reply = client
-                .configure(&self.guest_config(vm))
+                .configure(&cfg)
                 .await
                 .map_err(|e| Error::precondition(format!("configuring the guest failed: {e}")))?;
             for w in &reply.warnings {
@@ -755,7 +902,7 @@ impl Daemon {
             vm.spec.publish.retain(|m| m.host_port != *port);
         }
         let others: Vec<u16> = vm.spec.publish.iter().map(|m| m.host_port).collect();
-        for m in self.check_publish(&req.publish_add, Some(&vm.id))? {
+        for m in self.check_publish(&req.publish_add, Some(&vm.id), caller)? {
             if others.contains(&m.host_port) {
                 return Err(Error::conflict(format!(
                     "host port {} is already published by {}",
@@ -765,7 +912,11 @@ impl Daemon {
             vm.spec.publish.push(m);
         }
         vm.touched_at = now();
-        vm = self.store.save_vm(&vm)?;
+        {
+            let _quota = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+            self.check_limits(vm.owner, Some((&vm.id, &old)), &vm.spec)?;
+            vm = self.store.save_vm(&vm)?;
+        }
         for cap in &self.caps {
             if let Err(e) = cap
                 .apply_config_change(&mut HookCtx::new(&mut vm, &self.store), &old)
@@ -908,6 +1059,15 @@ fn with_tail(msg: &str, tail: &str) -> String {
     } else {
         format!("{msg}\n--- last lines of the VMM log ---\n{tail}")
     }
+}
+
+/// `net.ipv4.ip_unprivileged_port_start` of wickd's network namespace (where it listens);
+/// 1024 when unreadable.
+fn unprivileged_port_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
 }
 
 fn check_vcpu(v: i64) -> Result<u32> {

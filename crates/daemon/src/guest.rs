@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use wick_agent_proto::{AgentClient, Configure, NetworkConfig, SyncFile, AGENT_PORT};
+use wick_agent_proto::{AgentClient, Configure, NetworkConfig, AGENT_PORT};
 use wick_model::{VmRecord, VmmHandle};
 
 use crate::daemon::Daemon;
@@ -84,8 +84,9 @@ impl Daemon {
         }
     }
 
-    /// The boot-time configuration the agent applies: identity, network, keys, git, files.
-    pub(crate) fn guest_config(&self, vm: &VmRecord) -> Configure {
+    /// The boot-time configuration the agent applies: identity, network, keys, git, files;
+    /// and one message per `[[file_sync]]` file refused.
+    pub(crate) async fn guest_config(&self, vm: &VmRecord) -> (Configure, Vec<String>) {
         let network = match (vm.runtime.ip.as_deref(), self.config.network_settings()) {
             (Some(ip), Ok(n)) => {
                 let prefix = n.bridge_cidr.rsplit('/').next().unwrap_or("24");
@@ -97,24 +98,17 @@ impl Daemon {
             }
             _ => None,
         };
-        let mut files = Vec::new();
-        for f in &self.config.file_sync {
-            match std::fs::read(&f.host) {
-                Ok(contents) => files.push(SyncFile {
-                    path: f.guest.clone(),
-                    mode: f
-                        .mode
-                        .as_deref()
-                        .and_then(|m| u32::from_str_radix(m.trim_start_matches("0o"), 8).ok())
-                        .unwrap_or(0o600),
-                    contents,
-                }),
-                Err(e) => {
-                    tracing::warn!(vm = %vm.name, host = %f.host.display(), error = %e, "file_sync: host file skipped")
-                }
-            }
+        // Read with the owner's rights (see `filesync`), off the async workers.
+        let sync = self.config.file_sync.clone();
+        let owner = vm.owner;
+        let (files, refused) =
+            tokio::task::spawn_blocking(move || crate::filesync::read_files(&sync, owner))
+                .await
+                .unwrap_or_else(|e| (Vec::new(), vec![format!("file_sync: {e}")]));
+        for why in &refused {
+            tracing::warn!(vm = %vm.name, "{why}");
         }
-        Configure {
+        let cfg = Configure {
             hostname: Some(vm.name.clone()),
             network,
             authorized_keys: Some(vm.spec.ssh_keys.clone()),
@@ -122,7 +116,8 @@ impl Daemon {
             git_email: vm.spec.git_email.clone(),
             files,
             regenerate_host_keys: false,
-        }
+        };
+        (cfg, refused)
     }
 
     /// Asks the guest to sync and power off (best effort: the caller still stops the VMM).

@@ -7,7 +7,8 @@
 //! - [`api`]: the `/v1` HTTP API on the Unix socket and its OpenAPI document;
 //! - [`artifacts`]: managed images and kernels (import, pull, golden build, first use);
 //! - [`guest`], [`stats`]: the guest agent at start/stop, stats sampling and auto-stop;
-//! - [`config`], [`doctor`]: configuration and the read-only health report.
+//! - [`config`], [`doctor`]: configuration and the read-only health report;
+//! - [`perms`]: file modes (umask 077, private state, the socket's group access).
 //!
 //! [`run`] is the whole daemon: lock the root, reconcile, serve until told to stop.
 
@@ -20,13 +21,14 @@ pub mod daemon;
 pub mod doctor;
 pub mod error;
 pub mod failpoint;
+pub mod filesync;
 pub mod guest;
 pub mod ops;
+pub mod perms;
 pub mod reconcile;
 pub mod stats;
 pub mod vmmlog;
 
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,14 +114,24 @@ pub async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot remove stale {}", sock.display())),
     }
+    let group = match &d.config.socket_group {
+        Some(group) => Some(
+            nix::unistd::Group::from_name(group)?
+                .ok_or_else(|| anyhow::anyhow!("socket_group {group:?} does not exist"))?
+                .gid,
+        ),
+        None => None,
+    };
     let listener =
         UnixListener::bind(&sock).with_context(|| format!("cannot bind {}", sock.display()))?;
-    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660))?;
-    if let Some(group) = &d.config.socket_group {
-        let g = nix::unistd::Group::from_name(group)?
-            .ok_or_else(|| anyhow::anyhow!("socket_group {group:?} does not exist"))?;
-        nix::unistd::chown(&sock, None, Some(g.gid))?;
-    }
+    // The socket: 0660, group socket_group (else root's). Its directory: traversable (not
+    // listable) by that group, else root only.
+    let gid = group.unwrap_or_else(|| nix::unistd::Gid::from_raw(0));
+    perms::apply(&sock, perms::Access::Group(gid))
+        .with_context(|| format!("cannot set the mode of {}", sock.display()))?;
+    let dir_access = group.map_or(perms::Access::Private, perms::Access::Traverse);
+    perms::apply(&d.paths.run, dir_access)
+        .with_context(|| format!("cannot set the mode of {}", d.paths.run.display()))?;
     tracing::info!(socket = %sock.display(), pid = std::process::id(), "wickd serving");
 
     let app = api::router(d.clone()).into_make_service_with_connect_info::<api::PeerCred>();

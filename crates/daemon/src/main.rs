@@ -22,6 +22,8 @@ struct Args {
 }
 
 fn main() {
+    // Before anything is created: VM disks, consoles and the database are private.
+    wick_daemon::perms::set_umask();
     let args = Args::parse();
     let root = args.root.filter(|p| !p.as_os_str().is_empty());
     let paths = Paths::new(root.as_deref());

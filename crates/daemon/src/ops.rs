@@ -21,6 +21,8 @@ const KEEP_FINISHED: Duration = Duration::from_secs(600);
 /// One operation: its public view, its event log, and its cancel token.
 pub struct OpEntry {
     started: Instant,
+    /// The VM's owner: who may follow the operation (also after a delete removed the VM).
+    pub owner: u32,
     inner: Mutex<OpInner>,
     seq_tx: watch::Sender<u64>,
     pub cancel: CancellationToken,
@@ -224,6 +226,7 @@ impl Ops {
         let (seq_tx, _) = watch::channel(0);
         let entry = Arc::new(OpEntry {
             started: Instant::now(),
+            owner: vm.owner,
             inner: Mutex::new(OpInner {
                 op: Operation {
                     id: id.clone(),

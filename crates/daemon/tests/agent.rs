@@ -505,3 +505,62 @@ fn agent_bench() {
         mib / down.as_secs_f64()
     );
 }
+
+/// `[[file_sync]]` files reach a VM only as far as its owner may read them: a non-root user's
+/// VM gets the world-readable file, not root's secret (directly or through a symlink).
+#[test]
+fn file_sync_reads_with_the_owners_rights() {
+    if !root() {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("wksync")
+        .tempdir_in("/tmp")
+        .unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let public = dir.path().join("public");
+    fs::write(&public, b"for everyone").unwrap();
+    fs::set_permissions(&public, fs::Permissions::from_mode(0o644)).unwrap();
+    let secret = dir.path().join("secret");
+    fs::write(&secret, b"root only").unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    let link = dir.path().join("link");
+    symlink(&secret, &link).unwrap();
+    let sync = [("public", &public), ("secret", &secret), ("link", &link)]
+        .iter()
+        .map(|(g, h)| format!("[[file_sync]]\nhost = {h:?}\nguest = \"/root/{g}\"\n"))
+        .collect::<String>();
+    let mut env = WickdEnv::for_local_users(&sync, "agent = true");
+    env.env.push((
+        "FAKE_FC_AGENT_BIN".into(),
+        cargo_bin("wick-agent").display().to_string(),
+    ));
+    env.start();
+    let guest_root = |name: &str| {
+        let v = env.wick_json(&["vm", "show", name]);
+        let vsock = PathBuf::from(v["runtime"]["vmm"]["vsock_socket"].as_str().unwrap());
+        vsock.parent().unwrap().join("guest-root/root")
+    };
+
+    let out = env.wick_as_user(&["vm", "create", "--name", "u1"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", env.daemon_log());
+    let g = guest_root("u1");
+    assert_eq!(fs::read(g.join("public")).unwrap(), b"for everyone");
+    for f in ["secret", "link"] {
+        assert!(!g.join(f).exists(), "{f} must not reach the user's VM");
+        assert!(
+            stderr.contains(&format!("file_sync {}", dir.path().join(f).display())),
+            "the user is told about {f}: {stderr}"
+        );
+    }
+    assert!(stderr.contains("uid 65534 cannot read it"), "{stderr}");
+
+    // Root's VM gets everything, as before.
+    env.wick_ok(&["vm", "create", "--name", "r1"]);
+    let g = guest_root("r1");
+    for f in ["public", "secret", "link"] {
+        assert!(g.join(f).exists(), "{f} in root's VM");
+    }
+    assert_eq!(fs::read(g.join("link")).unwrap(), b"root only");
+}

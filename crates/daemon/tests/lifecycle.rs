@@ -535,3 +535,345 @@ fn stats_and_auto_stop_of_untouched_vms() {
     assert_eq!(state, "stopped", "auto-stopped after 2 s untouched");
     assert!(env.vmm_processes().is_empty());
 }
+
+// ------------------------------------------------------------------ local users (issue #9)
+
+fn out_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Every path under the state, runtime and cache dirs with group/other permission bits, except
+/// the API socket (0660, group nogroup) and its directory (0710, group nogroup: traversable).
+fn exposed(env: &WickdEnv) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(p: &std::path::Path, out: &mut Vec<(PathBuf, std::fs::Metadata)>) {
+        let Ok(m) = std::fs::symlink_metadata(p) else {
+            return;
+        };
+        let dir = m.is_dir();
+        out.push((p.to_path_buf(), m));
+        if dir {
+            for e in std::fs::read_dir(p).unwrap().flatten() {
+                walk(&e.path(), out);
+            }
+        }
+    }
+    let mut all = Vec::new();
+    for d in ["state", "run", "cache"] {
+        walk(&env.root().join(d), &mut all);
+    }
+    assert!(all.len() > 5, "walked {} paths", all.len());
+    let run = env.root().join("run");
+    all.into_iter()
+        .filter(|(_, m)| !m.file_type().is_symlink())
+        .filter_map(|(p, m)| {
+            let mode = m.mode() & 0o7777;
+            let ok = if p == env.socket() {
+                mode & 0o777 == 0o660 && m.gid() == 65534
+            } else if p == run {
+                mode & 0o777 == 0o710 && m.gid() == 65534
+            } else {
+                mode & 0o077 == 0
+            };
+            (!ok).then(|| format!("{} {mode:o} gid {}", p.display(), m.gid()))
+        })
+        .collect()
+}
+
+#[test]
+fn state_is_private_to_root() {
+    if !root() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let mut env = WickdEnv::for_local_users("", "");
+    env.start();
+    env.wick_ok(&["vm", "create", "--name", "p1"]);
+    let bad = exposed(&env);
+    assert!(bad.is_empty(), "after create:\n{}", bad.join("\n"));
+
+    // An older install: everything group/world readable. The next start fixes it.
+    env.stop();
+    let out = std::process::Command::new("chmod")
+        .args(["-R", "go+rX"])
+        .args(["state", "run", "cache"].map(|d| env.root().join(d)))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", out_text(&out));
+    assert!(!exposed(&env).is_empty(), "the old install is exposed");
+    env.start();
+    let bad = exposed(&env);
+    assert!(bad.is_empty(), "after restart:\n{}", bad.join("\n"));
+
+    // The socket group reaches the socket (and only that).
+    let out = env.wick_as_user(&["vm", "list", "--json"]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    let out = env.wick_as_user(&["vm", "create", "--name", "u1"]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    for (what, path) in [
+        ("state dir", env.root().join("state")),
+        ("run dir listing", env.root().join("run")),
+    ] {
+        let ls = std::process::Command::new("ls")
+            .arg(&path)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert!(!ls.status.success(), "nobody can list the {what}");
+    }
+    env.wick_ok(&["vm", "stop", "p1"]);
+    env.wick_ok(&["vm", "create", "--name", "p2", "--no-start"]);
+    env.wick_ok(&["vm", "delete", "p1"]);
+    let bad = exposed(&env);
+    assert!(
+        bad.is_empty(),
+        "after stop/create/delete:\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn users_cannot_publish_privileged_ports_or_other_addresses() {
+    if !root() {
+        return;
+    }
+    let mut env = WickdEnv::for_local_users("", "");
+    env.start();
+    let refused = |args: &[&str], want: &str| {
+        let out = env.wick_as_user(args);
+        let text = out_text(&out);
+        assert!(!out.status.success(), "{args:?} must fail: {text}");
+        assert!(text.contains(want), "{args:?}: want {want:?} in: {text}");
+    };
+    let create = ["vm", "create", "--no-start", "--name", "u1", "--publish"];
+    refused(&[&create[..], &["80:8000"]].concat(), "privileged");
+    refused(&[&create[..], &["1023:8000"]].concat(), "privileged");
+    refused(
+        &[&create[..], &["0.0.0.0:18080:8000"]].concat(),
+        "not loopback",
+    );
+    let out = env.wick_as_user(&[&create[..], &["127.0.0.1:18080:8000"]].concat());
+    assert!(out.status.success(), "{}", out_text(&out));
+    refused(&["vm", "set", "u1", "--publish", "443:8000"], "privileged");
+    refused(&["vm", "port-forward", "u1", "22:22"], "privileged");
+    refused(
+        &["vm", "port-forward", "u1", "0.0.0.0:18081:22"],
+        "not loopback",
+    );
+    let out = env.wick_as_user(&["vm", "port-forward", "u1", "18081:22"]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    // Root may do both.
+    env.wick_ok(&[
+        "vm",
+        "create",
+        "--no-start",
+        "--name",
+        "r1",
+        "--publish",
+        "0.0.0.0:80:8000",
+    ]);
+}
+
+#[test]
+fn user_addresses_are_a_config_setting() {
+    if !root() {
+        return;
+    }
+    let mut env = WickdEnv::for_local_users("user_publish_addresses = [\"0.0.0.0\"]", "");
+    env.start();
+    let out = env.wick_as_user(&[
+        "vm",
+        "create",
+        "--no-start",
+        "--name",
+        "u1",
+        "--publish",
+        "0.0.0.0:18080:80",
+    ]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    let out = env.wick_as_user(&[
+        "vm",
+        "create",
+        "--no-start",
+        "--name",
+        "u2",
+        "--publish",
+        "10.1.2.3:18081:80",
+    ]);
+    assert!(!out.status.success(), "{}", out_text(&out));
+    // Root takes the address back: the VM does not start with it any more.
+    env.stop();
+    let cfg = env.root().join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("user_publish_addresses", "# was")).unwrap();
+    env.start();
+    let out = env.wick_as_user(&["vm", "start", "u1"]);
+    let text = out_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("not loopback") && text.contains("--unpublish 18080"),
+        "{text}"
+    );
+    let out = env.wick_as_user(&["vm", "set", "u1", "--unpublish", "18080"]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    let out = env.wick_as_user(&["vm", "start", "u1"]);
+    assert!(out.status.success(), "{}", out_text(&out));
+}
+
+#[test]
+fn names_cannot_shadow_ids() {
+    if !root() {
+        return;
+    }
+    let mut env = WickdEnv::for_local_users("", "");
+    env.start();
+    env.wick_ok(&["vm", "create", "--no-start", "--name", "victim"]);
+    let id = vm(&env, "victim")["id"].as_str().unwrap().to_string();
+    for name in [id.as_str(), &id[..12], &id[..4], "deadbeef"] {
+        let out = env.wick_as_user(&["vm", "create", "--no-start", "--name", name]);
+        let text = out_text(&out);
+        assert!(!out.status.success(), "name {name}: {text}");
+        assert!(text.contains("id prefix"), "name {name}: {text}");
+        // The daemon refuses it too (not only the CLI).
+        let body = format!("{{\"name\":\"{name}\",\"no_start\":true}}");
+        let (status, text) = http(&env.socket(), "POST", "/v1/vms", Some(body.as_bytes()));
+        assert_eq!(status, 400, "name {name}: {text}");
+        assert!(text.contains("id prefix"), "{text}");
+    }
+    assert_eq!(vm(&env, &id)["name"], "victim");
+    assert_eq!(vm(&env, &id[..12])["name"], "victim");
+    assert_eq!(
+        env.wick_json(&["vm", "list"])["vms"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn per_user_limits() {
+    if !root() {
+        return;
+    }
+    let mut env = WickdEnv::for_local_users(
+        "[limits]\nmax_vms = 2\nmax_vcpus = 3\nmax_memory = \"1G\"\nmax_disk = \"3G\"",
+        "",
+    );
+    env.start();
+    let user = |args: &[&str]| env.wick_as_user(args);
+    let ok = |args: &[&str]| {
+        let out = user(args);
+        assert!(out.status.success(), "{args:?}: {}", out_text(&out));
+    };
+    let refused = |args: &[&str], want: &[&str]| {
+        let out = user(args);
+        let text = out_text(&out);
+        assert!(!out.status.success(), "{args:?} must fail: {text}");
+        for w in want {
+            assert!(text.contains(w), "{args:?}: want {w:?} in: {text}");
+        }
+    };
+    let base = ["vm", "create", "--no-start", "--disk-size", "1G"];
+    refused(
+        &[&base[..], &["--name", "big", "--memory", "2G"]].concat(),
+        &["max_memory", "1024", "2048"],
+    );
+    ok(&[
+        &base[..],
+        &["--name", "u1", "--memory", "512M", "--vcpu", "2"],
+    ]
+    .concat());
+    refused(
+        &[
+            &base[..],
+            &["--name", "u2", "--memory", "512M", "--vcpu", "2"],
+        ]
+        .concat(),
+        &["max_vcpus", "use 2"],
+    );
+    refused(
+        &[
+            &base[..],
+            &["--name", "u2", "--memory", "768M", "--vcpu", "1"],
+        ]
+        .concat(),
+        &["max_memory", "use 512"],
+    );
+    refused(
+        &[
+            "vm",
+            "create",
+            "--no-start",
+            "--disk-size",
+            "3G",
+            "--name",
+            "u2",
+            "--memory",
+            "256M",
+            "--vcpu",
+            "1",
+        ],
+        &["max_disk"],
+    );
+    ok(&[
+        &base[..],
+        &["--name", "u2", "--memory", "512M", "--vcpu", "1"],
+    ]
+    .concat());
+    refused(
+        &[
+            &base[..],
+            &["--name", "u3", "--memory", "64M", "--vcpu", "1"],
+        ]
+        .concat(),
+        &["max_vms", "use 2"],
+    );
+    // Spec changes are checked too.
+    refused(&["vm", "set", "u2", "--memory", "1G"], &["max_memory"]);
+    refused(&["vm", "set", "u2", "--vcpu", "2"], &["max_vcpus"]);
+    ok(&["vm", "set", "u2", "--vcpu", "1", "--memory", "256M"]);
+    // Deleting frees the quota; root is not limited.
+    ok(&["vm", "delete", "u1"]);
+    ok(&[
+        &base[..],
+        &["--name", "u3", "--memory", "512M", "--vcpu", "2"],
+    ]
+    .concat());
+    // A lower limit in the config: usage over it blocks growth only.
+    env.stop();
+    let cfg = env.root().join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("max_memory = \"1G\"", "max_memory = \"512M\""),
+    )
+    .unwrap();
+    env.start();
+    let user = |args: &[&str]| env.wick_as_user(args);
+    let ok = |args: &[&str]| {
+        let out = user(args);
+        assert!(out.status.success(), "{args:?}: {}", out_text(&out));
+    };
+    ok(&["vm", "set", "u2", "--vcpu", "1"]);
+    ok(&["vm", "set", "u2", "--memory", "128M"]);
+    let out = user(&["vm", "set", "u2", "--memory", "300M"]);
+    assert!(!out.status.success(), "{}", out_text(&out));
+    assert!(out_text(&out).contains("max_memory"), "{}", out_text(&out));
+    for i in 0..3 {
+        env.wick_ok(&[
+            "vm",
+            "create",
+            "--no-start",
+            "--name",
+            &format!("r{i}"),
+            "--memory",
+            "2G",
+        ]);
+    }
+}

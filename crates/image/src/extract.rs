@@ -331,7 +331,11 @@ pub(crate) fn safe_path(root: &Path, rel: &Path, create: bool) -> Result<PathBuf
                     ),
                 ));
             }
-            Err(_) if create => fs::create_dir(&cur).ctx("create directory", &cur)?,
+            Err(_) if create => {
+                fs::create_dir(&cur).ctx("create directory", &cur)?;
+                // 0755 in the guest whatever the builder's umask (wickd runs with 077).
+                fs::set_permissions(&cur, fs::Permissions::from_mode(0o755)).ctx("chmod", &cur)?;
+            }
             Err(_) => {}
         }
     }

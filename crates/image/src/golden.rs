@@ -186,6 +186,16 @@ impl ImageStore {
             .arg(&root)
             .arg(&mirror)
             .env("LC_ALL", "C");
+        // The guest tree gets a guest's usual umask whatever the caller's (wickd runs with 077;
+        // the tree is private anyway: it is inside the 0700 staging dir).
+        // SAFETY: umask is async-signal-safe and touches only the child.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::umask(0o022);
+                Ok(())
+            });
+        }
         run(&mut cmd, &mut |line| {
             if let Some(rest) = line.strip_prefix("I: ") {
                 progress(&format!("debootstrap: {rest}"));

@@ -340,8 +340,11 @@ impl ImageStore {
 
     /// A new staging directory inside the store (same filesystem, so commit is a rename).
     pub(crate) fn staging(&self) -> Result<Staging> {
+        // 0700 from birth (tempfile's default is 0777 & umask): image content (device nodes,
+        // setuid files) is unpacked in here and must be unreachable for other local users.
         let dir = tempfile::Builder::new()
             .prefix(STAGING_PREFIX)
+            .permissions(fs::Permissions::from_mode(0o700))
             .tempdir_in(&self.dir)
             .ctx("create a staging directory in", &self.dir)?;
         let lock_path = dir.path().join(LOCK);
@@ -618,5 +621,24 @@ mod tests {
             .unwrap()
             .flatten()
             .all(|e| e.file_name() == LOCK));
+    }
+
+    /// Image content (device nodes, setuid files) is unpacked into the staging dir: nobody but
+    /// root may traverse it, whatever the umask.
+    #[test]
+    fn staging_is_private_before_anything_is_unpacked() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ImageStore::new(d.path().join("images")).unwrap();
+        let st = s.staging().unwrap();
+        let mode = fs::metadata(st.path()).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "staging dir mode {mode:o}");
+        let scratch = st.scratch("rootfs").unwrap();
+        let mode = fs::metadata(st.path()).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(
+            mode,
+            0o700,
+            "still private with scratch {}",
+            scratch.display()
+        );
     }
 }

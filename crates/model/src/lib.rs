@@ -10,7 +10,7 @@ pub mod paths;
 pub mod size;
 pub mod vm;
 
-pub use name::{generate_name, validate_name, NameError};
+pub use name::{generate_name, validate_name, validate_vm_name, NameError};
 pub use paths::Paths;
 pub use size::{parse_size_mib, SizeError};
 pub use vm::{

@@ -19,6 +19,15 @@ pub enum NameError {
     InvalidChar { name: String, ch: char, pos: usize },
     #[error("VM name {name:?} must not start or end with '-'")]
     EdgeHyphen { name: String },
+    #[error(
+        "VM name {name:?} could be taken for a VM id or id prefix ({min} to {max} hex digits); \
+         add a letter g-z or a '-'"
+    )]
+    LooksLikeId {
+        name: String,
+        min: usize,
+        max: usize,
+    },
 }
 
 /// Checks `name` against the DNS-label rules: lowercase a–z, 0–9 and `-`, 1–63 characters, no
@@ -43,6 +52,20 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.starts_with('-') || name.ends_with('-') {
         return Err(NameError::EdgeHyphen {
             name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a VM name: [`validate_name`], and not something a lookup could take for a VM id or id
+/// prefix ([`crate::vm::looks_like_id`]), so `vm show REF` never means two VMs.
+pub fn validate_vm_name(name: &str) -> Result<(), NameError> {
+    validate_name(name)?;
+    if crate::vm::looks_like_id(name) {
+        return Err(NameError::LooksLikeId {
+            name: name.to_string(),
+            min: crate::vm::MIN_ID_PREFIX,
+            max: crate::vm::ID_LEN,
         });
     }
     Ok(())
@@ -121,7 +144,22 @@ mod tests {
     fn generated_names_are_valid() {
         for _ in 0..200 {
             let n = generate_name();
-            validate_name(&n).unwrap();
+            validate_vm_name(&n).unwrap();
+        }
+    }
+
+    #[test]
+    fn vm_names_never_look_like_ids() {
+        let id = crate::new_vm_id();
+        for bad in [id.as_str(), &id[..12], &id[..4], "cafe", "deadbeef", "0123"] {
+            let e = validate_vm_name(bad).unwrap_err();
+            assert!(matches!(e, NameError::LooksLikeId { .. }), "{bad}: {e}");
+            assert!(e.to_string().contains("id prefix"), "{e}");
+        }
+        // Too short for a prefix lookup, too long for an id, or not all hex: plain names.
+        let long_hex = "a".repeat(33);
+        for ok in ["a", "0", "abc", "cafe-1", "coffee", long_hex.as_str()] {
+            assert_eq!(validate_vm_name(ok), Ok(()), "{ok}");
         }
     }
 }

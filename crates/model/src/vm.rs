@@ -264,6 +264,17 @@ pub fn short_id(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
+/// Length of a VM id (lowercase hex digits).
+pub const ID_LEN: usize = 32;
+/// Shortest id prefix a lookup accepts (shorter references are names only).
+pub const MIN_ID_PREFIX: usize = 4;
+
+/// Whether `s` could be a VM id or an id prefix a lookup accepts: [`MIN_ID_PREFIX`] to
+/// [`ID_LEN`] hex digits. VM names never look like this.
+pub fn looks_like_id(s: &str) -> bool {
+    (MIN_ID_PREFIX..=ID_LEN).contains(&s.len()) && s.chars().all(|c| c.is_ascii_hexdigit())
+}
+
 /// A new random VM id: 32 lowercase hex digits.
 pub fn new_vm_id() -> String {
     use rand::RngCore;

@@ -13,6 +13,7 @@
 //! (`losetup --list --json`, matched by path or inode), the dm device by its deterministic name.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,10 @@ use crate::{BackendKind, CowBackend};
 pub const CHUNK_SECTORS: u32 = 8;
 /// Name of the lock file in the state dir.
 pub const LOCK_FILE: &str = "dm-snapshot.lock";
+
+/// `dmsetup` flags for create and remove: udev runs no rules for our devices (no blkid/LVM
+/// probing of guest-written data) and libdevmapper manages the `/dev/mapper` node itself.
+const NO_UDEV: [&str; 2] = ["--noudevrules", "--noudevsync"];
 
 /// Waits between `dmsetup remove` attempts while the device is busy (~6 s in all).
 const REMOVE_BACKOFF_MS: [u64; 7] = [50, 100, 200, 400, 800, 1600, 3000];
@@ -76,6 +81,7 @@ impl DmSnapshotBackend {
         ensure_dir(&self.state_dir)?;
         let path = self.state_dir.join(LOCK_FILE);
         let f = OpenOptions::new()
+            .mode(0o600) // owner only (state dir files are private)
             .create(true)
             .truncate(false)
             .write(true)
@@ -130,7 +136,12 @@ impl DmSnapshotBackend {
         };
         if fresh || !self.dm_exists(p.name)? {
             let table = plan.dm_table(&origin, &cow).expect("dm plan");
-            self.run("dmsetup", &["create", p.name, "--table", &table])?;
+            // Guest-written data must not be probed by the host (LVM, partition tables,
+            // filesystem signatures): no udev rules for this device, nodes made by libdevmapper.
+            self.run(
+                "dmsetup",
+                &["create", NO_UDEV[0], NO_UDEV[1], p.name, "--table", &table],
+            )?;
             made.push(Made::Dm(p.name.to_string()));
         }
         Ok(RootDisk {
@@ -182,7 +193,8 @@ impl DmSnapshotBackend {
     fn remove_dm(&self, name: &str) -> Result<()> {
         let mut attempt = 0;
         loop {
-            let out = self.runner.run("dmsetup", &["remove", name])?;
+            let args = ["remove", NO_UDEV[0], NO_UDEV[1], name];
+            let out = self.runner.run("dmsetup", &args)?;
             if out.status.success() {
                 return Ok(());
             }
@@ -201,7 +213,7 @@ impl DmSnapshotBackend {
                      stop it, then delete the VM again"
                 )
             });
-            return Err(command_error("dmsetup", &["remove", name], &out, hint));
+            return Err(command_error("dmsetup", &args, &out, hint));
         }
     }
 
@@ -288,6 +300,7 @@ impl CowBackend for DmSnapshotBackend {
                 ensure_dir(dir)?;
             }
             let f = OpenOptions::new()
+                .mode(0o600) // owner only (state dir files are private)
                 .write(true)
                 .create_new(true)
                 .open(p.cow)
@@ -609,7 +622,7 @@ mod tests {
                 LIST.to_string(),
                 format!("losetup --find --show --read-only {}", f.image.display()),
                 format!("losetup --find --show {}", f.cow.display()),
-                "dmsetup create wk-0123456789ab --table \"0 131072 snapshot /dev/loop7 /dev/loop8 P 8\"".into(),
+                "dmsetup create --noudevrules --noudevsync wk-0123456789ab --table \"0 131072 snapshot /dev/loop7 /dev/loop8 P 8\"".into(),
             ],
         );
         assert_eq!(disk.path, PathBuf::from("/dev/mapper/wk-0123456789ab"));
@@ -648,7 +661,7 @@ mod tests {
             &[
                 LIST.to_string(),
                 format!("losetup --find --show {}", f.cow.display()),
-                "dmsetup create wk-0123456789ab --table \"0 131072 snapshot /dev/loop4 /dev/loop9 P 8\"".into(),
+                "dmsetup create --noudevrules --noudevsync wk-0123456789ab --table \"0 131072 snapshot /dev/loop4 /dev/loop9 P 8\"".into(),
             ],
         );
     }
@@ -658,7 +671,7 @@ mod tests {
     fn create_rolls_back_at_every_step() {
         let ro = |f: &Fixture| format!("losetup --find --show --read-only {}", f.image.display());
         let rw = |f: &Fixture| format!("losetup --find --show {}", f.cow.display());
-        let dm = "dmsetup create wk-0123456789ab --table \"0 131072 snapshot /dev/loop7 /dev/loop8 P 8\"";
+        let dm = "dmsetup create --noudevrules --noudevsync wk-0123456789ab --table \"0 131072 snapshot /dev/loop7 /dev/loop8 P 8\"";
         // (failing call prefix, expected calls after the failing one)
         type Case = (fn(&Fixture) -> String, Vec<String>);
         let cases: Vec<Case> = vec![
@@ -730,7 +743,7 @@ mod tests {
         golden(
             &f,
             &[
-                "dmsetup remove wk-0123456789ab".into(),
+                "dmsetup remove --noudevrules --noudevsync wk-0123456789ab".into(),
                 LIST.into(),
                 "losetup --detach /dev/loop8".into(),
                 "dmsetup table --target snapshot".into(),
@@ -747,7 +760,13 @@ mod tests {
             "device-mapper: remove ioctl on wk-0123456789ab  failed: No such device or address\nCommand failed.\n",
         );
         f.backend.release(&f.plan).unwrap();
-        golden(&f, &["dmsetup remove wk-0123456789ab".into(), LIST.into()]);
+        golden(
+            &f,
+            &[
+                "dmsetup remove --noudevrules --noudevsync wk-0123456789ab".into(),
+                LIST.into(),
+            ],
+        );
     }
 
     #[test]
@@ -773,7 +792,7 @@ mod tests {
         golden(
             &f,
             &[
-                "dmsetup remove wk-0123456789ab".into(),
+                "dmsetup remove --noudevrules --noudevsync wk-0123456789ab".into(),
                 LIST.into(),
                 "losetup --detach /dev/loop8".into(),
                 "dmsetup table --target snapshot".into(),
@@ -790,9 +809,9 @@ mod tests {
         golden(
             &f,
             &[
-                "dmsetup remove wk-0123456789ab".into(),
-                "dmsetup remove wk-0123456789ab".into(),
-                "dmsetup remove wk-0123456789ab".into(),
+                "dmsetup remove --noudevrules --noudevsync wk-0123456789ab".into(),
+                "dmsetup remove --noudevrules --noudevsync wk-0123456789ab".into(),
+                "dmsetup remove --noudevrules --noudevsync wk-0123456789ab".into(),
                 LIST.into(),
             ],
         );
@@ -835,7 +854,7 @@ mod tests {
                 format!("losetup --find --show --read-only {}", f.image.display()),
                 format!("losetup --find --show {}", f.cow.display()),
                 "dmsetup info wk-0123456789ab".into(),
-                "dmsetup create wk-0123456789ab --table \"0 131072 snapshot /dev/loop1 /dev/loop2 P 8\"".into(),
+                "dmsetup create --noudevrules --noudevsync wk-0123456789ab --table \"0 131072 snapshot /dev/loop1 /dev/loop2 P 8\"".into(),
             ],
         );
         // Already up: only looks.
@@ -897,7 +916,7 @@ mod tests {
             &[
                 LIST.into(),
                 "dmsetup table --target snapshot".into(),
-                "dmsetup remove wk-stray".into(),
+                "dmsetup remove --noudevrules --noudevsync wk-stray".into(),
                 "losetup --detach /dev/loop3".into(),
                 "losetup --detach /dev/loop5".into(),
             ],

@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StorageError};
@@ -77,6 +78,7 @@ pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneMethod> {
 
 fn create_new(path: &Path) -> Result<File> {
     OpenOptions::new()
+        .mode(0o600) // owner only (state dir files are private)
         .write(true)
         .create_new(true)
         .open(path)

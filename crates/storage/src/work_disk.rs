@@ -3,6 +3,7 @@
 //! grown offline with `resize2fs` when the user asks for more (`vm set --disk-size`). Never shrunk.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::error::{Result, StorageError};
@@ -52,6 +53,7 @@ pub fn create(path: &Path, size_mib: u64, seed: Option<&Path>) -> Result<()> {
         return res;
     }
     let f = OpenOptions::new()
+        .mode(0o600) // owner only (state dir files are private)
         .write(true)
         .create_new(true)
         .open(path)
@@ -112,6 +114,7 @@ pub fn grow(path: &Path, new_size_mib: u64) -> Result<bool> {
 /// first when `resize2fs` asks for it). On failure the file gets its `old` length back.
 fn resize_to(r: &dyn Runner, path: &Path, size: u64, old: u64) -> Result<()> {
     let f = OpenOptions::new()
+        .mode(0o600) // owner only (state dir files are private)
         .write(true)
         .open(path)
         .map_err(|e| StorageError::io("cannot open", path, e))?;

@@ -175,18 +175,30 @@ impl Store {
     pub fn find_vm(&self, reference: &str, owner: Option<u32>) -> Result<VmRecord> {
         let visible = |vm: &VmRecord| owner.is_none_or(|o| vm.owner == o);
         let conn = self.conn();
-        let by_name = conn
-            .query_row(
-                &format!("SELECT {VM_COLUMNS} FROM vms WHERE name = ?1 OR id = ?1"),
-                [reference],
-                row_to_vm,
-            )
-            .optional()?
-            .transpose()?;
-        if let Some(vm) = by_name.filter(visible) {
+        let one = |sql: &str, key: &str| -> Result<Option<VmRecord>> {
+            Ok(conn
+                .query_row(
+                    &format!("SELECT {VM_COLUMNS} FROM vms WHERE {sql}"),
+                    [key],
+                    row_to_vm,
+                )
+                .optional()?
+                .transpose()?
+                .filter(visible))
+        };
+        // Unambiguous order: an exact id, then a name, then a unique id prefix. Names never
+        // look like ids or id prefixes (`validate_vm_name`), so no VM's name can shadow
+        // another VM's id.
+        let lower = reference.to_ascii_lowercase();
+        if lower.len() == wick_model::vm::ID_LEN {
+            if let Some(vm) = one("id = ?1", &lower)? {
+                return Ok(vm);
+            }
+        }
+        if let Some(vm) = one("name = ?1", reference)? {
             return Ok(vm);
         }
-        if reference.is_empty() || !reference.chars().all(|c| c.is_ascii_hexdigit()) {
+        if !wick_model::vm::looks_like_id(reference) {
             return Err(StoreError::NotFound(reference.to_string()));
         }
         let mut stmt = conn.prepare(&format!(

@@ -65,18 +65,24 @@ fn duplicate_names_refused() {
 fn find_by_prefix_and_owner() {
     let s = Store::open_in_memory().unwrap();
     let mut x = vm("x", 1000);
-    x.id = format!("abc1{}", &x.id[4..]);
+    x.id = format!("abcd1{}", &x.id[5..]);
     let mut y = vm("y", 1001);
-    y.id = format!("abc2{}", &y.id[4..]);
+    y.id = format!("abcd2{}", &y.id[5..]);
     s.create_vm(x.clone()).unwrap();
     s.create_vm(y.clone()).unwrap();
-    assert_eq!(s.find_vm("abc1", None).unwrap().name, "x");
+    assert_eq!(s.find_vm("abcd1", None).unwrap().name, "x");
+    assert_eq!(s.find_vm("ABCD1", None).unwrap().name, "x");
     assert!(matches!(
-        s.find_vm("abc", None),
+        s.find_vm("abcd", None),
         Err(StoreError::Ambiguous { .. })
     ));
     // owner 1000 sees only x, so the prefix is unique for them
-    assert_eq!(s.find_vm("abc", Some(1000)).unwrap().name, "x");
+    assert_eq!(s.find_vm("abcd", Some(1000)).unwrap().name, "x");
+    // Shorter than MIN_ID_PREFIX: a name only.
+    assert!(matches!(
+        s.find_vm("abc", None),
+        Err(StoreError::NotFound(_))
+    ));
     assert!(matches!(
         s.find_vm("y", Some(1000)),
         Err(StoreError::NotFound(_))
@@ -87,6 +93,33 @@ fn find_by_prefix_and_owner() {
         s.find_vm("zz-nope", None),
         Err(StoreError::NotFound(_))
     ));
+}
+
+/// A VM named like another VM's id (a record from before names were checked, or written
+/// straight to the database) never takes over lookups by that id: exact id first, then name,
+/// then unique prefix.
+#[test]
+fn exact_id_wins_over_a_name_that_looks_like_it() {
+    let s = Store::open_in_memory().unwrap();
+    let victim = vm("victim", 1000);
+    let mut squatter = vm("placeholder", 1001);
+    squatter.name = victim.id.clone();
+    s.create_vm(squatter).unwrap(); // the older row: found first by a scan
+    let victim = s.create_vm(victim).unwrap();
+    for owner in [None, Some(1000)] {
+        assert_eq!(s.find_vm(&victim.id, owner).unwrap().name, "victim");
+    }
+    // Its owner, who cannot see the victim, still reaches it by its name.
+    assert_eq!(s.find_vm(&victim.id, Some(1001)).unwrap().owner, 1001);
+    // A name beats an id prefix (and names that look like prefixes are refused at create).
+    let mut short = vm("placeholder2", 1002);
+    short.name = victim.id[..12].to_string();
+    s.create_vm(short).unwrap();
+    assert_eq!(s.find_vm(&victim.id[..12], None).unwrap().owner, 1002);
+    assert_eq!(
+        s.find_vm(&victim.id[..12], Some(1000)).unwrap().name,
+        "victim"
+    );
 }
 
 #[test]

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use crate::cargo_bin;
 use wick_host::net::testns::TestNetns;
 
+/// The uid (and gid) [`WickdEnv::wick_as_user`] runs as: nobody/nogroup.
+pub const USER_UID: u32 = 65534;
+
 /// One isolated daemon: its root directory, config and process.
 pub struct WickdEnv {
     pub dir: tempfile::TempDir,
@@ -57,6 +60,35 @@ impl WickdEnv {
             env: Vec::new(),
             netns,
         }
+    }
+
+    /// Like [`new_with_image_extra`](Self::new_with_image_extra), for tests of local users:
+    /// `socket_group = "nogroup"`, and the test's own root directory traversable, so
+    /// [`wick_as_user`](Self::wick_as_user) (uid/gid 65534) reaches the socket the way a member
+    /// of `socket_group` would.
+    pub fn for_local_users(extra_config: &str, image_extra: &str) -> WickdEnv {
+        use std::os::unix::fs::PermissionsExt;
+        let env = Self::new_with_image_extra(
+            &format!("socket_group = \"nogroup\"\n{extra_config}"),
+            image_extra,
+        );
+        std::fs::set_permissions(env.root(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        env
+    }
+
+    /// Runs `wick ARGS` as the local user uid/gid 65534 (nobody/nogroup), straight to the
+    /// socket (no netns hop: `ip netns exec` needs root).
+    pub fn wick_as_user(&self, args: &[&str]) -> Output {
+        Command::new(cargo_bin("wick"))
+            .args(args)
+            .env("WICK_ROOT", self.root())
+            .env_remove("WICK_SOCKET")
+            .env("HOME", "/tmp")
+            .uid(USER_UID)
+            .gid(USER_UID)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run wick as uid 65534")
     }
 
     /// A fresh root whose `config.toml` is exactly `config` (for real-guest tests that bring
