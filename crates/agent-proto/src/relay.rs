@@ -66,7 +66,7 @@ mod tests {
             client_rd.read_to_end(&mut got).await.unwrap();
             assert_eq!(got, b"exit status");
             drop((client_rd, client_wr));
-            relayed.await.unwrap();
+            let _ = relayed.await.unwrap();
         }
     }
 
