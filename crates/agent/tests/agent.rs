@@ -114,7 +114,7 @@ async fn exec_env_cwd_user_and_errors() {
         let out = h.client.exec(req).await.unwrap().output().await.unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4242");
     } else {
-        eprintln!("skipping the user-switch part: needs root");
+        wick_testkit::skip(format_args!("the user-switch part: needs root"));
     }
 
     let err = h
@@ -610,7 +610,9 @@ async fn configure_writes_below_the_root_prefix() {
             "{g}"
         );
     } else {
-        eprintln!("git not installed: skipping the git identity check");
+        wick_testkit::skip(format_args!(
+            "git not installed: skipping the git identity check"
+        ));
         assert!(r.warnings.iter().any(|w| w.contains("git")));
     }
     if have("ssh-keygen") {
@@ -620,7 +622,9 @@ async fn configure_writes_below_the_root_prefix() {
             "{r:?}"
         );
     } else {
-        eprintln!("ssh-keygen not installed: skipping the host key check");
+        wick_testkit::skip(format_args!(
+            "ssh-keygen not installed: skipping the host key check"
+        ));
     }
     assert!(r.warnings.iter().any(|w| w.contains("not live")), "{r:?}");
 

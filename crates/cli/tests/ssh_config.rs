@@ -81,7 +81,9 @@ fn install_into_a_fresh_home_then_uninstall() {
         assert!(wick_dir.join("id_ed25519").is_file(), "{stdout}");
         assert!(wick_dir.join("id_ed25519.pub").is_file());
     } else {
-        println!("skipped key check: ssh-keygen is not installed (apt package openssh-client)");
+        wick_testkit::skip(format_args!(
+            "the key check: ssh-keygen is not installed (apt package openssh-client)"
+        ));
     }
 
     // Second install: nothing changes, and it says so.

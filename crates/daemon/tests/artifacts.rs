@@ -16,7 +16,7 @@ fn root() -> bool {
     if nix::unistd::geteuid().is_root() {
         true
     } else {
-        eprintln!("skipped: needs root");
+        wick_testkit::skip(format_args!("needs root"));
         false
     }
 }
@@ -36,7 +36,7 @@ fn small_ext4(dir: &Path) -> Option<PathBuf> {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!("skipped: mkfs.ext4 -d failed or e2fsprogs is missing");
+        wick_testkit::skip(format_args!("mkfs.ext4 -d failed or e2fsprogs is missing"));
         return None;
     }
     Some(img)
@@ -154,7 +154,7 @@ fn images_and_kernels_through_wickd() {
             Some(k)
         }
         Err(why) => {
-            eprintln!("skipped the kernel part: {why}");
+            wick_testkit::skip(format_args!("the kernel part: {why}"));
             None
         }
     };
@@ -230,13 +230,13 @@ async fn first_use_prepares_the_default_pair_once() {
         return;
     }
     if let Some(why) = wick_image::testcache::golden_unavailable() {
-        eprintln!("skipped: {why}");
+        wick_testkit::skip(format_args!("{why}"));
         return;
     }
     let deb = match cloud_kernel_deb() {
         Ok(d) => d,
         Err(why) => {
-            eprintln!("skipped: {why}");
+            wick_testkit::skip(format_args!("{why}"));
             return;
         }
     };

@@ -12,7 +12,7 @@ fn root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         true
     } else {
-        eprintln!("SKIP: {test}: needs root");
+        wick_testkit::skip(format_args!("{test}: needs root"));
         false
     }
 }
@@ -160,7 +160,9 @@ fn wickd_raises_its_open_file_limit() {
     // Start wickd with a low soft limit (inherited from this test process).
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     if hard <= 256 {
-        eprintln!("SKIP: wickd_raises_its_open_file_limit: hard RLIMIT_NOFILE is only {hard}");
+        wick_testkit::skip(format_args!(
+            "wickd_raises_its_open_file_limit: hard RLIMIT_NOFILE is only {hard}"
+        ));
         return;
     }
     setrlimit(Resource::RLIMIT_NOFILE, 256, hard).unwrap();
@@ -191,7 +193,7 @@ fn workspace_export_streams_a_large_patch_with_bounded_cli_memory() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !have_git {
-        eprintln!("SKIP: {test}: needs git");
+        wick_testkit::skip(format_args!("{test}: needs git"));
         return;
     }
     // The fake guest is this host: the guest repository is a temp dir.

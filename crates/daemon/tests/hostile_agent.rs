@@ -21,7 +21,9 @@ fn root() -> bool {
     if nix::unistd::geteuid().is_root() {
         true
     } else {
-        eprintln!("SKIP: hostile_agent: needs root (wickd is a root daemon)");
+        wick_testkit::skip(format_args!(
+            "hostile_agent: needs root (wickd is a root daemon)"
+        ));
         false
     }
 }

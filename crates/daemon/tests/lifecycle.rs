@@ -10,7 +10,7 @@ fn root() -> bool {
     if nix::unistd::geteuid().is_root() {
         true
     } else {
-        eprintln!("skipped: needs root");
+        wick_testkit::skip(format_args!("needs root"));
         false
     }
 }

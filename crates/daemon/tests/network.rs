@@ -13,7 +13,7 @@ use wick_testkit::wickd::WickdEnv;
 
 fn skip() -> bool {
     if let Some(why) = testns::skip_reason() {
-        eprintln!("skipped: {why}");
+        wick_testkit::skip(format_args!("{why}"));
         return true;
     }
     false
@@ -300,7 +300,7 @@ fn vm_dns_follows_vm_state_for_host_and_guests() {
     let mut env = WickdEnv::new("dns_port = 10053\nupstream_dns = [\"198.51.100.2\"]");
     env.start();
     if !testns::tool_works(env.netns.as_ref().unwrap(), "dig", &["-v"]) {
-        eprintln!("skipped: dig (dnsutils) missing");
+        wick_testkit::skip(format_args!("dig (dnsutils) missing"));
         return;
     }
     env.wick_ok(&["vm", "create", "--name", "a1"]);

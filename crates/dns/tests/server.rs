@@ -255,7 +255,9 @@ async fn real_dig_sees_the_records() {
     let run = |args: Vec<String>| tokio::task::spawn_blocking(move || dig(&args));
 
     let Some(out) = run(base("a1.vm", &["+short"])).await.unwrap() else {
-        println!("skipped: `dig` is not installed (apt package dnsutils)");
+        wick_testkit::skip(format_args!(
+            "`dig` is not installed (apt package dnsutils)"
+        ));
         server.shutdown().await.unwrap();
         upstream.stop().await;
         return;

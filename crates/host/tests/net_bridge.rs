@@ -33,7 +33,7 @@ fn connect_ok(ns: &TestNetns, addr: SocketAddr) {
 macro_rules! skip_unless_netns {
     () => {
         if let Some(why) = skip_reason() {
-            eprintln!("SKIP: {why}");
+            wick_testkit::skip(format_args!("{why}"));
             return;
         }
     };
@@ -135,7 +135,7 @@ fn host_isolation_allows_only_dns_and_established_from_guests() {
     skip_unless_netns!();
     let w = TestNetns::create("iso").unwrap();
     if !tool_works(&w, "nft", &["list", "tables"]) {
-        eprintln!("SKIP: nft not usable");
+        wick_testkit::skip(format_args!("nft not usable"));
         return;
     }
     let r = w.runner();

@@ -234,12 +234,14 @@ pub fn bridge_link_local(w: &TestNetns) -> std::net::Ipv6Addr {
 
 fn ready(tool: &str, args: &[&str]) -> bool {
     if let Some(why) = skip_reason() {
-        eprintln!("SKIP: guard test: {why}");
+        wick_testkit::skip(format_args!("guard test: {why}"));
         return false;
     }
     let probe = TestNetns::create("probe").unwrap();
     if !tool_works(&probe, tool, args) {
-        eprintln!("SKIP: guard test: `{tool}` does not work here (install it)");
+        wick_testkit::skip(format_args!(
+            "guard test: `{tool}` does not work here (install it)"
+        ));
         return false;
     }
     true

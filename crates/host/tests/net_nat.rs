@@ -114,12 +114,12 @@ fn nat_roundtrip(make: impl FnOnce(Arc<dyn Runner>) -> Box<dyn NatBackend>) {
 macro_rules! require {
     ($tool:expr, $args:expr) => {{
         if let Some(why) = skip_reason() {
-            eprintln!("SKIP: {why}");
+            wick_testkit::skip(format_args!("{why}"));
             return;
         }
         let probe = TestNetns::create("probe").unwrap();
         if !tool_works(&probe, $tool, $args) {
-            eprintln!("SKIP: `{}` does not work here (install it)", $tool);
+            wick_testkit::skip(format_args!("`{}` does not work here (install it)", $tool));
             return;
         }
     }};

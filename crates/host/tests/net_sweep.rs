@@ -13,12 +13,12 @@ use wick_host::net::{
 #[test]
 fn sweep_keeps_only_live_vms() {
     if let Some(why) = skip_reason() {
-        eprintln!("SKIP: {why}");
+        wick_testkit::skip(format_args!("{why}"));
         return;
     }
     let w = TestNetns::create("sweep").unwrap();
     if !tool_works(&w, "nft", &["list", "tables"]) {
-        eprintln!("SKIP: nft not usable");
+        wick_testkit::skip(format_args!("nft not usable"));
         return;
     }
     let r: Arc<dyn Runner> = Arc::new(w.runner());

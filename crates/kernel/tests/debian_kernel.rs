@@ -15,7 +15,9 @@ fn import_debian_kernel(store_dir: &std::path::Path) -> Option<KernelRecord> {
     let deb = match debian_kernel_deb() {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("SKIP: cannot get the Debian cloud kernel package: {e}");
+            wick_testkit::skip(format_args!(
+                "cannot get the Debian cloud kernel package: {e}"
+            ));
             return None;
         }
     };
@@ -123,11 +125,13 @@ fn debian_cloud_kernel_imports_with_initramfs() {
 #[test]
 fn debian_cloud_kernel_boots_through_wick_init_under_qemu_tcg() {
     if which("qemu-system-x86_64").is_none() {
-        eprintln!("SKIP: qemu-system-x86_64 is not installed (apt-get install -t bookworm-backports qemu-system-x86)");
+        wick_testkit::skip(format_args!("qemu-system-x86_64 is not installed (apt-get install -t bookworm-backports qemu-system-x86)"));
         return;
     }
     if which("mkfs.ext4").is_none() && !std::path::Path::new("/usr/sbin/mkfs.ext4").exists() {
-        eprintln!("SKIP: mkfs.ext4 is not installed (apt-get install e2fsprogs)");
+        wick_testkit::skip(format_args!(
+            "mkfs.ext4 is not installed (apt-get install e2fsprogs)"
+        ));
         return;
     }
     let dir = tempfile::tempdir().unwrap();

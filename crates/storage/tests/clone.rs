@@ -40,7 +40,7 @@ fn reflink_roundtrip(state: &Path) {
 #[test]
 fn reflink_on_xfs() {
     if let Some(why) = missing(&["mkfs.xfs", "losetup", "mount"]) {
-        println!("SKIPPED reflink_on_xfs: {why}");
+        wick_testkit::skip(format_args!("{why}"));
         return;
     }
     let m = LoopMount::new("xfs", 512);
@@ -50,7 +50,7 @@ fn reflink_on_xfs() {
 #[test]
 fn reflink_on_btrfs() {
     if let Some(why) = missing(&["mkfs.btrfs", "losetup", "mount"]) {
-        println!("SKIPPED reflink_on_btrfs: {why}");
+        wick_testkit::skip(format_args!("{why}"));
         return;
     }
     let m = LoopMount::new("btrfs", 512);
@@ -63,10 +63,10 @@ fn reflink_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     if probe(state).reflink.is_ok() {
-        println!(
-            "SKIPPED reflink_refused_clearly: {} can reflink",
+        wick_testkit::skip(format_args!(
+            "{} can reflink: no filesystem here to see the refusal on",
             state.display()
-        );
+        ));
         return;
     }
     let e = select(BackendChoice::Reflink, state).err().unwrap();
@@ -123,7 +123,7 @@ fn copy_on_host_filesystem() {
 #[test]
 fn copy_on_xfs() {
     if let Some(why) = missing(&["mkfs.xfs", "losetup", "mount"]) {
-        println!("SKIPPED copy_on_xfs: {why}");
+        wick_testkit::skip(format_args!("{why}"));
         return;
     }
     let m = LoopMount::new("xfs", 512);

@@ -11,11 +11,13 @@ use wick_storage::{CowBackend, DmSnapshotBackend, SystemRunner};
 #[test]
 fn dm_snapshot_for_real() {
     if !std::path::Path::new("/dev/mapper/control").exists() {
-        println!("SKIPPED dm_snapshot_for_real: /dev/mapper/control does not exist (no device-mapper in this kernel)");
+        wick_testkit::skip(format_args!(
+            "/dev/mapper/control does not exist (no device-mapper in this kernel)"
+        ));
         return;
     }
     if let Some(why) = common::missing(&["dmsetup", "losetup", "mkfs.ext4"]) {
-        println!("SKIPPED dm_snapshot_for_real: {why}");
+        wick_testkit::skip(format_args!("{why}"));
         return;
     }
     let dir = tempfile::tempdir().unwrap();

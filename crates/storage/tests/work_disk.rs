@@ -47,7 +47,7 @@ fn cat(img: &Path, file: &str) -> String {
 #[test]
 fn empty_work_disk() {
     if let Some(why) = skip() {
-        println!("SKIPPED empty_work_disk: {why}");
+        wick_testkit::skip(format_args!("{why}"));
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -66,7 +66,7 @@ fn empty_work_disk() {
 #[test]
 fn seeded_work_disk_keeps_content_and_grows() {
     if let Some(why) = skip() {
-        println!("SKIPPED seeded_work_disk_keeps_content_and_grows: {why}");
+        wick_testkit::skip(format_args!("{why}"));
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -122,7 +122,7 @@ fn seeded_work_disk_keeps_content_and_grows() {
 #[test]
 fn grow_runs_fsck_when_resize2fs_demands_it() {
     if let Some(why) = skip() {
-        println!("SKIPPED grow_runs_fsck_when_resize2fs_demands_it: {why}");
+        wick_testkit::skip(format_args!("{why}"));
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -7,8 +7,8 @@
 //! - [`wickd`]: a real `wickd` in an isolated `WICK_ROOT`, with the fake Firecracker as its VMM.
 //! - [`skip`]: how a test that cannot run here says so (never a silent pass).
 
-mod skip;
 pub mod hostile;
+mod skip;
 pub mod wickd;
 
 pub use skip::{skip, SKIP_LOG_ENV};

@@ -17,9 +17,9 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 
-/// Prints why a test is skipped. Tests return right after.
-pub fn skip(test: &str, reason: &str) {
-    eprintln!("SKIP {test}: {reason}");
+/// Says why a test is skipped ([`wick_testkit::skip`]). Tests return right after.
+pub fn skip(_test: &str, reason: &str) {
+    wick_testkit::skip(reason);
 }
 
 /// Why root-and-tools tests cannot run, if they cannot.
