@@ -107,14 +107,19 @@ fn instance_id(handle: &VmmHandle) -> String {
     }
 }
 
-/// Creates `p` if missing (Firecracker's logger and metrics need an existing file).
-fn touch(p: &Path) -> Result<(), VmmError> {
+/// Creates `p` if missing (Firecracker's logger and metrics need an existing file), owned by
+/// the VM's uid when the VMM is confined.
+fn touch(p: &Path, cfg: &VmmConfig) -> Result<(), VmmError> {
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(p)
         .map(drop)
-        .map_err(|e| VmmError::Other(format!("cannot create {}: {e}", p.display())))
+        .map_err(|e| VmmError::Other(format!("cannot create {}: {e}", p.display())))?;
+    match &cfg.jail {
+        Some(jail) => crate::confine::chown_to(p, jail),
+        None => Ok(()),
+    }
 }
 
 /// The last lines of the VMM log, for error messages (see [`crate::common::log_tail`]).
@@ -135,7 +140,7 @@ impl Firecracker {
         let dir = vm_dir(&handle.api_socket);
 
         let fc_log = dir.join("firecracker.log");
-        touch(&fc_log)?;
+        touch(&fc_log, cfg)?;
         self.put(
             handle,
             "/logger",
@@ -144,7 +149,7 @@ impl Firecracker {
         .await?;
 
         let metrics = dir.join("metrics.json");
-        touch(&metrics)?;
+        touch(&metrics, cfg)?;
         self.put(handle, "/metrics", json!({ "metrics_path": metrics }))
             .await?;
 
@@ -226,11 +231,12 @@ impl Vmm for Firecracker {
         }
     }
 
-    /// `_cfg` is unused: Firecracker is configured through its API in [`Vmm::boot`].
+    /// Firecracker is configured through its API in [`Vmm::boot`]; from `cfg` only the jail
+    /// matters here: with one, Firecracker starts in the VM's cgroup as the VM's uid.
     async fn spawn(
         &self,
         handle: &VmmHandle,
-        _cfg: &VmmConfig,
+        cfg: &VmmConfig,
         timeout: Duration,
     ) -> Result<Spawned, VmmError> {
         let spawn_err = |what: &str, e: std::io::Error| VmmError::Spawn(format!("{what}: {e}"));
@@ -252,6 +258,9 @@ impl Vmm for Firecracker {
             // must not take the VMs down with it.
             .process_group(0)
             .kill_on_drop(false);
+        if let Some(jail) = &cfg.jail {
+            crate::confine::confine(&mut cmd, jail, &[])?;
+        }
         let mut child = cmd.spawn().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 VmmError::BinaryNotFound(format!(
@@ -310,6 +319,7 @@ impl Vmm for Firecracker {
             start_time,
             child: Some(child),
             sidecars: Vec::new(),
+            accel: "kvm".into(),
         })
     }
 

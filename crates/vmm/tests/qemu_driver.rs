@@ -354,6 +354,8 @@ impl RealVm {
             guest_cid: 42,
             tap: None,
             guest_mac: None,
+            jail: None,
+            require_kvm: false,
         };
         RealVm {
             qemu,
