@@ -253,7 +253,7 @@ impl Config {
         self.network_settings()?;
         self.storage_choice()?;
         self.vmm_uid_range()?;
-        self.cgroup_parent(None)?;
+        self.cgroup_parent(&wick_model::Paths::new(None))?;
         if let Some(ups) = &self.upstream_dns {
             for u in ups {
                 u.parse::<std::net::IpAddr>()
@@ -310,26 +310,13 @@ impl Config {
         Ok(a..=b)
     }
 
-    /// Parent of the per-VM cgroups: `cgroup_parent`, else `wick` for the system layout and
-    /// `wick-<8 hex>` (a hash of the path) for a `WICK_ROOT`, so daemons of different roots never
-    /// sweep each other's cgroups.
-    pub fn cgroup_parent(&self, wick_root: Option<&Path>) -> Result<String, String> {
-        let p = match (&self.cgroup_parent, wick_root) {
-            (Some(p), _) => p.clone(),
-            (None, None) => "wick".into(),
-            (None, Some(root)) => {
-                use std::os::unix::ffi::OsStrExt;
-                // FNV-1a: stable across builds and platforms.
-                let h = root
-                    .as_os_str()
-                    .as_bytes()
-                    .iter()
-                    .fold(0x811c_9dc5u32, |h, b| {
-                        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
-                    });
-                format!("wick-{h:08x}")
-            }
-        };
+    /// Parent of the per-VM cgroups: `cgroup_parent`, else the layout's default
+    /// ([`wick_model::Paths::default_cgroup_parent`]).
+    pub fn cgroup_parent(&self, paths: &wick_model::Paths) -> Result<String, String> {
+        let p = self
+            .cgroup_parent
+            .clone()
+            .unwrap_or_else(|| paths.default_cgroup_parent());
         let ok = !p.is_empty()
             && p.split('/').all(|c| {
                 !c.is_empty()

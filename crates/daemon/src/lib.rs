@@ -183,7 +183,7 @@ pub fn builtin_capabilities(
         // First: its cleanup runs last, once the VMM and everything else are gone.
         caps.push(Arc::new(caps::contain::Contain::new(
             config
-                .cgroup_parent(paths.root.as_deref())
+                .cgroup_parent(paths)
                 .map_err(|e| anyhow::anyhow!(e))?,
             config.vmm_uid_range().map_err(|e| anyhow::anyhow!(e))?,
             paths,

@@ -11,6 +11,24 @@ use nix::unistd::{Gid, Uid};
 
 use crate::{Jail, VmmError};
 
+/// A command for `bin`, to be [`confine`]d when `jail` is given: the binary is then opened by the
+/// daemon and executed through `/proc/self/fd/N`, so it need not be reachable by the VMM uid
+/// (e.g. `vhost-device-vsock` in root's `~/.cargo/bin`). Keep the returned file until the
+/// command has been spawned.
+pub fn command(
+    bin: &Path,
+    jail: Option<&Jail>,
+) -> Result<(tokio::process::Command, Option<File>), VmmError> {
+    let Some(_) = jail else {
+        return Ok((tokio::process::Command::new(bin), None));
+    };
+    let exe = File::open(bin)
+        .map_err(|e| VmmError::BinaryNotFound(format!("cannot open {}: {e}", bin.display())))?;
+    let mut cmd = tokio::process::Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
+    cmd.arg0(bin);
+    Ok((cmd, Some(exe)))
+}
+
 /// Makes `cmd`'s process join `jail`'s cgroup, set `PR_SET_NO_NEW_PRIVS`, and drop every uid
 /// and gid to the jail's (supplementary groups: the jail's `groups` only) before `exec`.
 /// `keep_fds` lose their close-on-exec flag in the child (and only there), so the VMM inherits

@@ -246,7 +246,7 @@ impl Vmm for Firecracker {
         }
         let (log, log_err) = open_log(&handle.log_path)?;
 
-        let mut cmd = tokio::process::Command::new(&self.bin);
+        let (mut cmd, exe) = crate::confine::command(&self.bin, cfg.jail.as_ref())?;
         cmd.arg("--api-sock")
             .arg(&handle.api_socket)
             .arg("--id")
@@ -261,7 +261,9 @@ impl Vmm for Firecracker {
         if let Some(jail) = &cfg.jail {
             crate::confine::confine(&mut cmd, jail, &[])?;
         }
-        let mut child = cmd.spawn().map_err(|e| {
+        let spawned = cmd.spawn();
+        drop(exe);
+        let mut child = spawned.map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 VmmError::BinaryNotFound(format!(
                     "{}: {e}; install Firecracker or set `firecracker_bin` in config.toml",

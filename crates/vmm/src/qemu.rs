@@ -359,7 +359,7 @@ impl Qemu {
     ) -> Result<(tokio::process::Child, Sidecar), VmmError> {
         let socket = sidecar_socket(&handle.api_socket);
         let (out, err) = open_log(&handle.log_path)?;
-        let mut cmd = tokio::process::Command::new(&self.sidecar_bin);
+        let (mut cmd, exe) = crate::confine::command(&self.sidecar_bin, cfg.jail.as_ref())?;
         cmd.args(sidecar_args(&socket, &handle.vsock_socket, cfg.guest_cid))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -370,7 +370,9 @@ impl Qemu {
         if let Some(jail) = &cfg.jail {
             crate::confine::confine(&mut cmd, jail, &[])?;
         }
-        let mut child = cmd.spawn().map_err(|e| {
+        let spawned = cmd.spawn();
+        drop(exe);
+        let mut child = spawned.map_err(|e| {
             VmmError::Spawn(format!(
                 "running {}: {e}; {SIDECAR_HOW}",
                 self.sidecar_bin.display()
@@ -435,7 +437,7 @@ impl Qemu {
         };
         let tap_fd = tap.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         let vhost = sidecar_socket(&handle.api_socket);
-        let mut cmd = tokio::process::Command::new(&self.bin);
+        let (mut cmd, exe) = crate::confine::command(&self.bin, cfg.jail.as_ref())?;
         cmd.args(qemu_args(handle, cfg, engine, &vhost, tap_fd))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -448,7 +450,7 @@ impl Qemu {
             crate::confine::confine(&mut cmd, jail, tap_fd.as_slice())?;
         }
         let spawned = cmd.spawn();
-        drop(tap);
+        drop((tap, exe));
         let mut child = spawned.map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 VmmError::BinaryNotFound(format!("{}: {e}; {QEMU_HOW}", self.bin.display()))
@@ -700,6 +702,10 @@ impl Vmm for Qemu {
 
         let (mut log, _) = open_log(&handle.log_path)?;
         let _ = writeln!(log, "{START_MARKER} (accel {engine}) ===");
+        if let Some(jail) = &cfg.jail {
+            // QEMU appends the serial console to it itself.
+            crate::confine::chown_to(&handle.log_path, jail)?;
+        }
 
         let (mut sidecar_child, sidecar) =
             self.spawn_sidecar(handle, cfg, deadline, timeout).await?;
