@@ -41,6 +41,10 @@ pub struct Config {
     /// Path of the Firecracker binary (default: `firecracker` on PATH).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firecracker_bin: Option<PathBuf>,
+    /// Firecracker's `jailer` (chroot, cgroup, uid drop). Unset: wickd itself confines
+    /// Firecracker (uid, cgroup), without a chroot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jailer_bin: Option<PathBuf>,
     /// Run every VMM and sidecar as its VM's own unprivileged uid in a per-VM cgroup (default
     /// true). `false` runs them as root, unconfined: for debugging and benchmarks only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,6 +257,12 @@ impl Config {
         self.network_settings()?;
         self.storage_choice()?;
         self.vmm_uid_range()?;
+        if self.jailer_bin.is_some() && !self.contain_vmm() {
+            return Err(
+                "jailer_bin needs contain_vmm = true (the jailer runs the VM's uid and cgroup)"
+                    .into(),
+            );
+        }
         self.cgroup_parent(&wick_model::Paths::new(None))?;
         if let Some(ups) = &self.upstream_dns {
             for u in ups {

@@ -152,7 +152,8 @@ pub fn build_vmm(config: &config::Config, paths: &wick_model::Paths) -> Arc<dyn 
                 .clone()
                 .unwrap_or_else(|| "firecracker".into())
         });
-        Arc::new(Firecracker::new(bin)) as Arc<dyn wick_vmm::Vmm>
+        Arc::new(Firecracker::new(bin).with_jailer(config.jailer_bin.clone()))
+            as Arc<dyn wick_vmm::Vmm>
     };
     match config.vmm.as_deref().unwrap_or("auto") {
         "firecracker" => firecracker(fc_bin.ok()),

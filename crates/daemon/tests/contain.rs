@@ -201,8 +201,13 @@ fn crash_then_restart_leaves_no_cgroup_or_uid_file() {
         std::fs::write(f, sleeper.0.id().to_string()).unwrap();
     }
 
+    // A jailer chroot of a VM that no longer exists.
+    let stray_jail = env.root().join("state/jail/firecracker/vm-0000deadbeef");
+    std::fs::create_dir_all(stray_jail.join("root")).unwrap();
+
     env.start();
     assert!(gone(&cg, &orphan), "orphan cgroup swept");
+    assert!(!stray_jail.exists(), "orphan jail swept");
     assert!(
         sleeper.0.try_wait().unwrap().is_some(),
         "its process was killed"

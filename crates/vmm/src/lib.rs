@@ -15,6 +15,7 @@ use wick_model::VmmHandle;
 mod common;
 pub mod confine;
 pub mod firecracker;
+pub mod jailer;
 pub mod qemu;
 
 /// Everything a driver needs to boot one VM.

@@ -42,6 +42,8 @@ pub struct Contain {
     uids: RangeInclusive<u32>,
     /// Directories above the VM dirs that need the search bit for the VMM uids.
     traverse: Vec<PathBuf>,
+    /// `<state>/jail`: Firecracker jailer chroots (`<exec name>/vm-<12 hex>`).
+    jails: PathBuf,
     /// Serializes making a VM cgroup with removing the (then empty) parent.
     tree: std::sync::Mutex<()>,
 }
@@ -57,6 +59,7 @@ impl Contain {
             parent,
             uids,
             traverse,
+            jails: paths.state.join("jail"),
             tree: Default::default(),
         }
     }
@@ -375,7 +378,41 @@ impl Capability for Contain {
                 Err(e) => tracing::error!(cgroup = %rel, error = %e, "cannot remove orphan cgroup"),
             }
         }
+        cgroups.remove_if_empty(&self.parent);
+        out.extend(self.sweep_jails(vms));
         Ok(out)
+    }
+}
+
+impl Contain {
+    /// Removes jailer chroots (`<state>/jail/<exec>/vm-<12 hex>`) of VMs that no longer exist.
+    /// Those of existing VMs are the driver's (removed at its cleanup, re-made at each start).
+    fn sweep_jails(&self, vms: &[VmRecord]) -> Vec<String> {
+        let known: std::collections::HashSet<String> =
+            vms.iter().map(|v| format!("vm-{}", v.short_id())).collect();
+        let mut out = Vec::new();
+        for exec in std::fs::read_dir(&self.jails)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for jail in std::fs::read_dir(exec.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = jail.file_name().to_string_lossy().into_owned();
+                if name.starts_with("vm-") && !known.contains(&name) {
+                    match std::fs::remove_dir_all(jail.path()) {
+                        Ok(()) => out.push(format!("jail {}", jail.path().display())),
+                        Err(e) => {
+                            tracing::error!(path = %jail.path().display(), error = %e, "cannot remove orphan jail")
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
