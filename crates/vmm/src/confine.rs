@@ -1,7 +1,10 @@
-//! Running a VMM process confined: it joins the VM's cgroup and drops to the VM's uid between
-//! `fork` and `exec`, so not one instruction of the VMM binary runs as root or outside the
-//! cgroup; and the TAP it needs is opened by the daemon and inherited as a file descriptor
-//! (`/dev/net/tun` is root-only).
+//! Running a VMM process confined: it drops to the VM's uid (and sets `no_new_privs`) between
+//! `fork` and `exec`, so not one instruction of the VMM binary runs as root; the daemon moves
+//! it into the VM's cgroup right after the spawn ([`join_cgroup`]), concurrently with the VMM's
+//! start-up and always before the driver's `spawn` returns, i.e. before any guest code runs (an
+//! attach on cgroup v1 waits for an RCU grace period, 5–12 ms here: done before `exec` it
+//! delayed every start by that much). The TAP the VMM needs is opened by the daemon and
+//! inherited as a file descriptor (`/dev/net/tun` is root-only).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -29,8 +32,9 @@ pub fn command(
     Ok((cmd, Some(exe)))
 }
 
-/// Makes `cmd`'s process join `jail`'s cgroup, set `PR_SET_NO_NEW_PRIVS`, and drop every uid
-/// and gid to the jail's (supplementary groups: the jail's `groups` only) before `exec`.
+/// Makes `cmd`'s process set `PR_SET_NO_NEW_PRIVS` and drop every uid and gid to the jail's
+/// (supplementary groups: the jail's `groups` only) before `exec`. The caller then moves it into
+/// the cgroup with [`join_cgroup`] before the guest runs.
 /// `keep_fds` lose their close-on-exec flag in the child (and only there), so the VMM inherits
 /// them under the same numbers.
 pub fn confine(
@@ -43,21 +47,6 @@ pub fn confine(
             "refusing to confine a VMM to uid or gid 0".into(),
         ));
     }
-    let procs: Vec<File> = jail
-        .cgroup_procs
-        .iter()
-        .map(|p| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(p)
-                .map_err(|e| {
-                    VmmError::Spawn(format!(
-                        "cannot open {} to join the VM's cgroup: {e}",
-                        p.display()
-                    ))
-                })
-        })
-        .collect::<Result<_, _>>()?;
     let uid = Uid::from_raw(jail.uid);
     let gid = Gid::from_raw(jail.gid);
     let mut groups: Vec<Gid> = vec![gid];
@@ -67,9 +56,6 @@ pub fn confine(
     // memory prepared here (no allocation, no locks).
     unsafe {
         cmd.pre_exec(move || {
-            for f in &procs {
-                nix::unistd::write(f, b"0")?;
-            }
             for fd in &keep {
                 if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -85,6 +71,42 @@ pub fn confine(
         });
     }
     Ok(())
+}
+
+/// Moves process `pid` (all its threads) into `jail`'s cgroup. Blocking (an RCU grace period on
+/// cgroup v1): run it off the async threads, concurrently with the VMM's start-up.
+pub fn join_cgroup(pid: u32, jail: &Jail) -> Result<(), VmmError> {
+    for p in &jail.cgroup_procs {
+        std::fs::write(p, pid.to_string()).map_err(|e| {
+            VmmError::Spawn(format!(
+                "cannot move pid {pid} into the VM's cgroup ({}): {e}",
+                p.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// [`join_cgroup`] on a blocking thread; `None` without a jail. Await it with [`joined`] before
+/// the guest may run.
+pub fn join_cgroup_in_background(
+    pid: u32,
+    jail: Option<&Jail>,
+) -> Option<tokio::task::JoinHandle<Result<(), VmmError>>> {
+    let jail = jail?.clone();
+    Some(tokio::task::spawn_blocking(move || join_cgroup(pid, &jail)))
+}
+
+/// Waits for a [`join_cgroup_in_background`].
+pub async fn joined(
+    handle: Option<tokio::task::JoinHandle<Result<(), VmmError>>>,
+) -> Result<(), VmmError> {
+    match handle {
+        None => Ok(()),
+        Some(h) => h
+            .await
+            .map_err(|e| VmmError::Spawn(format!("joining the VM's cgroup: {e}")))?,
+    }
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;

@@ -361,6 +361,11 @@ impl Vmm for Firecracker {
                 "cannot read /proc/{pid}/stat of the new VMM"
             )));
         };
+        // Into the cgroup while Firecracker starts (the jailer does it itself).
+        let joining = match self.jailer {
+            Some(_) => None,
+            None => crate::confine::join_cgroup_in_background(pid, cfg.jail.as_ref()),
+        };
 
         let deadline = Instant::now() + timeout;
         loop {
@@ -391,6 +396,11 @@ impl Vmm for Firecracker {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if let Err(e) = crate::confine::joined(joining).await {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
         }
         tracing::debug!(pid, start_time, socket = %handle.api_socket.display(), "firecracker ready");
         Ok(Spawned {

@@ -382,6 +382,7 @@ impl Qemu {
             .id()
             .ok_or_else(|| VmmError::Spawn(format!("{SIDECAR} has no pid")))?;
         let start_time = proc::start_time(pid);
+        let joining = crate::confine::join_cgroup_in_background(pid, cfg.jail.as_ref());
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(VmmError::Exited(with_tail(
@@ -407,6 +408,11 @@ impl Qemu {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if let Err(e) = crate::confine::joined(joining).await {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
         }
         Ok((
             child,
@@ -469,6 +475,7 @@ impl Qemu {
                 "cannot read /proc/{pid}/stat of the new QEMU"
             )));
         };
+        let joining = crate::confine::join_cgroup_in_background(pid, cfg.jail.as_ref());
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(VmmError::Exited(with_tail(
@@ -509,6 +516,11 @@ impl Qemu {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if let Err(e) = crate::confine::joined(joining).await {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
         }
         Ok((child, pid, start_time))
     }
