@@ -1,6 +1,8 @@
 //! Benchmark of wick's own overhead with the fake Firecracker (prints a table; asserts nothing).
 //!
-//! `cargo bench -p wick-daemon --bench lifecycle` (as root). Measures:
+//! `cargo bench -p wick-daemon --bench lifecycle` (as root); `WICK_BENCH_CONFIG` is appended to
+//! the daemon's config (e.g. `contain_vmm = false` to measure what VMM containment costs).
+//! Measures:
 //! - create→running through the API (daemon-side op time and client wall time), p50/p95;
 //! - the same through the `wick` CLI process;
 //! - `GET /v1/vms` and `wick vm list --json` with 1,000 VMs;
@@ -76,7 +78,8 @@ fn main() {
         eprintln!("benchmark skipped: wickd needs root");
         return;
     }
-    let mut env = WickdEnv::new("");
+    let extra = std::env::var("WICK_BENCH_CONFIG").unwrap_or_default();
+    let mut env = WickdEnv::new(&extra);
     env.start();
     let pid = env.daemon.as_ref().unwrap().id();
     std::thread::sleep(Duration::from_millis(300));
@@ -131,7 +134,7 @@ fn main() {
     let rss_1000 = rss_kib(pid);
 
     println!(
-        "wick lifecycle benchmark (fake Firecracker, debug={})",
+        "wick lifecycle benchmark (fake Firecracker, debug={}, extra config {extra:?})",
         cfg!(debug_assertions)
     );
     println!(

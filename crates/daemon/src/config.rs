@@ -13,6 +13,8 @@ use wick_model::parse_size_mib;
 
 /// Largest vCPU count a VM may ask for (Firecracker's limit).
 pub const MAX_VCPU: u64 = 32;
+/// Default `vmm_uid_range`: far above any login or system uid, below 2^31.
+pub const DEFAULT_VMM_UIDS: std::ops::RangeInclusive<u32> = 1_900_000_000..=1_900_065_535;
 /// Largest disk a VM may ask for: 16 TiB.
 pub const MAX_DISK_MIB: u64 = 16 * 1024 * 1024;
 
@@ -39,6 +41,26 @@ pub struct Config {
     /// Path of the Firecracker binary (default: `firecracker` on PATH).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firecracker_bin: Option<PathBuf>,
+    /// Firecracker's `jailer` (chroot, cgroup, uid drop). Unset: wickd itself confines
+    /// Firecracker (uid, cgroup), without a chroot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jailer_bin: Option<PathBuf>,
+    /// Run every VMM and sidecar as its VM's own unprivileged uid in a per-VM cgroup (default
+    /// true). `false` runs them as root, unconfined: for debugging and benchmarks only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contain_vmm: Option<bool>,
+    /// The uids (and gids) leased to VMMs, one per VM: `"FIRST-LAST"` (default
+    /// `"1900000000-1900065535"`). They must belong to no user or group of the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_uid_range: Option<String>,
+    /// Parent cgroup of the per-VM cgroups (`<parent>/vm-<12 hex>`; default `wick`). The
+    /// start-up sweep removes `vm-*` cgroups under it that belong to no VM: one parent per wickd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_parent: Option<String>,
+    /// Refuse to start a VM without hardware virtualization (QEMU's TCG is not a security
+    /// boundary). Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_kvm: Option<bool>,
     /// Image used when `vm create` names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_image_name: Option<String>,
@@ -321,6 +343,14 @@ impl Config {
         self.vmm_log_limit()?;
         self.network_settings()?;
         self.storage_choice()?;
+        self.vmm_uid_range()?;
+        if self.jailer_bin.is_some() && !self.contain_vmm() {
+            return Err(
+                "jailer_bin needs contain_vmm = true (the jailer runs the VM's uid and cgroup)"
+                    .into(),
+            );
+        }
+        self.cgroup_parent(&wick_model::Paths::new(None))?;
         if let Some(ups) = &self.upstream_dns {
             for u in ups {
                 u.parse::<std::net::IpAddr>()
@@ -370,6 +400,54 @@ impl Config {
                 format!("storage_backend = {s:?}: use auto, reflink, dm-snapshot or copy")
             }),
         }
+    }
+
+    /// The uids leased to VMMs (`vmm_uid_range`).
+    pub fn vmm_uid_range(&self) -> Result<std::ops::RangeInclusive<u32>, String> {
+        let Some(r) = &self.vmm_uid_range else {
+            return Ok(DEFAULT_VMM_UIDS);
+        };
+        let bad = || {
+            format!(
+                "vmm_uid_range = {r:?}: use \"FIRST-LAST\" with 1000 <= FIRST <= LAST < 4294967295"
+            )
+        };
+        let (a, b) = r.split_once('-').ok_or_else(bad)?;
+        let a: u32 = a.trim().parse().map_err(|_| bad())?;
+        let b: u32 = b.trim().parse().map_err(|_| bad())?;
+        if a < 1000 || a > b || b == u32::MAX {
+            return Err(bad());
+        }
+        Ok(a..=b)
+    }
+
+    /// Parent of the per-VM cgroups: `cgroup_parent`, else the layout's default
+    /// ([`wick_model::Paths::default_cgroup_parent`]).
+    pub fn cgroup_parent(&self, paths: &wick_model::Paths) -> Result<String, String> {
+        let p = self
+            .cgroup_parent
+            .clone()
+            .unwrap_or_else(|| paths.default_cgroup_parent());
+        let ok = !p.is_empty()
+            && p.split('/').all(|c| {
+                !c.is_empty()
+                    && c != "."
+                    && c != ".."
+                    && c.chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+            });
+        if ok {
+            Ok(p)
+        } else {
+            Err(format!(
+                "cgroup_parent = {p:?}: use a relative cgroup path of letters, digits, `-`, `_`, `.`"
+            ))
+        }
+    }
+
+    /// Whether VMMs run confined (`contain_vmm`, default true).
+    pub fn contain_vmm(&self) -> bool {
+        self.contain_vmm.unwrap_or(true)
     }
 
     pub fn default_image_name(&self) -> &str {

@@ -655,6 +655,8 @@ impl Daemon {
             guest_cid: vm.runtime.guest_cid,
             tap: vm.runtime.tap.clone(),
             guest_mac: None,
+            jail: None,
+            require_kvm: self.config.require_kvm.unwrap_or(false),
         };
         for cap in &self.caps {
             cap.vmm_config(vm, &mut cfg);
@@ -668,6 +670,7 @@ impl Daemon {
         handle.start_time = Some(spawned.start_time);
         handle.sidecars = spawned.sidecars;
         vm.runtime.vmm = Some(handle.clone());
+        vm.runtime.set_accel(Some(spawned.accel));
         *vm = self.store.save_vm(vm)?;
         self.watch(vm.id.clone(), handle.clone(), spawned.child);
         crate::failpoint::hit("after-spawn");
@@ -781,6 +784,7 @@ impl Daemon {
             }
             self.vmm.cleanup(&h);
             vm.runtime.vmm = None;
+            vm.runtime.set_accel(None);
             *vm = self.store.save_vm(vm)?;
         }
         let mut first_err = None;

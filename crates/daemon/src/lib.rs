@@ -178,7 +178,8 @@ pub fn build_vmm(config: &config::Config, paths: &wick_model::Paths) -> Arc<dyn 
                 .clone()
                 .unwrap_or_else(|| "firecracker".into())
         });
-        Arc::new(Firecracker::new(bin)) as Arc<dyn wick_vmm::Vmm>
+        Arc::new(Firecracker::new(bin).with_jailer(config.jailer_bin.clone()))
+            as Arc<dyn wick_vmm::Vmm>
     };
     match config.vmm.as_deref().unwrap_or("auto") {
         "firecracker" => firecracker(fc_bin.ok()),
@@ -202,8 +203,19 @@ pub fn build_vmm(config: &config::Config, paths: &wick_model::Paths) -> Arc<dyn 
 /// The capabilities every daemon runs with, in hook order.
 pub fn builtin_capabilities(
     config: &config::Config,
+    paths: &wick_model::Paths,
 ) -> anyhow::Result<Vec<Arc<dyn capability::Capability>>> {
     let mut caps: Vec<Arc<dyn capability::Capability>> = Vec::new();
+    if config.contain_vmm() {
+        // First: its cleanup runs last, once the VMM and everything else are gone.
+        caps.push(Arc::new(caps::contain::Contain::new(
+            config
+                .cgroup_parent(paths)
+                .map_err(|e| anyhow::anyhow!(e))?,
+            config.vmm_uid_range().map_err(|e| anyhow::anyhow!(e))?,
+            paths,
+        )));
+    }
     if config.network_enabled() {
         let settings = config.network_settings().map_err(|e| anyhow::anyhow!(e))?;
         let runner: Arc<dyn wick_host::net::Runner> = Arc::new(wick_host::net::SystemRunner::new());

@@ -73,7 +73,7 @@ fn real_main(paths: Paths, config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let caps = wick_daemon::builtin_capabilities(&config)?;
+        let caps = wick_daemon::builtin_capabilities(&config, &paths)?;
         let d = wick_daemon::Daemon::open(paths, config, vmm, caps)?;
         wick_daemon::run(d).await
     })

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use wick_testkit::cargo_bin;
-use wick_testkit::wickd::WickdEnv;
+use wick_testkit::wickd::{WickdEnv, FAKE_AGENT_CONFIG};
 
 fn root() -> bool {
     if nix::unistd::geteuid().is_root() {
@@ -39,7 +39,7 @@ fn have(tool: &str) -> bool {
 /// A daemon whose `default` image runs the agent, and a running VM `a1`. Returns the env and
 /// the `vm create` output.
 fn env_with_vm() -> (WickdEnv, Output) {
-    let mut env = WickdEnv::new_with_image_extra("", "agent = true");
+    let mut env = WickdEnv::new_with_image_extra(FAKE_AGENT_CONFIG, "agent = true");
     env.env.push((
         "FAKE_FC_AGENT_BIN".into(),
         cargo_bin("wick-agent").display().to_string(),

@@ -54,6 +54,76 @@ fn links(env: &WickdEnv) -> Vec<String> {
         .collect()
 }
 
+/// Every path under `dir` owned by `uid` (links not followed).
+fn owned_by(dir: &std::path::Path, uid: u32) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let Ok(m) = std::fs::symlink_metadata(dir) else {
+        return out;
+    };
+    if m.uid() == uid {
+        out.push(dir.to_path_buf());
+    }
+    if m.is_dir() {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            out.extend(owned_by(&e.path(), uid));
+        }
+    }
+    out
+}
+
+/// QEMU and its sidecar run as the VM's own uid (never root) in the VM's cgroup with the
+/// spec's limits, and the TCG warning is on the record: (uid, cgroup).
+fn assert_contained(env: &WickdEnv, vm: &Value) -> (u32, String) {
+    let uid = vm["runtime"]["jail"]["uid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no jail: {vm}")) as u32;
+    let cgroup = vm["runtime"]["jail"]["cgroup"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let qemu = vm["runtime"]["vmm"]["pid"].as_u64().unwrap();
+    let sidecar = vm["runtime"]["vmm"]["sidecars"][0]["pid"].as_u64().unwrap();
+    for pid in [qemu, sidecar] {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert_eq!(
+            uids.split_whitespace().skip(1).collect::<Vec<_>>(),
+            vec![uid.to_string(); 4],
+            "pid {pid}: {uids}"
+        );
+    }
+    match wick_host::cgroup::Cgroups::detect() {
+        Ok(cg) => {
+            let members = cg.pids(&cgroup);
+            assert!(
+                members.contains(&(qemu as u32)) && members.contains(&(sidecar as u32)),
+                "{members:?}"
+            );
+            let l = cg.read_limits(&cgroup).unwrap();
+            let vcpu = vm["spec"]["vcpu"].as_u64().unwrap();
+            let mem = vm["spec"]["memory_mib"].as_u64().unwrap();
+            assert_eq!(l.cpu_quota_us, vcpu * 100_000);
+            assert_eq!(l.memory_bytes, (mem + 512) << 20);
+            assert_eq!(l.pids_max, 1024);
+        }
+        Err(e) => eprintln!("SKIP: cgroup limits not read back: {e}"),
+    }
+    assert_eq!(vm["runtime"]["accel"], "tcg", "{vm}");
+    assert!(
+        vm["runtime"]["isolation_warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("not treat as a security boundary")),
+        "{vm}"
+    );
+    let out = env.wick(&["vm", "show", vm["name"].as_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("warning: this guest runs under QEMU's TCG"),
+        "vm show warns"
+    );
+    (uid, cgroup)
+}
+
 #[test]
 fn real_guest_end_to_end() {
     let assets = match guest_assets() {
@@ -106,6 +176,7 @@ fn real_guest_end_to_end() {
     eprintln!("create → agent ready and configured: {created:?}");
     let g1 = env.wick_json(&["vm", "show", "g1"]);
     let vm_dir = g1["runtime"]["dir"].as_str().unwrap().to_string();
+    let (jail_uid, cgroup) = assert_contained(&env, &g1);
 
     let (code, uname) = exec(&env, "g1", &["uname", "-r"]);
     assert_eq!(code, 0);
@@ -206,6 +277,17 @@ fn real_guest_end_to_end() {
     let rules = env.ns_run("nft", &["list", "ruleset"]);
     assert!(!rules.contains("vm-"), "{rules}");
     assert!(!std::path::Path::new(&vm_dir).exists(), "VM dir removed");
+    if let Ok(cg) = wick_host::cgroup::Cgroups::detect() {
+        assert!(
+            cg.dirs(&cgroup).iter().all(|d| !d.exists()),
+            "cgroup removed"
+        );
+    }
+    assert!(
+        owned_by(env.root(), jail_uid).is_empty(),
+        "no file of the VMM uid is left: {:?}",
+        owned_by(env.root(), jail_uid)
+    );
     assert!(dn
         .connect(
             "127.0.0.1:18000".parse().unwrap(),

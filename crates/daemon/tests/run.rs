@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use wick_testkit::cargo_bin;
-use wick_testkit::wickd::WickdEnv;
+use wick_testkit::wickd::{WickdEnv, FAKE_AGENT_CONFIG};
 
 fn prerequisites() -> bool {
     if !nix::unistd::geteuid().is_root() {
@@ -36,7 +36,7 @@ fn have(tool: &str) -> bool {
 
 /// A started daemon whose `default` image runs the agent (no VM yet).
 fn env() -> WickdEnv {
-    let mut env = WickdEnv::new_with_image_extra("", "agent = true");
+    let mut env = WickdEnv::new_with_image_extra(FAKE_AGENT_CONFIG, "agent = true");
     env.env.push((
         "FAKE_FC_AGENT_BIN".into(),
         cargo_bin("wick-agent").display().to_string(),
@@ -639,7 +639,7 @@ fn rm_keeps_a_vm_whose_guest_never_came_up() {
     }
     // No FAKE_FC_AGENT_BIN: the image expects an agent that never answers, so waiting for it
     // times out (the test config's boot_timeout, 10 s).
-    let mut env = WickdEnv::new_with_image_extra("", "agent = true");
+    let mut env = WickdEnv::new_with_image_extra(FAKE_AGENT_CONFIG, "agent = true");
     env.start();
     let out = env.wick(&["vm", "run", "--rm", "--name", "k1", "--", "true"]);
     assert_eq!(code(&out), Some(1), "{}", text(&out.stderr));

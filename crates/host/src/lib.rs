@@ -2,7 +2,9 @@
 //! shells out or parses `/proc` itself.
 //!
 //! - [`proc`]: find, inspect and signal processes by pid + start time (never by name).
+//! - [`cgroup`]: per-VM cgroups (cpu, memory, pids limits) on cgroup v1 or v2.
 //! - [`net`]: bridge, per-VM TAPs, guest isolation, NAT (nft/iptables), ip_forward, leftover sweep.
 
+pub mod cgroup;
 pub mod net;
 pub mod proc;

@@ -67,6 +67,26 @@ impl Paths {
         self.state.join("wick.db")
     }
 
+    /// The default parent of this layout's per-VM cgroups: `wick` for the system layout,
+    /// `wick-<8 hex>` (FNV-1a of the root path) under a `WICK_ROOT`, so daemons of different
+    /// roots never sweep each other's cgroups.
+    pub fn default_cgroup_parent(&self) -> String {
+        use std::os::unix::ffi::OsStrExt;
+        match &self.root {
+            None => "wick".into(),
+            Some(root) => {
+                let h = root
+                    .as_os_str()
+                    .as_bytes()
+                    .iter()
+                    .fold(0x811c_9dc5u32, |h, b| {
+                        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+                    });
+                format!("wick-{h:08x}")
+            }
+        }
+    }
+
     /// Directory of one VM.
     pub fn vm_dir(&self, vm_id: &str) -> PathBuf {
         self.state.join("vms").join(vm_id)
@@ -86,6 +106,13 @@ mod tests {
         assert_eq!(
             Paths::new(None).socket(),
             PathBuf::from("/run/wick/wickd.sock")
+        );
+        assert_eq!(Paths::new(None).default_cgroup_parent(), "wick");
+        let a = p.default_cgroup_parent();
+        assert!(a.starts_with("wick-") && a.len() == 13, "{a}");
+        assert_ne!(
+            a,
+            Paths::new(Some(Path::new("/tmp/x"))).default_cgroup_parent()
         );
     }
 }

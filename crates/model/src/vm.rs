@@ -233,6 +233,53 @@ pub struct VmRuntime {
     /// Why the VM is in `error`, with the tail of the VMM log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The unprivileged identity and cgroup the VMM and its sidecars run in (recorded before
+    /// the cgroup is made or any file is handed to the uid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<VmmJail>,
+    /// How the guest CPU runs while the VMM is up: `kvm` (hardware virtualization) or `tcg`
+    /// (QEMU's emulator, which QEMU's security policy does not treat as a security boundary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+    /// Set while the guest runs without hardware isolation (`accel = tcg`): what that means.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation_warning: Option<String>,
+}
+
+/// [`VmRuntime::isolation_warning`] of a VM under TCG.
+pub const TCG_WARNING: &str = "this guest runs under QEMU's TCG emulator, which QEMU's security \
+policy does not treat as a security boundary: do not run untrusted code in it (use KVM; \
+`require_kvm = true` refuses TCG)";
+
+impl VmRuntime {
+    /// Records how the guest CPU runs (`kvm`/`tcg`, `None` once the VMM is gone) and the
+    /// isolation warning that goes with it.
+    pub fn set_accel(&mut self, accel: Option<String>) {
+        self.isolation_warning = (accel.as_deref() == Some("tcg")).then(|| TCG_WARNING.to_string());
+        self.accel = accel;
+    }
+}
+
+/// A VMM's containment: its own uid/gid (leased uniquely from `vmm_uid_range`), its cgroup and
+/// the host files handed to that uid (with their previous owners, restored on release).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmmJail {
+    pub uid: u32,
+    pub gid: u32,
+    /// The cgroup, relative to each controller's root: `<parent>/vm-<12 hex>`.
+    pub cgroup: String,
+    /// Files whose owner was changed to `uid`, recorded before each `chown`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub granted: Vec<Grant>,
+}
+
+/// A file handed to a VMM uid, and the owner to give it back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Grant {
+    #[schema(value_type = String)]
+    pub path: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A VM as stored and as returned by the API.

@@ -317,6 +317,47 @@ impl Store {
         Ok(())
     }
 
+    /// The VM's VMM uid: its existing lease, or the lowest uid of `range` nobody holds. Unique
+    /// per VM and per uid (enforced by the schema), safe under concurrent callers; `None` when
+    /// the range is exhausted.
+    pub fn lease_uid(
+        &self,
+        vm_id: &str,
+        range: std::ops::RangeInclusive<u32>,
+    ) -> Result<Option<u32>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<u32> = tx
+            .query_row("SELECT uid FROM vmm_uids WHERE vm_id = ?1", [vm_id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if existing.is_some() {
+            return Ok(existing);
+        }
+        let taken: std::collections::HashSet<u32> = {
+            let mut stmt = tx.prepare("SELECT uid FROM vmm_uids WHERE uid BETWEEN ?1 AND ?2")?;
+            let rows = stmt.query_map(params![range.start(), range.end()], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let Some(uid) = range.into_iter().find(|u| !taken.contains(u)) else {
+            return Ok(None);
+        };
+        tx.execute(
+            "INSERT INTO vmm_uids (uid, vm_id) VALUES (?1, ?2)",
+            params![uid, vm_id],
+        )?;
+        tx.commit()?;
+        Ok(Some(uid))
+    }
+
+    /// Releases the VM's uid lease. Idempotent.
+    pub fn release_uid(&self, vm_id: &str) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM vmm_uids WHERE vm_id = ?1", [vm_id])?;
+        Ok(())
+    }
+
     /// A daemon-level durable fact (e.g. that wick turned `ip_forward` on).
     pub fn get_meta(&self, key: &str) -> Result<Option<String>> {
         Ok(self

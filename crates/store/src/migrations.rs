@@ -37,6 +37,14 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         value  TEXT NOT NULL
     );",
     ),
+    (
+        3,
+        "vmm uids",
+        "CREATE TABLE vmm_uids (
+        uid    INTEGER PRIMARY KEY,
+        vm_id  TEXT NOT NULL UNIQUE REFERENCES vms(id) ON DELETE CASCADE
+    );",
+    ),
 ];
 
 /// Applies every known migration that is not yet recorded.

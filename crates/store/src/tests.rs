@@ -128,7 +128,7 @@ fn migrations_are_recorded_and_future_ones_left_alone() {
     let p = dir.path().join("w.db");
     {
         let s = Store::open(&p).unwrap();
-        assert_eq!(s.schema_versions().unwrap(), vec![1, 2]);
+        assert_eq!(s.schema_versions().unwrap(), vec![1, 2, 3]);
     }
     {
         let c = Connection::open(&p).unwrap();
@@ -139,7 +139,7 @@ fn migrations_are_recorded_and_future_ones_left_alone() {
         .unwrap();
     }
     let s = Store::open(&p).unwrap();
-    assert_eq!(s.schema_versions().unwrap(), vec![1, 2, 999]);
+    assert_eq!(s.schema_versions().unwrap(), vec![1, 2, 3, 999]);
     assert_eq!(s.integrity_check().unwrap(), "ok");
 }
 
@@ -181,4 +181,32 @@ fn meta_set_get_clear() {
     assert_eq!(s.get_meta("k").unwrap().as_deref(), Some("2"));
     s.set_meta("k", None).unwrap();
     assert_eq!(s.get_meta("k").unwrap(), None);
+}
+
+#[test]
+fn vmm_uids_are_unique_sticky_and_freed_with_the_vm() {
+    let s = Store::open_in_memory().unwrap();
+    let a = s.create_vm(vm("a", 0)).unwrap();
+    let b = s.create_vm(vm("b", 0)).unwrap();
+    let c = s.create_vm(vm("c", 0)).unwrap();
+    let range = || 5000..=5001;
+    let ua = s.lease_uid(&a.id, range()).unwrap().unwrap();
+    assert_eq!(ua, 5000);
+    assert_eq!(s.lease_uid(&a.id, range()).unwrap(), Some(ua), "sticky");
+    let ub = s.lease_uid(&b.id, range()).unwrap().unwrap();
+    assert_eq!(ub, 5001);
+    assert_eq!(
+        s.lease_uid(&c.id, range()).unwrap(),
+        None,
+        "range exhausted"
+    );
+    s.release_uid(&a.id).unwrap();
+    s.release_uid(&a.id).unwrap();
+    assert_eq!(s.lease_uid(&c.id, range()).unwrap(), Some(5000), "reused");
+    s.delete_vm(&b.id).unwrap();
+    assert_eq!(
+        s.lease_uid(&a.id, range()).unwrap(),
+        Some(5001),
+        "freed by delete"
+    );
 }

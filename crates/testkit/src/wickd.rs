@@ -11,6 +11,12 @@ use wick_host::net::testns::TestNetns;
 
 /// The uid (and gid) [`WickdEnv::wick_as_user`] runs as: nobody/nogroup.
 pub const USER_UID: u32 = 65534;
+/// Config for daemons whose fake Firecracker fronts a real agent (`agent = true` images): the
+/// fake runs the agent as its own child, standing in for the guest's root. A confined VMM
+/// (the default) runs as the VM's unprivileged uid, which is not the guest's root (the agent's
+/// `ssh-keygen -A` and chowns fail), so these daemons run their VMMs unconfined. Containment
+/// itself is tested with the fake (without agent) and with real guests under QEMU.
+pub const FAKE_AGENT_CONFIG: &str = "contain_vmm = false";
 
 /// One isolated daemon: its root directory, config and process.
 pub struct WickdEnv {
@@ -301,6 +307,15 @@ impl Drop for WickdEnv {
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
+        }
+        // The per-VM cgroups of VMs the test left running (under this root's own parent;
+        // removing one kills what is left in it).
+        if let Ok(cg) = wick_host::cgroup::Cgroups::detect() {
+            let parent = wick_model::Paths::new(Some(self.root())).default_cgroup_parent();
+            for name in cg.children(&parent) {
+                let _ = cg.remove(&format!("{parent}/{name}"));
+            }
+            cg.remove_if_empty(&parent);
         }
     }
 }

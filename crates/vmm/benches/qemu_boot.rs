@@ -62,6 +62,8 @@ async fn one(kernel: &std::path::Path) -> Result<Run, String> {
         guest_cid: 3,
         tap: None,
         guest_mac: None,
+        jail: None,
+        require_kvm: false,
     };
     let mut run = Run::default();
     let t = Instant::now();

@@ -34,12 +34,34 @@ pub const DRIVER: &str = "firecracker";
 #[derive(Debug, Clone)]
 pub struct Firecracker {
     bin: PathBuf,
+    /// Firecracker's `jailer`: when set, each VM's Firecracker runs through it (chroot, cgroup,
+    /// uid drop) per [`crate::jailer::plan`].
+    jailer: Option<PathBuf>,
 }
 
 impl Firecracker {
     /// A driver running `bin` (see [`Firecracker::resolve`]).
     pub fn new(bin: impl Into<PathBuf>) -> Firecracker {
-        Firecracker { bin: bin.into() }
+        Firecracker {
+            bin: bin.into(),
+            jailer: None,
+        }
+    }
+
+    /// Runs every VM's Firecracker through the `jailer` binary (needs a [`crate::Jail`] in the
+    /// VM config, i.e. `contain_vmm`).
+    pub fn with_jailer(mut self, jailer: Option<PathBuf>) -> Firecracker {
+        self.jailer = jailer;
+        self
+    }
+
+    /// The path Firecracker's API is given for the host file `host` (named `name` in the
+    /// chroot when jailed).
+    fn api_path(&self, host: &Path, name: &str) -> PathBuf {
+        match self.jailer {
+            Some(_) => crate::jailer::in_jail(name),
+            None => host.to_path_buf(),
+        }
     }
 
     /// The binary this driver runs.
@@ -107,20 +129,63 @@ fn instance_id(handle: &VmmHandle) -> String {
     }
 }
 
-/// Creates `p` if missing (Firecracker's logger and metrics need an existing file).
-fn touch(p: &Path) -> Result<(), VmmError> {
+/// Creates `p` if missing (Firecracker's logger and metrics need an existing file), owned by
+/// the VM's uid when the VMM is confined.
+fn touch(p: &Path, cfg: &VmmConfig) -> Result<(), VmmError> {
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(p)
         .map(drop)
-        .map_err(|e| VmmError::Other(format!("cannot create {}: {e}", p.display())))
+        .map_err(|e| VmmError::Other(format!("cannot create {}: {e}", p.display())))?;
+    match &cfg.jail {
+        Some(jail) => crate::confine::chown_to(p, jail),
+        None => Ok(()),
+    }
 }
 
 /// The last lines of the VMM log, for error messages (see [`crate::common::log_tail`]).
 pub use crate::common::log_tail;
 
 impl Firecracker {
+    /// Lays out the chroot of [`crate::jailer::plan`] (hard links of the boot files and disks,
+    /// the log files, all reachable by the jail's uid) and returns the jailer's command. The
+    /// jailer joins the cgroup and drops to the uid itself.
+    fn jailer_command(
+        &self,
+        jailer: &Path,
+        handle: &VmmHandle,
+        cfg: &VmmConfig,
+    ) -> Result<tokio::process::Command, VmmError> {
+        let jail = cfg.jail.as_ref().ok_or_else(|| {
+            VmmError::Spawn("jailer_bin needs contained VMMs (contain_vmm = true)".into())
+        })?;
+        let plan = crate::jailer::plan(&self.bin, &vm_dir(&handle.log_path), cfg, jail);
+        let err = |what: String, e: std::io::Error| VmmError::Spawn(format!("{what}: {e}"));
+        std::fs::create_dir_all(&plan.root)
+            .map_err(|e| err(format!("creating {}", plan.root.display()), e))?;
+        for f in &plan.files {
+            let dst = plan.root.join(&f.name);
+            remove_if_exists(&dst).map_err(|e| err(format!("removing {}", dst.display()), e))?;
+            std::fs::hard_link(&f.src, &dst).map_err(|e| {
+                err(
+                    format!(
+                        "linking {} into the jail (same filesystem needed)",
+                        f.src.display()
+                    ),
+                    e,
+                )
+            })?;
+        }
+        for name in ["firecracker.log", "metrics.json"] {
+            touch(&plan.root.join(name), cfg)?;
+        }
+        crate::confine::chown_to(&plan.root, jail)?;
+        let mut cmd = tokio::process::Command::new(jailer);
+        cmd.args(&plan.args);
+        Ok(cmd)
+    }
+
     async fn put(&self, handle: &VmmHandle, path: &str, body: Value) -> Result<(), VmmError> {
         api::call(&handle.api_socket, Method::PUT, path, Some(&body))
             .await
@@ -135,18 +200,22 @@ impl Firecracker {
         let dir = vm_dir(&handle.api_socket);
 
         let fc_log = dir.join("firecracker.log");
-        touch(&fc_log)?;
+        touch(&fc_log, cfg)?;
         self.put(
             handle,
             "/logger",
-            json!({ "log_path": fc_log, "level": "Info", "show_level": true, "show_log_origin": false }),
+            json!({ "log_path": self.api_path(&fc_log, "firecracker.log"), "level": "Info", "show_level": true, "show_log_origin": false }),
         )
         .await?;
 
         let metrics = dir.join("metrics.json");
-        touch(&metrics)?;
-        self.put(handle, "/metrics", json!({ "metrics_path": metrics }))
-            .await?;
+        touch(&metrics, cfg)?;
+        self.put(
+            handle,
+            "/metrics",
+            json!({ "metrics_path": self.api_path(&metrics, "metrics.json") }),
+        )
+        .await?;
 
         self.put(
             handle,
@@ -155,16 +224,17 @@ impl Firecracker {
         )
         .await?;
 
-        let mut boot = json!({ "kernel_image_path": cfg.kernel, "boot_args": cfg.boot_args });
+        let kernel = self.api_path(&cfg.kernel, "vmlinux");
+        let mut boot = json!({ "kernel_image_path": kernel, "boot_args": cfg.boot_args });
         if let Some(initrd) = &cfg.initrd {
-            boot["initrd_path"] = json!(initrd);
+            boot["initrd_path"] = json!(self.api_path(initrd, "initrd"));
         }
         self.put(handle, "/boot-source", boot).await?;
 
         self.put(
             handle,
             "/drives/rootfs",
-            json!({ "drive_id": "rootfs", "path_on_host": cfg.root_disk, "is_root_device": true, "is_read_only": false }),
+            json!({ "drive_id": "rootfs", "path_on_host": self.api_path(&cfg.root_disk, "rootfs"), "is_root_device": true, "is_read_only": false }),
         )
         .await?;
         for (i, disk) in cfg.extra_disks.iter().enumerate() {
@@ -172,7 +242,7 @@ impl Firecracker {
             self.put(
                 handle,
                 &format!("/drives/{id}"),
-                json!({ "drive_id": id, "path_on_host": disk, "is_root_device": false, "is_read_only": false }),
+                json!({ "drive_id": id, "path_on_host": self.api_path(disk, &id), "is_root_device": false, "is_read_only": false }),
             )
             .await?;
         }
@@ -195,7 +265,7 @@ impl Firecracker {
         self.put(
             handle,
             "/vsock",
-            json!({ "guest_cid": cfg.guest_cid, "uds_path": handle.vsock_socket }),
+            json!({ "guest_cid": cfg.guest_cid, "uds_path": self.api_path(&handle.vsock_socket, "vsock.sock") }),
         )
         .await?;
 
@@ -214,11 +284,17 @@ impl Vmm for Firecracker {
         DRIVER
     }
 
+    /// Jailed, the sockets are in the chroot ([`crate::jailer::jail_dir`]); the log stays in
+    /// the VM dir.
     fn plan(&self, vm_dir: &Path) -> VmmHandle {
+        let sockets = match self.jailer {
+            Some(_) => crate::jailer::jail_dir(vm_dir, &self.bin).join("root"),
+            None => vm_dir.to_path_buf(),
+        };
         VmmHandle {
             driver: DRIVER.into(),
-            api_socket: vm_dir.join("fc.sock"),
-            vsock_socket: vm_dir.join("vsock.sock"),
+            api_socket: sockets.join("fc.sock"),
+            vsock_socket: sockets.join("vsock.sock"),
             log_path: vm_dir.join("vmm.log"),
             pid: None,
             start_time: None,
@@ -226,11 +302,12 @@ impl Vmm for Firecracker {
         }
     }
 
-    /// `_cfg` is unused: Firecracker is configured through its API in [`Vmm::boot`].
+    /// Firecracker is configured through its API in [`Vmm::boot`]; from `cfg` only the jail
+    /// matters here: with one, Firecracker starts in the VM's cgroup as the VM's uid.
     async fn spawn(
         &self,
         handle: &VmmHandle,
-        _cfg: &VmmConfig,
+        cfg: &VmmConfig,
         timeout: Duration,
     ) -> Result<Spawned, VmmError> {
         let spawn_err = |what: &str, e: std::io::Error| VmmError::Spawn(format!("{what}: {e}"));
@@ -240,19 +317,30 @@ impl Vmm for Firecracker {
         }
         let (log, log_err) = open_log(&handle.log_path)?;
 
-        let mut cmd = tokio::process::Command::new(&self.bin);
-        cmd.arg("--api-sock")
-            .arg(&handle.api_socket)
-            .arg("--id")
-            .arg(instance_id(handle))
-            .stdin(Stdio::null())
+        let (mut cmd, exe) = match &self.jailer {
+            Some(jailer) => (self.jailer_command(jailer, handle, cfg)?, None),
+            None => {
+                let (mut cmd, exe) = crate::confine::command(&self.bin, cfg.jail.as_ref())?;
+                cmd.arg("--api-sock")
+                    .arg(&handle.api_socket)
+                    .arg("--id")
+                    .arg(instance_id(handle));
+                if let Some(jail) = &cfg.jail {
+                    crate::confine::confine(&mut cmd, jail, &[])?;
+                }
+                (cmd, exe)
+            }
+        };
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
             // Own process group: a signal to the daemon's group (Ctrl+C, a killed service)
             // must not take the VMs down with it.
             .process_group(0)
             .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(|e| {
+        let spawned = cmd.spawn();
+        drop(exe);
+        let mut child = spawned.map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 VmmError::BinaryNotFound(format!(
                     "{}: {e}; install Firecracker or set `firecracker_bin` in config.toml",
@@ -272,6 +360,11 @@ impl Vmm for Firecracker {
             return Err(VmmError::Spawn(format!(
                 "cannot read /proc/{pid}/stat of the new VMM"
             )));
+        };
+        // Into the cgroup while Firecracker starts (the jailer does it itself).
+        let joining = match self.jailer {
+            Some(_) => None,
+            None => crate::confine::join_cgroup_in_background(pid, cfg.jail.as_ref()),
         };
 
         let deadline = Instant::now() + timeout;
@@ -304,12 +397,18 @@ impl Vmm for Firecracker {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        if let Err(e) = crate::confine::joined(joining).await {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
+        }
         tracing::debug!(pid, start_time, socket = %handle.api_socket.display(), "firecracker ready");
         Ok(Spawned {
             pid,
             start_time,
             child: Some(child),
             sidecars: Vec::new(),
+            accel: "kvm".into(),
         })
     }
 
@@ -365,7 +464,14 @@ impl Vmm for Firecracker {
     }
 
     fn find(&self, handle: &VmmHandle) -> Option<u32> {
-        find_process(handle.pid, handle.start_time, handle.api_socket.as_os_str())
+        match self.jailer {
+            // A jailed Firecracker's command line carries `--id vm-<12 hex>`, not host paths.
+            Some(_) => {
+                let id = crate::jailer::jail_id(&vm_dir(&handle.log_path));
+                find_process(handle.pid, handle.start_time, std::ffi::OsStr::new(&id))
+            }
+            None => find_process(handle.pid, handle.start_time, handle.api_socket.as_os_str()),
+        }
     }
 
     fn cleanup(&self, handle: &VmmHandle) {
@@ -373,6 +479,15 @@ impl Vmm for Firecracker {
             tracing::warn!(path = %handle.api_socket.display(), error = %e, "cannot remove VMM socket");
         }
         remove_vsock_sockets(&handle.vsock_socket);
+        if self.jailer.is_some() {
+            let dir = crate::jailer::jail_dir(&vm_dir(&handle.log_path), &self.bin);
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(path = %dir.display(), error = %e, "cannot remove the jail")
+                }
+                _ => {}
+            }
+        }
     }
 
     /// The binary must be an executable file. `/dev/kvm` is left to [`Vmm::doctor`] and to
@@ -437,6 +552,26 @@ mod tests {
         assert_eq!(h.log_path, Path::new("/state/vms/abc123/vmm.log"));
         assert_eq!(h.pid, None);
         assert_eq!(instance_id(&h), "abc123");
+    }
+
+    #[test]
+    fn jailed_plan_puts_the_sockets_in_the_chroot_and_the_api_sees_jail_paths() {
+        let fc =
+            Firecracker::new("/usr/bin/firecracker").with_jailer(Some("/usr/bin/jailer".into()));
+        let h = fc.plan(Path::new("/state/vms/0123456789abcdef"));
+        let root = Path::new("/state/jail/firecracker/vm-0123456789ab/root");
+        assert_eq!(h.api_socket, root.join("fc.sock"));
+        assert_eq!(h.vsock_socket, root.join("vsock.sock"));
+        assert_eq!(h.log_path, Path::new("/state/vms/0123456789abcdef/vmm.log"));
+        assert_eq!(
+            fc.api_path(Path::new("/state/vms/x/rootfs.ext4"), "rootfs"),
+            Path::new("/rootfs")
+        );
+        assert_eq!(
+            Firecracker::new("fc").api_path(Path::new("/a/b"), "b"),
+            Path::new("/a/b"),
+            "unjailed: host paths"
+        );
     }
 
     #[test]

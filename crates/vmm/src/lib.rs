@@ -13,8 +13,10 @@ use wick_model::api::Check;
 use wick_model::VmmHandle;
 
 mod common;
+pub mod confine;
 pub mod firecracker;
 pub mod log;
+pub mod jailer;
 pub mod qemu;
 
 /// Everything a driver needs to boot one VM.
@@ -33,6 +35,32 @@ pub struct VmmConfig {
     /// Host TAP to attach as `eth0` (created by the caller, up and bridged).
     pub tap: Option<String>,
     pub guest_mac: Option<String>,
+    /// Run the VMM and its sidecars confined (unprivileged uid, cgroup); `None` runs them as
+    /// the daemon's user, unconfined.
+    pub jail: Option<Jail>,
+    /// Refuse to run the guest without hardware virtualization (QEMU's TCG is not a security
+    /// boundary).
+    pub require_kvm: bool,
+}
+
+/// The unprivileged identity and cgroup a VMM and its sidecars run in. The daemon creates the
+/// cgroup and hands the VM's files to `uid` before spawning; a driver makes each process join
+/// the cgroup and drop to `uid` between `fork` and `exec` (see [`confine::confine`]), or hands
+/// the same facts to Firecracker's jailer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jail {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (e.g. the group owning `/dev/kvm`).
+    pub groups: Vec<u32>,
+    /// The cgroup, relative to each controller's root (`wick/vm-<12 hex>`).
+    pub cgroup: String,
+    /// Its `cgroup.procs` files (one per v1 controller, one on v2).
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Its limits (for the jailer, which makes the cgroup itself).
+    pub limits: wick_host::cgroup::Limits,
+    /// `1` or `2`.
+    pub cgroup_version: u8,
 }
 
 /// A freshly spawned VMM process.
@@ -45,6 +73,8 @@ pub struct Spawned {
     pub child: Option<tokio::process::Child>,
     /// Sidecars spawned with it (pids filled in); the daemon records them in the handle.
     pub sidecars: Vec<wick_model::Sidecar>,
+    /// How the guest CPU runs: `kvm` or `tcg`.
+    pub accel: String,
 }
 
 /// Errors of a VMM driver. Messages are for the user: say what failed and what to do.

@@ -276,7 +276,13 @@ impl Qemu {
         cfg: &VmmConfig,
         engine: Engine,
     ) -> Vec<std::ffi::OsString> {
-        qemu_args(handle, cfg, engine, &sidecar_socket(&handle.api_socket))
+        qemu_args(
+            handle,
+            cfg,
+            engine,
+            &sidecar_socket(&handle.api_socket),
+            None,
+        )
     }
 
     /// One QMP command on the VM's QMP socket (connect, negotiate, run), bounded by `timeout`.
@@ -353,25 +359,30 @@ impl Qemu {
     ) -> Result<(tokio::process::Child, Sidecar), VmmError> {
         let socket = sidecar_socket(&handle.api_socket);
         let (out, err) = open_log(&handle.log_path)?;
-        let mut child = tokio::process::Command::new(&self.sidecar_bin)
-            .args(sidecar_args(&socket, &handle.vsock_socket, cfg.guest_cid))
+        let (mut cmd, exe) = crate::confine::command(&self.sidecar_bin, cfg.jail.as_ref())?;
+        cmd.args(sidecar_args(&socket, &handle.vsock_socket, cfg.guest_cid))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             // Own process group: it must outlive a daemon crash like the VMM it serves.
             .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| {
-                VmmError::Spawn(format!(
-                    "running {}: {e}; {SIDECAR_HOW}",
-                    self.sidecar_bin.display()
-                ))
-            })?;
+            .kill_on_drop(false);
+        if let Some(jail) = &cfg.jail {
+            crate::confine::confine(&mut cmd, jail, &[])?;
+        }
+        let spawned = cmd.spawn();
+        drop(exe);
+        let mut child = spawned.map_err(|e| {
+            VmmError::Spawn(format!(
+                "running {}: {e}; {SIDECAR_HOW}",
+                self.sidecar_bin.display()
+            ))
+        })?;
         let pid = child
             .id()
             .ok_or_else(|| VmmError::Spawn(format!("{SIDECAR} has no pid")))?;
         let start_time = proc::start_time(pid);
+        let joining = crate::confine::join_cgroup_in_background(pid, cfg.jail.as_ref());
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(VmmError::Exited(with_tail(
@@ -398,6 +409,11 @@ impl Qemu {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        if let Err(e) = crate::confine::joined(joining).await {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
+        }
         Ok((
             child,
             Sidecar {
@@ -419,23 +435,35 @@ impl Qemu {
         timeout: Duration,
     ) -> Result<(tokio::process::Child, u32, u64), VmmError> {
         let (out, err) = open_log(&handle.log_path)?;
-        let mut child = tokio::process::Command::new(&self.bin)
-            .args(self.command_line(handle, cfg, engine))
+        // Confined, QEMU cannot open /dev/net/tun: it inherits the TAP (our copy closes when
+        // `tap` drops, after the spawn).
+        let tap = match (&cfg.jail, &cfg.tap) {
+            (Some(_), Some(name)) => Some(crate::confine::open_tap(name)?),
+            _ => None,
+        };
+        let tap_fd = tap.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+        let vhost = sidecar_socket(&handle.api_socket);
+        let (mut cmd, exe) = crate::confine::command(&self.bin, cfg.jail.as_ref())?;
+        cmd.args(qemu_args(handle, cfg, engine, &vhost, tap_fd))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             // Own process group: a signal to the daemon's group (Ctrl+C, a killed service)
             // must not take the VMs down with it.
             .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    VmmError::BinaryNotFound(format!("{}: {e}; {QEMU_HOW}", self.bin.display()))
-                } else {
-                    VmmError::Spawn(format!("running {}: {e}", self.bin.display()))
-                }
-            })?;
+            .kill_on_drop(false);
+        if let Some(jail) = &cfg.jail {
+            crate::confine::confine(&mut cmd, jail, tap_fd.as_slice())?;
+        }
+        let spawned = cmd.spawn();
+        drop((tap, exe));
+        let mut child = spawned.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                VmmError::BinaryNotFound(format!("{}: {e}; {QEMU_HOW}", self.bin.display()))
+            } else {
+                VmmError::Spawn(format!("running {}: {e}", self.bin.display()))
+            }
+        })?;
         let pid = child
             .id()
             .ok_or_else(|| VmmError::Spawn("the QEMU process has no pid".into()))?;
@@ -447,6 +475,7 @@ impl Qemu {
                 "cannot read /proc/{pid}/stat of the new QEMU"
             )));
         };
+        let joining = crate::confine::join_cgroup_in_background(pid, cfg.jail.as_ref());
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(VmmError::Exited(with_tail(
@@ -488,6 +517,11 @@ impl Qemu {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        if let Err(e) = crate::confine::joined(joining).await {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
+        }
         Ok((child, pid, start_time))
     }
 
@@ -523,6 +557,51 @@ impl Qemu {
             return Ok(());
         }
         sigkill_and_wait(pid, start_time, "QEMU").await
+    }
+}
+
+impl Qemu {
+    /// The engine VMs will (likely) run on, if known without a probe.
+    fn expected_engine(&self, kvm_exists: bool) -> Option<Engine> {
+        match self.accel {
+            Accel::Kvm => Some(Engine::Kvm),
+            Accel::Tcg => Some(Engine::Tcg),
+            Accel::Auto if !kvm_exists => Some(Engine::Tcg),
+            Accel::Auto => self.cached_verdict().map(|v| v.engine),
+        }
+    }
+
+    /// `wick doctor`'s isolation line: TCG is not a security boundary in QEMU's own security
+    /// policy, so a guest under TCG is a warning.
+    fn isolation_check(&self, kvm_exists: bool) -> Check {
+        match self.expected_engine(kvm_exists) {
+            Some(Engine::Tcg) => check(
+                "isolation",
+                CheckStatus::Warn,
+                "guests run under TCG (emulation), which QEMU's security policy does not treat as \
+                 a security boundary: a hostile guest exploiting a TCG bug gets the VMM's \
+                 (unprivileged, confined) process"
+                    .into(),
+                Some(
+                    "use hardware virtualization (KVM) for untrusted guests; `require_kvm = true` \
+                      refuses to start a VM without it",
+                ),
+            ),
+            Some(Engine::Kvm) => check(
+                "isolation",
+                CheckStatus::Pass,
+                "guests run under KVM (hardware virtualization)".into(),
+                None,
+            ),
+            None => check(
+                "isolation",
+                CheckStatus::Pass,
+                "decided at the first start (KVM if the probe boots, else TCG, which is not a \
+                 security boundary)"
+                    .into(),
+                None,
+            ),
+        }
     }
 }
 
@@ -640,6 +719,18 @@ impl Vmm for Qemu {
         let engine = self
             .engine(&cfg.kernel, &dir.join("accel-probe.log"))
             .await?;
+        if cfg.require_kvm && engine == Engine::Tcg {
+            return Err(VmmError::Other(format!(
+                "require_kvm = true, but this VM would run under TCG (accel {}: {}); TCG is not a \
+                 security boundary in QEMU's security policy. Enable hardware virtualization \
+                 (/dev/kvm) or set require_kvm = false in config.toml",
+                self.accel,
+                match self.cached_verdict() {
+                    Some(v) => v.reason,
+                    None => "configured".into(),
+                }
+            )));
+        }
 
         let deadline = Instant::now() + timeout;
         let vhu = sidecar_socket(&handle.api_socket);
@@ -654,6 +745,10 @@ impl Vmm for Qemu {
 
         let (mut log, _) = open_log(&handle.log_path)?;
         let _ = writeln!(log, "{START_MARKER} (accel {engine}) ===");
+        if let Some(jail) = &cfg.jail {
+            // QEMU appends the serial console to it itself.
+            crate::confine::chown_to(&handle.log_path, jail)?;
+        }
 
         let (mut sidecar_child, sidecar) =
             self.spawn_sidecar(handle, cfg, deadline, timeout).await?;
@@ -670,6 +765,7 @@ impl Vmm for Qemu {
                     start_time,
                     child: Some(child),
                     sidecars: vec![sidecar],
+                    accel: engine.to_string(),
                 })
             }
             Err(e) => {
@@ -806,6 +902,7 @@ impl Vmm for Qemu {
                 ),
             },
         });
+        checks.push(self.isolation_check(kvm.exists()));
         checks
     }
 
@@ -847,6 +944,36 @@ mod tests {
                 pid: None,
                 start_time: None
             }]
+        );
+    }
+
+    #[test]
+    fn tcg_is_reported_as_no_security_boundary() {
+        let q = Qemu::new(QemuOptions {
+            accel: Accel::Tcg,
+            ..QemuOptions::default()
+        });
+        let c = q.isolation_check(true);
+        assert_eq!(c.status, CheckStatus::Warn);
+        assert!(
+            c.detail.contains("not treat as a security boundary"),
+            "{c:?}"
+        );
+        assert!(c.hint.unwrap().contains("require_kvm"));
+        let doctor = q.doctor();
+        assert!(doctor
+            .iter()
+            .any(|c| c.name == "isolation" && c.status == CheckStatus::Warn));
+        let q = Qemu::new(QemuOptions {
+            accel: Accel::Kvm,
+            ..QemuOptions::default()
+        });
+        assert_eq!(q.isolation_check(true).status, CheckStatus::Pass);
+        let auto = Qemu::new(QemuOptions::default());
+        assert_eq!(
+            auto.isolation_check(false).status,
+            CheckStatus::Warn,
+            "no /dev/kvm: TCG"
         );
     }
 

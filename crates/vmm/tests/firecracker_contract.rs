@@ -168,6 +168,8 @@ impl Vm {
             guest_cid: 3,
             tap: None,
             guest_mac: None,
+            jail: None,
+            require_kvm: false,
         }
     }
 

@@ -399,6 +399,8 @@ impl RealVm {
             guest_cid: 42,
             tap: None,
             guest_mac: None,
+            jail: None,
+            require_kvm: false,
         };
         RealVm {
             qemu,
@@ -736,4 +738,124 @@ async fn spawn_failure_leaves_nothing_running() {
     let planned = vm.qemu.plan(vm.handle.api_socket.parent().unwrap());
     assert_eq!(vm.qemu.find(&planned), None);
     assert!(proc::find_by_arg(planned.sidecars[0].socket.as_os_str()).is_empty());
+}
+
+/// Removes a test cgroup (killing what is left in it) on drop.
+struct CgroupGuard(wick_host::cgroup::Cgroups, String);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        let _ = self.0.remove(&self.1);
+        if let Some(parent) = self.1.split('/').next() {
+            self.0.remove_if_empty(parent);
+        }
+    }
+}
+
+/// Uid/gid lines of `/proc/<pid>/status` (real, effective, saved, fs) and its seccomp mode.
+fn proc_ids(pid: u32) -> (Vec<u32>, Vec<u32>, String) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nums = |k: &str| -> Vec<u32> {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    let seccomp = s
+        .lines()
+        .find(|l| l.starts_with("Seccomp:"))
+        .unwrap_or_default()
+        .to_string();
+    (nums("Uid:"), nums("Gid:"), seccomp)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_confined_qemu_and_sidecar_never_run_as_root() {
+    use std::os::unix::fs::PermissionsExt;
+    use wick_host::cgroup::{Cgroups, Limits};
+    let t = "real_confined_qemu_and_sidecar_never_run_as_root";
+    let Some(kernel) = real_setup(t) else {
+        return;
+    };
+    if !nix::unistd::geteuid().is_root() {
+        return skip(t, "needs root (cgroups, uid change)");
+    }
+    let cg = match Cgroups::detect() {
+        Ok(c) => c,
+        Err(e) => return skip(t, &e.to_string()),
+    };
+    let mut vm = RealVm::tcg(&kernel);
+    // The files a confined VMM needs, as the daemon's `contain` capability sets them up.
+    let uid = 1_900_065_000 + std::process::id() % 500;
+    let top = vm
+        .handle
+        .api_socket
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let vm_dir = vm.handle.api_socket.parent().unwrap().to_path_buf();
+    let own = |p: &Path| std::os::unix::fs::chown(p, Some(uid), Some(uid)).unwrap();
+    own(&vm_dir);
+    own(&vm.cfg.root_disk);
+    let k = top.join("vmlinuz");
+    std::fs::copy(&kernel, &k).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o444)).unwrap();
+    vm.cfg.kernel = k;
+    let rel = format!("wick-qtest-{}/vm-real", std::process::id());
+    let _guard = CgroupGuard(cg.clone(), rel.clone());
+    let limits = Limits::for_vm(vm.cfg.vcpu, vm.cfg.memory_mib, 512, 1024);
+    cg.create(&rel, &limits).unwrap();
+    vm.cfg.jail = Some(wick_vmm::Jail {
+        uid,
+        gid: uid,
+        groups: Vec::new(),
+        cgroup: rel.clone(),
+        cgroup_procs: cg.procs_files(&rel),
+        limits,
+        cgroup_version: if cg.version() == "v1" { 1 } else { 2 },
+    });
+
+    vm.spawn().await.expect("confined spawn");
+    let qemu_pid = vm.handle.pid.unwrap();
+    let sidecar = vm.sidecar_pid();
+    for (what, pid) in [("qemu", qemu_pid), ("sidecar", sidecar)] {
+        let (u, g, _) = proc_ids(pid);
+        assert_eq!(u, vec![uid; 4], "{what} uids");
+        assert_eq!(g, vec![uid; 4], "{what} gids");
+    }
+    assert_eq!(
+        proc_ids(qemu_pid).2,
+        "Seccomp:\t2",
+        "QEMU's sandbox (seccomp filter)"
+    );
+    let members = cg.pids(&rel);
+    assert!(
+        members.contains(&qemu_pid) && members.contains(&sidecar),
+        "{members:?}"
+    );
+    assert_eq!(cg.read_limits(&rel).unwrap(), limits);
+
+    vm.qemu
+        .boot(&vm.handle, &vm.cfg, BOOT_TIMEOUT)
+        .await
+        .expect("boot");
+    vm.wait_console("Linux version", Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| panic!("no 'Linux version' on the console:\n{}", vm.console()));
+    vm.qemu
+        .stop(&vm.handle, Duration::from_secs(3))
+        .await
+        .expect("stop");
+    if let Some(mut c) = vm.child.take() {
+        let _ = c.wait().await;
+    }
+    vm.qemu.cleanup(&vm.handle);
+    assert_eq!(vm.qemu.find(&vm.handle), None);
+    assert!(cg.pids(&rel).is_empty(), "nothing left in the cgroup");
 }

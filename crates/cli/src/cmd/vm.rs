@@ -34,6 +34,9 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
         VmCommand::List(a) => list(ctx, a.json).await,
         VmCommand::Show(a) => {
             let vm: VmRecord = ctx.client().get(&vm_path(&a.vm, "")).await?;
+            if let Some(w) = &vm.runtime.isolation_warning {
+                eprintln!("warning: {w}");
+            }
             out_json(&vm)
         }
         VmCommand::Logs(a) => logs(ctx, a).await,

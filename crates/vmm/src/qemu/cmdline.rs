@@ -41,13 +41,23 @@ pub(crate) fn qmp_arg(socket: &Path) -> OsString {
 /// last one.
 pub(crate) const START_MARKER: &str = "=== wick: starting qemu";
 
+/// QEMU's seccomp sandbox for a confined VMM. QEMU 10 kills itself (SIGSYS) when
+/// `elevateprivileges=deny` meets `-run-with user=` (the filter is installed before the uid
+/// change), so a confined QEMU never starts as root: it drops privileges before `exec` and gets
+/// its TAP as an inherited descriptor.
+pub(crate) const SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// QEMU's arguments (without the binary). The machine starts paused (`-S`); `boot` resumes it
-/// over QMP. `vhost_socket` is the sidecar's vhost-user socket.
+/// over QMP. `vhost_socket` is the sidecar's vhost-user socket. `tap_fd`: the TAP as an
+/// inherited descriptor (confined QEMU), else QEMU opens `cfg.tap` by name. A confined VM
+/// (`cfg.jail`) also gets QEMU's seccomp [`SANDBOX`].
 pub(crate) fn qemu_args(
     handle: &VmmHandle,
     cfg: &VmmConfig,
     engine: Engine,
     vhost_socket: &Path,
+    tap_fd: Option<i32>,
 ) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |items: &[&dyn AsRef<OsStr>]| {
@@ -74,6 +84,11 @@ pub(crate) fn qemu_args(
         &"none",
         &"-no-reboot",
         &"-S",
+    ]);
+    if cfg.jail.is_some() {
+        push(&[&"-sandbox", &SANDBOX]);
+    }
+    push(&[
         // The serial console goes to the VMM log, after QEMU's own stderr lines.
         &"-chardev",
         &opt("file,id=con,append=on,path=", &handle.log_path, ""),
@@ -115,16 +130,15 @@ pub(crate) fn qemu_args(
             dev.push_str(",mac=");
             dev.push_str(mac);
         }
-        push(&[
-            &"-netdev",
-            &opt(
+        let netdev = match tap_fd {
+            Some(fd) => OsString::from(format!("tap,id=n0,fd={fd}")),
+            None => opt(
                 "tap,id=n0,script=no,downscript=no,ifname=",
                 Path::new(tap),
                 "",
             ),
-            &"-device",
-            &dev,
-        ]);
+        };
+        push(&[&"-netdev", &netdev, &"-device", &dev]);
     }
     push(&[
         &"-chardev",
@@ -196,6 +210,8 @@ mod tests {
             guest_cid: 7,
             tap: Some("wk-ab".into()),
             guest_mac: Some("06:00:ac:1e:00:02".into()),
+            jail: None,
+            require_kvm: false,
         }
     }
 
@@ -216,6 +232,7 @@ mod tests {
             &cfg,
             Engine::Tcg,
             Path::new("/s/vms/ab/vhu.sock"),
+            None,
         );
         assert_eq!(
             joined(&args),
@@ -239,7 +256,7 @@ mod tests {
 
     #[test]
     fn tcg_gets_the_host_tsc_rate() {
-        let args = qemu_args(&handle(), &config(), Engine::Tcg, Path::new("/v"));
+        let args = qemu_args(&handle(), &config(), Engine::Tcg, Path::new("/v"), None);
         let append = joined(&args);
         match host_cpu_khz() {
             Some(khz) => assert!(append.contains(&format!("tsc_early_khz={khz}")), "{append}"),
@@ -250,6 +267,7 @@ mod tests {
             &config(),
             Engine::Kvm,
             Path::new("/v"),
+            None,
         ));
         assert!(
             !kvm.contains("tsc_early_khz"),
@@ -265,7 +283,7 @@ mod tests {
         cfg.tap = None;
         cfg.vcpu = 1;
         cfg.memory_mib = 256;
-        let args = qemu_args(&handle(), &cfg, Engine::Kvm, Path::new("/v.sock"));
+        let args = qemu_args(&handle(), &cfg, Engine::Kvm, Path::new("/v.sock"), None);
         assert_eq!(
             joined(&args),
             "-M microvm,memory-backend=mem -accel kvm -cpu host -smp 1 -m 256 \
@@ -283,11 +301,42 @@ mod tests {
     #[test]
     fn the_qmp_argument_is_whole_and_findable() {
         let h = handle();
-        let args = qemu_args(&h, &config(), Engine::Tcg, Path::new("/v"));
+        let args = qemu_args(&h, &config(), Engine::Tcg, Path::new("/v"), None);
         assert!(args.contains(&qmp_arg(&h.api_socket)));
         assert_eq!(
             qmp_arg(Path::new("/a,b/qmp.sock")),
             OsString::from("unix:/a,,b/qmp.sock,server=on,wait=off")
+        );
+    }
+
+    #[test]
+    fn golden_confined_has_the_sandbox_and_an_inherited_tap() {
+        let mut cfg = config();
+        cfg.extra_disks.clear();
+        cfg.jail = Some(crate::Jail {
+            uid: 1_900_000_000,
+            gid: 1_900_000_000,
+            groups: Vec::new(),
+            cgroup: "wick/vm-ab".into(),
+            cgroup_procs: Vec::new(),
+            limits: wick_host::cgroup::Limits::for_vm(2, 1024, 512, 512),
+            cgroup_version: 1,
+        });
+        let args = qemu_args(&handle(), &cfg, Engine::Kvm, Path::new("/v.sock"), Some(5));
+        assert_eq!(
+            joined(&args),
+            "-M microvm,memory-backend=mem -accel kvm -cpu host -smp 2 -m 1024 \
+             -object memory-backend-memfd,id=mem,size=1024M,share=on \
+             -nodefaults -no-user-config -display none -no-reboot -S \
+             -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
+             -chardev file,id=con,append=on,path=/s/vms/ab/vmm.log -serial chardev:con \
+             -kernel /k/vmlinuz -initrd /k/initrd.img \
+             -append console=ttyS0 reboot=k panic=-1 root=/dev/vda \
+             -drive id=root,format=raw,if=none,file=/s/vms/ab/root,,1.ext4 \
+             -device virtio-blk-device,drive=root \
+             -netdev tap,id=n0,fd=5 -device virtio-net-device,netdev=n0,mac=06:00:ac:1e:00:02 \
+             -chardev socket,id=vsk,path=/v.sock -device vhost-user-vsock-device,chardev=vsk \
+             -qmp unix:/s/vms/ab/qmp.sock,server=on,wait=off"
         );
     }
 
