@@ -530,7 +530,8 @@ fn file_sync_reads_with_the_owners_rights() {
         .iter()
         .map(|(g, h)| format!("[[file_sync]]\nhost = {h:?}\nguest = \"/root/{g}\"\n"))
         .collect::<String>();
-    let mut env = WickdEnv::for_local_users(&sync, "agent = true");
+    let mut env =
+        WickdEnv::for_local_users(&format!("{FAKE_AGENT_CONFIG}\n{sync}"), "agent = true");
     env.env.push((
         "FAKE_FC_AGENT_BIN".into(),
         cargo_bin("wick-agent").display().to_string(),

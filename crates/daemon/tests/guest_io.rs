@@ -197,7 +197,8 @@ fn workspace_export_streams_a_large_patch_with_bounded_cli_memory() {
         return;
     }
     // The fake guest is this host: the guest repository is a temp dir.
-    let mut env = WickdEnv::new_with_image_extra("", "agent = true");
+    let mut env =
+        WickdEnv::new_with_image_extra(wick_testkit::wickd::FAKE_AGENT_CONFIG, "agent = true");
     env.env.push((
         "FAKE_FC_AGENT_BIN".into(),
         wick_testkit::cargo_bin("wick-agent").display().to_string(),

@@ -568,6 +568,9 @@ fn exposed(env: &WickdEnv) -> Vec<String> {
     }
     assert!(all.len() > 5, "walked {} paths", all.len());
     let run = env.root().join("run");
+    // Contained VMMs (their own uids) must reach their VM dirs: these two get the search bit for
+    // others, never the read bit (nobody can list them).
+    let traversed = [env.root().join("state"), env.root().join("state/vms")];
     all.into_iter()
         .filter(|(_, m)| !m.file_type().is_symlink())
         .filter_map(|(p, m)| {
@@ -576,6 +579,8 @@ fn exposed(env: &WickdEnv) -> Vec<String> {
                 mode & 0o777 == 0o660 && m.gid() == 65534
             } else if p == run {
                 mode & 0o777 == 0o710 && m.gid() == 65534
+            } else if traversed.contains(&p) {
+                mode & 0o077 == 0o001
             } else {
                 mode & 0o077 == 0
             };

@@ -15,8 +15,8 @@ use wick_model::VmmHandle;
 mod common;
 pub mod confine;
 pub mod firecracker;
-pub mod log;
 pub mod jailer;
+pub mod log;
 pub mod qemu;
 
 /// Everything a driver needs to boot one VM.

@@ -359,6 +359,12 @@ impl Capability for Contain {
 
     /// Removes `vm-*` cgroups under the parent that no VM records, and uid leases of VMs that
     /// hold no jail (a crash between the lease and its record).
+    /// wickd's start-up hardening (`perms::harden_tree`) strips every group/other bit, also the
+    /// search bit adopted VMMs need to reach their VM dirs: give it back before serving.
+    async fn started(&self, _vms: &[VmRecord]) -> Result<()> {
+        ensure_traversable(&self.traverse)
+    }
+
     async fn sweep(&self, vms: &[VmRecord]) -> Result<Vec<String>> {
         let mut out = Vec::new();
         let Ok(cgroups) = &self.cgroups else {
