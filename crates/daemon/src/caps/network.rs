@@ -209,11 +209,15 @@ impl Capability for Network {
             .guard_port(&vm_key(&cx.vm.id), &tap, &guest_mac(ip), ip)
             .map_err(|e| net_err("guest port guard", e))?;
         failpoint::hit("after-guard");
-        let tap_res = net::create_tap(
+        // A contained VMM (its uid recorded by the contain capability, which runs first) owns
+        // its TAP, so an unprivileged Firecracker can attach to it.
+        let owner = cx.vm.runtime.jail.as_ref().map(|j| (j.uid, j.gid));
+        let tap_res = net::create_tap_owned(
             &*self.runner,
             &tap,
             &self.bridge.name,
             !self.settings.allow_vm_to_vm,
+            owner,
         );
         if let Err(e) = tap_res {
             // Perhaps the bridge went away under us: re-check it at the next start.

@@ -329,6 +329,19 @@ pub fn create_tap(
     bridge: &str,
     isolated: bool,
 ) -> Result<(), NetError> {
+    create_tap_owned(runner, name, bridge, isolated, None)
+}
+
+/// [`create_tap`] for a VMM that runs unprivileged: a new TAP gets `owner` (uid, gid) as its
+/// tun owner, so that process may attach to it without `CAP_NET_ADMIN` (Firecracker opens its
+/// TAP by name; nobody else but root can).
+pub fn create_tap_owned(
+    runner: &dyn Runner,
+    name: &str,
+    bridge: &str,
+    isolated: bool,
+    owner: Option<(u32, u32)>,
+) -> Result<(), NetError> {
     validate_ifname(name)?;
     match get_link(runner, name)? {
         Some(l) if l.kind.as_deref() != Some("tun") => {
@@ -339,12 +352,12 @@ pub fn create_tap(
         }
         Some(_) => {}
         None => {
-            run_ok(
-                runner,
-                "ip",
-                &["tuntap", "add", "dev", name, "mode", "tap"],
-                None,
-            )?;
+            let ids = owner.map(|(u, g)| (u.to_string(), g.to_string()));
+            let mut args = vec!["tuntap", "add", "dev", name, "mode", "tap"];
+            if let Some((u, g)) = &ids {
+                args.extend(["user", u.as_str(), "group", g.as_str()]);
+            }
+            run_ok(runner, "ip", &args, None)?;
         }
     }
     attach_port(runner, name, bridge, isolated)
@@ -465,6 +478,22 @@ mod tests {
             "",
         );
         assert!(create_tap(&r, "wk-abc", "wick0", true).is_err());
+    }
+
+    #[test]
+    fn a_contained_vmm_owns_its_new_tap() {
+        let r = RecordingRunner::new();
+        r.respond(
+            "ip -j -d link show dev wk-abc",
+            1,
+            "",
+            "Device \"wk-abc\" does not exist.",
+        );
+        create_tap_owned(&r, "wk-abc", "wick0", true, Some((1900000005, 1900000005))).unwrap();
+        assert_eq!(
+            r.lines()[1],
+            "ip tuntap add dev wk-abc mode tap user 1900000005 group 1900000005"
+        );
     }
 
     #[test]

@@ -53,9 +53,10 @@ pub use addr::{guest_ip_range, guest_mac, nth_host, Ipv4Cidr};
 pub use error::NetError;
 pub use forward::{ForwardGuard, IP_FORWARD};
 pub use link::{
-    attach_port, create_tap, delete_link, delete_tap, get_link, key_of_link, list_links,
-    list_wick_links, parse_links, set_port_isolation, tap_name, validate_ifname, validate_key,
-    vm_key, Bridge, Link, DEFAULT_BRIDGE, DEFAULT_BRIDGE_CIDR, IFNAME_MAX, KEY_LEN, LINK_PREFIX,
+    attach_port, create_tap, create_tap_owned, delete_link, delete_tap, get_link, key_of_link,
+    list_links, list_wick_links, parse_links, set_port_isolation, tap_name, validate_ifname,
+    validate_key, vm_key, Bridge, Link, DEFAULT_BRIDGE, DEFAULT_BRIDGE_CIDR, IFNAME_MAX, KEY_LEN,
+    LINK_PREFIX,
 };
 pub use nat::{detect_backend, IptablesNat, NatBackend, NftNat, PortGuard};
 pub use runner::{run_ok, Runner, SystemRunner};
