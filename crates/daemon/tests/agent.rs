@@ -23,7 +23,7 @@ fn root() -> bool {
     if nix::unistd::geteuid().is_root() {
         true
     } else {
-        eprintln!("skipped: needs root");
+        wick_testkit::skip(format_args!("needs root"));
         false
     }
 }
@@ -371,7 +371,9 @@ fn ports_health_and_stats() {
     assert_eq!(ports["vm"], "a1");
     assert!(ports["ports"].is_array(), "{ports}");
     if !have("python3") {
-        eprintln!("python3 missing: listener part of ports_health_and_stats skipped");
+        wick_testkit::skip(format_args!(
+            "python3 missing: listener part of ports_health_and_stats skipped"
+        ));
         return;
     }
     // A listener in the fake guest, through a background exec (the daemon's netns is empty,

@@ -13,7 +13,7 @@ fn root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         true
     } else {
-        eprintln!("SKIP: {test}: needs root");
+        wick_testkit::skip(format_args!("{test}: needs root"));
         false
     }
 }
@@ -22,7 +22,7 @@ fn cgroups(test: &str) -> Option<Cgroups> {
     match Cgroups::detect() {
         Ok(c) => Some(c),
         Err(e) => {
-            eprintln!("SKIP: {test}: {e}");
+            wick_testkit::skip(format_args!("{test}: {e}"));
             None
         }
     }
@@ -279,7 +279,9 @@ fn qemu_env(t: &str, extra: &str) -> Option<WickdEnv> {
             .output()
             .is_err()
         {
-            eprintln!("SKIP: {t}: {bin} is not installed (./scripts/install-host-deps)");
+            wick_testkit::skip(format_args!(
+                "{t}: {bin} is not installed (./scripts/install-host-deps)"
+            ));
             return None;
         }
     }
@@ -314,7 +316,7 @@ fn require_kvm_refuses_tcg_with_a_clear_error_and_leaves_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     if err.contains("vhost-device-vsock") && err.contains("install") {
-        eprintln!("SKIP: {t}: vhost-device-vsock is not installed");
+        wick_testkit::skip(format_args!("{t}: vhost-device-vsock is not installed"));
         return;
     }
     assert!(

@@ -107,7 +107,7 @@ fn assert_contained(env: &WickdEnv, vm: &Value) -> (u32, String) {
             assert_eq!(l.memory_bytes, (mem + 512) << 20);
             assert_eq!(l.pids_max, 1024);
         }
-        Err(e) => eprintln!("SKIP: cgroup limits not read back: {e}"),
+        Err(e) => wick_testkit::skip(format_args!("cgroup limits not read back: {e}")),
     }
     assert_eq!(vm["runtime"]["accel"], "tcg", "{vm}");
     assert!(
@@ -129,7 +129,7 @@ fn real_guest_end_to_end() {
     let assets = match guest_assets() {
         Ok(a) => a,
         Err(why) => {
-            eprintln!("skipped: {why}");
+            wick_testkit::skip(format_args!("{why}"));
             return;
         }
     };
@@ -336,7 +336,7 @@ fn vm_run_and_workspace_round_trip_on_a_real_guest() {
     let assets = match guest_assets() {
         Ok(a) => a,
         Err(why) => {
-            eprintln!("skipped: {why}");
+            wick_testkit::skip(format_args!("{why}"));
             return;
         }
     };

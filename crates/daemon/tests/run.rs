@@ -16,11 +16,11 @@ use wick_testkit::wickd::{WickdEnv, FAKE_AGENT_CONFIG};
 
 fn prerequisites() -> bool {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
+        wick_testkit::skip(format_args!("needs root"));
         return false;
     }
     if !have("git") {
-        eprintln!("skipped: needs git");
+        wick_testkit::skip(format_args!("needs git"));
         return false;
     }
     true
@@ -628,7 +628,7 @@ fn run_passes_exit_codes_and_rm_leaves_nothing() {
         assert!(names.iter().any(|n| n == "i1"), "{names:?}");
         assert!(!names.iter().any(|n| n == "i2"), "{names:?}");
     } else {
-        eprintln!("interactive part skipped: needs ssh");
+        wick_testkit::skip(format_args!("interactive part skipped: needs ssh"));
     }
 }
 
@@ -654,30 +654,38 @@ fn rm_keeps_a_vm_whose_guest_never_came_up() {
     env.wick_ok(&["vm", "logs", "k1"]);
 }
 
-/// Busy loops that load every core while they live; each ends by itself after 5 minutes and is
-/// killed (by pid) when the guard drops, also when the test fails.
-struct Load(Vec<std::process::Child>);
+/// Busy threads that load every core while the guard lives. They are threads of the test
+/// process, so they end with it whatever happens (a failed test, a killed run).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
 
 impl Load {
     fn start(n: usize) -> Load {
-        Load(
-            (0..n)
-                .map(|_| {
-                    Command::new("timeout")
-                        .args(["300", "sh", "-c", "while :; do :; done"])
-                        .spawn()
-                        .expect("start a busy loop")
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
                 })
-                .collect(),
-        )
+            })
+            .collect();
+        Load { stop, threads }
     }
 }
 
 impl Drop for Load {
     fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }

@@ -6,7 +6,6 @@
 //! boot contract stops at "all configuration accepted, InstanceStart reached"; set
 //! `WICK_TEST_FIRECRACKER_KERNEL` to an ELF vmlinux to require a Running instance instead.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Once;
@@ -50,11 +49,9 @@ fn targets() -> Vec<Target> {
         _ => {
             static ONCE: Once = Once::new();
             ONCE.call_once(|| {
-                // Straight to stderr, bypassing the test harness's capture, so it is seen.
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "firecracker_contract: real-Firecracker variants SKIPPED \
-                     (WICK_TEST_FIRECRACKER_BIN is not set); only the fake was tested"
+                wick_testkit::skip(
+                    "the real-Firecracker variants of the contract tests \
+                     (WICK_TEST_FIRECRACKER_BIN is not set); only the fake was tested",
                 );
             });
         }

@@ -10,7 +10,6 @@
 mod qemu_support;
 
 use std::ffi::OsString;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,8 +28,8 @@ use wick_vmm::{Vmm, VmmConfig, VmmError};
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(20);
 const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn skip(test: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "{test}: SKIPPED: {why}");
+fn skip(_test: &str, why: &str) {
+    wick_testkit::skip(why);
 }
 
 // ------------------------------------------------------------------ fake QMP server
