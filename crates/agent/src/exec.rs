@@ -246,6 +246,8 @@ where
     // data prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            // A login's usual umask, whoever started the agent (in tests: wickd, with 077).
+            libc::umask(0o022);
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }

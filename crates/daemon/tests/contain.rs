@@ -167,9 +167,9 @@ fn crash_then_restart_leaves_no_cgroup_or_uid_file() {
     let mut env = WickdEnv::new("");
     env.start();
     env.wick_ok(&["vm", "create", "--name", "live"]);
-    env.wick_ok(&["vm", "create", "--name", "dead"]);
+    env.wick_ok(&["vm", "create", "--name", "gone"]);
     let live = vm(&env, "live");
-    let dead = vm(&env, "dead");
+    let dead = vm(&env, "gone");
     let (live_uid, live_cg) = jail(&live);
     let (dead_uid, dead_cg) = jail(&dead);
     let parent = live_cg.split('/').next().unwrap().to_string();
@@ -212,7 +212,7 @@ fn crash_then_restart_leaves_no_cgroup_or_uid_file() {
         sleeper.0.try_wait().unwrap().is_some(),
         "its process was killed"
     );
-    let d = vm(&env, "dead");
+    let d = vm(&env, "gone");
     assert_eq!(d["state"], "stopped", "{d}");
     assert!(d["runtime"]["jail"].is_null(), "{d}");
     assert!(
@@ -227,7 +227,7 @@ fn crash_then_restart_leaves_no_cgroup_or_uid_file() {
     assert!(cg.pids(&live_cg).contains(&vmm_pid(&l)));
 
     env.wick_ok(&["vm", "delete", "live"]);
-    env.wick_ok(&["vm", "delete", "dead"]);
+    env.wick_ok(&["vm", "delete", "gone"]);
     assert!(gone(&cg, &live_cg));
     assert!(gone(&cg, &parent), "nothing left under {parent}");
     assert_eq!(owned_by(env.root(), live_uid), Vec::<PathBuf>::new());

@@ -548,23 +548,31 @@ fn out_text(o: &std::process::Output) -> String {
 
 /// Every path under the state, runtime and cache dirs with group/other permission bits, except
 /// the API socket (0660, group nogroup) and its directory (0710, group nogroup: traversable).
+/// Paths under the state, run and cache dirs that a local user could reach and read, write or
+/// traverse: group/other bits on an entry whose every parent directory (from the root) lets
+/// group or others through. Inside a 0700 VM dir (owned by its VMM's uid) nothing is reachable.
 fn exposed(env: &WickdEnv) -> Vec<String> {
     use std::os::unix::fs::MetadataExt;
-    fn walk(p: &std::path::Path, out: &mut Vec<(PathBuf, std::fs::Metadata)>) {
+    fn walk(
+        p: &std::path::Path,
+        reachable: bool,
+        out: &mut Vec<(PathBuf, bool, std::fs::Metadata)>,
+    ) {
         let Ok(m) = std::fs::symlink_metadata(p) else {
             return;
         };
         let dir = m.is_dir();
-        out.push((p.to_path_buf(), m));
+        let through = reachable && m.mode() & 0o011 != 0;
+        out.push((p.to_path_buf(), reachable, m));
         if dir {
             for e in std::fs::read_dir(p).unwrap().flatten() {
-                walk(&e.path(), out);
+                walk(&e.path(), through, out);
             }
         }
     }
     let mut all = Vec::new();
     for d in ["state", "run", "cache"] {
-        walk(&env.root().join(d), &mut all);
+        walk(&env.root().join(d), true, &mut all);
     }
     assert!(all.len() > 5, "walked {} paths", all.len());
     let run = env.root().join("run");
@@ -572,8 +580,8 @@ fn exposed(env: &WickdEnv) -> Vec<String> {
     // others, never the read bit (nobody can list them).
     let traversed = [env.root().join("state"), env.root().join("state/vms")];
     all.into_iter()
-        .filter(|(_, m)| !m.file_type().is_symlink())
-        .filter_map(|(p, m)| {
+        .filter(|(_, reachable, m)| *reachable && !m.file_type().is_symlink())
+        .filter_map(|(p, _, m)| {
             let mode = m.mode() & 0o7777;
             let ok = if p == env.socket() {
                 mode & 0o777 == 0o660 && m.gid() == 65534
