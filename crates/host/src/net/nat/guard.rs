@@ -127,17 +127,9 @@ pub fn guard_script(state: &GuardState, key: &str, port: &str, mac: &str, ip: Ip
 
 /// Parses `nft -j list table bridge wick`.
 pub fn parse_guard_state(json: &str) -> Result<GuardState, NetError> {
-    let bad = |detail: String| NetError::Parse {
-        command: format!("nft -j list table bridge {GUARD_TABLE}"),
-        detail,
-    };
-    let v: Value = serde_json::from_str(json.trim()).map_err(|e| bad(e.to_string()))?;
-    let items = v
-        .get("nftables")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("no \"nftables\" array".into()))?;
+    let items = super::nft::nft_items(json, &format!("nft -j list table bridge {GUARD_TABLE}"))?;
     let mut st = GuardState::default();
-    for item in items {
+    for item in &items {
         if item.get("table").is_some() {
             st.exists = true;
         }

@@ -221,19 +221,24 @@ pub fn isolation_script(bridge: &str, vm_to_vm: bool, bridge_ip: Ipv4Addr) -> St
     s
 }
 
-/// Parses `nft -j list table inet wick`.
-pub fn parse_state(json: &str) -> Result<NftState, NetError> {
+/// The items of `nft -j list …` output (`command` names it in errors).
+pub(crate) fn nft_items(json: &str, command: &str) -> Result<Vec<Value>, NetError> {
     let bad = |detail: String| NetError::Parse {
-        command: format!("nft -j list table inet {TABLE}"),
+        command: command.to_string(),
         detail,
     };
-    let v: Value = serde_json::from_str(json.trim()).map_err(|e| bad(e.to_string()))?;
-    let items = v
-        .get("nftables")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("no \"nftables\" array".into()))?;
+    let mut v: Value = serde_json::from_str(json.trim()).map_err(|e| bad(e.to_string()))?;
+    match v.get_mut("nftables").map(Value::take) {
+        Some(Value::Array(items)) => Ok(items),
+        _ => Err(bad("no \"nftables\" array".into())),
+    }
+}
+
+/// Parses `nft -j list table inet wick`.
+pub fn parse_state(json: &str) -> Result<NftState, NetError> {
+    let items = nft_items(json, &format!("nft -j list table inet {TABLE}"))?;
     let mut st = NftState::default();
-    for item in items {
+    for item in &items {
         if item.get("table").is_some() {
             st.exists = true;
         }
