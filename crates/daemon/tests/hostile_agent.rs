@@ -325,3 +325,119 @@ fn guest_text_reaches_the_terminal_escaped() {
         "{err}"
     );
 }
+
+/// `exec` started (`Reply Ok {pid}`), then `frames`, then the hostile agent closes.
+fn exec_then(frames: Vec<hostile::RawFrame>) -> Answer {
+    let started = hostile::RawFrame {
+        kind: 2, // Reply
+        payload: br#"{"Ok":{"pid":1}}"#.to_vec(),
+        declared_len: None,
+        repeat: 1,
+    };
+    Answer::Frames(std::iter::once(started).chain(frames).collect())
+}
+
+fn frame(kind: u8, payload: &[u8], declared_len: Option<u32>, repeat: u64) -> hostile::RawFrame {
+    hostile::RawFrame {
+        kind,
+        payload: payload.to_vec(),
+        declared_len,
+        repeat,
+    }
+}
+
+/// Broken frames (a length far over the limit, a frame cut short, an unknown kind) end `vm exec`
+/// at once with an error naming the problem, and wickd keeps serving; endless output is streamed
+/// through the CLI, whose memory stays flat.
+#[test]
+fn broken_and_endless_frames_end_in_clear_errors() {
+    if !root() {
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("wkh")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let script = tmp.path().join("script.json");
+    let env = env_with_hostile_vm(&script);
+    let stdout_kind = 7;
+    for (what, frames, want) in [
+        (
+            "oversized",
+            vec![frame(stdout_kind, b"", Some(u32::MAX), 1)],
+            "exceeds the limit",
+        ),
+        (
+            "truncated",
+            vec![frame(stdout_kind, b"0123456789", Some(100), 1)],
+            "command's output",
+        ),
+        (
+            "unknown kind",
+            vec![frame(250, b"x", None, 1)],
+            "unknown frame kind",
+        ),
+    ] {
+        Script::default()
+            .on("exec", exec_then(frames))
+            .write(&script)
+            .unwrap();
+        let t = std::time::Instant::now();
+        let out = env.wick(&["vm", "exec", "a1", "--", "true"]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{what}: must fail: {err}");
+        assert!(err.contains(want), "{what}: want {want:?} in: {err}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "{what}: took {:?}",
+            t.elapsed()
+        );
+        env.wick_ok(&["vm", "list"]);
+    }
+
+    // 64 MiB of output and no exit status: streamed to stdout as it comes, then an error.
+    let chunk = vec![b'y'; 64 * 1024];
+    Script::default()
+        .on(
+            "exec",
+            exec_then(vec![frame(stdout_kind, &chunk, None, 1024)]),
+        )
+        .write(&script)
+        .unwrap();
+    let mut child = env
+        .wick_cmd()
+        .args(["vm", "exec", "a1", "--", "yes"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let sampler = std::thread::spawn(move || {
+        let mut peak_kib = 0u64;
+        while let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) {
+            let hwm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+            match hwm {
+                Some(h) => peak_kib = peak_kib.max(h),
+                None => break, // a zombie: it has exited
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        peak_kib
+    });
+    let mut stdout = child.stdout.take().unwrap();
+    let copied = std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let peak_kib = sampler.join().unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "no exit status, yet success: {err}");
+    assert!(err.contains("exit status"), "{err}");
+    assert_eq!(copied, 64 << 20, "every byte reaches stdout");
+    assert!(
+        peak_kib < 48 * 1024,
+        "the CLI held {peak_kib} KiB for 64 MiB of streamed output"
+    );
+    eprintln!("endless output: 64 MiB streamed, CLI peak RSS {peak_kib} KiB");
+}
