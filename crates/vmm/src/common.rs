@@ -171,10 +171,7 @@ pub(crate) fn open_log(path: &Path) -> Result<(File, File), VmmError> {
         std::fs::create_dir_all(parent)
             .map_err(|e| err(format!("creating {}", parent.display()), e))?;
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
+    let log = crate::log::open_regular(std::fs::OpenOptions::new().create(true).append(true), path)
         .map_err(|e| err(format!("opening {}", path.display()), e))?;
     let dup = log
         .try_clone()

@@ -132,10 +132,7 @@ fn instance_id(handle: &VmmHandle) -> String {
 /// Creates `p` if missing (Firecracker's logger and metrics need an existing file), owned by
 /// the VM's uid when the VMM is confined.
 fn touch(p: &Path, cfg: &VmmConfig) -> Result<(), VmmError> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(p)
+    crate::log::open_regular(std::fs::OpenOptions::new().create(true).append(true), p)
         .map(drop)
         .map_err(|e| VmmError::Other(format!("cannot create {}: {e}", p.display())))?;
     match &cfg.jail {

@@ -58,6 +58,23 @@ impl LogLimit {
     }
 }
 
+/// Opens `path` with `opts` only if it is a regular file, never following a symlink at its last
+/// component nor blocking on a FIFO. The VM dir belongs to its VMM's uid, which (after an escape)
+/// may put anything there: wickd, as root, must never read or write through such an entry.
+pub fn open_regular(opts: &mut std::fs::OpenOptions, path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = opts
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(f)
+}
+
 /// The rotated companion of `log`: `vmm.log.1`.
 pub fn rotated_path(log: &Path) -> PathBuf {
     let mut s = log.as_os_str().to_owned();
@@ -69,7 +86,7 @@ pub fn rotated_path(log: &Path) -> PathBuf {
 /// bytes replace `vmm.log.1` and `log` is truncated to zero. `Ok(false)` when nothing was
 /// needed (including a missing log). Idempotent and safe while writers append.
 pub fn rotate(log: &Path, limit: LogLimit) -> io::Result<bool> {
-    let mut f = match std::fs::OpenOptions::new().read(true).write(true).open(log) {
+    let mut f = match open_regular(std::fs::OpenOptions::new().read(true).write(true), log) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
@@ -89,7 +106,14 @@ pub fn rotate(log: &Path, limit: LogLimit) -> io::Result<bool> {
     let mut tmp = rotated.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut out = File::create(&tmp)?;
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut out = open_regular(
+        std::fs::OpenOptions::new().write(true).create_new(true),
+        &tmp,
+    )?;
     out.write_all(&kept)?;
     drop(out);
     std::fs::rename(&tmp, &rotated)?;
@@ -99,7 +123,7 @@ pub fn rotate(log: &Path, limit: LogLimit) -> io::Result<bool> {
 /// The last `n` lines of `path`, read backwards from its end in chunks (never more than
 /// `max_bytes`); empty when unreadable. A file of any size costs at most `max_bytes` of reading.
 pub fn read_tail(path: &Path, n: usize, max_bytes: u64) -> String {
-    let Ok(mut f) = File::open(path) else {
+    let Ok(mut f) = open_regular(std::fs::OpenOptions::new().read(true), path) else {
         return String::new();
     };
     let Ok(len) = f.metadata().map(|m| m.len()) else {
@@ -146,6 +170,33 @@ pub fn log_tail_lines(log: &Path, n: usize, max_bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The VM dir belongs to the VMM's uid: a log it replaced by a link is neither read nor
+    /// written (wickd is root), and a FIFO does not block.
+    #[test]
+    fn links_and_fifos_in_place_of_the_log_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("root-only");
+        std::fs::write(&target, vec![b'x'; 4096]).unwrap();
+        let log = dir.path().join("vmm.log");
+        std::os::unix::fs::symlink(&target, &log).unwrap();
+        let limit = LogLimit { max: 1024 };
+        assert!(rotate(&log, limit).is_err());
+        assert_eq!(read_tail(&log, 10, 1 << 20), "");
+        assert_eq!(std::fs::read(&target).unwrap(), vec![b'x'; 4096]);
+        // The rotated file's temporary name as a link: replaced, never written through.
+        std::fs::remove_file(&log).unwrap();
+        std::fs::write(&log, vec![b'y'; 4096]).unwrap();
+        let mut tmp = rotated_path(&log).into_os_string();
+        tmp.push(".tmp");
+        std::os::unix::fs::symlink(&target, &tmp).unwrap();
+        assert!(rotate(&log, limit).unwrap());
+        assert_eq!(std::fs::read(&target).unwrap(), vec![b'x'; 4096]);
+        let fifo = dir.path().join("fifo.log");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert_eq!(read_tail(&fifo, 10, 1 << 20), "");
+        assert!(rotate(&fifo, limit).is_err());
+    }
     use std::time::Instant;
 
     #[test]

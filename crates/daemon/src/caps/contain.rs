@@ -139,6 +139,10 @@ fn reclaim(dir: &Path, uid: u32, depth: u32) -> Result<()> {
     let Ok(meta) = std::fs::symlink_metadata(dir) else {
         return Ok(());
     };
+    if meta.uid() == uid && meta.file_type().is_symlink() {
+        // Nothing of wick's is a symlink: the VMM (escaped?) made it. Root never follows it.
+        return std::fs::remove_file(dir).map_err(io(format!("removing {}", dir.display())));
+    }
     if meta.uid() == uid {
         std::os::unix::fs::lchown(dir, Some(0), Some(0))
             .map_err(io(format!("chown {} back to root", dir.display())))?;
@@ -169,22 +173,24 @@ impl Contain {
     fn grant(&self, cx: &mut HookCtx<'_>) -> Result<()> {
         let dir = cx.vm.runtime.dir.clone();
         ensure_traversable(&self.traverse)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io(format!("chmod {}", dir.display())))?;
         let log = dir.join("vmm.log");
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
+        wick_vmm::log::open_regular(std::fs::OpenOptions::new().create(true).append(true), &log)
             .map_err(io(format!("creating {}", log.display())))?;
         let Some(jail) = cx.vm.runtime.jail.as_ref() else {
             return Err(Error::internal("grant without a recorded jail"));
         };
-        let (uid, gid) = (jail.uid, jail.gid);
+        let uid = jail.uid;
         let todo = files_to_grant(cx.vm);
         let mut new = Vec::new();
         for p in &todo {
-            let m = std::fs::metadata(p).map_err(io(format!("{}", p.display())))?;
+            let m = std::fs::symlink_metadata(p).map_err(io(format!("{}", p.display())))?;
+            // The VM dir belonged to the VMM's uid before: root follows no link it left there.
+            if p != &dir && p.starts_with(&dir) && !(m.is_file() || m.is_dir()) {
+                return Err(Error::precondition(format!(
+                    "refusing to hand {} to the VMM: it is not a regular file or directory",
+                    p.display()
+                )));
+            }
             if m.uid() != uid && !jail.granted.iter().any(|g| &g.path == p) {
                 new.push(Grant {
                     path: p.clone(),
@@ -197,11 +203,15 @@ impl Contain {
             j.granted.extend(new);
         }
         cx.persist()?; // previous owners recorded before any chown
+        let owner = crate::perms::Access::User(nix::unistd::Uid::from_raw(uid));
         for p in &todo {
-            std::os::unix::fs::chown(p, Some(uid), Some(gid))
+            crate::perms::apply(p, owner)
                 .map_err(io(format!("giving {} to uid {uid}", p.display())))?;
         }
         let boot = dir.join(BOOT_DIR);
+        if std::fs::symlink_metadata(&boot).is_ok_and(|m| !m.is_dir()) {
+            std::fs::remove_file(&boot).map_err(io(format!("removing {}", boot.display())))?;
+        }
         std::fs::create_dir_all(&boot).map_err(io(format!("creating {}", boot.display())))?;
         std::fs::set_permissions(&boot, std::fs::Permissions::from_mode(0o755))
             .map_err(io(format!("chmod {}", boot.display())))?;
@@ -357,14 +367,14 @@ impl Capability for Contain {
         }]
     }
 
-    /// Removes `vm-*` cgroups under the parent that no VM records, and uid leases of VMs that
-    /// hold no jail (a crash between the lease and its record).
     /// wickd's start-up hardening (`perms::harden_tree`) strips every group/other bit, also the
     /// search bit adopted VMMs need to reach their VM dirs: give it back before serving.
     async fn started(&self, _vms: &[VmRecord]) -> Result<()> {
         ensure_traversable(&self.traverse)
     }
 
+    /// Removes `vm-*` cgroups under the parent and jails that no VM records (a lease without a
+    /// recorded jail is freed by `cleanup`).
     async fn sweep(&self, vms: &[VmRecord]) -> Result<Vec<String>> {
         let mut out = Vec::new();
         let Ok(cgroups) = &self.cgroups else {
