@@ -16,9 +16,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 /// Copies `a` → `b` and `b` → `a` until both directions have ended. A direction ends at its
 /// reader's end of file or at an error (reading or writing); then its writer is shut down (end of
 /// file for that peer), and after a failed write what its reader still sends is read and dropped
-/// until its end (closing a socket with unread data resets it, and the reset could overtake what
-/// the other direction delivers). Returns the bytes copied (or the error) of `a` → `b` and of
-/// `b` → `a`.
+/// until its end, for at most 5 s (closing a socket with unread data resets it, and the reset
+/// could overtake what the other direction delivers). Returns the bytes copied (or the error) of
+/// `a` → `b` and of `b` → `a`.
 pub async fn relay<A, B>(a: A, b: B) -> (io::Result<u64>, io::Result<u64>)
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -37,10 +37,15 @@ where
     let copied = tokio::io::copy(rd, wr).await;
     let _ = wr.shutdown().await;
     if copied.is_err() {
-        let _ = tokio::io::copy(rd, &mut tokio::io::sink()).await;
+        // Bounded: a peer (a hostile guest) that never closes must not hold the relay forever.
+        let mut sink = tokio::io::sink();
+        let _ = tokio::time::timeout(DRAIN_LIMIT, tokio::io::copy(rd, &mut sink)).await;
     }
     copied
 }
+
+/// How long a direction whose writer failed keeps reading (and dropping) its input.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

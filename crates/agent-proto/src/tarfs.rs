@@ -79,8 +79,25 @@ pub struct Unpacked {
     pub entries: u64,
     /// Bytes of file data written.
     pub bytes: u64,
-    /// Entries skipped (device nodes, fifos), as `name (kind)`.
+    /// The first [`MAX_LISTED_SKIPS`] entries skipped (device nodes, fifos), as `name (kind)`.
     pub skipped: Vec<String>,
+    /// How many entries were skipped in all (an archive may hold any number).
+    pub skipped_total: u64,
+}
+
+/// How many skipped entries [`Unpacked::skipped`] names.
+pub const MAX_LISTED_SKIPS: usize = 20;
+
+impl Unpacked {
+    /// The skipped entries for a message: the names kept, and how many more there were.
+    pub fn skipped_summary(&self) -> String {
+        let more = self.skipped_total - self.skipped.len() as u64;
+        let mut s = self.skipped.join(", ");
+        if more > 0 {
+            s.push_str(&format!(" and {more} more"));
+        }
+        s
+    }
 }
 
 /// Unpacks `archive` into the existing directory `dest` without ever following a symlink below
@@ -207,7 +224,10 @@ impl Unpacker {
                     T::Block => "block device",
                     _ => "fifo",
                 };
-                self.out.skipped.push(format!("{} ({what})", rel.display()));
+                self.out.skipped_total += 1;
+                if self.out.skipped.len() < MAX_LISTED_SKIPS {
+                    self.out.skipped.push(format!("{} ({what})", rel.display()));
+                }
                 Ok(())
             }
             other => Err(format!("unsupported entry type {other:?}")),

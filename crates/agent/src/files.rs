@@ -117,7 +117,7 @@ fn unpack<R: Read>(archive: R, dest: &Path) -> Result<u64, RemoteError> {
         tracing::warn!(
             "unpacking into {}: skipped {}",
             dest.display(),
-            done.skipped.join(", ")
+            done.skipped_summary()
         );
     }
     Ok(done.entries)

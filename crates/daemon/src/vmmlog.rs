@@ -25,16 +25,27 @@ fn live_logs(d: &Daemon) -> Vec<PathBuf> {
 pub async fn run_log_keeper(d: Arc<Daemon>) {
     let limit = d.config.vmm_log_limit().unwrap_or_default();
     let mut logs = Vec::new();
+    // Logs already warned about: a log the VMM replaced by a link fails at every check.
+    let mut warned = std::collections::HashSet::new();
     let mut tick = 0u32;
     loop {
         if tick.is_multiple_of(REFRESH_EVERY) {
             logs = live_logs(&d);
+            warned.retain(|p| logs.contains(p));
         }
         tick = tick.wrapping_add(1);
-        let batch = logs.clone();
-        let rotated = tokio::task::spawn_blocking(move || rotate_all(&batch, limit)).await;
-        if let Err(e) = rotated {
-            tracing::error!(error = %e, "VMM log rotation task failed");
+        if !logs.is_empty() {
+            let batch = logs.clone();
+            match tokio::task::spawn_blocking(move || rotate_all(&batch, limit)).await {
+                Ok(failed) => {
+                    for (log, e) in failed {
+                        if warned.insert(log.clone()) {
+                            tracing::warn!(log = %log.display(), error = %e, "cannot rotate the VMM log");
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "VMM log rotation task failed"),
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(LogLimit::check_interval()) => {}
@@ -43,12 +54,15 @@ pub async fn run_log_keeper(d: Arc<Daemon>) {
     }
 }
 
-fn rotate_all(logs: &[PathBuf], limit: LogLimit) {
+/// Rotates every log that needs it; returns those that failed, with why.
+fn rotate_all(logs: &[PathBuf], limit: LogLimit) -> Vec<(PathBuf, std::io::Error)> {
+    let mut failed = Vec::new();
     for log in logs {
         match rotate(log, limit) {
             Ok(true) => tracing::debug!(log = %log.display(), "rotated the VMM log"),
             Ok(false) => {}
-            Err(e) => tracing::warn!(log = %log.display(), error = %e, "cannot rotate the VMM log"),
+            Err(e) => failed.push((log.clone(), e)),
         }
     }
+    failed
 }

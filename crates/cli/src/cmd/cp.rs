@@ -289,8 +289,8 @@ pub fn unpack_safe<R: Read>(archive: R, dest: &Path, name: &str) -> Result<(u64,
             "{}",
             render::escape(&format!(
                 "warning: skipped {} special file(s) (device nodes, fifos are not copied): {}",
-                done.skipped.len(),
-                done.skipped.join(", ")
+                done.skipped_total,
+                done.skipped_summary()
             ))
         );
     }
