@@ -34,7 +34,7 @@ use serde_json::Value;
 
 use crate::net::error::NetError;
 use crate::net::link::{validate_ifname, validate_key};
-use crate::net::runner::{command_error, run_ok, stderr_lower, Runner};
+use crate::net::runner::Runner;
 
 /// The table (family `bridge`).
 pub const GUARD_TABLE: &str = "wick";
@@ -167,30 +167,20 @@ impl PortGuard {
     /// Reads the table: empty when it does not exist or `nft` is not installed (then no guard
     /// can exist either).
     pub fn state(&self) -> Result<GuardState, NetError> {
-        let args = ["-j", "list", "table", "bridge", GUARD_TABLE];
-        let out = match self.runner.run("nft", &args, None) {
-            Ok(out) => out,
+        match super::nft::list_table(&*self.runner, "bridge", GUARD_TABLE) {
+            Ok(Some(json)) => parse_guard_state(&json),
+            Ok(None) => Ok(GuardState::default()),
             Err(NetError::Spawn { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
-                return Ok(GuardState::default())
+                Ok(GuardState::default())
             }
-            Err(e) => return Err(e),
-        };
-        if !out.status.success() {
-            if stderr_lower(&out).contains("no such file or directory") {
-                return Ok(GuardState::default());
-            }
-            return Err(command_error("nft", &args, &out));
+            Err(e) => Err(e),
         }
-        parse_guard_state(&String::from_utf8_lossy(&out.stdout))
     }
 
     fn apply_script(&self, script: &str) -> Result<(), NetError> {
-        if script.is_empty() {
-            return Ok(());
-        }
-        run_ok(&*self.runner, "nft", &["-f", "-"], Some(script)).map(|_| ())
+        super::nft::apply_script(&*self.runner, script)
     }
 
     /// Lets `port` (the VM's TAP) send only frames from `mac` and `ip` (see the module doc).

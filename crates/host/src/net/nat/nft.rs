@@ -297,15 +297,10 @@ impl NftNat {
 
     /// Reads wick's table (an empty state when it does not exist).
     pub fn state(&self) -> Result<NftState, NetError> {
-        let args = ["-j", "list", "table", "inet", TABLE];
-        let out = self.runner.run("nft", &args, None)?;
-        if !out.status.success() {
-            if stderr_lower(&out).contains("no such file or directory") {
-                return Ok(NftState::default());
-            }
-            return Err(command_error("nft", &args, &out));
+        match list_table(&*self.runner, "inet", TABLE)? {
+            Some(json) => parse_state(&json),
+            None => Ok(NftState::default()),
         }
-        parse_state(&String::from_utf8_lossy(&out.stdout))
     }
 
     /// Removes the VM's NAT chains and elements (not its port guard).
@@ -318,11 +313,33 @@ impl NftNat {
 
     /// Applies one transaction.
     fn apply(&self, script: &str) -> Result<(), NetError> {
-        if script.is_empty() {
-            return Ok(());
-        }
-        run_ok(&*self.runner, "nft", &["-f", "-"], Some(script)).map(|_| ())
+        apply_script(&*self.runner, script)
     }
+}
+
+/// The output of `nft -j list table FAMILY TABLE`; `None` when the table does not exist.
+pub(crate) fn list_table(
+    runner: &dyn Runner,
+    family: &str,
+    table: &str,
+) -> Result<Option<String>, NetError> {
+    let args = ["-j", "list", "table", family, table];
+    let out = runner.run("nft", &args, None)?;
+    if !out.status.success() {
+        if stderr_lower(&out).contains("no such file or directory") {
+            return Ok(None);
+        }
+        return Err(command_error("nft", &args, &out));
+    }
+    Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// Runs `script` as one `nft -f -` transaction (nothing for an empty script).
+pub(crate) fn apply_script(runner: &dyn Runner, script: &str) -> Result<(), NetError> {
+    if script.is_empty() {
+        return Ok(());
+    }
+    run_ok(runner, "nft", &["-f", "-"], Some(script)).map(|_| ())
 }
 
 impl NatBackend for NftNat {
