@@ -6,13 +6,14 @@
 //! paths, modes, mtimes, link counts and contents must be equal. Inside the destination no
 //! setuid/setgid/sticky bit and no device node or fifo may appear.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use wick_agent_proto::tarfs::{unpack, UnpackOptions};
+use wick_testkit::hostile::{tar_bytes, EntryKind, TarEntry};
+use wick_testkit::inspect::Snapshot;
 
 #[derive(Debug, Clone)]
 enum Kind {
@@ -92,72 +93,28 @@ fn entry() -> impl Strategy<Value = Entry> {
 
 /// A tar archive with hand-made GNU headers (the `tar` builder refuses `..` and absolute names).
 fn archive(entries: &[Entry], abs: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    for e in entries {
-        let mut h = tar::Header::new_gnu();
-        let name = e.path.replace("{ABS}", abs);
-        let (ty, link, data): (_, Option<String>, &[u8]) = match &e.kind {
-            Kind::Dir => (tar::EntryType::Directory, None, &[]),
-            Kind::File(d) => (tar::EntryType::Regular, None, d),
-            Kind::Symlink(t) => (tar::EntryType::Symlink, Some(t.replace("{ABS}", abs)), &[]),
-            Kind::HardLink(t) => (tar::EntryType::Link, Some(t.replace("{ABS}", abs)), &[]),
-            Kind::Char => (tar::EntryType::Char, None, &[]),
-            Kind::Block => (tar::EntryType::Block, None, &[]),
-            Kind::Fifo => (tar::EntryType::Fifo, None, &[]),
-        };
-        let old = h.as_old_mut();
-        old.name[..name.len()].copy_from_slice(name.as_bytes());
-        if let Some(l) = link {
-            old.linkname[..l.len()].copy_from_slice(l.as_bytes());
-        }
-        h.set_entry_type(ty);
-        h.set_mode(e.mode);
-        h.set_mtime(12345);
-        h.set_size(data.len() as u64);
-        if matches!(e.kind, Kind::Char | Kind::Block) {
-            h.set_device_major(1).unwrap();
-            h.set_device_minor(3).unwrap();
-        }
-        h.set_cksum();
-        out.extend_from_slice(h.as_bytes());
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    out.resize(out.len() + 1024, 0);
-    out
+    let entries: Vec<TarEntry> = entries
+        .iter()
+        .map(|e| {
+            let path = e.path.replace("{ABS}", abs);
+            let link = |t: &str| t.replace("{ABS}", abs);
+            let t = match &e.kind {
+                Kind::Dir => TarEntry::dir(&path),
+                Kind::File(d) => TarEntry::file(&path, d),
+                Kind::Symlink(t) => TarEntry::symlink(&path, &link(t)),
+                Kind::HardLink(t) => TarEntry::hard_link(&path, &link(t)),
+                Kind::Char => TarEntry::device(&path, EntryKind::CharDevice, 1, 3),
+                Kind::Block => TarEntry::device(&path, EntryKind::BlockDevice, 1, 3),
+                Kind::Fifo => TarEntry::device(&path, EntryKind::Fifo, 0, 0),
+            };
+            t.mode(e.mode).mtime(12345)
+        })
+        .collect();
+    tar_bytes(&entries)
 }
 
-/// Path → (mode, mtime ns, links, contents or link target) for `root` and everything below it,
-/// except `skip`.
-type Snapshot = BTreeMap<PathBuf, (u32, i128, u64, Vec<u8>)>;
-
 fn snapshot(root: &Path, skip: &Path) -> Snapshot {
-    fn walk(p: &Path, skip: &Path, out: &mut Snapshot) {
-        if p == skip {
-            return;
-        }
-        let m = p.symlink_metadata().unwrap();
-        let mtime = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
-        let body = if m.file_type().is_symlink() {
-            fs::read_link(p)
-                .unwrap()
-                .into_os_string()
-                .into_encoded_bytes()
-        } else if m.is_file() {
-            fs::read(p).unwrap()
-        } else {
-            Vec::new()
-        };
-        out.insert(p.to_path_buf(), (m.mode(), mtime, m.nlink(), body));
-        if m.is_dir() {
-            for c in fs::read_dir(p).unwrap() {
-                walk(&c.unwrap().path(), skip, out);
-            }
-        }
-    }
-    let mut out = Snapshot::new();
-    walk(root, skip, &mut out);
-    out
+    wick_testkit::inspect::snapshot(root, Some(skip))
 }
 
 /// `base/sentinel` (a small tree with a file, a subdir and odd modes) and the empty `base/dest`,

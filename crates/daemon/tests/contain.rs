@@ -3,10 +3,11 @@
 //! uid lease, uid-owned file) outlives a stop, a delete or a crash. Needs root.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::Value;
 use wick_host::cgroup::{Cgroups, Limits};
+use wick_testkit::inspect::{owned_by, ProcStatus};
 use wick_testkit::wickd::WickdEnv;
 
 fn root(test: &str) -> bool {
@@ -46,37 +47,12 @@ fn jail(v: &Value) -> (u32, String) {
 
 /// `Uid:`/`Gid:` of `/proc/<pid>/status`: (real, effective, saved, fs) each.
 fn ids(pid: u32) -> (Vec<u32>, Vec<u32>, String) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = |k: &str| {
-        s.lines()
-            .find(|l| l.starts_with(k))
-            .unwrap_or_default()
-            .to_string()
-    };
-    let nums = |l: String| -> Vec<u32> {
-        l.split_whitespace()
-            .skip(1)
-            .filter_map(|n| n.parse().ok())
-            .collect()
-    };
-    (nums(line("Uid:")), nums(line("Gid:")), line("NoNewPrivs:"))
-}
-
-/// Every path under `dir` owned by `uid` (not following links).
-fn owned_by(dir: &Path, uid: u32) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(m) = std::fs::symlink_metadata(dir) else {
-        return out;
-    };
-    if m.uid() == uid {
-        out.push(dir.to_path_buf());
-    }
-    if m.is_dir() {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            out.extend(owned_by(&e.path(), uid));
-        }
-    }
-    out
+    let st = ProcStatus::of(pid);
+    (
+        st.ids("Uid:"),
+        st.ids("Gid:"),
+        st.line("NoNewPrivs:").to_string(),
+    )
 }
 
 fn gone(c: &Cgroups, rel: &str) -> bool {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use wick_testkit::guest::guest_assets;
+use wick_testkit::inspect::{owned_by, ProcStatus};
 use wick_testkit::wickd::WickdEnv;
 
 fn config(a: &wick_testkit::guest::GuestAssets) -> String {
@@ -54,24 +55,6 @@ fn links(env: &WickdEnv) -> Vec<String> {
         .collect()
 }
 
-/// Every path under `dir` owned by `uid` (links not followed).
-fn owned_by(dir: &std::path::Path, uid: u32) -> Vec<std::path::PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = Vec::new();
-    let Ok(m) = std::fs::symlink_metadata(dir) else {
-        return out;
-    };
-    if m.uid() == uid {
-        out.push(dir.to_path_buf());
-    }
-    if m.is_dir() {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            out.extend(owned_by(&e.path(), uid));
-        }
-    }
-    out
-}
-
 /// QEMU and its sidecar run as the VM's own uid (never root) in the VM's cgroup with the
 /// spec's limits, and the TCG warning is on the record: (uid, cgroup).
 fn assert_contained(env: &WickdEnv, vm: &Value) -> (u32, String) {
@@ -85,13 +68,8 @@ fn assert_contained(env: &WickdEnv, vm: &Value) -> (u32, String) {
     let qemu = vm["runtime"]["vmm"]["pid"].as_u64().unwrap();
     let sidecar = vm["runtime"]["vmm"]["sidecars"][0]["pid"].as_u64().unwrap();
     for pid in [qemu, sidecar] {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-        assert_eq!(
-            uids.split_whitespace().skip(1).collect::<Vec<_>>(),
-            vec![uid.to_string(); 4],
-            "pid {pid}: {uids}"
-        );
+        let uids = ProcStatus::of(pid as u32).ids("Uid:");
+        assert_eq!(uids, vec![uid; 4], "pid {pid}: {uids:?}");
     }
     match wick_host::cgroup::Cgroups::detect() {
         Ok(cg) => {

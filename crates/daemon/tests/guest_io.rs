@@ -98,11 +98,8 @@ fn vmm_log_stays_under_the_cap_while_the_guest_prints_forever() {
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    wick_testkit::inspect::ProcStatus::of(pid)
+        .peak_rss_kib()
         .expect("VmHWM")
 }
 
@@ -240,24 +237,7 @@ fn workspace_export_streams_a_large_patch_with_bounded_cli_memory() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The CLI's own peak RSS: VmHWM of its process (after exec), sampled until it exits. (Not
-    // the rusage of wait4: a forked child's max RSS starts from its parent's, this test.)
-    let pid = child.id();
-    let sampler = std::thread::spawn(move || {
-        let mut peak = 0u64;
-        while let Some(hwm) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-        {
-            peak = peak.max(hwm);
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        peak
-    });
+    let sampler = wick_testkit::inspect::sample_peak_rss_kib(child.id());
     let mut stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let mut stderr = String::new();

@@ -4,7 +4,6 @@
 //! DST nor keep setuid bits or device nodes, and escape sequences in guest text must never
 //! reach the user's terminal raw. Needs root (the daemon is a root daemon); skipped otherwise.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -12,6 +11,7 @@ use std::process::Output;
 
 use wick_testkit::cargo_bin;
 use wick_testkit::hostile::{self, Answer, EntryKind, Script, TarEntry, SCRIPT_ENV};
+use wick_testkit::inspect::{self, Snapshot};
 use wick_testkit::wickd::WickdEnv;
 
 const OSC_TITLE: &str = "\x1b]0;pwned\x07";
@@ -61,39 +61,8 @@ fn assert_no_raw_controls(what: &str, out: &Output) {
     }
 }
 
-/// Path → (mode, mtime in ns, link count, contents or link target) for `root` and everything
-/// below it.
-type Snapshot = BTreeMap<PathBuf, (u32, i128, u64, Vec<u8>)>;
-
 fn snapshot(root: &Path) -> Snapshot {
-    fn walk(p: &Path, out: &mut Snapshot) {
-        let m = p.symlink_metadata().unwrap();
-        let mtime = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
-        let body = if m.file_type().is_symlink() {
-            fs::read_link(p)
-                .unwrap()
-                .into_os_string()
-                .into_encoded_bytes()
-        } else if m.is_file() {
-            fs::read(p).unwrap()
-        } else {
-            Vec::new()
-        };
-        out.insert(p.to_path_buf(), (m.mode(), mtime, m.nlink(), body));
-        if m.is_dir() {
-            let mut children: Vec<_> = fs::read_dir(p)
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            children.sort();
-            for c in children {
-                walk(&c, out);
-            }
-        }
-    }
-    let mut out = Snapshot::new();
-    walk(root, &mut out);
-    out
+    inspect::snapshot(root, None)
 }
 
 /// Every path below `dir` with its file type, for checking what an unpack created.
@@ -411,22 +380,7 @@ fn broken_and_endless_frames_end_in_clear_errors() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let pid = child.id();
-    let sampler = std::thread::spawn(move || {
-        let mut peak_kib = 0u64;
-        while let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) {
-            let hwm = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-            match hwm {
-                Some(h) => peak_kib = peak_kib.max(h),
-                None => break, // a zombie: it has exited
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        peak_kib
-    });
+    let sampler = inspect::sample_peak_rss_kib(child.id());
     let mut stdout = child.stdout.take().unwrap();
     let copied = std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
     let out = child.wait_with_output().unwrap();

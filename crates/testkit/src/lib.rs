@@ -5,9 +5,11 @@
 //!   request as a script says (crafted tars, escape sequences, raw frames); see [`hostile`].
 //! - [`cargo_bin`]: the path of a workspace binary, for tests that spawn one.
 //! - [`wickd`]: a real `wickd` in an isolated `WICK_ROOT`, with the fake Firecracker as its VMM.
+//! - [`inspect`]: file-tree snapshots, files owned by a uid, `/proc/<pid>/status` ids.
 //! - [`skip`]: how a test that cannot run here says so (never a silent pass).
 
 pub mod hostile;
+pub mod inspect;
 mod skip;
 pub mod wickd;
 

@@ -753,22 +753,12 @@ impl Drop for CgroupGuard {
 
 /// Uid/gid lines of `/proc/<pid>/status` (real, effective, saved, fs) and its seccomp mode.
 fn proc_ids(pid: u32) -> (Vec<u32>, Vec<u32>, String) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let nums = |k: &str| -> Vec<u32> {
-        s.lines()
-            .find(|l| l.starts_with(k))
-            .unwrap_or_default()
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|n| n.parse().ok())
-            .collect()
-    };
-    let seccomp = s
-        .lines()
-        .find(|l| l.starts_with("Seccomp:"))
-        .unwrap_or_default()
-        .to_string();
-    (nums("Uid:"), nums("Gid:"), seccomp)
+    let st = wick_testkit::inspect::ProcStatus::of(pid);
+    (
+        st.ids("Uid:"),
+        st.ids("Gid:"),
+        st.line("Seccomp:").to_string(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
