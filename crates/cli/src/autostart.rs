@@ -21,7 +21,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts `wickd` detached and waits until `socket` accepts connections.
 pub async fn start_daemon(paths: &Paths, socket: &Path) -> Result<()> {
-    let bin = find_wickd()?;
+    let bin = find_wickd().context("wickd is not running")?;
     fs::create_dir_all(&paths.run)
         .with_context(|| format!("cannot create {}", paths.run.display()))?;
     let log_path = paths.daemon_log();
@@ -84,7 +84,7 @@ pub async fn start_daemon(paths: &Paths, socket: &Path) -> Result<()> {
 }
 
 /// `wickd` next to this executable, else on `PATH`.
-fn find_wickd() -> Result<PathBuf> {
+pub(crate) fn find_wickd() -> Result<PathBuf> {
     let beside = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|d| d.join("wickd")));
@@ -105,8 +105,8 @@ fn find_wickd() -> Result<PathBuf> {
         .and_then(|p| p.parent().map(|d| d.display().to_string()))
         .unwrap_or_else(|| "this executable's directory".into());
     bail!(
-        "wickd is not running and its binary was found neither in {where_} nor on PATH; install \
-         wickd or start it by hand as root"
+        "wickd's binary was found neither in {where_} nor on PATH; install wickd beside wick or \
+         start it by hand as root"
     )
 }
 

@@ -458,6 +458,20 @@ pub enum DaemonCommand {
     Status(JsonArgs),
     /// Stop wickd; VMs keep running and are re-adopted at its next start.
     Stop,
+    /// Install wickd as a systemd service: write `wickd.service` (and a commented
+    /// `config.toml` when there is none), enable it and start it. Idempotent.
+    Install(ServiceArgs),
+    /// Stop and disable the service and remove its unit (and the config, if still the
+    /// untouched example). VMs keep running. Idempotent.
+    Uninstall(ServiceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// Act on the file system under DIR (a machine image being prepared) with
+    /// `systemctl --root`; nothing is started or stopped.
+    #[arg(long, value_name = "DIR")]
+    pub fs_root: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

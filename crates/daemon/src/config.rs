@@ -621,6 +621,24 @@ mod tests {
         Ok(c)
     }
 
+    /// The example `wick daemon install` writes: every commented setting, uncommented, is a
+    /// valid config (so it names no key the daemon does not know).
+    #[test]
+    fn the_install_example_is_a_valid_config() {
+        let example = wick_model::paths::CONFIG_EXAMPLE;
+        assert_eq!(parse(example), Ok(Config::default()));
+        let uncommented: String = example
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with('[') || l.contains(" = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let all = parse(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        assert_eq!(all.vmm.as_deref(), Some("auto"));
+        assert_eq!(all.file_sync.len(), 1);
+        assert_eq!(all.limits.max_vms, Some(16));
+    }
+
     #[test]
     fn unknown_keys_are_named() {
         let e = parse("bogus_key = 1").unwrap_err();

@@ -10,6 +10,10 @@
 
 use std::path::{Path, PathBuf};
 
+/// A commented `config.toml` with every setting at its default, written by
+/// `wick daemon install` when the host has no config yet (the daemon's tests parse it).
+pub const CONFIG_EXAMPLE: &str = include_str!("config.example.toml");
+
 /// Environment variable that relocates everything under one directory.
 pub const ROOT_ENV: &str = "WICK_ROOT";
 

@@ -1,11 +1,11 @@
-//! `wick daemon status|stop`: never start the daemon.
+//! `wick daemon status|stop|install|uninstall`: never start the daemon.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use wick_model::api::DaemonStatus;
 
-use super::{out, out_json, outln, Ctx};
+use super::{out, out_json, outln, service, Ctx};
 use crate::cli::DaemonCommand;
 use crate::client::DaemonUnreachable;
 use crate::render;
@@ -21,6 +21,12 @@ pub async fn run(ctx: &Ctx, cmd: DaemonCommand) -> Result<()> {
             }
         }
         DaemonCommand::Stop => stop(ctx).await,
+        DaemonCommand::Install(args) => {
+            service::install(&service::Target::new(args.fs_root, &ctx.paths)?)
+        }
+        DaemonCommand::Uninstall(args) => {
+            service::uninstall(&service::Target::new(args.fs_root, &ctx.paths)?)
+        }
     }
 }
 

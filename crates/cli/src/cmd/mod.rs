@@ -10,6 +10,7 @@ mod guest;
 pub(crate) mod image;
 pub(crate) mod kernel;
 mod run;
+mod service;
 mod ssh;
 mod ssh_config;
 mod version;
