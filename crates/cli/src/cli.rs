@@ -134,6 +134,9 @@ pub enum VmCommand {
     /// which the host keys wickd got from the guest's agent are pinned first: a changed key is
     /// refused. Extra arguments after `--` go to ssh's remote command, as with plain ssh.
     Ssh(SshArgs),
+    /// Relay stdin/stdout to a VM's SSH port: the `ProxyCommand` of `wick ssh-config`, so
+    /// `ssh <name>.vm` needs no host DNS. Pins the VM's host keys like `vm ssh`.
+    SshProxy(SshProxyArgs),
     /// Copy files or directories between the host and a VM (`VM:PATH` on exactly one side).
     ///
     /// Directories are copied recursively; modes, mtimes and symlinks are kept. Like `cp -r`:
@@ -414,6 +417,16 @@ pub struct SshArgs {
     /// A remote command (after `--`) instead of a login shell.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SshProxyArgs {
+    /// The host ssh was asked for: `<vm>.vm` (or a VM reference).
+    #[arg(value_name = "HOST")]
+    pub host: String,
+    /// The guest port.
+    #[arg(value_name = "PORT", default_value_t = 22)]
+    pub port: u16,
 }
 
 #[derive(Debug, Args)]

@@ -176,6 +176,33 @@ fn real_guest_end_to_end() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // `ssh g1.vm` after `wick ssh-config --install`, with no host DNS for `.vm` (this netns
+    // has no resolver that knows it): the ProxyCommand goes through wick.
+    let home = tempfile::tempdir().unwrap();
+    let out = env
+        .wick_cmd()
+        .env("HOME", home.path())
+        .args(["ssh-config", "--install"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env
+        .in_netns("ssh".into())
+        .env("HOME", home.path())
+        .env_remove("WICK_ROOT")
+        .stdin(std::process::Stdio::null())
+        .args(["-F"])
+        .arg(env.root().join("ssh_config"))
+        .args(["-o", "BatchMode=yes", "g1.vm", "hostname"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ssh g1.vm: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "g1");
+
     // vm cp round trip.
     let host = tempfile::tempdir().unwrap();
     let src = host.path().join("src");

@@ -20,7 +20,7 @@ use wick_model::{Paths, VmRecord, VmState};
 
 use super::ssh_config::{self, SshPaths};
 use super::Ctx;
-use crate::cli::SshArgs;
+use crate::cli::{SshArgs, SshProxyArgs};
 use crate::client::vm_path;
 
 pub async fn run(ctx: &Ctx, a: SshArgs) -> Result<()> {
@@ -48,43 +48,97 @@ fn ssh_error(err: io::Error) -> anyhow::Error {
     }
 }
 
-/// The ssh command line into `vm` (running, with an IP), after pinning its host keys.
-fn command(ctx: &Ctx, vm: &VmRecord, remote: &[String]) -> Result<Command> {
-    if vm.state != VmState::Running {
-        bail!(
-            "VM {} is not running (state {}); start it with `wick vm start {}`",
-            vm.name,
-            vm.state,
-            vm.name
-        );
-    }
-    let Some(ip) = vm.runtime.ip.clone() else {
-        bail!(
-            "VM {} has no IP address, so ssh cannot reach it; use `wick vm exec {} -- …`",
-            vm.name,
-            vm.name
-        );
-    };
-    let paths = SshPaths::resolve(&ctx.paths)?;
-    if !paths.key.exists() {
-        // Creates the key; a VM created before it existed does not know it.
-        if ssh_config::public_key(&ctx.paths).is_some() {
-            eprintln!(
+/// `wick vm ssh-proxy HOST PORT`: ssh's `ProxyCommand`. Relays stdin/stdout to the VM's
+/// `PORT` after pinning its host keys; the VM is looked up through wickd, so a socket user
+/// reaches only their own VMs.
+pub async fn proxy(ctx: &Ctx, a: SshProxyArgs) -> Result<()> {
+    let name = a.host.strip_suffix(".vm").unwrap_or(&a.host);
+    let vm: VmRecord = ctx.client().get(&vm_path(name, "")).await?;
+    let target = Target::prepare(ctx, &vm)?;
+    let ip: std::net::IpAddr = target
+        .ip
+        .parse()
+        .with_context(|| format!("VM {} has a malformed IP {:?}", vm.name, target.ip))?;
+    let addr = std::net::SocketAddr::new(ip, a.port);
+    let stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))
+        .with_context(|| format!("cannot connect to {addr} (VM {})", vm.name))?;
+    relay_stdio(stream).with_context(|| format!("relay to {addr}"))
+}
+
+/// Copies stdin to `stream` (then half-closes it) and `stream` to stdout, until the server
+/// closes. Blocking on purpose: the stdin thread must not keep the process alive at the end.
+fn relay_stdio(stream: std::net::TcpStream) -> io::Result<()> {
+    use std::io::Write;
+    let mut up = stream.try_clone()?;
+    std::thread::spawn(move || {
+        let _ = io::copy(&mut io::stdin().lock(), &mut up);
+        let _ = up.shutdown(std::net::Shutdown::Write);
+    });
+    let mut down = stream;
+    let mut stdout = io::stdout().lock();
+    io::copy(&mut down, &mut stdout)?;
+    stdout.flush()
+}
+
+/// Where ssh goes for a VM, its host keys pinned.
+struct Target {
+    paths: SshPaths,
+    alias: String,
+    ip: String,
+    strict: &'static str,
+}
+
+impl Target {
+    /// Checks `vm` is running with an IP, makes sure wick's key exists and pins the VM's
+    /// recorded host keys into wick's known_hosts.
+    fn prepare(ctx: &Ctx, vm: &VmRecord) -> Result<Target> {
+        if vm.state != VmState::Running {
+            bail!(
+                "VM {} is not running (state {}); start it with `wick vm start {}`",
+                vm.name,
+                vm.state,
+                vm.name
+            );
+        }
+        let Some(ip) = vm.runtime.ip.clone() else {
+            bail!(
+                "VM {} has no IP address, so ssh cannot reach it; use `wick vm exec {} -- …`",
+                vm.name,
+                vm.name
+            );
+        };
+        let paths = SshPaths::resolve(&ctx.paths)?;
+        if !paths.key.exists() {
+            // Creates the key; a VM created before it existed does not know it.
+            if ssh_config::public_key(&ctx.paths).is_some() {
+                eprintln!(
                 "warning: created wick's ssh key {}; VM {} was created without it, so ssh will \
                  likely be refused until the VM is recreated",
                 paths.key.display(),
                 vm.name
             );
+            }
         }
+        let alias = host_alias(&vm.name);
+        let strict = if vm.runtime.host_keys.is_empty() {
+            "accept-new"
+        } else {
+            pin_host_keys(&paths.known_hosts, &alias, &vm.runtime.host_keys)?;
+            "yes"
+        };
+        Ok(Target {
+            paths,
+            alias,
+            ip,
+            strict,
+        })
     }
-    let alias = host_alias(&vm.name);
-    let strict = if vm.runtime.host_keys.is_empty() {
-        "accept-new"
-    } else {
-        pin_host_keys(&paths.known_hosts, &alias, &vm.runtime.host_keys)?;
-        "yes"
-    };
-    let args = ssh_args(&paths, &alias, &ip, strict, remote);
+}
+
+/// The ssh command line into `vm` (running, with an IP), after pinning its host keys.
+fn command(ctx: &Ctx, vm: &VmRecord, remote: &[String]) -> Result<Command> {
+    let t = Target::prepare(ctx, vm)?;
+    let args = ssh_args(&t.paths, &t.alias, &t.ip, t.strict, remote);
     let mut cmd = Command::new("ssh");
     cmd.args(&args);
     Ok(cmd)

@@ -8,8 +8,10 @@
 //! when it comes before the first `Host` block). `--uninstall` removes exactly that fenced block.
 //! Both are idempotent and keep the rest of the user's file byte for byte. No daemon is needed.
 //!
-//! Name resolution of `<name>.vm` itself is wickd's job (its DNS server, routed by
-//! systemd-resolved); this command only configures the ssh client.
+//! The block's `ProxyCommand` runs `wick vm ssh-proxy %h %p`, which asks wickd for the VM (so a
+//! socket user reaches only their own VMs), pins its host keys like `wick vm ssh` and relays the
+//! connection to its IP: `ssh <name>.vm`, `scp`, `rsync` and editors' remote-SSH work without
+//! host DNS for `.vm` (no systemd-resolved needed).
 
 use std::fs;
 use std::io::{self, Write};
@@ -101,8 +103,37 @@ pub fn block(include_path: &Path) -> String {
     )
 }
 
+/// The `ProxyCommand` of wick's ssh config: this `wick` binary with this invocation's root and
+/// socket, so it reaches the same daemon whatever the environment ssh runs it in.
+pub fn proxy_command(ctx: &Ctx) -> Result<String> {
+    let exe = std::env::current_exe().context("cannot find the wick executable")?;
+    let exe = fs::canonicalize(&exe).unwrap_or(exe);
+    let mut cmd = String::new();
+    if let Some(root) = &ctx.paths.root {
+        let root = std::path::absolute(root)
+            .with_context(|| format!("cannot make {} absolute", root.display()))?;
+        cmd.push_str(&format!("env WICK_ROOT={} ", ssh_arg(&root)));
+    }
+    let socket = std::path::absolute(&ctx.socket)
+        .with_context(|| format!("cannot make {} absolute", ctx.socket.display()))?;
+    for p in [&exe, &socket] {
+        if p.display().to_string().contains('"') {
+            bail!(
+                "{} contains a double quote, which ssh_config cannot express",
+                p.display()
+            );
+        }
+    }
+    cmd.push_str(&format!(
+        "{} --socket {} vm ssh-proxy %h %p",
+        ssh_arg(&exe),
+        ssh_arg(&socket)
+    ));
+    Ok(cmd)
+}
+
 /// wick's own ssh client config.
-pub fn wick_ssh_config(key: &Path, known_hosts: &Path) -> String {
+pub fn wick_ssh_config(key: &Path, known_hosts: &Path, proxy: &str) -> String {
     format!(
         "# wick: ssh settings for VMs (`ssh <name>.vm`). Written by `wick ssh-config --install`,\n\
          # which rewrites it: put your own settings in ~/.ssh/config instead.\n\
@@ -111,9 +142,11 @@ pub fn wick_ssh_config(key: &Path, known_hosts: &Path) -> String {
          \x20   IdentityFile {}\n\
          \x20   IdentitiesOnly yes\n\
          \x20   UserKnownHostsFile {}\n\
-         \x20   StrictHostKeyChecking accept-new\n",
+         \x20   StrictHostKeyChecking accept-new\n\
+         \x20   ProxyCommand {}\n",
         ssh_arg(key),
-        ssh_arg(known_hosts)
+        ssh_arg(known_hosts),
+        proxy
     )
 }
 
@@ -156,6 +189,7 @@ pub fn remove_block(existing: &str) -> String {
 
 pub async fn run(ctx: &Ctx, args: SshConfigArgs) -> Result<()> {
     let paths = SshPaths::resolve(&ctx.paths)?;
+    let proxy = proxy_command(ctx)?;
     for p in [&paths.config, &paths.key, &paths.known_hosts] {
         if p.display().to_string().contains('"') {
             bail!(
@@ -166,15 +200,15 @@ pub async fn run(ctx: &Ctx, args: SshConfigArgs) -> Result<()> {
         }
     }
     if args.install {
-        install(&paths)
+        install(&paths, &proxy)
     } else if args.uninstall {
         uninstall(&paths)
     } else {
-        preview(&paths)
+        preview(&paths, &proxy)
     }
 }
 
-fn preview(p: &SshPaths) -> Result<()> {
+fn preview(p: &SshPaths, proxy: &str) -> Result<()> {
     let current = read_or_empty(&p.user_config)?;
     let installed = current == install_block(&current, &p.config);
     out(&format!(
@@ -184,7 +218,7 @@ fn preview(p: &SshPaths) -> Result<()> {
         p.user_config.display(),
         block(&p.config),
         p.config.display(),
-        wick_ssh_config(&p.key, &p.known_hosts),
+        wick_ssh_config(&p.key, &p.known_hosts, proxy),
         if installed {
             "installed"
         } else {
@@ -193,10 +227,10 @@ fn preview(p: &SshPaths) -> Result<()> {
     ))
 }
 
-fn install(p: &SshPaths) -> Result<()> {
+fn install(p: &SshPaths, proxy: &str) -> Result<()> {
     let mut report = String::new();
     create_private_dir(&p.dir)?;
-    let content = wick_ssh_config(&p.key, &p.known_hosts);
+    let content = wick_ssh_config(&p.key, &p.known_hosts, proxy);
     if read_or_empty(&p.config)? != content {
         write_atomic(&p.config, &content, 0o600)?;
         report.push_str(&format!("wrote {}\n", p.config.display()));
@@ -449,11 +483,16 @@ mod tests {
     fn paths_with_spaces_are_quoted() {
         let b = block(Path::new("/home/a b/ssh_config"));
         assert!(b.contains("Include \"/home/a b/ssh_config\"\n"), "{b}");
-        let c = wick_ssh_config(Path::new("/k"), Path::new("/h h"));
+        let c = wick_ssh_config(
+            Path::new("/k"),
+            Path::new("/h h"),
+            "/bin/wick vm ssh-proxy %h %p",
+        );
         assert!(c.contains("IdentityFile /k\n"));
         assert!(c.contains("UserKnownHostsFile \"/h h\"\n"));
         assert!(c.contains("StrictHostKeyChecking accept-new\n"));
         assert!(c.contains("Host *.vm\n    User root\n"));
+        assert!(c.contains("    ProxyCommand /bin/wick vm ssh-proxy %h %p\n"));
     }
 
     #[test]

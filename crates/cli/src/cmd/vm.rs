@@ -59,6 +59,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
         }
         VmCommand::Exec(a) => super::exec::run(ctx, a).await,
         VmCommand::Ssh(a) => super::ssh::run(ctx, a).await,
+        VmCommand::SshProxy(a) => super::ssh::proxy(ctx, a).await,
         VmCommand::Cp(a) => super::cp::run(ctx, a).await,
         VmCommand::Ports(a) => super::guest::ports(ctx, a).await,
         VmCommand::Health(a) => super::guest::health(ctx, a).await,
