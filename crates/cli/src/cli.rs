@@ -47,6 +47,10 @@ pub enum Command {
     Doctor(JsonArgs),
     /// Print the client's version and, if it is running, the daemon's.
     Version(JsonArgs),
+    /// Serve the Model Context Protocol on stdin/stdout, for coding agents: tools to create
+    /// VMs, run commands and repositories, read and write files, list ports, export a
+    /// workspace's patch, stop and delete. VMs belong to the user running it.
+    Mcp,
     /// Make `ssh <name>.vm` work: show, install or remove wick's Include in ~/.ssh/config.
     ///
     /// `--install` writes wick's ssh settings (user root, wick's key, its own known_hosts, trust

@@ -336,7 +336,8 @@ pub async fn follow(
                         break;
                     }
                 },
-                res = rx.wait_for(|fired| *fired), if !cancel_requested => {
+                // The guard `wait_for` returns is dropped at once: `follow` stays `Send`.
+                res = async { rx.wait_for(|fired| *fired).await.map(|_| ()) }, if !cancel_requested => {
                     cancel_requested = true;
                     if res.is_ok() {
                         display.note("cancelling (Ctrl-C again to stop waiting)…");

@@ -185,7 +185,11 @@ fn real_guest_end_to_end() {
         .args(["ssh-config", "--install"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = env
         .in_netns("ssh".into())
         .env("HOME", home.path())

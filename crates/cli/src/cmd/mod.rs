@@ -9,6 +9,7 @@ mod exec;
 mod guest;
 pub(crate) mod image;
 pub(crate) mod kernel;
+mod mcp;
 mod run;
 mod service;
 mod ssh;
@@ -70,6 +71,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Config(ConfigCommand::Show(a)) => config::show(&ctx, a).await,
         Command::Doctor(a) => doctor::run(&ctx, a).await,
         Command::Version(a) => version::run(&ctx, a).await,
+        Command::Mcp => mcp::run(ctx).await,
         Command::SshConfig(a) => ssh_config::run(&ctx, a).await,
         Command::Completion { shell } => {
             let mut buf = Vec::new();

@@ -183,7 +183,7 @@ fn op_request(kind: OpKind, vm: &str) -> (hyper::Method, String) {
 }
 
 /// One VM of `vm start|stop|restart|delete`: start the operation and follow it.
-async fn run_op(
+pub(super) async fn run_op(
     client: &Client,
     kind: OpKind,
     vm: &str,
