@@ -89,6 +89,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/config", get(config))
         .route("/v1/doctor", get(doctor))
         .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
         .merge(crate::artifacts::routes())
         .fallback(|| async {
             Error::new(
@@ -411,6 +412,25 @@ async fn daemon_stop(State(d): D, c: ConnectInfo<PeerCred>) -> Result<Response> 
         .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses(
+        (status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String),
+        (status = 403, description = "only root may scrape on the socket (operators: `metrics_listen`)", body = ApiError)
+    )
+)]
+async fn metrics(State(d): D, c: ConnectInfo<PeerCred>) -> Result<Response> {
+    if caller(c).uid != 0 {
+        return Err(Error::new(
+            ErrorCode::PermissionDenied,
+            "metrics cover every user's VMs: only root may read them on the socket (operators: set \
+             metrics_listen)",
+        ));
+    }
+    Ok(crate::metrics::text_response(d.ops.metrics.render(&d)))
+}
+
 #[utoipa::path(get, path = "/v1/config", responses((status = 200, body = ConfigView)))]
 async fn config(State(d): D) -> Result<Json<ConfigView>> {
     Ok(Json(ConfigView {
@@ -457,7 +477,8 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         daemon_status,
         daemon_stop,
         config,
-        doctor
+        doctor,
+        metrics
     ),
     components(schemas(
         ApiError,

@@ -116,6 +116,10 @@ pub struct Config {
     /// `512K` (default 8 MiB, at least 64 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm_log_max: Option<String>,
+    /// Serve Prometheus metrics over plain HTTP at `ADDR:PORT` (a bare `PORT` means
+    /// 127.0.0.1). Off by default; anyone who can reach it sees every VM's metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
     /// Host files copied into each guest's `/root` at start (missing host files: a warning).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub file_sync: Vec<FileSync>,
@@ -290,6 +294,7 @@ impl Config {
         if let Some(d) = &self.vm_defaults.disk {
             parse_size_mib(d).map_err(|e| format!("vm_defaults.disk: {e}"))?;
         }
+        self.metrics_listen()?;
         for f in &self.file_sync {
             if !f.guest.starts_with("/root/") {
                 return Err(format!(
@@ -376,6 +381,19 @@ impl Config {
             ));
         }
         Ok(wick_vmm::log::LogLimit { max })
+    }
+
+    /// The `metrics_listen` address, if set.
+    pub fn metrics_listen(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let Some(v) = &self.metrics_listen else {
+            return Ok(None);
+        };
+        if let Ok(port) = v.trim().parse::<u16>() {
+            return Ok(Some((std::net::Ipv4Addr::LOCALHOST, port).into()));
+        }
+        v.trim().parse().map(Some).map_err(|_| {
+            format!("metrics_listen = {v:?}: use ADDR:PORT (e.g. 127.0.0.1:9464) or a bare PORT")
+        })
     }
 
     pub fn boot_timeout(&self) -> Duration {

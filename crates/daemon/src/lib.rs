@@ -23,6 +23,7 @@ pub mod error;
 pub mod failpoint;
 pub mod filesync;
 pub mod guest;
+pub mod metrics;
 pub mod ops;
 pub mod perms;
 pub mod reconcile;
@@ -86,6 +87,14 @@ pub async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
         }
     }
 
+    if let Ok(Some(addr)) = d.config.metrics_listen() {
+        let d = d.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve_tcp(d, addr).await {
+                tracing::error!(%addr, error = %e, "cannot serve metrics (metrics_listen)");
+            }
+        });
+    }
     tokio::spawn(stats::run_poller(d.clone()));
     tokio::spawn(vmmlog::run_log_keeper(d.clone()));
 

@@ -14,6 +14,7 @@ use wick_model::api::{ApiError, OpEvent, OpKind, OpState, Operation};
 use wick_model::VmRecord;
 
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 
 /// How long finished operations stay queryable.
 const KEEP_FINISHED: Duration = Duration::from_secs(600);
@@ -21,6 +22,7 @@ const KEEP_FINISHED: Duration = Duration::from_secs(600);
 /// One operation: its public view, its event log, and its cancel token.
 pub struct OpEntry {
     started: Instant,
+    metrics: Arc<Metrics>,
     /// The VM's owner: who may follow the operation (also after a delete removed the VM).
     pub owner: u32,
     inner: Mutex<OpInner>,
@@ -32,6 +34,8 @@ struct OpInner {
     op: Operation,
     events: Vec<OpEvent>,
     finished: Option<Instant>,
+    /// When the current stage began (its duration goes to the metrics when it ends).
+    stage_started: Instant,
 }
 
 impl OpEntry {
@@ -73,9 +77,19 @@ impl OpEntry {
         if inner.op.state.is_terminal() {
             return;
         }
+        self.stage_ended(&mut inner);
         inner.op.stage = Some(name.to_string());
         self.push(&mut inner, OpState::Running, Some(name.to_string()));
         tracing::debug!(op = %inner.op.id, vm = %inner.op.vm_name, stage = name, "stage");
+    }
+
+    /// Records the duration of the stage that just ended, if any.
+    fn stage_ended(&self, inner: &mut OpInner) {
+        if let Some(stage) = &inner.op.stage {
+            let secs = inner.stage_started.elapsed().as_secs_f64();
+            self.metrics.stage_done(inner.op.kind, stage, secs);
+        }
+        inner.stage_started = Instant::now();
     }
 
     /// Errors with `cancelled` if cancel was requested.
@@ -106,6 +120,8 @@ impl OpEntry {
                 inner.op.error = Some(err);
             }
         }
+        self.stage_ended(&mut inner);
+        self.metrics.operation_finished(inner.op.kind, state);
         inner.op.state = state;
         inner.op.finished_at = Some(wick_store::now());
         inner.finished = Some(Instant::now());
@@ -153,6 +169,8 @@ type VmLock = (Arc<tokio::sync::Mutex<()>>, Option<String>);
 pub struct Ops {
     ops: Mutex<HashMap<String, Arc<OpEntry>>>,
     vm_locks: Mutex<HashMap<String, VmLock>>,
+    /// Fed by every operation's stages and outcome.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Held while an operation owns a VM. Released on drop.
@@ -226,6 +244,7 @@ impl Ops {
         let (seq_tx, _) = watch::channel(0);
         let entry = Arc::new(OpEntry {
             started: Instant::now(),
+            metrics: self.metrics.clone(),
             owner: vm.owner,
             inner: Mutex::new(OpInner {
                 op: Operation {
@@ -242,6 +261,7 @@ impl Ops {
                 },
                 events: Vec::new(),
                 finished: None,
+                stage_started: Instant::now(),
             }),
             seq_tx,
             cancel: CancellationToken::new(),

@@ -58,7 +58,7 @@ use std::net::SocketAddr;
 
 pub use limits::DnsLimits;
 pub use records::Records;
-pub use server::{DnsConfig, DnsServer, DEFAULT_TTL, DEFAULT_UPSTREAM_TIMEOUT};
+pub use server::{queries_answered, DnsConfig, DnsServer, DEFAULT_TTL, DEFAULT_UPSTREAM_TIMEOUT};
 pub use upstream::{
     parse_resolv_conf, system_upstreams, RESOLVED_UPSTREAM_CONF, SYSTEM_RESOLV_CONF,
 };

@@ -387,6 +387,14 @@ impl HandlerInner {
     }
 }
 
+/// Queries handled by every server of this process (wickd runs one set of servers).
+static QUERIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many DNS queries this process's servers have handled, for wickd's metrics.
+pub fn queries_answered() -> u64 {
+    QUERIES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(
@@ -394,6 +402,7 @@ impl RequestHandler for Handler {
         request: &Request,
         response: R,
     ) -> ResponseInfo {
+        QUERIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let inner = &self.inner;
         let result = if request.metadata.op_code != OpCode::Query {
             inner.error(request, ResponseCode::NotImp, response).await
