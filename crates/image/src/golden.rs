@@ -34,7 +34,7 @@ pub const GOLDEN_PACKAGES: &[&str] = &[
 ];
 
 /// Bumped whenever the build recipe changes what ends up in the image (keys test caches).
-pub(crate) const RECIPE_VERSION: u32 = 1;
+pub(crate) const RECIPE_VERSION: u32 = 2;
 
 const MIB: u64 = 1 << 20;
 
@@ -124,9 +124,11 @@ PermitRootLogin prohibit-password
 ";
 
 const FSTAB: &str = "\
-# wick: the root disk is /dev/vda; the per-VM work disk /dev/vdb holds /root.
+# wick: the root disk is /dev/vda; the per-VM work disk /dev/vdb holds /root. wick-agent
+# starts after root.mount: wait for the disk as long as a slow boot may need (a 10 s timeout
+# gave up under TCG on a loaded host, and /root then lived on the root disk).
 /dev/vda / ext4 defaults 0 1
-/dev/vdb /root ext4 defaults,nofail,x-systemd.device-timeout=10s 0 2
+/dev/vdb /root ext4 defaults,nofail,x-systemd.device-timeout=5min 0 2
 ";
 
 const HOSTS: &str = "\
