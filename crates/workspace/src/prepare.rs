@@ -64,7 +64,6 @@ cd "$1"
 git update-index -q --refresh >/dev/null || true
 if [ -n "$4" ]; then git checkout -q -B "$4" "$5"; fi
 "#;
-
 /// Copies the plan's repository into the guest directory `guest_path` (see the crate docs),
 /// reporting stages through `progress`. Re-preparing the same guest path sends only what changed.
 pub async fn prepare(
@@ -74,32 +73,12 @@ pub async fn prepare(
     mut progress: impl FnMut(&str) + Send,
 ) -> Result<PrepareReport> {
     let start = Instant::now();
-    if !guest_path.starts_with('/') {
-        return Err(WorkspaceError::GuestPathNotAbsolute(guest_path.to_string()));
-    }
-    let gp = match guest_path.trim_end_matches('/') {
-        "" => "/",
-        p => p,
-    }
-    .to_string();
+    let gp = guest_dir(guest_path)?;
     let source_path = plan.root.display().to_string();
 
     // 1. What the guest holds.
     progress("reading the guest workspace state");
-    let old = read_manifest(client, &gp).await?;
-    if let Some(m) = &old {
-        if m.meta.source_path != source_path || m.meta.mode != plan.mode {
-            return Err(WorkspaceError::OtherWorkspace {
-                guest_path: gp,
-                source_path: m.meta.source_path.clone(),
-                mode: m.meta.mode,
-            });
-        }
-    }
-    let guest = match &old {
-        Some(_) => guest_listing(client, &gp, plan.mode).await?,
-        None => BTreeMap::new(),
-    };
+    let (old, guest) = guest_state(client, plan, &gp, &source_path).await?;
 
     // 2. What the host has now.
     let root = plan.root.clone();
@@ -107,152 +86,307 @@ pub async fn prepare(
     let current = blocking(move || stat_all(&root, &paths)).await?;
 
     // 3. The difference.
-    let mut send: Vec<(Vec<u8>, Entry)> = Vec::new();
-    let mut delete: Vec<Vec<u8>> = Vec::new();
-    let mut unchanged = 0u64;
-    for (p, e) in &current {
-        let g = guest.get(p);
-        let up_to_date = old
-            .as_ref()
-            .and_then(|m| m.entries.get(p))
-            .is_some_and(|was| was == e && g.is_some_and(|g| e.matches_guest(g)));
-        if up_to_date {
-            unchanged += 1;
-            continue;
-        }
-        // Replace symlinks and kind changes by deleting first (never write through a link).
-        if g.is_some_and(|g: &GuestEntry| g.kind != e.kind || g.kind == Kind::Symlink) {
-            delete.push(p.clone());
-        }
-        send.push((p.clone(), e.clone()));
-    }
-    let mut files_deleted = 0u64;
-    if let Some(m) = &old {
-        for p in m.entries.keys() {
-            if !current.contains_key(p) && guest.contains_key(p) {
-                delete.push(p.clone());
-                files_deleted += 1;
-            }
-        }
-    }
+    let diff = Diff::new(old.as_ref(), &guest, &current);
 
     // 4. History: the objects of the wanted commits the guest lacks, packed in the background.
-    let commits = plan.commits();
-    let mut shallow: BTreeSet<String> = old
-        .as_ref()
-        .map(|m| m.meta.shallow.iter().cloned().collect())
-        .unwrap_or_default();
-    let mut pack_job = None;
-    let mut pack_dir = None;
-    let mut objects_sent = 0u64;
-    if plan.mode == Mode::Shallow {
-        let had: Vec<String> = old
-            .as_ref()
-            .map(|m| m.meta.commits.clone())
-            .unwrap_or_default();
-        let same: HashSet<&String> = had.iter().collect();
-        if commits.iter().any(|c| !same.contains(c)) {
-            let root = plan.root.clone();
-            let (want, had2) = (commits.clone(), had.clone());
-            let (ids, with_parents) = blocking(move || {
-                let mut ids = HashSet::new();
-                for c in &want {
-                    git::commit_objects(&root, c, &mut ids)?;
-                }
-                let mut known = HashSet::new();
-                for c in had2.iter().filter(|c| git::has_object(&root, c)) {
-                    git::commit_objects(&root, c, &mut known)?;
-                }
-                ids.retain(|id| !known.contains(id));
-                let mut with_parents = Vec::new();
-                for c in &want {
-                    if git::has_parents(&root, c)? {
-                        with_parents.push(c.clone());
-                    }
-                }
-                Ok((ids, with_parents))
-            })
-            .await?;
-            shallow.extend(with_parents);
-            objects_sent = ids.len() as u64;
-            let dir = tempfile::Builder::new()
-                .prefix("wick-workspace-pack-")
-                .tempdir()
-                .map_err(WorkspaceError::io(
-                    "cannot create a temporary directory for the pack",
-                ))?;
-            let root = plan.root.clone();
-            let base = dir.path().join("pack");
-            pack_job = Some(std::thread::spawn(move || pack_objects(&root, &base, &ids)));
-            pack_dir = Some(dir);
-        }
-    }
+    let history = History::start(plan, old.as_ref()).await?;
 
     // 5. Deletions first (so replaced symlinks are never written through).
-    if !delete.is_empty() {
-        progress(&format!("removing {} path(s) in the guest", delete.len()));
-        remove_in_guest(client, &gp, &delete).await?;
+    if !diff.delete.is_empty() {
+        progress(&format!(
+            "removing {} path(s) in the guest",
+            diff.delete.len()
+        ));
+        remove_in_guest(client, &gp, &diff.delete).await?;
     }
 
     // 6. One tar: git metadata, files, pack, manifest.
-    let manifest = Manifest {
-        meta: Meta {
-            source_path: source_path.clone(),
-            mode: plan.mode,
-            head: plan.head.clone(),
-            commits: if plan.mode == Mode::Shallow {
-                commits.clone()
-            } else {
-                Vec::new()
-            },
-            shallow: shallow.iter().cloned().collect(),
-        },
-        entries: current,
-    };
-    let mut meta_files: Vec<(String, Vec<u8>, u32)> = Vec::new();
-    if plan.mode == Mode::Shallow {
-        if old.is_none() {
-            meta_files.push((".git/HEAD".into(), head_file(plan), 0o644));
-            meta_files.push((".git/config".into(), config_file(plan), 0o644));
-            if let Ok(ex) = std::fs::read(plan.git_dir.join("info/exclude")) {
-                meta_files.push((".git/info/exclude".into(), ex, 0o644));
-            }
-        }
-        let mut sh = String::new();
-        for c in &shallow {
-            sh.push_str(c);
-            sh.push('\n');
-        }
-        meta_files.push((".git/shallow".into(), sh.into_bytes(), 0o644));
-    }
-    let files_sent = send.len() as u64;
-    let file_bytes: u64 = send.iter().map(|(_, e)| e.size).sum();
+    let files_sent = diff.send.len() as u64;
+    let file_bytes: u64 = diff.send.iter().map(|(_, e)| e.size).sum();
     progress(&format!(
         "sending {files_sent} file(s) ({:.1} MiB){}",
         file_bytes as f64 / (1024.0 * 1024.0),
-        if pack_job.is_some() {
-            format!(" and the history ({objects_sent} objects)")
+        if history.pack.is_some() {
+            format!(" and the history ({} objects)", history.objects_sent)
         } else {
             String::new()
         }
     ));
+    let objects_sent = history.objects_sent;
+    let (archive, pack_dir) = Archive::new(
+        plan,
+        &source_path,
+        old.is_none(),
+        current,
+        diff.send,
+        history,
+    );
+    let (pack_bytes, archive_bytes) = send_archive(client, &plan.root, &gp, archive).await?;
+    drop(pack_dir);
+
+    // 7. Git fix-ups.
+    progress("setting up git in the guest");
+    git_fixups(client, plan, &gp).await?;
+
+    Ok(PrepareReport {
+        record: WorkspaceRecord {
+            source_path,
+            guest_path: gp,
+            head_commit: plan.head.clone(),
+            branch: plan.guest_branch().map(str::to_string),
+            mode: plan.mode,
+            prepared_at: crate::now_rfc3339(),
+        },
+        fresh: old.is_none(),
+        files_sent,
+        file_bytes,
+        files_unchanged: diff.unchanged,
+        files_deleted: diff.deleted,
+        objects_sent,
+        pack_bytes,
+        archive_bytes,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// The guest directory: absolute, without a trailing `/` (but `/` itself stays).
+fn guest_dir(guest_path: &str) -> Result<String> {
+    if !guest_path.starts_with('/') {
+        return Err(WorkspaceError::GuestPathNotAbsolute(guest_path.to_string()));
+    }
+    Ok(match guest_path.trim_end_matches('/') {
+        "" => "/",
+        p => p,
+    }
+    .to_string())
+}
+
+/// The guest's manifest (refusing one written for another workspace) and, when it has one, its
+/// file listing.
+async fn guest_state(
+    client: &AgentClient,
+    plan: &RepoPlan,
+    gp: &str,
+    source_path: &str,
+) -> Result<(Option<Manifest>, BTreeMap<Vec<u8>, GuestEntry>)> {
+    let old = read_manifest(client, gp).await?;
+    if let Some(m) = &old {
+        if m.meta.source_path != source_path || m.meta.mode != plan.mode {
+            return Err(WorkspaceError::OtherWorkspace {
+                guest_path: gp.to_string(),
+                source_path: m.meta.source_path.clone(),
+                mode: m.meta.mode,
+            });
+        }
+    }
+    let guest = match &old {
+        Some(_) => guest_listing(client, gp, plan.mode).await?,
+        None => BTreeMap::new(),
+    };
+    Ok((old, guest))
+}
+
+/// What to send and delete so the guest matches the host.
+struct Diff {
+    send: Vec<(Vec<u8>, Entry)>,
+    delete: Vec<Vec<u8>>,
+    unchanged: u64,
+    /// Paths deleted because they are gone on the host (not counting replaced ones).
+    deleted: u64,
+}
+
+impl Diff {
+    fn new(
+        old: Option<&Manifest>,
+        guest: &BTreeMap<Vec<u8>, GuestEntry>,
+        current: &BTreeMap<Vec<u8>, Entry>,
+    ) -> Diff {
+        let mut diff = Diff {
+            send: Vec::new(),
+            delete: Vec::new(),
+            unchanged: 0,
+            deleted: 0,
+        };
+        for (p, e) in current {
+            let g = guest.get(p);
+            let up_to_date = old
+                .and_then(|m| m.entries.get(p))
+                .is_some_and(|was| was == e && g.is_some_and(|g| e.matches_guest(g)));
+            if up_to_date {
+                diff.unchanged += 1;
+                continue;
+            }
+            // Replace symlinks and kind changes by deleting first (never write through a link).
+            if g.is_some_and(|g: &GuestEntry| g.kind != e.kind || g.kind == Kind::Symlink) {
+                diff.delete.push(p.clone());
+            }
+            diff.send.push((p.clone(), e.clone()));
+        }
+        if let Some(m) = old {
+            for p in m.entries.keys() {
+                if !current.contains_key(p) && guest.contains_key(p) {
+                    diff.delete.push(p.clone());
+                    diff.deleted += 1;
+                }
+            }
+        }
+        diff
+    }
+}
+
+/// The history to send: the wanted commits, the shallow boundary, and the pack being built.
+struct History {
+    commits: Vec<String>,
+    shallow: BTreeSet<String>,
+    objects_sent: u64,
+    /// The packing thread and the directory it writes into (removed when dropped).
+    pack: Option<(PackJob, tempfile::TempDir)>,
+}
+
+type PackJob = std::thread::JoinHandle<Result<Vec<PathBuf>>>;
+
+impl History {
+    /// Finds the objects the guest lacks (shallow mode) and starts packing them.
+    async fn start(plan: &RepoPlan, old: Option<&Manifest>) -> Result<History> {
+        let mut history = History {
+            commits: plan.commits(),
+            shallow: old
+                .map(|m| m.meta.shallow.iter().cloned().collect())
+                .unwrap_or_default(),
+            objects_sent: 0,
+            pack: None,
+        };
+        if plan.mode != Mode::Shallow {
+            return Ok(history);
+        }
+        let had: Vec<String> = old.map(|m| m.meta.commits.clone()).unwrap_or_default();
+        let same: HashSet<&String> = had.iter().collect();
+        if history.commits.iter().all(|c| same.contains(c)) {
+            return Ok(history);
+        }
+        let root = plan.root.clone();
+        let want = history.commits.clone();
+        let (ids, with_parents) = blocking(move || missing_objects(&root, &want, &had)).await?;
+        history.shallow.extend(with_parents);
+        history.objects_sent = ids.len() as u64;
+        let dir = tempfile::Builder::new()
+            .prefix("wick-workspace-pack-")
+            .tempdir()
+            .map_err(WorkspaceError::io(
+                "cannot create a temporary directory for the pack",
+            ))?;
+        let root = plan.root.clone();
+        let base = dir.path().join("pack");
+        let job = std::thread::spawn(move || pack_objects(&root, &base, &ids));
+        history.pack = Some((job, dir));
+        Ok(history)
+    }
+}
+
+/// The objects of the `want` commits not reachable from the `had` ones the host still has, and
+/// the wanted commits that have parents (the guest's new shallow boundary).
+fn missing_objects(
+    root: &Path,
+    want: &[String],
+    had: &[String],
+) -> Result<(HashSet<String>, Vec<String>)> {
+    let mut ids = HashSet::new();
+    for c in want {
+        git::commit_objects(root, c, &mut ids)?;
+    }
+    let mut known = HashSet::new();
+    for c in had.iter().filter(|c| git::has_object(root, c)) {
+        git::commit_objects(root, c, &mut known)?;
+    }
+    ids.retain(|id| !known.contains(id));
+    let mut with_parents = Vec::new();
+    for c in want {
+        if git::has_parents(root, c)? {
+            with_parents.push(c.clone());
+        }
+    }
+    Ok((ids, with_parents))
+}
+
+/// Everything the one tar carries, in the order it is written.
+struct Archive {
+    meta_files: Vec<(String, Vec<u8>, u32)>,
+    files: Vec<(Vec<u8>, Entry)>,
+    pack: Option<PackJob>,
+    manifest: Vec<u8>,
+}
+
+impl Archive {
+    /// The archive of a prepare, and the pack's directory (to keep until the archive is sent).
+    fn new(
+        plan: &RepoPlan,
+        source_path: &str,
+        fresh: bool,
+        current: BTreeMap<Vec<u8>, Entry>,
+        files: Vec<(Vec<u8>, Entry)>,
+        history: History,
+    ) -> (Archive, Option<tempfile::TempDir>) {
+        let shallow = plan.mode == Mode::Shallow;
+        let manifest = Manifest {
+            meta: Meta {
+                source_path: source_path.to_string(),
+                mode: plan.mode,
+                head: plan.head.clone(),
+                commits: if shallow { history.commits } else { Vec::new() },
+                shallow: history.shallow.iter().cloned().collect(),
+            },
+            entries: current,
+        };
+        let mut meta_files: Vec<(String, Vec<u8>, u32)> = Vec::new();
+        if shallow {
+            if fresh {
+                meta_files.push((".git/HEAD".into(), head_file(plan), 0o644));
+                meta_files.push((".git/config".into(), config_file(plan), 0o644));
+                if let Ok(ex) = std::fs::read(plan.git_dir.join("info/exclude")) {
+                    meta_files.push((".git/info/exclude".into(), ex, 0o644));
+                }
+            }
+            let mut sh = String::new();
+            for c in &history.shallow {
+                sh.push_str(c);
+                sh.push('\n');
+            }
+            meta_files.push((".git/shallow".into(), sh.into_bytes(), 0o644));
+        }
+        let (pack, dir) = history.pack.unzip();
+        let archive = Archive {
+            meta_files,
+            files,
+            pack,
+            manifest: manifest.encode(),
+        };
+        (archive, dir)
+    }
+}
+
+/// Streams the archive into `gp`; returns (pack bytes, archive bytes).
+async fn send_archive(
+    client: &AgentClient,
+    root: &Path,
+    gp: &str,
+    archive: Archive,
+) -> Result<(u64, u64)> {
     let (writer, reader) = wick_agent_proto::pipe::pipe();
-    let root = plan.root.clone();
-    let encoded = manifest.encode();
-    let tar_job =
-        std::thread::spawn(move || build_tar(writer, &root, meta_files, send, pack_job, encoded));
-    let put = client.put_tar(&gp, reader).await;
+    let root = root.to_path_buf();
+    let tar_job = std::thread::spawn(move || build_tar(writer, &root, archive));
+    let put = client.put_tar(gp, reader).await;
     let tar = tar_job.join().unwrap_or_else(|_| {
         Err(WorkspaceError::io("build the archive")(io::Error::other(
             "the archive builder panicked",
         )))
     });
-    drop(pack_dir);
     let (pack_bytes, archive_len) = tar?;
     let done = put?;
+    Ok((pack_bytes, done.bytes.max(archive_len)))
+}
 
-    // 7. Git fix-ups.
-    progress("setting up git in the guest");
+/// Points HEAD and the branches at the prepared commit (see [`SHALLOW_FIXUP`], [`FULL_FIXUP`]).
+async fn git_fixups(client: &AgentClient, plan: &RepoPlan, gp: &str) -> Result<()> {
     let (new_branch, from) = match &plan.new_branch {
         Some(b) => (b.name.clone(), b.from_commit.clone()),
         None => (String::new(), String::new()),
@@ -268,7 +402,7 @@ pub async fn prepare(
             "-c".into(),
             script.into(),
             "sh".into(),
-            gp.clone(),
+            gp.to_string(),
             plan.head.clone(),
             plan.branch.clone().unwrap_or_default(),
             new_branch,
@@ -277,27 +411,7 @@ pub async fn prepare(
         None,
     )
     .await?;
-    check(&out, "set up the git repository")?;
-
-    Ok(PrepareReport {
-        record: WorkspaceRecord {
-            source_path,
-            guest_path: gp,
-            head_commit: plan.head.clone(),
-            branch: plan.guest_branch().map(str::to_string),
-            mode: plan.mode,
-            prepared_at: crate::now_rfc3339(),
-        },
-        fresh: old.is_none(),
-        files_sent,
-        file_bytes,
-        files_unchanged: unchanged,
-        files_deleted,
-        objects_sent,
-        pack_bytes,
-        archive_bytes: done.bytes.max(archive_len),
-        elapsed: start.elapsed(),
-    })
+    check(&out, "set up the git repository")
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -538,17 +652,10 @@ fn config_file(plan: &RepoPlan) -> Vec<u8> {
 }
 
 /// Writes the archive into the pipe; returns (pack bytes, archive bytes).
-fn build_tar(
-    mut w: PipeWriter,
-    root: &Path,
-    meta_files: Vec<(String, Vec<u8>, u32)>,
-    files: Vec<(Vec<u8>, Entry)>,
-    pack: Option<std::thread::JoinHandle<Result<Vec<PathBuf>>>>,
-    manifest: Vec<u8>,
-) -> Result<(u64, u64)> {
+fn build_tar(mut w: PipeWriter, root: &Path, archive: Archive) -> Result<(u64, u64)> {
     let mut counter = Counter { w: &mut w, n: 0 };
     let mut b = tar::Builder::new(&mut counter);
-    let r = write_entries(&mut b, root, meta_files, files, pack, manifest);
+    let r = write_entries(&mut b, root, archive);
     match r {
         Ok(pack_bytes) => {
             let fin = b.into_inner().map(|c| c.n);
@@ -598,14 +705,9 @@ fn header(kind: tar::EntryType, mode: u32, size: u64, mtime: i64) -> tar::Header
     h
 }
 
-fn write_entries<W: Write>(
-    b: &mut tar::Builder<W>,
-    root: &Path,
-    meta_files: Vec<(String, Vec<u8>, u32)>,
-    files: Vec<(Vec<u8>, Entry)>,
-    pack: Option<std::thread::JoinHandle<Result<Vec<PathBuf>>>>,
-    manifest: Vec<u8>,
-) -> Result<u64> {
+/// Writes the archive's entries: git directories and metadata, files, pack, manifest last.
+/// Returns the pack's size.
+fn write_entries<W: Write>(b: &mut tar::Builder<W>, root: &Path, archive: Archive) -> Result<u64> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -621,61 +723,79 @@ fn write_entries<W: Write>(
         b.append_data(&mut h, d, io::empty())
             .map_err(WorkspaceError::io("stream the archive to the guest"))?;
     }
-    for (path, data, mode) in meta_files {
+    for (path, data, mode) in archive.meta_files {
         let mut h = header(tar::EntryType::Regular, mode, data.len() as u64, now);
         b.append_data(&mut h, &path, &data[..])
             .map_err(WorkspaceError::io("stream the archive to the guest"))?;
     }
-    for (p, e) in files {
-        let rel = Path::new(OsStr::from_bytes(&p));
-        match e.kind {
-            Kind::Symlink => {
-                let mut h = header(tar::EntryType::Symlink, e.mode, 0, e.mtime_secs());
-                b.append_link(&mut h, rel, Path::new(OsStr::from_bytes(&e.target)))
-                    .map_err(WorkspaceError::io(format!(
-                        "archive the link {}",
-                        rel.display()
-                    )))?;
-            }
-            Kind::File => {
-                let full = root.join(rel);
-                let f = File::open(&full).map_err(WorkspaceError::io(format!(
-                    "cannot read {} (did it change during the copy? prepare again)",
-                    full.display()
-                )))?;
-                // Exactly the size in the header, even if the file changes meanwhile (the
-                // manifest then differs and the next prepare sends it again).
-                let data = f.take(e.size).chain(io::repeat(0)).take(e.size);
-                let mut h = header(tar::EntryType::Regular, e.mode, e.size, e.mtime_secs());
-                b.append_data(&mut h, rel, data)
-                    .map_err(WorkspaceError::io(format!("archive {}", full.display())))?;
-            }
-        }
+    for (p, e) in archive.files {
+        append_file(b, root, Path::new(OsStr::from_bytes(&p)), &e)?;
     }
-    let mut pack_bytes = 0u64;
-    if let Some(job) = pack {
-        let files = job.join().unwrap_or_else(|_| {
-            Err(WorkspaceError::io("pack the history")(io::Error::other(
-                "the packing thread panicked",
-            )))
-        })?;
-        for f in files {
-            let name = f.file_name().unwrap_or_default().to_owned();
-            let file = File::open(&f)
-                .map_err(WorkspaceError::io(format!("cannot read {}", f.display())))?;
-            let len = file
-                .metadata()
-                .map_err(WorkspaceError::io(format!("cannot stat {}", f.display())))?
-                .len();
-            pack_bytes += len;
-            let mut h = header(tar::EntryType::Regular, 0o444, len, now);
-            let dest = Path::new(".git/objects/pack").join(name);
-            b.append_data(&mut h, dest, file.take(len))
-                .map_err(WorkspaceError::io("stream the history pack"))?;
-        }
-    }
+    let pack_bytes = match archive.pack {
+        Some(job) => append_pack(b, job, now)?,
+        None => 0,
+    };
+    let manifest = archive.manifest;
     let mut h = header(tar::EntryType::Regular, 0o644, manifest.len() as u64, now);
     b.append_data(&mut h, format!(".git/{MANIFEST_NAME}"), &manifest[..])
         .map_err(send_err)?;
+    Ok(pack_bytes)
+}
+
+/// One working-tree file or symlink, `rel` to `root`.
+fn append_file<W: Write>(
+    b: &mut tar::Builder<W>,
+    root: &Path,
+    rel: &Path,
+    e: &Entry,
+) -> Result<()> {
+    match e.kind {
+        Kind::Symlink => {
+            let mut h = header(tar::EntryType::Symlink, e.mode, 0, e.mtime_secs());
+            b.append_link(&mut h, rel, Path::new(OsStr::from_bytes(&e.target)))
+                .map_err(WorkspaceError::io(format!(
+                    "archive the link {}",
+                    rel.display()
+                )))?;
+        }
+        Kind::File => {
+            let full = root.join(rel);
+            let f = File::open(&full).map_err(WorkspaceError::io(format!(
+                "cannot read {} (did it change during the copy? prepare again)",
+                full.display()
+            )))?;
+            // Exactly the size in the header, even if the file changes meanwhile (the
+            // manifest then differs and the next prepare sends it again).
+            let data = f.take(e.size).chain(io::repeat(0)).take(e.size);
+            let mut h = header(tar::EntryType::Regular, e.mode, e.size, e.mtime_secs());
+            b.append_data(&mut h, rel, data)
+                .map_err(WorkspaceError::io(format!("archive {}", full.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// The history pack's files once the packing thread is done; returns their size.
+fn append_pack<W: Write>(b: &mut tar::Builder<W>, job: PackJob, now: i64) -> Result<u64> {
+    let files = job.join().unwrap_or_else(|_| {
+        Err(WorkspaceError::io("pack the history")(io::Error::other(
+            "the packing thread panicked",
+        )))
+    })?;
+    let mut pack_bytes = 0u64;
+    for f in files {
+        let name = f.file_name().unwrap_or_default().to_owned();
+        let file =
+            File::open(&f).map_err(WorkspaceError::io(format!("cannot read {}", f.display())))?;
+        let len = file
+            .metadata()
+            .map_err(WorkspaceError::io(format!("cannot stat {}", f.display())))?
+            .len();
+        pack_bytes += len;
+        let mut h = header(tar::EntryType::Regular, 0o444, len, now);
+        let dest = Path::new(".git/objects/pack").join(name);
+        b.append_data(&mut h, dest, file.take(len))
+            .map_err(WorkspaceError::io("stream the history pack"))?;
+    }
     Ok(pack_bytes)
 }
