@@ -190,6 +190,7 @@ fn set_winsize(fd: RawFd, size: WindowSize) -> io::Result<()> {
 
 type Sink = Box<dyn AsyncWrite + Send + Unpin>;
 type Source = Box<dyn AsyncRead + Send + Unpin>;
+type Sources = Vec<(FrameKind, Source)>;
 
 /// Runs one exec conversation on a connection whose request was already read.
 pub async fn run<R, W>(req: ExecRequest, rd: R, mut wr: W) -> io::Result<()>
@@ -201,8 +202,7 @@ where
         Ok(p) => p,
         Err(e) => return reply::<(), _>(&mut wr, Err(e)).await,
     };
-    let tty = req.tty;
-    let pty = match tty.map(open_pty).transpose() {
+    let pty = match req.tty.map(open_pty).transpose() {
         Ok(p) => p,
         Err(e) => {
             return reply::<(), _>(
@@ -214,57 +214,7 @@ where
             .await
         }
     };
-
-    let mut cmd = tokio::process::Command::new(&req.argv[0]);
-    cmd.args(&req.argv[1..])
-        .env_clear()
-        .envs(plan.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&plan.cwd);
-    let mut master = None;
-    match pty {
-        Some((m, slave)) => {
-            cmd.stdin(Stdio::from(slave.try_clone()?))
-                .stdout(Stdio::from(slave.try_clone()?))
-                .stderr(Stdio::from(slave));
-            master = Some(m);
-        }
-        None => {
-            cmd.stdin(if req.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        }
-    }
-    let switch = plan
-        .switch_user
-        .then(|| (plan.id.uid, plan.id.gid, plan.id.groups.clone()));
-    let with_tty = tty.is_some();
-    // SAFETY: the closure runs in the forked child and only makes async-signal-safe syscalls on
-    // data prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            // A login's usual umask, whoever started the agent (in tests: wickd, with 077).
-            libc::umask(0o022);
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if with_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if let Some((uid, gid, groups)) = &switch {
-                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
-                    || libc::setgid(*gid) < 0
-                    || libc::setuid(*uid) < 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    let (mut cmd, master) = command(&req, &plan, pty)?;
     let spawned = cmd.spawn();
     drop(cmd); // closes our copies of the PTY slave
     let mut child = match spawned {
@@ -284,28 +234,7 @@ where
     reply(&mut wr, Ok(ExecStarted { pid })).await?;
     tracing::debug!("exec pid {pid}: {:?}", req.argv);
 
-    // Wire up stdio.
-    let mut sources: Vec<(FrameKind, Source)> = Vec::new();
-    let sink: Option<Sink>;
-    let mut tty_fd = None;
-    match master {
-        Some(m) => {
-            let stream = FdStream::new(m, true)?;
-            tty_fd = Some(stream.raw_fd());
-            let (r, w) = tokio::io::split(stream);
-            sources.push((FrameKind::Stdout, Box::new(r)));
-            sink = Some(Box::new(w));
-        }
-        None => {
-            if let Some(o) = child.stdout.take() {
-                sources.push((FrameKind::Stdout, Box::new(o)));
-            }
-            if let Some(e) = child.stderr.take() {
-                sources.push((FrameKind::Stderr, Box::new(e)));
-            }
-            sink = child.stdin.take().map(|s| Box::new(s) as Sink);
-        }
-    }
+    let (sources, sink, tty_fd) = stdio(master, &mut child)?;
 
     // One writer serializes all frames to the host.
     let (tx, mut rx) = mpsc::channel::<(FrameKind, Bytes)>(16);
@@ -340,7 +269,109 @@ where
         }
     };
 
-    // Drain output: until every pump hit EOF, or output went quiet after the exit.
+    drain(&mut pumps, base, &last_output).await;
+    pumps.abort_all();
+    let _ = tx.send(exit_frame(status, pid)?).await;
+    drop(tx);
+    let _ = writer.await;
+    // The exit is sent and our side shut down. Keep reading until the host closes (it does once
+    // it has the exit), bounded: closing a socket with unread frames in it (a late end of stdin)
+    // resets the connection, and a reset may overtake the exit on its way to the host.
+    if tokio::time::timeout(LINGER, &mut input).await.is_err() {
+        input.abort();
+    }
+    Ok(())
+}
+
+/// The command of `req` as planned: its stdio (the PTY's slave, or pipes), and a child that
+/// starts its own session with a login's umask, as the planned user. Returns the PTY's master.
+fn command(
+    req: &ExecRequest,
+    plan: &Plan,
+    pty: Option<(OwnedFd, OwnedFd)>,
+) -> io::Result<(tokio::process::Command, Option<OwnedFd>)> {
+    let mut cmd = tokio::process::Command::new(&req.argv[0]);
+    cmd.args(&req.argv[1..])
+        .env_clear()
+        .envs(plan.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&plan.cwd);
+    let mut master = None;
+    match pty {
+        Some((m, slave)) => {
+            cmd.stdin(Stdio::from(slave.try_clone()?))
+                .stdout(Stdio::from(slave.try_clone()?))
+                .stderr(Stdio::from(slave));
+            master = Some(m);
+        }
+        None => {
+            cmd.stdin(if req.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        }
+    }
+    let switch = plan
+        .switch_user
+        .then(|| (plan.id.uid, plan.id.gid, plan.id.groups.clone()));
+    let with_tty = req.tty.is_some();
+    // SAFETY: the closure runs in the forked child and only makes async-signal-safe syscalls on
+    // data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // A login's usual umask, whoever started the agent (in tests: wickd, with 077).
+            libc::umask(0o022);
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if with_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some((uid, gid, groups)) = &switch {
+                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                    || libc::setgid(*gid) < 0
+                    || libc::setuid(*uid) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok((cmd, master))
+}
+
+/// The child's output sources, its input sink, and the PTY's fd (for window size changes).
+fn stdio(
+    master: Option<OwnedFd>,
+    child: &mut tokio::process::Child,
+) -> io::Result<(Sources, Option<Sink>, Option<RawFd>)> {
+    let mut sources: Sources = Vec::new();
+    Ok(match master {
+        Some(m) => {
+            let stream = FdStream::new(m, true)?;
+            let tty_fd = Some(stream.raw_fd());
+            let (r, w) = tokio::io::split(stream);
+            sources.push((FrameKind::Stdout, Box::new(r)));
+            (sources, Some(Box::new(w)), tty_fd)
+        }
+        None => {
+            if let Some(o) = child.stdout.take() {
+                sources.push((FrameKind::Stdout, Box::new(o)));
+            }
+            if let Some(e) = child.stderr.take() {
+                sources.push((FrameKind::Stderr, Box::new(e)));
+            }
+            let sink = child.stdin.take().map(|s| Box::new(s) as Sink);
+            (sources, sink, None)
+        }
+    })
+}
+
+/// After the exit, waits until every pump hit EOF, or output went quiet for [`DRAIN_IDLE`].
+async fn drain(pumps: &mut JoinSet<()>, base: Instant, last_output: &AtomicU64) {
     loop {
         match tokio::time::timeout(DRAIN_IDLE, pumps.join_next()).await {
             Ok(None) => break,
@@ -354,8 +385,14 @@ where
             }
         }
     }
-    pumps.abort_all();
-    let frame = match status {
+}
+
+/// The frame that ends the conversation: the exit status, or why it is unknown.
+fn exit_frame(
+    status: io::Result<std::process::ExitStatus>,
+    pid: u32,
+) -> io::Result<(FrameKind, Bytes)> {
+    Ok(match status {
         Ok(st) => {
             let exit = ExitStatus {
                 code: st.code(),
@@ -368,17 +405,7 @@ where
             FrameKind::Error,
             serde_json::to_vec(&RemoteError::new(format!("waiting for pid {pid}: {e}")))?.into(),
         ),
-    };
-    let _ = tx.send(frame).await;
-    drop(tx);
-    let _ = writer.await;
-    // The exit is sent and our side shut down. Keep reading until the host closes (it does once
-    // it has the exit), bounded: closing a socket with unread frames in it (a late end of stdin)
-    // resets the connection, and a reset may overtake the exit on its way to the host.
-    if tokio::time::timeout(LINGER, &mut input).await.is_err() {
-        input.abort();
-    }
-    Ok(())
+    })
 }
 
 /// Copies one output stream into frames.
