@@ -64,6 +64,7 @@ cd "$1"
 git update-index -q --refresh >/dev/null || true
 if [ -n "$4" ]; then git checkout -q -B "$4" "$5"; fi
 "#;
+
 /// Copies the plan's repository into the guest directory `guest_path` (see the crate docs),
 /// reporting stages through `progress`. Re-preparing the same guest path sends only what changed.
 pub async fn prepare(
