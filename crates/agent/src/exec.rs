@@ -198,37 +198,8 @@ where
     R: AsyncRead + Send + Unpin + 'static,
     W: AsyncWrite + Send + Unpin + 'static,
 {
-    let plan = match plan(&req) {
-        Ok(p) => p,
-        Err(e) => return reply::<(), _>(&mut wr, Err(e)).await,
-    };
-    let pty = match req.tty.map(open_pty).transpose() {
-        Ok(p) => p,
-        Err(e) => {
-            return reply::<(), _>(
-                &mut wr,
-                Err(RemoteError::new(format!(
-                    "cannot allocate a pseudo-terminal: {e}"
-                ))),
-            )
-            .await
-        }
-    };
-    let (mut cmd, master) = command(&req, &plan, pty)?;
-    let spawned = cmd.spawn();
-    drop(cmd); // closes our copies of the PTY slave
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(e) => {
-            return reply::<(), _>(
-                &mut wr,
-                Err(RemoteError::new(format!(
-                    "cannot run {:?} as {} in {}: {e}",
-                    req.argv[0], plan.id.name, plan.cwd
-                ))),
-            )
-            .await
-        }
+    let Some((mut child, master)) = start(&req, &mut wr).await? else {
+        return Ok(()); // the error is sent
     };
     let pid = child.id().unwrap_or(0);
     reply(&mut wr, Ok(ExecStarted { pid })).await?;
@@ -236,17 +207,7 @@ where
 
     let (sources, sink, tty_fd) = stdio(master, &mut child)?;
 
-    // One writer serializes all frames to the host.
-    let (tx, mut rx) = mpsc::channel::<(FrameKind, Bytes)>(16);
-    let writer = tokio::spawn(async move {
-        while let Some((kind, data)) = rx.recv().await {
-            if write_frame(&mut wr, kind, &data).await.is_err() {
-                break;
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
-
+    let (tx, writer) = frame_writer(wr);
     let base = Instant::now();
     let last_output = Arc::new(AtomicU64::new(0));
     let mut pumps = JoinSet::new();
@@ -281,6 +242,64 @@ where
         input.abort();
     }
     Ok(())
+}
+
+/// Plans and spawns the process of `req`; returns it with the PTY's master, or `None` once the
+/// reason it cannot run was sent to the host.
+async fn start<W>(
+    req: &ExecRequest,
+    wr: &mut W,
+) -> io::Result<Option<(tokio::process::Child, Option<OwnedFd>)>>
+where
+    W: AsyncWrite + Send + Unpin,
+{
+    let plan = match plan(req) {
+        Ok(p) => p,
+        Err(e) => return reply::<(), _>(wr, Err(e)).await.map(|_| None),
+    };
+    let pty = match req.tty.map(open_pty).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            let e = RemoteError::new(format!("cannot allocate a pseudo-terminal: {e}"));
+            return reply::<(), _>(wr, Err(e)).await.map(|_| None);
+        }
+    };
+    let (mut cmd, master) = command(req, &plan, pty)?;
+    let spawned = cmd.spawn();
+    drop(cmd); // closes our copies of the PTY slave
+    match spawned {
+        Ok(child) => Ok(Some((child, master))),
+        Err(e) => {
+            let e = RemoteError::new(format!(
+                "cannot run {:?} as {} in {}: {e}",
+                req.argv[0], plan.id.name, plan.cwd
+            ));
+            reply::<(), _>(wr, Err(e)).await.map(|_| None)
+        }
+    }
+}
+
+/// One writer serializes all frames to the host; it shuts the connection's write side down
+/// once every sender is gone.
+fn frame_writer<W>(
+    mut wr: W,
+) -> (
+    mpsc::Sender<(FrameKind, Bytes)>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    W: AsyncWrite + Send + Unpin + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<(FrameKind, Bytes)>(16);
+    let writer = tokio::spawn(async move {
+        while let Some((kind, data)) = rx.recv().await {
+            if write_frame(&mut wr, kind, &data).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    (tx, writer)
 }
 
 /// The command of `req` as planned: its stdio (the PTY's slave, or pipes), and a child that
