@@ -42,6 +42,10 @@
 //! path, and `PR_SET_PDEATHSIG` covers a SIGKILL of the fake). `FAKE_FC_AGENT_BIN` may name
 //! testkit's `hostile-agent` instead (a scripted hostile guest, see `wick_testkit::hostile`):
 //! it takes the same arguments.
+//!
+//! Layout, after Firecracker's own: `request/` has one module per API resource (its body types,
+//! validation and handler) and the router; `vm.rs` the microVM's state and phases; `agent.rs`
+//! the fake guest's agent; this file the command line, the HTTP server and the signals.
 
 mod agent;
 mod request;
