@@ -241,7 +241,7 @@ impl KernelStore {
             .take()
             .unwrap_or_else(|| "unknown".to_string());
         let modules = match staged.modules_src.take() {
-            Some(src) => Some(self.stage_modules(st, &src, &version, &mut staged.warnings)?),
+            Some(src) => self.stage_modules(st, &src, &version, &mut staged.warnings)?,
             None => {
                 if format != KernelFormat::Deb {
                     staged.warnings.push(
@@ -249,10 +249,9 @@ impl KernelStore {
                             .to_string(),
                     );
                 }
-                None
+                StagedModules::default()
             }
         };
-        let modules = modules.unwrap_or_default();
         let needs = modules.needs_initramfs;
 
         let record = KernelRecord {
@@ -275,21 +274,8 @@ impl KernelStore {
                 .unwrap_or(Duration::ZERO)
                 .as_secs(),
         };
-        let json = serde_json::to_vec_pretty(&record).expect("record serializes");
-        std::fs::write(st.join(MANIFEST), json).map_err(io_err("cannot write the manifest"))?;
         drop(staged.unpacked);
-        let staging_path = staging.keep();
-        if let Err(e) = std::fs::rename(&staging_path, &final_dir) {
-            let _ = std::fs::remove_dir_all(&staging_path);
-            return Err(io_err(format!(
-                "cannot move the kernel into {}",
-                final_dir.display()
-            ))(e));
-        }
-        load_manifest(
-            &final_dir,
-            &std::fs::read(final_dir.join(MANIFEST)).map_err(io_err("cannot read the manifest"))?,
-        )
+        install(staging, &final_dir, &record)
     }
 
     /// Moves the modules `src` into the staging dir `st` as `modules/<version>`, checks their
@@ -443,6 +429,30 @@ fn load_manifest(dir: &Path, bytes: &[u8]) -> Result<KernelRecord> {
     r.initrd = r.initrd.map(|p| dir.join(p));
     r.modules_dir = r.modules_dir.map(|p| dir.join(p));
     Ok(r)
+}
+
+/// Writes `record` as the staging dir's manifest and renames the dir to `final_dir` (removing
+/// it when that fails); returns the record as loaded from there.
+fn install(
+    staging: tempfile::TempDir,
+    final_dir: &Path,
+    record: &KernelRecord,
+) -> Result<KernelRecord> {
+    let json = serde_json::to_vec_pretty(record).expect("record serializes");
+    std::fs::write(staging.path().join(MANIFEST), json)
+        .map_err(io_err("cannot write the manifest"))?;
+    let staging_path = staging.keep();
+    if let Err(e) = std::fs::rename(&staging_path, final_dir) {
+        let _ = std::fs::remove_dir_all(&staging_path);
+        return Err(io_err(format!(
+            "cannot move the kernel into {}",
+            final_dir.display()
+        ))(e));
+    }
+    load_manifest(
+        final_dir,
+        &std::fs::read(final_dir.join(MANIFEST)).map_err(io_err("cannot read the manifest"))?,
+    )
 }
 
 /// What an import learnt while staging the kernel image.
