@@ -29,7 +29,7 @@ async fn main() {
     let iterations = if quick { 20 } else { 200 };
 
     let t = Instant::now();
-    let h = support::Harness::start().await;
+    let h = support::start().await;
     let connect = t.elapsed();
 
     // Hello round trip.

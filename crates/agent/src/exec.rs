@@ -190,6 +190,7 @@ fn set_winsize(fd: RawFd, size: WindowSize) -> io::Result<()> {
 
 type Sink = Box<dyn AsyncWrite + Send + Unpin>;
 type Source = Box<dyn AsyncRead + Send + Unpin>;
+type Sources = Vec<(FrameKind, Source)>;
 
 /// Runs one exec conversation on a connection whose request was already read.
 pub async fn run<R, W>(req: ExecRequest, rd: R, mut wr: W) -> io::Result<()>
@@ -197,24 +198,117 @@ where
     R: AsyncRead + Send + Unpin + 'static,
     W: AsyncWrite + Send + Unpin + 'static,
 {
-    let plan = match plan(&req) {
-        Ok(p) => p,
-        Err(e) => return reply::<(), _>(&mut wr, Err(e)).await,
+    let Some((mut child, master)) = start(&req, &mut wr).await? else {
+        return Ok(()); // the error is sent
     };
-    let tty = req.tty;
-    let pty = match tty.map(open_pty).transpose() {
-        Ok(p) => p,
-        Err(e) => {
-            return reply::<(), _>(
-                &mut wr,
-                Err(RemoteError::new(format!(
-                    "cannot allocate a pseudo-terminal: {e}"
-                ))),
-            )
-            .await
+    let pid = child.id().unwrap_or(0);
+    reply(&mut wr, Ok(ExecStarted { pid })).await?;
+    tracing::debug!("exec pid {pid}: {:?}", req.argv);
+
+    let (sources, sink, tty_fd) = stdio(master, &mut child)?;
+
+    let (tx, writer) = frame_writer(wr);
+    let base = Instant::now();
+    let last_output = Arc::new(AtomicU64::new(0));
+    let mut pumps = JoinSet::new();
+    for (kind, src) in sources {
+        pumps.spawn(pump(src, kind, tx.clone(), base, last_output.clone()));
+    }
+    let mut input = tokio::spawn(input(rd, sink, tty_fd, pid as i32));
+
+    let status = tokio::select! {
+        st = child.wait() => st,
+        _ = &mut input => {
+            // The host went away before the exit: end the process group.
+            tracing::info!("exec pid {pid}: host disconnected; killing its process group");
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let st = child.wait().await;
+            pumps.abort_all();
+            drop(tx);
+            let _ = writer.await;
+            return st.map(|_| ());
         }
     };
 
+    drain(&mut pumps, base, &last_output).await;
+    pumps.abort_all();
+    let _ = tx.send(exit_frame(status, pid)?).await;
+    drop(tx);
+    let _ = writer.await;
+    // The exit is sent and our side shut down. Keep reading until the host closes (it does once
+    // it has the exit), bounded: closing a socket with unread frames in it (a late end of stdin)
+    // resets the connection, and a reset may overtake the exit on its way to the host.
+    if tokio::time::timeout(LINGER, &mut input).await.is_err() {
+        input.abort();
+    }
+    Ok(())
+}
+
+/// Plans and spawns the process of `req`; returns it with the PTY's master, or `None` once the
+/// reason it cannot run was sent to the host.
+async fn start<W>(
+    req: &ExecRequest,
+    wr: &mut W,
+) -> io::Result<Option<(tokio::process::Child, Option<OwnedFd>)>>
+where
+    W: AsyncWrite + Send + Unpin,
+{
+    let plan = match plan(req) {
+        Ok(p) => p,
+        Err(e) => return reply::<(), _>(wr, Err(e)).await.map(|_| None),
+    };
+    let pty = match req.tty.map(open_pty).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            let e = RemoteError::new(format!("cannot allocate a pseudo-terminal: {e}"));
+            return reply::<(), _>(wr, Err(e)).await.map(|_| None);
+        }
+    };
+    let (mut cmd, master) = command(req, &plan, pty)?;
+    let spawned = cmd.spawn();
+    drop(cmd); // closes our copies of the PTY slave
+    match spawned {
+        Ok(child) => Ok(Some((child, master))),
+        Err(e) => {
+            let e = RemoteError::new(format!(
+                "cannot run {:?} as {} in {}: {e}",
+                req.argv[0], plan.id.name, plan.cwd
+            ));
+            reply::<(), _>(wr, Err(e)).await.map(|_| None)
+        }
+    }
+}
+
+/// One writer serializes all frames to the host; it shuts the connection's write side down
+/// once every sender is gone.
+fn frame_writer<W>(
+    mut wr: W,
+) -> (
+    mpsc::Sender<(FrameKind, Bytes)>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    W: AsyncWrite + Send + Unpin + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<(FrameKind, Bytes)>(16);
+    let writer = tokio::spawn(async move {
+        while let Some((kind, data)) = rx.recv().await {
+            if write_frame(&mut wr, kind, &data).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    (tx, writer)
+}
+
+/// The command of `req` as planned: its stdio (the PTY's slave, or pipes), and a child that
+/// starts its own session with a login's umask, as the planned user. Returns the PTY's master.
+fn command(
+    req: &ExecRequest,
+    plan: &Plan,
+    pty: Option<(OwnedFd, OwnedFd)>,
+) -> io::Result<(tokio::process::Command, Option<OwnedFd>)> {
     let mut cmd = tokio::process::Command::new(&req.argv[0]);
     cmd.args(&req.argv[1..])
         .env_clear()
@@ -241,7 +335,7 @@ where
     let switch = plan
         .switch_user
         .then(|| (plan.id.uid, plan.id.gid, plan.id.groups.clone()));
-    let with_tty = tty.is_some();
+    let with_tty = req.tty.is_some();
     // SAFETY: the closure runs in the forked child and only makes async-signal-safe syscalls on
     // data prepared before the fork.
     unsafe {
@@ -265,36 +359,22 @@ where
             Ok(())
         });
     }
-    let spawned = cmd.spawn();
-    drop(cmd); // closes our copies of the PTY slave
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(e) => {
-            return reply::<(), _>(
-                &mut wr,
-                Err(RemoteError::new(format!(
-                    "cannot run {:?} as {} in {}: {e}",
-                    req.argv[0], plan.id.name, plan.cwd
-                ))),
-            )
-            .await
-        }
-    };
-    let pid = child.id().unwrap_or(0);
-    reply(&mut wr, Ok(ExecStarted { pid })).await?;
-    tracing::debug!("exec pid {pid}: {:?}", req.argv);
+    Ok((cmd, master))
+}
 
-    // Wire up stdio.
-    let mut sources: Vec<(FrameKind, Source)> = Vec::new();
-    let sink: Option<Sink>;
-    let mut tty_fd = None;
-    match master {
+/// The child's output sources, its input sink, and the PTY's fd (for window size changes).
+fn stdio(
+    master: Option<OwnedFd>,
+    child: &mut tokio::process::Child,
+) -> io::Result<(Sources, Option<Sink>, Option<RawFd>)> {
+    let mut sources: Sources = Vec::new();
+    Ok(match master {
         Some(m) => {
             let stream = FdStream::new(m, true)?;
-            tty_fd = Some(stream.raw_fd());
+            let tty_fd = Some(stream.raw_fd());
             let (r, w) = tokio::io::split(stream);
             sources.push((FrameKind::Stdout, Box::new(r)));
-            sink = Some(Box::new(w));
+            (sources, Some(Box::new(w)), tty_fd)
         }
         None => {
             if let Some(o) = child.stdout.take() {
@@ -303,44 +383,14 @@ where
             if let Some(e) = child.stderr.take() {
                 sources.push((FrameKind::Stderr, Box::new(e)));
             }
-            sink = child.stdin.take().map(|s| Box::new(s) as Sink);
+            let sink = child.stdin.take().map(|s| Box::new(s) as Sink);
+            (sources, sink, None)
         }
-    }
+    })
+}
 
-    // One writer serializes all frames to the host.
-    let (tx, mut rx) = mpsc::channel::<(FrameKind, Bytes)>(16);
-    let writer = tokio::spawn(async move {
-        while let Some((kind, data)) = rx.recv().await {
-            if write_frame(&mut wr, kind, &data).await.is_err() {
-                break;
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
-
-    let base = Instant::now();
-    let last_output = Arc::new(AtomicU64::new(0));
-    let mut pumps = JoinSet::new();
-    for (kind, src) in sources {
-        pumps.spawn(pump(src, kind, tx.clone(), base, last_output.clone()));
-    }
-    let mut input = tokio::spawn(input(rd, sink, tty_fd, pid as i32));
-
-    let status = tokio::select! {
-        st = child.wait() => st,
-        _ = &mut input => {
-            // The host went away before the exit: end the process group.
-            tracing::info!("exec pid {pid}: host disconnected; killing its process group");
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            let st = child.wait().await;
-            pumps.abort_all();
-            drop(tx);
-            let _ = writer.await;
-            return st.map(|_| ());
-        }
-    };
-
-    // Drain output: until every pump hit EOF, or output went quiet after the exit.
+/// After the exit, waits until every pump hit EOF, or output went quiet for [`DRAIN_IDLE`].
+async fn drain(pumps: &mut JoinSet<()>, base: Instant, last_output: &AtomicU64) {
     loop {
         match tokio::time::timeout(DRAIN_IDLE, pumps.join_next()).await {
             Ok(None) => break,
@@ -354,8 +404,14 @@ where
             }
         }
     }
-    pumps.abort_all();
-    let frame = match status {
+}
+
+/// The frame that ends the conversation: the exit status, or why it is unknown.
+fn exit_frame(
+    status: io::Result<std::process::ExitStatus>,
+    pid: u32,
+) -> io::Result<(FrameKind, Bytes)> {
+    Ok(match status {
         Ok(st) => {
             let exit = ExitStatus {
                 code: st.code(),
@@ -368,17 +424,7 @@ where
             FrameKind::Error,
             serde_json::to_vec(&RemoteError::new(format!("waiting for pid {pid}: {e}")))?.into(),
         ),
-    };
-    let _ = tx.send(frame).await;
-    drop(tx);
-    let _ = writer.await;
-    // The exit is sent and our side shut down. Keep reading until the host closes (it does once
-    // it has the exit), bounded: closing a socket with unread frames in it (a late end of stdin)
-    // resets the connection, and a reset may overtake the exit on its way to the host.
-    if tokio::time::timeout(LINGER, &mut input).await.is_err() {
-        input.abort();
-    }
-    Ok(())
+    })
 }
 
 /// Copies one output stream into frames.

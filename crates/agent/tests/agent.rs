@@ -9,12 +9,12 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use support::{have, is_root, Harness};
 use wick_agent_proto::testing::FakeVsockMuxer;
 use wick_agent_proto::{
     AgentClient, AgentError, Configure, ExecEvent, ExecRequest, NetworkConfig, SyncFile,
     WindowSize, AGENT_PORT, PROTOCOL_VERSION,
 };
+use wick_testkit::agent::{have, is_root};
 
 fn sh(script: &str) -> ExecRequest {
     ExecRequest::new(["sh", "-c", script])
@@ -22,7 +22,7 @@ fn sh(script: &str) -> ExecRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_reports_versions() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let info = h.client.hello().await.unwrap();
     assert_eq!(info.protocol_version, PROTOCOL_VERSION);
     assert_eq!(info.agent_version, wick_agent_proto::AGENT_VERSION);
@@ -58,7 +58,7 @@ async fn connect_gives_up_with_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_streams_and_exit_code() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let out = h
         .client
         .exec(sh("echo out; echo err >&2; exit 7"))
@@ -74,7 +74,7 @@ async fn exec_streams_and_exit_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_reports_signal() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let st = h
         .client
         .exec(sh("kill -9 $$"))
@@ -89,7 +89,7 @@ async fn exec_reports_signal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_env_cwd_user_and_errors() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let mut req = sh("pwd; echo \"$FOO\"; echo \"$HOME\"; id -u");
     req.env = vec![("FOO".into(), "bar baz".into())];
     req.cwd = Some(h.dir.path().to_string_lossy().into_owned());
@@ -135,7 +135,7 @@ async fn exec_env_cwd_user_and_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_pipes_stdin() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let mut req = ExecRequest::new(["cat"]);
     req.stdin = true;
     let mut s = h.client.exec(req).await.unwrap();
@@ -158,7 +158,7 @@ async fn exec_pipes_stdin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_pty_and_resize() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let mut req = sh("stty size; tty; read x; stty size");
     req.tty = Some(WindowSize { rows: 24, cols: 80 });
     req.stdin = true;
@@ -195,7 +195,7 @@ async fn exec_pty_and_resize() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_execs() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let mut set = tokio::task::JoinSet::new();
     for i in 0..20 {
         let c = h.client.clone();
@@ -229,7 +229,7 @@ async fn twenty_concurrent_execs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_session_kills_the_process() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let s = h
         .client
         .exec(ExecRequest::new(["sleep", "600"]))
@@ -251,7 +251,7 @@ async fn dropping_a_session_kills_the_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signal_reaches_the_process_group() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let s = h
         .client
         .exec(ExecRequest::new(["sleep", "600"]))
@@ -313,7 +313,7 @@ fn tar_of(dir: &Path, name: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_and_get_round_trip() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let src = h.path("src/tree");
     make_tree(&src);
     let archive = tar_of(&src, "tree");
@@ -421,7 +421,7 @@ impl RawTar {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_refuses_escapes() {
     use tar::EntryType::{Directory, Link, Regular, Symlink};
-    let h = Harness::start().await;
+    let h = support::start().await;
     let dest = h.path("dest");
     let outside = h.path("outside");
     fs::create_dir_all(&outside).unwrap();
@@ -523,7 +523,7 @@ async fn put_refuses_escapes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ports_lists_a_test_listener() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let ports = h.client.ports().await.unwrap();
@@ -540,7 +540,7 @@ async fn ports_lists_a_test_listener() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_fields_present() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let hl = h.client.health().await.unwrap();
     assert!(hl.uptime_secs > 0.0);
     assert_eq!(hl.boot_id, h.client.agent_info().boot_id);
@@ -552,7 +552,7 @@ async fn health_fields_present() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configure_writes_below_the_root_prefix() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let host_name_before = nix::unistd::gethostname().unwrap();
     let root = &h.root;
     fs::create_dir_all(root.join("etc/ssh")).unwrap();
@@ -685,7 +685,7 @@ async fn configure_writes_below_the_root_prefix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_replies_before_acting() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let r = h.client.shutdown(true).await.unwrap();
     assert_eq!(r.action, "none", "poweroff is disabled by --no-poweroff");
     // Still serving.
@@ -695,7 +695,7 @@ async fn shutdown_replies_before_acting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_child_holding_stdout_does_not_hang_the_exec() {
-    let h = Harness::start().await;
+    let h = support::start().await;
     let start = std::time::Instant::now();
     let out = h
         .client
@@ -716,7 +716,7 @@ async fn background_child_holding_stdout_does_not_hang_the_exec() {
 async fn other_protocol_versions_are_refused_by_name() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use wick_agent_proto::{read_frame, write_json, Envelope, FrameKind, Request};
-    let h = Harness::start().await;
+    let h = support::start().await;
     let ask = |req: Request| {
         let vsock = h.vsock.clone();
         async move {

@@ -26,10 +26,33 @@ fn check(
 
 /// Runs every check.
 pub async fn run(d: &Arc<Daemon>) -> DoctorReport {
+    let mut checks = store_checks(d);
+
+    // VMM driver (binary, KVM).
+    checks.extend(d.vmm.doctor());
+
+    // Storage backends.
+    if let Ok(choice) = d.config.storage_choice() {
+        checks.extend(wick_storage::doctor(choice, &d.paths.state));
+    }
+
+    checks.extend(config_checks(d));
+    checks.push(default_image_check(d));
+
+    // Capabilities.
+    let vms = d.store.list_vms(None).unwrap_or_default();
+    for cap in &d.caps {
+        checks.extend(cap.doctor(&vms).await);
+    }
+
+    checks.push(leftovers_check(d, &vms));
+    DoctorReport { checks }
+}
+
+/// State store: the database's integrity and a writable state dir.
+fn store_checks(d: &Daemon) -> Vec<Check> {
     use CheckStatus::*;
     let mut checks = Vec::new();
-
-    // State store.
     match d.store.integrity_check() {
         Ok(s) if s == "ok" => checks.push(check(
             "store",
@@ -77,27 +100,22 @@ pub async fn run(d: &Arc<Daemon>) -> DoctorReport {
             Some("run wickd as root, or point WICK_ROOT at a writable directory"),
         )),
     }
+    checks
+}
 
-    // VMM driver (binary, KVM).
-    checks.extend(d.vmm.doctor());
-
-    // Storage backends.
-    if let Ok(choice) = d.config.storage_choice() {
-        checks.extend(wick_storage::doctor(choice, &d.paths.state));
-    }
-
-    // Config and defaults with provenance.
-    checks.push(check(
+/// Config and defaults with provenance.
+fn config_checks(d: &Daemon) -> Vec<Check> {
+    let mut checks = vec![check(
         "config",
         "config file",
-        Pass,
+        CheckStatus::Pass,
         if d.paths.config.exists() {
             format!("{} (loaded)", d.paths.config.display())
         } else {
             format!("{} (absent; built-in defaults)", d.paths.config.display())
         },
         None,
-    ));
+    )];
     let df = &d.defaults;
     for (name, v, unit) in [
         ("vm_defaults.vcpu", &df.vcpu, ""),
@@ -107,66 +125,74 @@ pub async fn run(d: &Arc<Daemon>) -> DoctorReport {
         checks.push(check(
             "config",
             name,
-            Pass,
+            CheckStatus::Pass,
             format!("{}{unit} ({})", v.value, v.source),
             None,
         ));
     }
+    checks
+}
 
-    // Default image.
+/// The configured default image and its files.
+fn default_image_check(d: &Daemon) -> Check {
+    use CheckStatus::*;
     let name = d.config.default_image_name();
-    match d.config.images.get(name) {
-        None => checks.push(check(
+    let Some(img) = d.config.images.get(name) else {
+        return check(
             "image",
             "default image",
             Warn,
             format!("no image named {name:?} is configured"),
             Some("add an [images.NAME] table with rootfs and kernel to the config, and default_image_name"),
-        )),
-        Some(img) => {
-            let missing: Vec<String> = [Some(&img.rootfs), Some(&img.kernel), img.initrd.as_ref()]
-                .into_iter()
-                .flatten()
-                .filter(|p| !p.exists())
-                .map(|p| p.display().to_string())
-                .collect();
-            if missing.is_empty() {
-                checks.push(check("image", "default image", Pass, format!("{name}: {}", img.rootfs.display()), None));
-            } else {
-                checks.push(check(
-                    "image",
-                    "default image",
-                    Fail,
-                    format!("{name}: missing {}", missing.join(", ")),
-                    Some("fix the paths in the image's config table"),
-                ));
-            }
-        }
+        );
+    };
+    let missing: Vec<String> = [Some(&img.rootfs), Some(&img.kernel), img.initrd.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter(|p| !p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        check(
+            "image",
+            "default image",
+            Pass,
+            format!("{name}: {}", img.rootfs.display()),
+            None,
+        )
+    } else {
+        check(
+            "image",
+            "default image",
+            Fail,
+            format!("{name}: missing {}", missing.join(", ")),
+            Some("fix the paths in the image's config table"),
+        )
     }
+}
 
-    // Capabilities.
-    let vms = d.store.list_vms(None).unwrap_or_default();
-    for cap in &d.caps {
-        checks.extend(cap.doctor(&vms).await);
-    }
-
-    // Leftovers: VMM processes of VMs that no longer exist.
+/// Leftovers: VMM processes of VMs that no longer exist.
+fn leftovers_check(d: &Daemon, vms: &[wick_model::VmRecord]) -> Check {
     let known: HashSet<&str> = vms.iter().map(|v| v.id.as_str()).collect();
     let orphans = crate::reconcile::orphan_vmms(&d.paths.state.join("vms"), &known);
     if orphans.is_empty() {
-        checks.push(check("host", "leftover VMM processes", Pass, "none", None));
-    } else {
-        checks.push(check(
+        return check(
             "host",
             "leftover VMM processes",
-            Warn,
-            orphans
-                .iter()
-                .map(|(p, id)| format!("pid {p} (vm dir {id})"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            Some("restart wickd: its start-up sweep ends them"),
-        ));
+            CheckStatus::Pass,
+            "none",
+            None,
+        );
     }
-    DoctorReport { checks }
+    check(
+        "host",
+        "leftover VMM processes",
+        CheckStatus::Warn,
+        orphans
+            .iter()
+            .map(|(p, id)| format!("pid {p} (vm dir {id})"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Some("restart wickd: its start-up sweep ends them"),
+    )
 }

@@ -4,9 +4,10 @@
 //! nothing behind), then packed into ext4 without mounting, with wick-agent injected when given.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol};
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
@@ -39,87 +40,18 @@ pub fn pull(
 ) -> Result<ImageRecord> {
     store.check_new_name(name)?;
     require_root("pulling an OCI image")?;
-    let image: Reference = reference.parse().map_err(|e| {
-        ImageError::Invalid(format!(
-            "{reference:?} is not a valid image reference ({e}); use REGISTRY/REPOSITORY[:TAG|@DIGEST]"
-        ))
-    })?;
-    let auth = match &opts.basic_auth {
-        Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
-        None => RegistryAuth::Anonymous,
-    };
-    let client = Client::new(ClientConfig {
-        protocol: ClientProtocol::HttpsExcept(opts.insecure_registries.clone()),
-        platform_resolver: Some(Box::new(linux_amd64_resolver)),
-        ..Default::default()
-    });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| ImageError::io("start an async runtime", e))?;
-    let registry_err = |what: &str, e: oci_client::errors::OciDistributionError| {
-        ImageError::Registry(format!("{what} of {reference}: {e}"))
-    };
-
+    let registry = Registry::connect(reference, opts)?;
     progress(&format!("resolving {reference}"));
-    let (manifest, digest) = rt
-        .block_on(client.pull_image_manifest(&image, &auth))
-        .map_err(|e| registry_err("fetching the linux/amd64 manifest", e))?;
-    let mut config = Vec::new();
-    rt.block_on(client.pull_blob(&image, &manifest.config, &mut config))
-        .map_err(|e| registry_err("fetching the image config", e))?;
-    check_platform(&config, reference)?;
-    for layer in &manifest.layers {
-        check_layer(&layer.digest, &layer.media_type)?;
-    }
+    let (manifest, digest) = registry.manifest()?;
 
     let staging = store.staging()?;
     let downloads = staging.scratch("blobs")?;
     let cache = store.layers_dir();
-    let n = manifest.layers.len();
-    let mut files = Vec::with_capacity(n);
-    for (i, layer) in manifest.layers.iter().enumerate() {
-        let want = layer.digest.trim_start_matches("sha256:");
-        let cached = cache.join(&layer.digest);
-        if cached.is_file() && sha256_file(&cached)? == want {
-            progress(&format!(
-                "layer {}/{n} {}: cached",
-                i + 1,
-                short(&layer.digest)
-            ));
-            files.push(cached);
-            continue;
-        }
-        progress(&format!(
-            "layer {}/{n} {}: downloading {:.1} MiB",
-            i + 1,
-            short(&layer.digest),
-            layer.size as f64 / (1 << 20) as f64
-        ));
-        let part = downloads.join(&layer.digest);
-        rt.block_on(async {
-            let f = tokio::fs::File::create(&part)
-                .await
-                .map_err(|e| ImageError::io(format!("create {}", part.display()), e))?;
-            client
-                .pull_blob(&image, layer, f)
-                .await
-                .map_err(|e| registry_err(&format!("downloading layer {}", layer.digest), e))
-        })?;
-        // Verified by the client while streaming; verified again as stored.
-        let got = sha256_file(&part)?;
-        if got != want {
-            return Err(ImageError::Digest {
-                what: format!("layer {} of {reference}", layer.digest),
-                expected: layer.digest.clone(),
-                actual: format!("sha256:{got}"),
-            });
-        }
-        files.push(part);
-    }
+    let files = registry.layers(&manifest.layers, &cache, &downloads, progress)?;
 
     let root = staging.scratch("rootfs")?;
     let mut applier = Applier::new(&root, true, true);
+    let n = files.len();
     for (i, f) in files.iter().enumerate() {
         progress(&format!("applying layer {}/{n}", i + 1));
         let what = format!("layer {} of {reference}", manifest.layers[i].digest);
@@ -150,13 +82,137 @@ pub fn pull(
         staging,
         name,
         ImageSource::Oci {
-            reference: image.whole(),
+            reference: registry.image.whole(),
             digest,
             layers,
         },
         agent_injected,
         progress,
     )
+}
+
+/// One image reference and a client for its registry, driven from this (blocking) thread.
+struct Registry<'a> {
+    reference: &'a str,
+    image: Reference,
+    auth: RegistryAuth,
+    client: Client,
+    rt: tokio::runtime::Runtime,
+}
+
+impl<'a> Registry<'a> {
+    fn connect(reference: &'a str, opts: &PullOptions) -> Result<Registry<'a>> {
+        let image: Reference = reference.parse().map_err(|e| {
+            ImageError::Invalid(format!(
+                "{reference:?} is not a valid image reference ({e}); use REGISTRY/REPOSITORY[:TAG|@DIGEST]"
+            ))
+        })?;
+        let auth = match &opts.basic_auth {
+            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        let client = Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(opts.insecure_registries.clone()),
+            platform_resolver: Some(Box::new(linux_amd64_resolver)),
+            ..Default::default()
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ImageError::io("start an async runtime", e))?;
+        Ok(Registry {
+            reference,
+            image,
+            auth,
+            client,
+            rt,
+        })
+    }
+
+    fn error(&self, what: &str, e: oci_client::errors::OciDistributionError) -> ImageError {
+        ImageError::Registry(format!("{what} of {}: {e}", self.reference))
+    }
+
+    /// The linux/amd64 manifest and its digest, refusing other platforms and layers that are
+    /// not sha256-addressed filesystem layers.
+    fn manifest(&self) -> Result<(OciImageManifest, String)> {
+        let (manifest, digest) = self
+            .rt
+            .block_on(self.client.pull_image_manifest(&self.image, &self.auth))
+            .map_err(|e| self.error("fetching the linux/amd64 manifest", e))?;
+        let mut config = Vec::new();
+        self.rt
+            .block_on(
+                self.client
+                    .pull_blob(&self.image, &manifest.config, &mut config),
+            )
+            .map_err(|e| self.error("fetching the image config", e))?;
+        check_platform(&config, self.reference)?;
+        for layer in &manifest.layers {
+            check_layer(&layer.digest, &layer.media_type)?;
+        }
+        Ok((manifest, digest))
+    }
+
+    /// Every layer's verified file: from `cache` when it holds it intact, else downloaded into
+    /// `downloads`.
+    fn layers(
+        &self,
+        layers: &[OciDescriptor],
+        cache: &Path,
+        downloads: &Path,
+        progress: crate::Progress<'_>,
+    ) -> Result<Vec<PathBuf>> {
+        let n = layers.len();
+        let mut files = Vec::with_capacity(n);
+        for (i, layer) in layers.iter().enumerate() {
+            let want = layer.digest.trim_start_matches("sha256:");
+            let cached = cache.join(&layer.digest);
+            if cached.is_file() && sha256_file(&cached)? == want {
+                progress(&format!(
+                    "layer {}/{n} {}: cached",
+                    i + 1,
+                    short(&layer.digest)
+                ));
+                files.push(cached);
+                continue;
+            }
+            progress(&format!(
+                "layer {}/{n} {}: downloading {:.1} MiB",
+                i + 1,
+                short(&layer.digest),
+                layer.size as f64 / (1 << 20) as f64
+            ));
+            let part = downloads.join(&layer.digest);
+            self.download(layer, &part)?;
+            files.push(part);
+        }
+        Ok(files)
+    }
+
+    /// Downloads one layer into `part` and checks its digest.
+    fn download(&self, layer: &OciDescriptor, part: &Path) -> Result<()> {
+        self.rt.block_on(async {
+            let f = tokio::fs::File::create(part)
+                .await
+                .map_err(|e| ImageError::io(format!("create {}", part.display()), e))?;
+            self.client
+                .pull_blob(&self.image, layer, f)
+                .await
+                .map_err(|e| self.error(&format!("downloading layer {}", layer.digest), e))
+        })?;
+        // Verified by the client while streaming; verified again as stored.
+        let got = sha256_file(part)?;
+        let want = layer.digest.trim_start_matches("sha256:");
+        if got != want {
+            return Err(ImageError::Digest {
+                what: format!("layer {} of {}", layer.digest, self.reference),
+                expected: layer.digest.clone(),
+                actual: format!("sha256:{got}"),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Only sha256 digests (which also makes them safe file names) and filesystem layers.

@@ -222,13 +222,7 @@ impl KernelStore {
                 self.dir.display()
             )))?;
         let st = staging.path();
-        let mut warnings = Vec::new();
-        let mut version = None;
-        let mut bzimage_name = None;
-        let mut compression = None;
-        let mut modules_src: Option<PathBuf> = None;
-        let mut _unpacked = None;
-
+        let mut staged = Staged::default();
         let bz_path = match format {
             KernelFormat::Elf => {
                 std::fs::copy(path, st.join("vmlinux"))
@@ -236,110 +230,29 @@ impl KernelStore {
                 None
             }
             KernelFormat::BzImage => Some(path.to_path_buf()),
-            KernelFormat::Deb => {
-                let d = deb::unpack(path, &self.dir)?;
-                version = Some(d.version.clone());
-                modules_src = d.modules_dir.clone();
-                if modules_src.is_none() {
-                    warnings.push("the package ships no modules directory".to_string());
-                }
-                let k = d.kernel.clone();
-                _unpacked = Some(d);
-                Some(k)
-            }
+            KernelFormat::Deb => Some(staged.unpack_deb(path, &self.dir)?),
         };
         if let Some(bz) = bz_path {
-            let bytes =
-                std::fs::read(&bz).map_err(io_err(format!("cannot read {}", bz.display())))?;
-            if crate::detect_bytes(&bytes) == Some(KernelFormat::Elf) {
-                // Some packages ship an ELF as vmlinux-<ver>.
-                std::fs::write(st.join("vmlinux"), &bytes)
-                    .map_err(io_err("cannot write the vmlinux"))?;
-            } else {
-                let header = bzimage::parse_header(&bytes);
-                if version.is_none() {
-                    version = header
-                        .and_then(|h| h.version)
-                        .and_then(|v| v.split_whitespace().next().map(str::to_string));
+            staged.boot_image(&bz, st)?;
+        }
+        let has_pvh_note = staged.check_vmlinux(st)?;
+        let version = staged
+            .version
+            .take()
+            .unwrap_or_else(|| "unknown".to_string());
+        let modules = match staged.modules_src.take() {
+            Some(src) => self.stage_modules(st, &src, &version, &mut staged.warnings)?,
+            None => {
+                if format != KernelFormat::Deb {
+                    staged.warnings.push(
+                        "imported without modules: assuming virtio-mmio, virtio-blk, virtio-net, vsock and ext4 are built in"
+                            .to_string(),
+                    );
                 }
-                let ex = bzimage::extract_vmlinux(&bytes)?;
-                std::fs::write(st.join("vmlinux"), &ex.vmlinux)
-                    .map_err(io_err("cannot write the vmlinux"))?;
-                std::fs::write(st.join("bzImage"), &bytes)
-                    .map_err(io_err("cannot write the bzImage"))?;
-                bzimage_name = Some("bzImage");
-                compression = Some(ex.compression);
+                StagedModules::default()
             }
-        }
-
-        let vmlinux =
-            std::fs::read(st.join("vmlinux")).map_err(io_err("cannot read the vmlinux"))?;
-        let info = elf::parse(&vmlinux)
-            .map_err(|e| KernelError::Invalid(format!("the vmlinux is unusable: {e}")))?;
-        if !info.segments_in_bounds {
-            return Err(KernelError::Invalid(
-                "the vmlinux is truncated (a segment lies past its end)".into(),
-            ));
-        }
-        if info.machine != 62 {
-            warnings.push(format!(
-                "the vmlinux is for ELF machine {} (not x86_64)",
-                info.machine
-            ));
-        }
-        let has_pvh_note = info.pvh_entry.is_some();
-        if !has_pvh_note {
-            warnings.push(
-                "the vmlinux has no Xen PVH entry note (CONFIG_PVH): Firecracker on x86_64 cannot boot it; QEMU can boot the bzImage"
-                    .to_string(),
-            );
-        }
-        if version.is_none() {
-            version = elf::linux_banner_release(&vmlinux);
-        }
-        drop(vmlinux);
-        let version = version.unwrap_or_else(|| "unknown".to_string());
-
-        let mut needs = false;
-        let mut initrd_modules = Vec::new();
-        let mut builtin_drivers = Vec::new();
-        let mut modules_rel = None;
-        if let Some(src) = modules_src {
-            let rel = PathBuf::from("modules").join(&version);
-            std::fs::create_dir_all(st.join("modules"))
-                .map_err(io_err("cannot create modules dir"))?;
-            // Same filesystem (the scratch dir is inside the store): a rename.
-            std::fs::rename(&src, st.join(&rel))
-                .map_err(io_err("cannot move the modules into the store"))?;
-            let check = modules::needs_initramfs(&st.join(&rel))?;
-            for m in &check.resolution.missing {
-                warnings.push(format!(
-                    "driver {m} is neither built in nor a module: the guest will lack it"
-                ));
-            }
-            builtin_drivers = check.resolution.builtin.clone();
-            if check.needs_initramfs {
-                let init = match &self.init_bin {
-                    Some(p) => p.clone(),
-                    None => initramfs::locate_init_binary()?,
-                };
-                let paths: Vec<PathBuf> = check
-                    .resolution
-                    .load_order
-                    .iter()
-                    .map(|m| m.path.clone())
-                    .collect();
-                let built = initramfs::build(&init, &paths, &st.join("initrd.img"))?;
-                initrd_modules = built.modules;
-                needs = true;
-            }
-            modules_rel = Some(rel);
-        } else if format != KernelFormat::Deb {
-            warnings.push(
-                "imported without modules: assuming virtio-mmio, virtio-blk, virtio-net, vsock and ext4 are built in"
-                    .to_string(),
-            );
-        }
+        };
+        let needs = modules.needs_initramfs;
 
         let record = KernelRecord {
             name: name.to_string(),
@@ -347,35 +260,65 @@ impl KernelStore {
             sha256,
             source_format: format,
             vmlinux: PathBuf::from("vmlinux"),
-            bzimage: bzimage_name.map(PathBuf::from),
-            compression,
+            bzimage: staged.bzimage.then(|| PathBuf::from("bzImage")),
+            compression: staged.compression,
             initrd: needs.then(|| PathBuf::from("initrd.img")),
-            modules_dir: modules_rel,
+            modules_dir: modules.dir,
             has_pvh_note,
             needs_initramfs: needs,
-            initrd_modules,
-            builtin_drivers,
-            warnings,
+            initrd_modules: modules.initrd_modules,
+            builtin_drivers: modules.builtin_drivers,
+            warnings: staged.warnings,
             imported_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or(Duration::ZERO)
                 .as_secs(),
         };
-        let json = serde_json::to_vec_pretty(&record).expect("record serializes");
-        std::fs::write(st.join(MANIFEST), json).map_err(io_err("cannot write the manifest"))?;
-        drop(_unpacked);
-        let staging_path = staging.keep();
-        if let Err(e) = std::fs::rename(&staging_path, &final_dir) {
-            let _ = std::fs::remove_dir_all(&staging_path);
-            return Err(io_err(format!(
-                "cannot move the kernel into {}",
-                final_dir.display()
-            ))(e));
+        drop(staged.unpacked);
+        install(staging, &final_dir, &record)
+    }
+
+    /// Moves the modules `src` into the staging dir `st` as `modules/<version>`, checks their
+    /// drivers and builds the initramfs when virtio/vsock drivers are modules.
+    fn stage_modules(
+        &self,
+        st: &Path,
+        src: &Path,
+        version: &str,
+        warnings: &mut Vec<String>,
+    ) -> Result<StagedModules> {
+        let rel = PathBuf::from("modules").join(version);
+        std::fs::create_dir_all(st.join("modules")).map_err(io_err("cannot create modules dir"))?;
+        // Same filesystem (the scratch dir is inside the store): a rename.
+        std::fs::rename(src, st.join(&rel))
+            .map_err(io_err("cannot move the modules into the store"))?;
+        let check = modules::needs_initramfs(&st.join(&rel))?;
+        for m in &check.resolution.missing {
+            warnings.push(format!(
+                "driver {m} is neither built in nor a module: the guest will lack it"
+            ));
         }
-        load_manifest(
-            &final_dir,
-            &std::fs::read(final_dir.join(MANIFEST)).map_err(io_err("cannot read the manifest"))?,
-        )
+        let mut staged = StagedModules {
+            builtin_drivers: check.resolution.builtin.clone(),
+            ..StagedModules::default()
+        };
+        if check.needs_initramfs {
+            let init = match &self.init_bin {
+                Some(p) => p.clone(),
+                None => initramfs::locate_init_binary()?,
+            };
+            let paths: Vec<PathBuf> = check
+                .resolution
+                .load_order
+                .iter()
+                .map(|m| m.path.clone())
+                .collect();
+            let built = initramfs::build(&init, &paths, &st.join("initrd.img"))?;
+            staged.initrd_modules = built.modules;
+            staged.needs_initramfs = true;
+        }
+        staged.dir = Some(rel);
+        Ok(staged)
     }
 
     fn check_free(&self, name: &str, sha256: &str) -> Result<()> {
@@ -486,6 +429,126 @@ fn load_manifest(dir: &Path, bytes: &[u8]) -> Result<KernelRecord> {
     r.initrd = r.initrd.map(|p| dir.join(p));
     r.modules_dir = r.modules_dir.map(|p| dir.join(p));
     Ok(r)
+}
+
+/// Writes `record` as the staging dir's manifest and renames the dir to `final_dir` (removing
+/// it when that fails); returns the record as loaded from there.
+fn install(
+    staging: tempfile::TempDir,
+    final_dir: &Path,
+    record: &KernelRecord,
+) -> Result<KernelRecord> {
+    let json = serde_json::to_vec_pretty(record).expect("record serializes");
+    std::fs::write(staging.path().join(MANIFEST), json)
+        .map_err(io_err("cannot write the manifest"))?;
+    let staging_path = staging.keep();
+    if let Err(e) = std::fs::rename(&staging_path, final_dir) {
+        let _ = std::fs::remove_dir_all(&staging_path);
+        return Err(io_err(format!(
+            "cannot move the kernel into {}",
+            final_dir.display()
+        ))(e));
+    }
+    load_manifest(
+        final_dir,
+        &std::fs::read(final_dir.join(MANIFEST)).map_err(io_err("cannot read the manifest"))?,
+    )
+}
+
+/// What an import learnt while staging the kernel image.
+#[derive(Default)]
+struct Staged {
+    version: Option<String>,
+    /// Whether the staging dir holds the original `bzImage`.
+    bzimage: bool,
+    compression: Option<Compression>,
+    /// The unpacked package's modules directory, to move into the store.
+    modules_src: Option<PathBuf>,
+    warnings: Vec<String>,
+    /// The unpacked `.deb` (its scratch dir is removed when dropped).
+    unpacked: Option<deb::DebKernel>,
+}
+
+impl Staged {
+    /// Unpacks a kernel `.deb` into a scratch dir in `store_dir`; returns its boot image.
+    fn unpack_deb(&mut self, path: &Path, store_dir: &Path) -> Result<PathBuf> {
+        let d = deb::unpack(path, store_dir)?;
+        self.version = Some(d.version.clone());
+        self.modules_src = d.modules_dir.clone();
+        if self.modules_src.is_none() {
+            self.warnings
+                .push("the package ships no modules directory".to_string());
+        }
+        let k = d.kernel.clone();
+        self.unpacked = Some(d);
+        Ok(k)
+    }
+
+    /// Stages a boot image: an ELF as the vmlinux, a bzImage as itself plus its extracted
+    /// vmlinux.
+    fn boot_image(&mut self, bz: &Path, st: &Path) -> Result<()> {
+        let bytes = std::fs::read(bz).map_err(io_err(format!("cannot read {}", bz.display())))?;
+        if crate::detect_bytes(&bytes) == Some(KernelFormat::Elf) {
+            // Some packages ship an ELF as vmlinux-<ver>.
+            std::fs::write(st.join("vmlinux"), &bytes)
+                .map_err(io_err("cannot write the vmlinux"))?;
+            return Ok(());
+        }
+        let header = bzimage::parse_header(&bytes);
+        if self.version.is_none() {
+            self.version = header
+                .and_then(|h| h.version)
+                .and_then(|v| v.split_whitespace().next().map(str::to_string));
+        }
+        let ex = bzimage::extract_vmlinux(&bytes)?;
+        std::fs::write(st.join("vmlinux"), &ex.vmlinux)
+            .map_err(io_err("cannot write the vmlinux"))?;
+        std::fs::write(st.join("bzImage"), &bytes).map_err(io_err("cannot write the bzImage"))?;
+        self.bzimage = true;
+        self.compression = Some(ex.compression);
+        Ok(())
+    }
+
+    /// Checks the staged vmlinux (refusing a truncated one, warning about what will not boot)
+    /// and takes its release if none is known yet. Returns whether it has a PVH entry note.
+    fn check_vmlinux(&mut self, st: &Path) -> Result<bool> {
+        let vmlinux =
+            std::fs::read(st.join("vmlinux")).map_err(io_err("cannot read the vmlinux"))?;
+        let info = elf::parse(&vmlinux)
+            .map_err(|e| KernelError::Invalid(format!("the vmlinux is unusable: {e}")))?;
+        if !info.segments_in_bounds {
+            return Err(KernelError::Invalid(
+                "the vmlinux is truncated (a segment lies past its end)".into(),
+            ));
+        }
+        if info.machine != 62 {
+            self.warnings.push(format!(
+                "the vmlinux is for ELF machine {} (not x86_64)",
+                info.machine
+            ));
+        }
+        let has_pvh_note = info.pvh_entry.is_some();
+        if !has_pvh_note {
+            self.warnings.push(
+                "the vmlinux has no Xen PVH entry note (CONFIG_PVH): Firecracker on x86_64 cannot boot it; QEMU can boot the bzImage"
+                    .to_string(),
+            );
+        }
+        if self.version.is_none() {
+            self.version = elf::linux_banner_release(&vmlinux);
+        }
+        Ok(has_pvh_note)
+    }
+}
+
+/// The modules an import moved into the store.
+#[derive(Default)]
+struct StagedModules {
+    /// `modules/<version>`, relative to the kernel's directory.
+    dir: Option<PathBuf>,
+    needs_initramfs: bool,
+    initrd_modules: Vec<String>,
+    builtin_drivers: Vec<String>,
 }
 
 #[cfg(test)]

@@ -36,13 +36,31 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"))
 }
 
-/// A static `wick-init`: the usual build when it is static, else built into
-/// `target/wick-init-static` with `+crt-static` (a separate target dir, so this nested cargo
-/// never waits for the outer one's lock).
+/// A static `wick-init`: `$WICK_INIT_BIN` / the usual build when it is static, else the one
+/// [`static_init_binaries`] builds.
 pub fn static_wick_init() -> Result<PathBuf, String> {
     if let Ok(p) = wick_kernel::initramfs::locate_init_binary() {
         return Ok(p);
     }
+    build_static_init().map(|(init, _)| init)
+}
+
+/// Static `wick-init` and `wick-init-probe` (an init that prints a marker, for boot tests):
+/// `$WICK_INIT_BIN` / the usual build when both are static, else both built into
+/// `target/wick-init-static` with `+crt-static` (a separate target dir, so this nested cargo
+/// never waits for the outer one's lock).
+pub fn static_init_binaries() -> Result<(PathBuf, PathBuf), String> {
+    if let Ok(init) = wick_kernel::initramfs::locate_init_binary() {
+        let probe = init.with_file_name("wick-init-probe");
+        if wick_kernel::initramfs::is_static_elf(&probe) {
+            return Ok((init, probe));
+        }
+    }
+    build_static_init()
+}
+
+/// The one static build of the `wick-init` package (both its binaries).
+fn build_static_init() -> Result<(PathBuf, PathBuf), String> {
     let dir = target_dir().join("wick-init-static");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
@@ -65,11 +83,14 @@ pub fn static_wick_init() -> Result<PathBuf, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let init = dir.join("x86_64-unknown-linux-gnu/release/wick-init");
-    if !wick_kernel::initramfs::is_static_elf(&init) {
-        return Err(format!("{} is not a static binary", init.display()));
+    let rel = dir.join("x86_64-unknown-linux-gnu/release");
+    let (init, probe) = (rel.join("wick-init"), rel.join("wick-init-probe"));
+    for b in [&init, &probe] {
+        if !wick_kernel::initramfs::is_static_elf(b) {
+            return Err(format!("{} is not a static binary", b.display()));
+        }
     }
-    Ok(init)
+    Ok((init, probe))
 }
 
 fn on_path(bin: &str) -> bool {

@@ -3,11 +3,13 @@
 //! - `fake-firecracker` (a binary of this crate): an API-faithful fake of Firecracker v1.x.
 //! - `hostile-agent` (a binary of this crate): a fake, hostile guest agent that answers each
 //!   request as a script says (crafted tars, escape sequences, raw frames); see [`hostile`].
+//! - [`agent`]: a test harness running the real `wick-agent` behind the fake vsock muxer.
 //! - [`cargo_bin`]: the path of a workspace binary, for tests that spawn one.
 //! - [`wickd`]: a real `wickd` in an isolated `WICK_ROOT`, with the fake Firecracker as its VMM.
 //! - [`inspect`]: file-tree snapshots, files owned by a uid, `/proc/<pid>/status` ids.
 //! - [`skip`]: how a test that cannot run here says so (never a silent pass).
 
+pub mod agent;
 pub mod hostile;
 pub mod inspect;
 mod skip;

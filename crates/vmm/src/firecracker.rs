@@ -183,19 +183,96 @@ impl Firecracker {
         Ok(cmd)
     }
 
+    /// Firecracker's command: under the jailer, or confined by wick itself. The second value
+    /// keeps the executable open until the spawn (see [`crate::confine::command`]).
+    fn command(
+        &self,
+        handle: &VmmHandle,
+        cfg: &VmmConfig,
+    ) -> Result<(tokio::process::Command, Option<std::fs::File>), VmmError> {
+        Ok(match &self.jailer {
+            Some(jailer) => (self.jailer_command(jailer, handle, cfg)?, None),
+            None => {
+                let (mut cmd, exe) = crate::confine::command(&self.bin, cfg.jail.as_ref())?;
+                cmd.arg("--api-sock")
+                    .arg(&handle.api_socket)
+                    .arg("--id")
+                    .arg(instance_id(handle));
+                if let Some(jail) = &cfg.jail {
+                    crate::confine::confine(&mut cmd, jail, &[])?;
+                }
+                (cmd, exe)
+            }
+        })
+    }
+
+    /// Waits until the API socket accepts a connection; kills Firecracker when it exits first
+    /// or `timeout` passes.
+    async fn wait_for_api(
+        &self,
+        child: &mut tokio::process::Child,
+        handle: &VmmHandle,
+        timeout: Duration,
+    ) -> Result<(), VmmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(VmmError::Exited(with_tail(
+                    format!(
+                        "{} exited with {status} before its API socket was ready",
+                        self.bin.display()
+                    ),
+                    &handle.log_path,
+                )));
+            }
+            if tokio::net::UnixStream::connect(&handle.api_socket)
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(VmmError::Timeout(
+                    timeout,
+                    with_tail(
+                        format!("the Firecracker API socket {}", handle.api_socket.display()),
+                        &handle.log_path,
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     async fn put(&self, handle: &VmmHandle, path: &str, body: Value) -> Result<(), VmmError> {
         api::call(&handle.api_socket, Method::PUT, path, Some(&body))
             .await
             .map(drop)
     }
 
+    /// Configures the machine through the API, in Firecracker's order, and starts it.
     async fn configure_and_start(
         &self,
         handle: &VmmHandle,
         cfg: &VmmConfig,
     ) -> Result<(), VmmError> {
-        let dir = vm_dir(&handle.api_socket);
+        self.configure_logging(handle, cfg).await?;
+        self.configure_machine(handle, cfg).await?;
+        self.configure_drives(handle, cfg).await?;
+        self.configure_devices(handle, cfg).await?;
+        self.put(
+            handle,
+            "/actions",
+            json!({ "action_type": "InstanceStart" }),
+        )
+        .await
+    }
 
+    /// `/logger` and `/metrics`, into files in the VM dir.
+    async fn configure_logging(&self, handle: &VmmHandle, cfg: &VmmConfig) -> Result<(), VmmError> {
+        let dir = vm_dir(&handle.api_socket);
         let fc_log = dir.join("firecracker.log");
         touch(&fc_log, cfg)?;
         self.put(
@@ -213,7 +290,11 @@ impl Firecracker {
             json!({ "metrics_path": self.api_path(&metrics, "metrics.json") }),
         )
         .await?;
+        Ok(())
+    }
 
+    /// `/machine-config` and `/boot-source`.
+    async fn configure_machine(&self, handle: &VmmHandle, cfg: &VmmConfig) -> Result<(), VmmError> {
         self.put(
             handle,
             "/machine-config",
@@ -227,7 +308,11 @@ impl Firecracker {
             boot["initrd_path"] = json!(self.api_path(initrd, "initrd"));
         }
         self.put(handle, "/boot-source", boot).await?;
+        Ok(())
+    }
 
+    /// The root disk, then the extra disks as `disk1`, `disk2`, …
+    async fn configure_drives(&self, handle: &VmmHandle, cfg: &VmmConfig) -> Result<(), VmmError> {
         self.put(
             handle,
             "/drives/rootfs",
@@ -243,7 +328,11 @@ impl Firecracker {
             )
             .await?;
         }
+        Ok(())
+    }
 
+    /// The network interface (when the VM has a TAP) and the vsock device.
+    async fn configure_devices(&self, handle: &VmmHandle, cfg: &VmmConfig) -> Result<(), VmmError> {
         if let Some(tap) = &cfg.tap {
             let mut net = json!({ "iface_id": "eth0", "host_dev_name": tap });
             if let Some(mac) = &cfg.guest_mac {
@@ -265,13 +354,7 @@ impl Firecracker {
             json!({ "guest_cid": cfg.guest_cid, "uds_path": self.api_path(&handle.vsock_socket, "vsock.sock") }),
         )
         .await?;
-
-        self.put(
-            handle,
-            "/actions",
-            json!({ "action_type": "InstanceStart" }),
-        )
-        .await
+        Ok(())
     }
 }
 
@@ -313,21 +396,7 @@ impl Vmm for Firecracker {
                 .map_err(|e| spawn_err(&format!("removing stale {}", sock.display()), e))?;
         }
         let (log, log_err) = open_log(&handle.log_path)?;
-
-        let (mut cmd, exe) = match &self.jailer {
-            Some(jailer) => (self.jailer_command(jailer, handle, cfg)?, None),
-            None => {
-                let (mut cmd, exe) = crate::confine::command(&self.bin, cfg.jail.as_ref())?;
-                cmd.arg("--api-sock")
-                    .arg(&handle.api_socket)
-                    .arg("--id")
-                    .arg(instance_id(handle));
-                if let Some(jail) = &cfg.jail {
-                    crate::confine::confine(&mut cmd, jail, &[])?;
-                }
-                (cmd, exe)
-            }
-        };
+        let (mut cmd, exe) = self.command(handle, cfg)?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
@@ -364,36 +433,7 @@ impl Vmm for Firecracker {
             None => crate::confine::join_cgroup_in_background(pid, cfg.jail.as_ref()),
         };
 
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(VmmError::Exited(with_tail(
-                    format!(
-                        "{} exited with {status} before its API socket was ready",
-                        self.bin.display()
-                    ),
-                    &handle.log_path,
-                )));
-            }
-            if tokio::net::UnixStream::connect(&handle.api_socket)
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                return Err(VmmError::Timeout(
-                    timeout,
-                    with_tail(
-                        format!("the Firecracker API socket {}", handle.api_socket.display()),
-                        &handle.log_path,
-                    ),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        self.wait_for_api(&mut child, handle, timeout).await?;
         if let Err(e) = crate::confine::joined(joining).await {
             let _ = child.start_kill();
             let _ = child.wait().await;

@@ -16,12 +16,14 @@
 
 pub mod accel;
 mod cmdline;
+mod doctor;
+mod failure;
 pub mod qmp;
+mod sidecar;
+mod spawn;
 
 use std::fmt;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -29,18 +31,19 @@ use async_trait::async_trait;
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use wick_host::proc;
-use wick_model::api::{Check, CheckStatus};
-use wick_model::{Sidecar, VmmHandle};
+use wick_model::api::Check;
+use wick_model::VmmHandle;
 
 use crate::common::{
-    bin_version, binary_check, check, find_process, is_executable, open_log, remove_if_exists,
-    remove_vsock_sockets, resolve_bin, sigkill_and_wait, tail_lines, trusted_start_time, vm_dir,
-    wait_gone, with_tail,
+    bin_version, find_process, is_executable, remove_if_exists, remove_vsock_sockets, resolve_bin,
+    sigkill_and_wait, trusted_start_time, wait_gone, with_tail,
 };
 use crate::{Spawned, Vmm, VmmConfig, VmmError};
 use accel::AccelVerdict;
-use cmdline::{qemu_args, qmp_arg, sidecar_args, START_MARKER};
+use cmdline::{qemu_args, qmp_arg};
+pub use failure::{console_failure, kvm_stall};
 use qmp::Qmp;
+use sidecar::{planned_sidecar, sidecar_socket};
 
 /// Driver name as stored in VM specs.
 pub const DRIVER: &str = "qemu";
@@ -315,216 +318,6 @@ impl Qemu {
             .unwrap_or_else(|_| Err(VmmError::Timeout(timeout, "QMP query-status".into())))
     }
 
-    /// The sidecars of `handle`: the recorded ones, else the planned vsock sidecar (a record
-    /// written before sidecars were recorded).
-    fn sidecars(&self, handle: &VmmHandle) -> Vec<Sidecar> {
-        if handle.sidecars.is_empty() {
-            vec![planned_sidecar(&handle.api_socket)]
-        } else {
-            handle.sidecars.clone()
-        }
-    }
-
-    /// SIGKILLs every live sidecar of `handle` and waits (briefly) for each to go.
-    fn kill_sidecars(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        for s in self.sidecars(handle) {
-            let Some(pid) = find_process(s.pid, s.start_time, s.socket.as_os_str()) else {
-                continue;
-            };
-            let st = trusted_start_time(pid, s.pid, s.start_time);
-            proc::signal(pid, st, Signal::SIGKILL).map_err(|e| {
-                VmmError::Other(format!("cannot SIGKILL {} pid {pid}: {e}", s.name))
-            })?;
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while proc::is_alive(pid, st) {
-                if Instant::now() >= deadline {
-                    return Err(VmmError::Timeout(
-                        Duration::from_secs(2),
-                        format!("{} pid {pid} to exit after SIGKILL", s.name),
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        Ok(())
-    }
-
-    /// Spawns the sidecar and waits until its vhost-user socket listens.
-    async fn spawn_sidecar(
-        &self,
-        handle: &VmmHandle,
-        cfg: &VmmConfig,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<(tokio::process::Child, Sidecar), VmmError> {
-        let socket = sidecar_socket(&handle.api_socket);
-        let (out, err) = open_log(&handle.log_path)?;
-        let (mut cmd, exe) = crate::confine::command(&self.sidecar_bin, cfg.jail.as_ref())?;
-        cmd.args(sidecar_args(&socket, &handle.vsock_socket, cfg.guest_cid))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            // Own process group: it must outlive a daemon crash like the VMM it serves.
-            .process_group(0)
-            .kill_on_drop(false);
-        if let Some(jail) = &cfg.jail {
-            crate::confine::confine(&mut cmd, jail, &[])?;
-        }
-        let spawned = cmd.spawn();
-        drop(exe);
-        let mut child = spawned.map_err(|e| {
-            VmmError::Spawn(format!(
-                "running {}: {e}; {SIDECAR_HOW}",
-                self.sidecar_bin.display()
-            ))
-        })?;
-        let pid = child
-            .id()
-            .ok_or_else(|| VmmError::Spawn(format!("{SIDECAR} has no pid")))?;
-        let start_time = proc::start_time(pid);
-        let joining = crate::confine::join_cgroup_in_background(pid, cfg.jail.as_ref());
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(VmmError::Exited(with_tail(
-                    format!(
-                        "{SIDECAR} exited with {status} before listening on {}",
-                        socket.display()
-                    ),
-                    &handle.log_path,
-                )));
-            }
-            if unix_listening(&socket) && handle.vsock_socket.exists() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                return Err(VmmError::Timeout(
-                    timeout,
-                    with_tail(
-                        format!("{SIDECAR} to listen on {}", socket.display()),
-                        &handle.log_path,
-                    ),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        if let Err(e) = crate::confine::joined(joining).await {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(e);
-        }
-        Ok((
-            child,
-            Sidecar {
-                name: SIDECAR.into(),
-                socket,
-                pid: Some(pid),
-                start_time,
-            },
-        ))
-    }
-
-    /// Spawns QEMU (paused) and waits for its QMP handshake.
-    async fn spawn_qemu(
-        &self,
-        handle: &VmmHandle,
-        cfg: &VmmConfig,
-        engine: Engine,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<(tokio::process::Child, u32, u64), VmmError> {
-        let (out, err) = open_log(&handle.log_path)?;
-        // Confined, QEMU cannot open /dev/net/tun: it inherits the TAP (our copy closes when
-        // `tap` drops, after the spawn).
-        let tap = match (&cfg.jail, &cfg.tap) {
-            (Some(_), Some(name)) => Some(crate::confine::open_tap(name)?),
-            _ => None,
-        };
-        let tap_fd = tap.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
-        let vhost = sidecar_socket(&handle.api_socket);
-        let (mut cmd, exe) = crate::confine::command(&self.bin, cfg.jail.as_ref())?;
-        cmd.args(qemu_args(handle, cfg, engine, &vhost, tap_fd))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            // Own process group: a signal to the daemon's group (Ctrl+C, a killed service)
-            // must not take the VMs down with it.
-            .process_group(0)
-            .kill_on_drop(false);
-        if let Some(jail) = &cfg.jail {
-            crate::confine::confine(&mut cmd, jail, tap_fd.as_slice())?;
-        }
-        let spawned = cmd.spawn();
-        drop((tap, exe));
-        let mut child = spawned.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                VmmError::BinaryNotFound(format!("{}: {e}; {QEMU_HOW}", self.bin.display()))
-            } else {
-                VmmError::Spawn(format!("running {}: {e}", self.bin.display()))
-            }
-        })?;
-        let pid = child
-            .id()
-            .ok_or_else(|| VmmError::Spawn("the QEMU process has no pid".into()))?;
-        // Our unreaped child: its pid cannot be reused yet, so this reads the right process.
-        let Some(start_time) = proc::start_time(pid) else {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(VmmError::Spawn(format!(
-                "cannot read /proc/{pid}/stat of the new QEMU"
-            )));
-        };
-        let joining = crate::confine::join_cgroup_in_background(pid, cfg.jail.as_ref());
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(VmmError::Exited(with_tail(
-                    format!(
-                        "{} exited with {status} before QMP was ready",
-                        self.bin.display()
-                    ),
-                    &handle.log_path,
-                )));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if tokio::net::UnixStream::connect(&handle.api_socket)
-                .await
-                .is_ok()
-            {
-                match Qmp::connect(&handle.api_socket, left.max(Duration::from_millis(100))).await {
-                    Ok(_) => break,
-                    Err(e) if Instant::now() >= deadline => {
-                        let _ = child.start_kill();
-                        let _ = child.wait().await;
-                        return Err(VmmError::Timeout(
-                            timeout,
-                            with_tail(format!("the QMP handshake ({e})"), &handle.log_path),
-                        ));
-                    }
-                    Err(_) => {}
-                }
-            }
-            if Instant::now() >= deadline {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                return Err(VmmError::Timeout(
-                    timeout,
-                    with_tail(
-                        format!("the QMP socket {}", handle.api_socket.display()),
-                        &handle.log_path,
-                    ),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        if let Err(e) = crate::confine::joined(joining).await {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(e);
-        }
-        Ok((child, pid, start_time))
-    }
-
     /// Graceful stop of QEMU `pid`: ACPI power button when the guest runs (waiting up to
     /// `timeout`), then QMP `quit`, then SIGKILL.
     async fn stop_qemu(
@@ -560,133 +353,6 @@ impl Qemu {
     }
 }
 
-impl Qemu {
-    /// The engine VMs will (likely) run on, if known without a probe.
-    fn expected_engine(&self, kvm_exists: bool) -> Option<Engine> {
-        match self.accel {
-            Accel::Kvm => Some(Engine::Kvm),
-            Accel::Tcg => Some(Engine::Tcg),
-            Accel::Auto if !kvm_exists => Some(Engine::Tcg),
-            Accel::Auto => self.cached_verdict().map(|v| v.engine),
-        }
-    }
-
-    /// `wick doctor`'s isolation line: TCG is not a security boundary in QEMU's own security
-    /// policy, so a guest under TCG is a warning.
-    fn isolation_check(&self, kvm_exists: bool) -> Check {
-        match self.expected_engine(kvm_exists) {
-            Some(Engine::Tcg) => check(
-                "isolation",
-                CheckStatus::Warn,
-                "guests run under TCG (emulation), which QEMU's security policy does not treat as \
-                 a security boundary: a hostile guest exploiting a TCG bug gets the VMM's \
-                 (unprivileged, confined) process"
-                    .into(),
-                Some(
-                    "use hardware virtualization (KVM) for untrusted guests; `require_kvm = true` \
-                      refuses to start a VM without it",
-                ),
-            ),
-            Some(Engine::Kvm) => check(
-                "isolation",
-                CheckStatus::Pass,
-                "guests run under KVM (hardware virtualization)".into(),
-                None,
-            ),
-            None => check(
-                "isolation",
-                CheckStatus::Pass,
-                "decided at the first start (KVM if the probe boots, else TCG, which is not a \
-                 security boundary)"
-                    .into(),
-                None,
-            ),
-        }
-    }
-}
-
-/// The sidecar's vhost-user socket: `vhu.sock` in the VM dir.
-fn sidecar_socket(api_socket: &Path) -> PathBuf {
-    vm_dir(api_socket).join("vhu.sock")
-}
-
-fn planned_sidecar(api_socket: &Path) -> Sidecar {
-    Sidecar {
-        name: SIDECAR.into(),
-        socket: sidecar_socket(api_socket),
-        pid: None,
-        start_time: None,
-    }
-}
-
-/// True when a listening Unix socket is bound at `path` (per `/proc/net/unix`: the `Flags`
-/// column has `__SO_ACCEPTCON`). Unlike a test connection, this does not disturb a server that
-/// takes one client at a time.
-fn unix_listening(path: &Path) -> bool {
-    const ACCEPTCON: u32 = 0x0001_0000;
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return false;
-    };
-    let want = path.to_string_lossy();
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields.len() >= 8
-            && fields[7..].join(" ") == want
-            && u32::from_str_radix(fields[3], 16).is_ok_and(|f| f & ACCEPTCON != 0)
-    })
-}
-
-/// A fatal line in the VMM log since the last start (`KVM internal error`, …), with the tail.
-pub fn console_failure(log: &Path) -> Option<String> {
-    let text = tail_lines(log, 4000);
-    let since_start = match text.rfind(START_MARKER) {
-        Some(i) => &text[i..],
-        None => &text[..],
-    };
-    let line = since_start
-        .lines()
-        .find(|l| accel::KVM_FAILURES.iter().any(|f| l.contains(f)))?;
-    Some(with_tail(
-        format!(
-            "the guest failed under KVM ({}); QEMU stays paused after this: use accel = \"tcg\" \
-             (or \"auto\") on this host",
-            line.trim()
-        ),
-        log,
-    ))
-}
-
-/// A boot under KVM that shows no sign of the kernel (no `Linux version` since the last start
-/// marker) and has not written to its console for `after`: on some hosts KVM neither fails nor
-/// runs a stock guest (HOST-NOTES), so silence is the failure. A healthy KVM guest prints its
-/// banner within milliseconds; an idle guest after boot is not judged (it printed the banner).
-pub fn kvm_stall(log: &Path, after: Duration) -> Option<String> {
-    let text = tail_lines(log, 4000);
-    let since_start = &text[text.rfind(START_MARKER)?..];
-    let marker = since_start.lines().next()?;
-    if !marker.contains(&format!("(accel {})", Engine::Kvm))
-        || since_start.contains("Linux version")
-    {
-        return None;
-    }
-    let idle = std::fs::metadata(log)
-        .ok()?
-        .modified()
-        .ok()?
-        .elapsed()
-        .ok()?;
-    (idle >= after).then(|| {
-        with_tail(
-            format!(
-                "the guest made no progress under KVM in {}s (the kernel printed nothing): this \
-                 host's KVM cannot run it; use accel = \"tcg\" (or \"auto\") on this host",
-                idle.as_secs()
-            ),
-            log,
-        )
-    })
-}
-
 #[async_trait]
 impl Vmm for Qemu {
     fn name(&self) -> &'static str {
@@ -714,66 +380,7 @@ impl Vmm for Qemu {
         cfg: &VmmConfig,
         timeout: Duration,
     ) -> Result<Spawned, VmmError> {
-        self.preflight()?;
-        let dir = vm_dir(&handle.api_socket);
-        let engine = self
-            .engine(&cfg.kernel, &dir.join("accel-probe.log"))
-            .await?;
-        if cfg.require_kvm && engine == Engine::Tcg {
-            return Err(VmmError::Other(format!(
-                "require_kvm = true, but this VM would run under TCG (accel {}: {}); TCG is not a \
-                 security boundary in QEMU's security policy. Enable hardware virtualization \
-                 (/dev/kvm) or set require_kvm = false in config.toml",
-                self.accel,
-                match self.cached_verdict() {
-                    Some(v) => v.reason,
-                    None => "configured".into(),
-                }
-            )));
-        }
-
-        let deadline = Instant::now() + timeout;
-        let vhu = sidecar_socket(&handle.api_socket);
-        for sock in [&handle.api_socket, &vhu] {
-            remove_if_exists(sock)
-                .map_err(|e| VmmError::Spawn(format!("removing stale {}: {e}", sock.display())))?;
-        }
-        remove_vsock_sockets(&handle.vsock_socket);
-        // A previous sidecar for this VM (e.g. a crash before its pid was recorded) holds the
-        // vsock socket names: it must go first.
-        self.kill_sidecars(handle)?;
-
-        let (mut log, _) = open_log(&handle.log_path)?;
-        let _ = writeln!(log, "{START_MARKER} (accel {engine}) ===");
-        if let Some(jail) = &cfg.jail {
-            // QEMU appends the serial console to it itself.
-            crate::confine::chown_to(&handle.log_path, jail)?;
-        }
-
-        let (mut sidecar_child, sidecar) =
-            self.spawn_sidecar(handle, cfg, deadline, timeout).await?;
-        match self
-            .spawn_qemu(handle, cfg, engine, deadline, timeout)
-            .await
-        {
-            Ok((child, pid, start_time)) => {
-                tracing::debug!(pid, start_time, socket = %handle.api_socket.display(), %engine, "qemu ready");
-                // Dropping the sidecar's Child leaves it running; tokio reaps it when it exits.
-                drop(sidecar_child);
-                Ok(Spawned {
-                    pid,
-                    start_time,
-                    child: Some(child),
-                    sidecars: vec![sidecar],
-                    accel: engine.to_string(),
-                })
-            }
-            Err(e) => {
-                let _ = sidecar_child.start_kill();
-                let _ = sidecar_child.wait().await;
-                Err(e)
-            }
-        }
+        self.spawn_paused(handle, cfg, timeout).await
     }
 
     /// Resumes the paused guest and waits for QMP `running`; fails fast on a KVM internal error
@@ -859,51 +466,7 @@ impl Vmm for Qemu {
     }
 
     fn doctor(&self) -> Vec<Check> {
-        let mut checks = vec![
-            binary_check("qemu", &self.bin, QEMU_HOW),
-            binary_check(SIDECAR, &self.sidecar_bin, SIDECAR_HOW),
-        ];
-        let kvm = Path::new("/dev/kvm");
-        checks.push(if kvm.exists() {
-            check("kvm", CheckStatus::Pass, "/dev/kvm exists".into(), None)
-        } else {
-            check(
-                "kvm",
-                if self.accel == Accel::Kvm {
-                    CheckStatus::Fail
-                } else {
-                    CheckStatus::Warn
-                },
-                "/dev/kvm does not exist: guests run under TCG (emulation, several times slower)"
-                    .into(),
-                Some("enable virtualization (VT-x/AMD-V or nested) and load kvm_intel/kvm_amd"),
-            )
-        });
-        checks.push(match self.accel {
-            Accel::Kvm | Accel::Tcg => check(
-                "accel",
-                CheckStatus::Pass,
-                format!("configured: {}", self.accel),
-                None,
-            ),
-            Accel::Auto => match self.cached_verdict() {
-                Some(v) => check(
-                    "accel",
-                    CheckStatus::Pass,
-                    format!("auto → {} ({}; probed in {} ms)", v.engine, v.reason, v.probe_ms),
-                    None,
-                ),
-                None => check(
-                    "accel",
-                    CheckStatus::Pass,
-                    "auto: not probed yet (the first VM start boots its kernel under KVM to decide)"
-                        .into(),
-                    None,
-                ),
-            },
-        });
-        checks.push(self.isolation_check(kvm.exists()));
-        checks
+        self.checks()
     }
 
     fn preflight(&self) -> Result<(), VmmError> {
@@ -926,6 +489,8 @@ impl Vmm for Qemu {
 
 #[cfg(test)]
 mod tests {
+    use wick_model::Sidecar;
+
     use super::*;
 
     #[test]
@@ -944,36 +509,6 @@ mod tests {
                 pid: None,
                 start_time: None
             }]
-        );
-    }
-
-    #[test]
-    fn tcg_is_reported_as_no_security_boundary() {
-        let q = Qemu::new(QemuOptions {
-            accel: Accel::Tcg,
-            ..QemuOptions::default()
-        });
-        let c = q.isolation_check(true);
-        assert_eq!(c.status, CheckStatus::Warn);
-        assert!(
-            c.detail.contains("not treat as a security boundary"),
-            "{c:?}"
-        );
-        assert!(c.hint.unwrap().contains("require_kvm"));
-        let doctor = q.doctor();
-        assert!(doctor
-            .iter()
-            .any(|c| c.name == "isolation" && c.status == CheckStatus::Warn));
-        let q = Qemu::new(QemuOptions {
-            accel: Accel::Kvm,
-            ..QemuOptions::default()
-        });
-        assert_eq!(q.isolation_check(true).status, CheckStatus::Pass);
-        let auto = Qemu::new(QemuOptions::default());
-        assert_eq!(
-            auto.isolation_check(false).status,
-            CheckStatus::Warn,
-            "no /dev/kvm: TCG"
         );
     }
 
@@ -1007,58 +542,5 @@ mod tests {
             e.contains("cargo install --locked vhost-device-vsock"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn console_failures_count_only_since_the_last_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("vmm.log");
-        std::fs::write(
-            &log,
-            format!("{START_MARKER} ===\nKVM internal error. Suberror: 1\nemulation failure\n"),
-        )
-        .unwrap();
-        let msg = console_failure(&log).unwrap();
-        assert!(
-            msg.contains("KVM internal error") && msg.contains("tcg"),
-            "{msg}"
-        );
-        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-        writeln!(f, "{START_MARKER} ===\n[    0.000000] Linux version 6.1").unwrap();
-        assert_eq!(console_failure(&log), None);
-        assert_eq!(console_failure(&dir.path().join("missing")), None);
-    }
-
-    #[test]
-    fn a_silent_kvm_boot_is_a_failure_a_silent_tcg_or_booted_one_is_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("vmm.log");
-        let now = Duration::ZERO;
-        std::fs::write(&log, format!("{START_MARKER} (accel kvm) ===\n")).unwrap();
-        let msg = kvm_stall(&log, now).unwrap();
-        assert!(
-            msg.contains("no progress under KVM") && msg.contains("tcg"),
-            "{msg}"
-        );
-        // Not yet silent for long enough.
-        assert_eq!(kvm_stall(&log, Duration::from_secs(3600)), None);
-        std::fs::write(&log, format!("{START_MARKER} (accel tcg) ===\n")).unwrap();
-        assert_eq!(kvm_stall(&log, now), None);
-        std::fs::write(
-            &log,
-            format!("{START_MARKER} (accel kvm) ===\n[    0.000000] Linux version 6.1\n"),
-        )
-        .unwrap();
-        assert_eq!(kvm_stall(&log, now), None);
-        assert_eq!(kvm_stall(&dir.path().join("missing"), now), None);
-    }
-
-    #[test]
-    fn listening_sockets_are_seen_in_proc() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("l.sock");
-        assert!(!unix_listening(&p));
-        let _l = std::os::unix::net::UnixListener::bind(&p).unwrap();
-        assert!(unix_listening(&p));
     }
 }

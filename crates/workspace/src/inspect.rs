@@ -110,6 +110,62 @@ pub fn inspect(path: &Path, opts: &PrepareOptions) -> Result<RepoPlan> {
     if opts.from.is_some() && opts.branch.is_none() {
         return Err(WorkspaceError::FromWithoutBranch);
     }
+    let root = work_tree_root(path)?;
+    let git_dir = PathBuf::from(git::line(&root, ["rev-parse", "--absolute-git-dir"])?);
+    let (head, branch) = head_and_branch(&root)?;
+    let object_format = git::run_raw(&root, ["rev-parse", "--show-object-format"])
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|f| !f.is_empty())
+        .unwrap_or_else(|| "sha1".to_string());
+    let new_branch = new_branch(&root, opts, &head)?;
+
+    let (tracked_all, submodules) = staged_paths(&root)?;
+    if opts.mode == Mode::Shallow && (!submodules.is_empty() || root.join(".gitmodules").exists()) {
+        let mut names: Vec<String> = submodules.iter().map(|p| p.display().to_string()).collect();
+        if names.is_empty() {
+            names.push(".gitmodules".into());
+        }
+        return Err(WorkspaceError::Submodules(names));
+    }
+    let (mut tracked, mut missing) = (Vec::new(), Vec::new());
+    for p in tracked_all {
+        match std::fs::symlink_metadata(root.join(&p)) {
+            Ok(m) if m.is_file() || m.file_type().is_symlink() => tracked.push(p),
+            Ok(_) => {} // a directory where a file is tracked: nothing to copy
+            Err(_) => missing.push(p),
+        }
+    }
+    let untracked = if opts.include_untracked {
+        untracked_files(&root)?
+    } else {
+        Vec::new()
+    };
+    let extra = match opts.mode {
+        Mode::FullCopy => git_dir_files(&root, &submodules)?,
+        Mode::Shallow => Vec::new(),
+    };
+
+    Ok(RepoPlan {
+        root,
+        git_dir,
+        head,
+        branch,
+        mode: opts.mode,
+        object_format,
+        new_branch,
+        include_untracked: opts.include_untracked,
+        tracked,
+        untracked,
+        missing,
+        extra,
+    })
+}
+
+/// The top of the working tree `path` is in, refusing what is not one (missing, not a
+/// directory, not in a repository, bare, inside `.git`).
+fn work_tree_root(path: &Path) -> Result<PathBuf> {
     let meta = std::fs::metadata(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             WorkspaceError::NotFound(path.to_path_buf())
@@ -140,15 +196,20 @@ pub fn inspect(path: &Path, opts: &PrepareOptions) -> Result<RepoPlan> {
     if git::line(path, ["rev-parse", "--is-inside-work-tree"])? != "true" {
         return Err(WorkspaceError::InsideGitDir(path.to_path_buf()));
     }
-    let root = PathBuf::from(git::line(path, ["rev-parse", "--show-toplevel"])?);
-    let git_dir = PathBuf::from(git::line(&root, ["rev-parse", "--absolute-git-dir"])?);
+    Ok(PathBuf::from(git::line(
+        path,
+        ["rev-parse", "--show-toplevel"],
+    )?))
+}
 
-    let head_out = git::run_raw(&root, ["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])?;
+/// The HEAD commit (refusing a repository without one) and the checked-out branch, if any.
+fn head_and_branch(root: &Path) -> Result<(String, Option<String>)> {
+    let head_out = git::run_raw(root, ["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])?;
     if !head_out.status.success() {
-        return Err(WorkspaceError::NoCommits(root));
+        return Err(WorkspaceError::NoCommits(root.to_path_buf()));
     }
     let head = String::from_utf8_lossy(&head_out.stdout).trim().to_string();
-    let branch_out = git::run_raw(&root, ["symbolic-ref", "-q", "--short", "HEAD"])?;
+    let branch_out = git::run_raw(root, ["symbolic-ref", "-q", "--short", "HEAD"])?;
     let branch = branch_out
         .status
         .success()
@@ -158,31 +219,30 @@ pub fn inspect(path: &Path, opts: &PrepareOptions) -> Result<RepoPlan> {
                 .to_string()
         })
         .filter(|b| !b.is_empty());
-    let object_format = git::run_raw(&root, ["rev-parse", "--show-object-format"])
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|f| !f.is_empty())
-        .unwrap_or_else(|| "sha1".to_string());
+    Ok((head, branch))
+}
 
-    let new_branch = match &opts.branch {
-        None => None,
-        Some(name) => {
-            check_branch_name(&root, name)?;
-            let from_commit = match &opts.from {
-                None => head.clone(),
-                Some(r) => resolve_commit(&root, r)?,
-            };
-            Some(NewBranch {
-                name: name.clone(),
-                from_ref: opts.from.clone(),
-                from_commit,
-            })
-        }
+/// The guest branch asked for (`--branch`, from `--from` or HEAD), checked.
+fn new_branch(root: &Path, opts: &PrepareOptions, head: &str) -> Result<Option<NewBranch>> {
+    let Some(name) = &opts.branch else {
+        return Ok(None);
     };
+    check_branch_name(root, name)?;
+    let from_commit = match &opts.from {
+        None => head.to_string(),
+        Some(r) => resolve_commit(root, r)?,
+    };
+    Ok(Some(NewBranch {
+        name: name.clone(),
+        from_ref: opts.from.clone(),
+        from_commit,
+    }))
+}
 
-    // Tracked entries, with their modes: gitlinks (160000) are submodules.
-    let staged = git::run(&root, ["ls-files", "-z", "--stage"])?;
+/// Tracked entries, with their modes: gitlinks (160000) are submodules. Returns (tracked
+/// paths, submodule paths).
+fn staged_paths(root: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let staged = git::run(root, ["ls-files", "-z", "--stage"])?;
     let mut tracked_all: Vec<PathBuf> = Vec::new();
     let mut submodules: Vec<PathBuf> = Vec::new();
     for rec in staged.split(|&b| b == 0).filter(|r| !r.is_empty()) {
@@ -197,66 +257,38 @@ pub fn inspect(path: &Path, opts: &PrepareOptions) -> Result<RepoPlan> {
             tracked_all.push(p);
         }
     }
-    if opts.mode == Mode::Shallow && (!submodules.is_empty() || root.join(".gitmodules").exists()) {
-        let mut names: Vec<String> = submodules.iter().map(|p| p.display().to_string()).collect();
-        if names.is_empty() {
-            names.push(".gitmodules".into());
-        }
-        return Err(WorkspaceError::Submodules(names));
-    }
+    Ok((tracked_all, submodules))
+}
 
-    let (mut tracked, mut missing) = (Vec::new(), Vec::new());
-    for p in tracked_all {
-        match std::fs::symlink_metadata(root.join(&p)) {
-            Ok(m) if m.is_file() || m.file_type().is_symlink() => tracked.push(p),
-            Ok(_) => {} // a directory where a file is tracked: nothing to copy
-            Err(_) => missing.push(p),
-        }
-    }
-    let untracked = if opts.include_untracked {
-        let out = git::run(&root, ["ls-files", "-z", "--others", "--exclude-standard"])?;
-        git::nul_paths(&out)
-            .into_iter()
-            .filter(|p| {
-                std::fs::symlink_metadata(root.join(p))
-                    .map(|m| m.is_file() || m.file_type().is_symlink())
-                    .unwrap_or(false)
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+/// Untracked, non-ignored files and symlinks.
+fn untracked_files(root: &Path) -> Result<Vec<PathBuf>> {
+    let out = git::run(root, ["ls-files", "-z", "--others", "--exclude-standard"])?;
+    Ok(git::nul_paths(&out)
+        .into_iter()
+        .filter(|p| {
+            std::fs::symlink_metadata(root.join(p))
+                .map(|m| m.is_file() || m.file_type().is_symlink())
+                .unwrap_or(false)
+        })
+        .collect())
+}
 
+/// A full copy's extra files: everything in `.git` and in the submodules.
+fn git_dir_files(root: &Path, submodules: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let dot_git = root.join(".git");
+    if !dot_git
+        .symlink_metadata()
+        .map(|m| m.is_dir())
+        .unwrap_or(false)
+    {
+        return Err(WorkspaceError::GitDirNotADirectory(dot_git));
+    }
     let mut extra = Vec::new();
-    if opts.mode == Mode::FullCopy {
-        let dot_git = root.join(".git");
-        if !dot_git
-            .symlink_metadata()
-            .map(|m| m.is_dir())
-            .unwrap_or(false)
-        {
-            return Err(WorkspaceError::GitDirNotADirectory(dot_git));
-        }
-        walk(&root, Path::new(".git"), &mut extra)?;
-        for s in &submodules {
-            walk(&root, s, &mut extra)?;
-        }
+    walk(root, Path::new(".git"), &mut extra)?;
+    for s in submodules {
+        walk(root, s, &mut extra)?;
     }
-
-    Ok(RepoPlan {
-        root,
-        git_dir,
-        head,
-        branch,
-        mode: opts.mode,
-        object_format,
-        new_branch,
-        include_untracked: opts.include_untracked,
-        tracked,
-        untracked,
-        missing,
-        extra,
-    })
+    Ok(extra)
 }
 
 /// `git check-ref-format --branch`, plus refusing names that look like options.

@@ -2,21 +2,23 @@
 //! decide what changed, stream one tar (working-tree files, history pack, manifest), then run the
 //! git fix-ups in the guest.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+mod archive;
+mod history;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use wick_agent_proto::{AgentClient, ExecOutput, ExecRequest};
 
 use crate::inspect::RepoPlan;
-use crate::manifest::{self, Entry, GuestEntry, Kind, Manifest, Meta};
-use crate::{git, Mode, Result, WorkspaceError, WorkspaceRecord, MANIFEST_NAME};
-use wick_agent_proto::pipe::PipeWriter;
+use crate::manifest::{self, Entry, GuestEntry, Kind, Manifest};
+use crate::{Mode, Result, WorkspaceError, WorkspaceRecord, MANIFEST_NAME};
+use archive::{send_archive, Archive};
+use history::History;
 
 /// What a [`prepare`] did.
 #[derive(Debug, Clone)]
@@ -74,32 +76,12 @@ pub async fn prepare(
     mut progress: impl FnMut(&str) + Send,
 ) -> Result<PrepareReport> {
     let start = Instant::now();
-    if !guest_path.starts_with('/') {
-        return Err(WorkspaceError::GuestPathNotAbsolute(guest_path.to_string()));
-    }
-    let gp = match guest_path.trim_end_matches('/') {
-        "" => "/",
-        p => p,
-    }
-    .to_string();
+    let gp = guest_dir(guest_path)?;
     let source_path = plan.root.display().to_string();
 
     // 1. What the guest holds.
     progress("reading the guest workspace state");
-    let old = read_manifest(client, &gp).await?;
-    if let Some(m) = &old {
-        if m.meta.source_path != source_path || m.meta.mode != plan.mode {
-            return Err(WorkspaceError::OtherWorkspace {
-                guest_path: gp,
-                source_path: m.meta.source_path.clone(),
-                mode: m.meta.mode,
-            });
-        }
-    }
-    let guest = match &old {
-        Some(_) => guest_listing(client, &gp, plan.mode).await?,
-        None => BTreeMap::new(),
-    };
+    let (old, guest) = guest_state(client, plan, &gp, &source_path).await?;
 
     // 2. What the host has now.
     let root = plan.root.clone();
@@ -107,152 +89,156 @@ pub async fn prepare(
     let current = blocking(move || stat_all(&root, &paths)).await?;
 
     // 3. The difference.
-    let mut send: Vec<(Vec<u8>, Entry)> = Vec::new();
-    let mut delete: Vec<Vec<u8>> = Vec::new();
-    let mut unchanged = 0u64;
-    for (p, e) in &current {
-        let g = guest.get(p);
-        let up_to_date = old
-            .as_ref()
-            .and_then(|m| m.entries.get(p))
-            .is_some_and(|was| was == e && g.is_some_and(|g| e.matches_guest(g)));
-        if up_to_date {
-            unchanged += 1;
-            continue;
-        }
-        // Replace symlinks and kind changes by deleting first (never write through a link).
-        if g.is_some_and(|g: &GuestEntry| g.kind != e.kind || g.kind == Kind::Symlink) {
-            delete.push(p.clone());
-        }
-        send.push((p.clone(), e.clone()));
-    }
-    let mut files_deleted = 0u64;
-    if let Some(m) = &old {
-        for p in m.entries.keys() {
-            if !current.contains_key(p) && guest.contains_key(p) {
-                delete.push(p.clone());
-                files_deleted += 1;
-            }
-        }
-    }
+    let diff = Diff::new(old.as_ref(), &guest, &current);
 
     // 4. History: the objects of the wanted commits the guest lacks, packed in the background.
-    let commits = plan.commits();
-    let mut shallow: BTreeSet<String> = old
-        .as_ref()
-        .map(|m| m.meta.shallow.iter().cloned().collect())
-        .unwrap_or_default();
-    let mut pack_job = None;
-    let mut pack_dir = None;
-    let mut objects_sent = 0u64;
-    if plan.mode == Mode::Shallow {
-        let had: Vec<String> = old
-            .as_ref()
-            .map(|m| m.meta.commits.clone())
-            .unwrap_or_default();
-        let same: HashSet<&String> = had.iter().collect();
-        if commits.iter().any(|c| !same.contains(c)) {
-            let root = plan.root.clone();
-            let (want, had2) = (commits.clone(), had.clone());
-            let (ids, with_parents) = blocking(move || {
-                let mut ids = HashSet::new();
-                for c in &want {
-                    git::commit_objects(&root, c, &mut ids)?;
-                }
-                let mut known = HashSet::new();
-                for c in had2.iter().filter(|c| git::has_object(&root, c)) {
-                    git::commit_objects(&root, c, &mut known)?;
-                }
-                ids.retain(|id| !known.contains(id));
-                let mut with_parents = Vec::new();
-                for c in &want {
-                    if git::has_parents(&root, c)? {
-                        with_parents.push(c.clone());
-                    }
-                }
-                Ok((ids, with_parents))
-            })
-            .await?;
-            shallow.extend(with_parents);
-            objects_sent = ids.len() as u64;
-            let dir = tempfile::Builder::new()
-                .prefix("wick-workspace-pack-")
-                .tempdir()
-                .map_err(WorkspaceError::io(
-                    "cannot create a temporary directory for the pack",
-                ))?;
-            let root = plan.root.clone();
-            let base = dir.path().join("pack");
-            pack_job = Some(std::thread::spawn(move || pack_objects(&root, &base, &ids)));
-            pack_dir = Some(dir);
-        }
-    }
+    let history = History::start(plan, old.as_ref()).await?;
 
     // 5. Deletions first (so replaced symlinks are never written through).
-    if !delete.is_empty() {
-        progress(&format!("removing {} path(s) in the guest", delete.len()));
-        remove_in_guest(client, &gp, &delete).await?;
+    if !diff.delete.is_empty() {
+        progress(&format!(
+            "removing {} path(s) in the guest",
+            diff.delete.len()
+        ));
+        remove_in_guest(client, &gp, &diff.delete).await?;
     }
 
     // 6. One tar: git metadata, files, pack, manifest.
-    let manifest = Manifest {
-        meta: Meta {
-            source_path: source_path.clone(),
-            mode: plan.mode,
-            head: plan.head.clone(),
-            commits: if plan.mode == Mode::Shallow {
-                commits.clone()
-            } else {
-                Vec::new()
-            },
-            shallow: shallow.iter().cloned().collect(),
-        },
-        entries: current,
-    };
-    let mut meta_files: Vec<(String, Vec<u8>, u32)> = Vec::new();
-    if plan.mode == Mode::Shallow {
-        if old.is_none() {
-            meta_files.push((".git/HEAD".into(), head_file(plan), 0o644));
-            meta_files.push((".git/config".into(), config_file(plan), 0o644));
-            if let Ok(ex) = std::fs::read(plan.git_dir.join("info/exclude")) {
-                meta_files.push((".git/info/exclude".into(), ex, 0o644));
-            }
-        }
-        let mut sh = String::new();
-        for c in &shallow {
-            sh.push_str(c);
-            sh.push('\n');
-        }
-        meta_files.push((".git/shallow".into(), sh.into_bytes(), 0o644));
-    }
-    let files_sent = send.len() as u64;
-    let file_bytes: u64 = send.iter().map(|(_, e)| e.size).sum();
+    let files_sent = diff.send.len() as u64;
+    let file_bytes: u64 = diff.send.iter().map(|(_, e)| e.size).sum();
     progress(&format!(
         "sending {files_sent} file(s) ({:.1} MiB){}",
         file_bytes as f64 / (1024.0 * 1024.0),
-        if pack_job.is_some() {
-            format!(" and the history ({objects_sent} objects)")
+        if history.pack.is_some() {
+            format!(" and the history ({} objects)", history.objects_sent)
         } else {
             String::new()
         }
     ));
-    let (writer, reader) = wick_agent_proto::pipe::pipe();
-    let root = plan.root.clone();
-    let encoded = manifest.encode();
-    let tar_job =
-        std::thread::spawn(move || build_tar(writer, &root, meta_files, send, pack_job, encoded));
-    let put = client.put_tar(&gp, reader).await;
-    let tar = tar_job.join().unwrap_or_else(|_| {
-        Err(WorkspaceError::io("build the archive")(io::Error::other(
-            "the archive builder panicked",
-        )))
-    });
+    let objects_sent = history.objects_sent;
+    let (archive, pack_dir) = Archive::new(
+        plan,
+        &source_path,
+        old.is_none(),
+        current,
+        diff.send,
+        history,
+    );
+    let (pack_bytes, archive_bytes) = send_archive(client, &plan.root, &gp, archive).await?;
     drop(pack_dir);
-    let (pack_bytes, archive_len) = tar?;
-    let done = put?;
 
     // 7. Git fix-ups.
     progress("setting up git in the guest");
+    git_fixups(client, plan, &gp).await?;
+
+    Ok(PrepareReport {
+        record: WorkspaceRecord {
+            source_path,
+            guest_path: gp,
+            head_commit: plan.head.clone(),
+            branch: plan.guest_branch().map(str::to_string),
+            mode: plan.mode,
+            prepared_at: crate::now_rfc3339(),
+        },
+        fresh: old.is_none(),
+        files_sent,
+        file_bytes,
+        files_unchanged: diff.unchanged,
+        files_deleted: diff.deleted,
+        objects_sent,
+        pack_bytes,
+        archive_bytes,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// The guest directory: absolute, without a trailing `/` (but `/` itself stays).
+fn guest_dir(guest_path: &str) -> Result<String> {
+    if !guest_path.starts_with('/') {
+        return Err(WorkspaceError::GuestPathNotAbsolute(guest_path.to_string()));
+    }
+    Ok(match guest_path.trim_end_matches('/') {
+        "" => "/",
+        p => p,
+    }
+    .to_string())
+}
+
+/// The guest's manifest (refusing one written for another workspace) and, when it has one, its
+/// file listing.
+async fn guest_state(
+    client: &AgentClient,
+    plan: &RepoPlan,
+    gp: &str,
+    source_path: &str,
+) -> Result<(Option<Manifest>, BTreeMap<Vec<u8>, GuestEntry>)> {
+    let old = read_manifest(client, gp).await?;
+    if let Some(m) = &old {
+        if m.meta.source_path != source_path || m.meta.mode != plan.mode {
+            return Err(WorkspaceError::OtherWorkspace {
+                guest_path: gp.to_string(),
+                source_path: m.meta.source_path.clone(),
+                mode: m.meta.mode,
+            });
+        }
+    }
+    let guest = match &old {
+        Some(_) => guest_listing(client, gp, plan.mode).await?,
+        None => BTreeMap::new(),
+    };
+    Ok((old, guest))
+}
+
+/// What to send and delete so the guest matches the host.
+struct Diff {
+    send: Vec<(Vec<u8>, Entry)>,
+    delete: Vec<Vec<u8>>,
+    unchanged: u64,
+    /// Paths deleted because they are gone on the host (not counting replaced ones).
+    deleted: u64,
+}
+
+impl Diff {
+    fn new(
+        old: Option<&Manifest>,
+        guest: &BTreeMap<Vec<u8>, GuestEntry>,
+        current: &BTreeMap<Vec<u8>, Entry>,
+    ) -> Diff {
+        let mut diff = Diff {
+            send: Vec::new(),
+            delete: Vec::new(),
+            unchanged: 0,
+            deleted: 0,
+        };
+        for (p, e) in current {
+            let g = guest.get(p);
+            let up_to_date = old
+                .and_then(|m| m.entries.get(p))
+                .is_some_and(|was| was == e && g.is_some_and(|g| e.matches_guest(g)));
+            if up_to_date {
+                diff.unchanged += 1;
+                continue;
+            }
+            // Replace symlinks and kind changes by deleting first (never write through a link).
+            if g.is_some_and(|g: &GuestEntry| g.kind != e.kind || g.kind == Kind::Symlink) {
+                diff.delete.push(p.clone());
+            }
+            diff.send.push((p.clone(), e.clone()));
+        }
+        if let Some(m) = old {
+            for p in m.entries.keys() {
+                if !current.contains_key(p) && guest.contains_key(p) {
+                    diff.delete.push(p.clone());
+                    diff.deleted += 1;
+                }
+            }
+        }
+        diff
+    }
+}
+
+/// Points HEAD and the branches at the prepared commit (see [`SHALLOW_FIXUP`], [`FULL_FIXUP`]).
+async fn git_fixups(client: &AgentClient, plan: &RepoPlan, gp: &str) -> Result<()> {
     let (new_branch, from) = match &plan.new_branch {
         Some(b) => (b.name.clone(), b.from_commit.clone()),
         None => (String::new(), String::new()),
@@ -268,7 +254,7 @@ pub async fn prepare(
             "-c".into(),
             script.into(),
             "sh".into(),
-            gp.clone(),
+            gp.to_string(),
             plan.head.clone(),
             plan.branch.clone().unwrap_or_default(),
             new_branch,
@@ -277,27 +263,7 @@ pub async fn prepare(
         None,
     )
     .await?;
-    check(&out, "set up the git repository")?;
-
-    Ok(PrepareReport {
-        record: WorkspaceRecord {
-            source_path,
-            guest_path: gp,
-            head_commit: plan.head.clone(),
-            branch: plan.guest_branch().map(str::to_string),
-            mode: plan.mode,
-            prepared_at: crate::now_rfc3339(),
-        },
-        fresh: old.is_none(),
-        files_sent,
-        file_bytes,
-        files_unchanged: unchanged,
-        files_deleted,
-        objects_sent,
-        pack_bytes,
-        archive_bytes: done.bytes.max(archive_len),
-        elapsed: start.elapsed(),
-    })
+    check(&out, "set up the git repository")
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -470,212 +436,4 @@ fn stat_all(root: &Path, paths: &[PathBuf]) -> Result<BTreeMap<Vec<u8>, Entry>> 
         }
     }
     Ok(out)
-}
-
-/// `git pack-objects` of `ids` into `base-<hash>.{pack,idx,rev}`: no delta search, fast
-/// compression (packed host objects are reused as they are). Returns the files written.
-fn pack_objects(root: &Path, base: &Path, ids: &HashSet<String>) -> Result<Vec<PathBuf>> {
-    let mut child = git::command(root)
-        .args([
-            "-c",
-            "pack.compression=1",
-            "pack-objects",
-            "-q",
-            "--window=0",
-        ])
-        .arg(base)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(WorkspaceError::io("cannot run git pack-objects"))?;
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let mut list = String::with_capacity(ids.len() * 41);
-    for id in ids {
-        list.push_str(id);
-        list.push('\n');
-    }
-    let wrote = stdin.write_all(list.as_bytes());
-    drop(stdin);
-    let out = child
-        .wait_with_output()
-        .map_err(WorkspaceError::io("cannot run git pack-objects"))?;
-    if !out.status.success() || wrote.is_err() {
-        return Err(git::git_error(root, &["pack-objects"], &out));
-    }
-    let dir = base.parent().expect("pack base has a parent");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(WorkspaceError::io("cannot list the pack directory"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    // The .pack before its .idx, so a reader never sees an index without its pack.
-    files.sort_by_key(|p| !p.to_string_lossy().ends_with(".pack"));
-    Ok(files)
-}
-
-fn head_file(plan: &RepoPlan) -> Vec<u8> {
-    match &plan.branch {
-        Some(b) => format!("ref: refs/heads/{b}\n").into_bytes(),
-        None => format!("{}\n", plan.head).into_bytes(),
-    }
-}
-
-fn config_file(plan: &RepoPlan) -> Vec<u8> {
-    let mut c = String::from("[core]\n");
-    if plan.object_format == "sha1" {
-        c.push_str("\trepositoryformatversion = 0\n");
-    } else {
-        c.push_str("\trepositoryformatversion = 1\n");
-    }
-    c.push_str("\tfilemode = true\n\tbare = false\n\tlogallrefupdates = true\n");
-    if plan.object_format != "sha1" {
-        c.push_str(&format!(
-            "[extensions]\n\tobjectformat = {}\n",
-            plan.object_format
-        ));
-    }
-    c.into_bytes()
-}
-
-/// Writes the archive into the pipe; returns (pack bytes, archive bytes).
-fn build_tar(
-    mut w: PipeWriter,
-    root: &Path,
-    meta_files: Vec<(String, Vec<u8>, u32)>,
-    files: Vec<(Vec<u8>, Entry)>,
-    pack: Option<std::thread::JoinHandle<Result<Vec<PathBuf>>>>,
-    manifest: Vec<u8>,
-) -> Result<(u64, u64)> {
-    let mut counter = Counter { w: &mut w, n: 0 };
-    let mut b = tar::Builder::new(&mut counter);
-    let r = write_entries(&mut b, root, meta_files, files, pack, manifest);
-    match r {
-        Ok(pack_bytes) => {
-            let fin = b.into_inner().map(|c| c.n);
-            match fin {
-                Ok(n) => {
-                    w.finish()
-                        .map_err(WorkspaceError::io("stream the archive to the guest"))?;
-                    Ok((pack_bytes, n))
-                }
-                Err(e) => Err(WorkspaceError::io("stream the archive to the guest")(e)),
-            }
-        }
-        Err(e) => {
-            // Do not let the builder's drop write an end-of-archive marker: the guest must see
-            // the failure, not a shorter archive.
-            std::mem::forget(b);
-            w.fail(io::Error::other(e.to_string()));
-            Err(e)
-        }
-    }
-}
-
-struct Counter<'a> {
-    w: &'a mut PipeWriter,
-    n: u64,
-}
-
-impl Write for Counter<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.w.write(buf)?;
-        self.n += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-fn header(kind: tar::EntryType, mode: u32, size: u64, mtime: i64) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_mode(mode);
-    h.set_size(size);
-    h.set_mtime(mtime.max(0) as u64);
-    h.set_uid(0);
-    h.set_gid(0);
-    h
-}
-
-fn write_entries<W: Write>(
-    b: &mut tar::Builder<W>,
-    root: &Path,
-    meta_files: Vec<(String, Vec<u8>, u32)>,
-    files: Vec<(Vec<u8>, Entry)>,
-    pack: Option<std::thread::JoinHandle<Result<Vec<PathBuf>>>>,
-    manifest: Vec<u8>,
-) -> Result<u64> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let send_err = WorkspaceError::io("stream the archive to the guest");
-    for d in [
-        ".git/refs/heads",
-        ".git/refs/tags",
-        ".git/objects/info",
-        ".git/objects/pack",
-    ] {
-        let mut h = header(tar::EntryType::Directory, 0o755, 0, now);
-        b.append_data(&mut h, d, io::empty())
-            .map_err(WorkspaceError::io("stream the archive to the guest"))?;
-    }
-    for (path, data, mode) in meta_files {
-        let mut h = header(tar::EntryType::Regular, mode, data.len() as u64, now);
-        b.append_data(&mut h, &path, &data[..])
-            .map_err(WorkspaceError::io("stream the archive to the guest"))?;
-    }
-    for (p, e) in files {
-        let rel = Path::new(OsStr::from_bytes(&p));
-        match e.kind {
-            Kind::Symlink => {
-                let mut h = header(tar::EntryType::Symlink, e.mode, 0, e.mtime_secs());
-                b.append_link(&mut h, rel, Path::new(OsStr::from_bytes(&e.target)))
-                    .map_err(WorkspaceError::io(format!(
-                        "archive the link {}",
-                        rel.display()
-                    )))?;
-            }
-            Kind::File => {
-                let full = root.join(rel);
-                let f = File::open(&full).map_err(WorkspaceError::io(format!(
-                    "cannot read {} (did it change during the copy? prepare again)",
-                    full.display()
-                )))?;
-                // Exactly the size in the header, even if the file changes meanwhile (the
-                // manifest then differs and the next prepare sends it again).
-                let data = f.take(e.size).chain(io::repeat(0)).take(e.size);
-                let mut h = header(tar::EntryType::Regular, e.mode, e.size, e.mtime_secs());
-                b.append_data(&mut h, rel, data)
-                    .map_err(WorkspaceError::io(format!("archive {}", full.display())))?;
-            }
-        }
-    }
-    let mut pack_bytes = 0u64;
-    if let Some(job) = pack {
-        let files = job.join().unwrap_or_else(|_| {
-            Err(WorkspaceError::io("pack the history")(io::Error::other(
-                "the packing thread panicked",
-            )))
-        })?;
-        for f in files {
-            let name = f.file_name().unwrap_or_default().to_owned();
-            let file = File::open(&f)
-                .map_err(WorkspaceError::io(format!("cannot read {}", f.display())))?;
-            let len = file
-                .metadata()
-                .map_err(WorkspaceError::io(format!("cannot stat {}", f.display())))?
-                .len();
-            pack_bytes += len;
-            let mut h = header(tar::EntryType::Regular, 0o444, len, now);
-            let dest = Path::new(".git/objects/pack").join(name);
-            b.append_data(&mut h, dest, file.take(len))
-                .map_err(WorkspaceError::io("stream the history pack"))?;
-        }
-    }
-    let mut h = header(tar::EntryType::Regular, 0o644, manifest.len() as u64, now);
-    b.append_data(&mut h, format!(".git/{MANIFEST_NAME}"), &manifest[..])
-        .map_err(send_err)?;
-    Ok(pack_bytes)
 }

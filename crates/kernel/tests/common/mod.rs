@@ -1,6 +1,6 @@
 //! Shared helpers of wick-kernel's real tests and benchmark: the cached Debian kernel package,
-//! static wick-init binaries, a tiny ext4 root holding wick-init-probe, and a QEMU TCG boot with a
-//! wall-clock timeout.
+//! static wick-init binaries (testkit's one static build, [`static_init_binaries`]), a tiny ext4
+//! root holding wick-init-probe, and a QEMU TCG boot with a wall-clock timeout.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+pub use wick_testkit::guest::static_init_binaries;
 
 /// The marker wick-init-probe prints once it runs as the root filesystem's init.
 pub const MARKER: &str = "WICK-ROOT-OK";
@@ -31,59 +33,6 @@ pub fn which(tool: &str) -> Option<PathBuf> {
             .map(|d| d.join(tool))
             .find(|c| c.is_file())
     })
-}
-
-fn target_dir() -> PathBuf {
-    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(t);
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    exe.ancestors()
-        .find(|a| a.file_name().is_some_and(|n| n == "target"))
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"))
-}
-
-/// Static wick-init and wick-init-probe. Uses `$WICK_INIT_BIN` / the usual build when it is
-/// static, else builds both into a private target dir (`target/wick-init-static`) with
-/// `+crt-static` (a separate dir so the nested cargo never waits for the outer one's lock).
-pub fn static_init_binaries() -> Result<(PathBuf, PathBuf), String> {
-    if let Ok(init) = wick_kernel::initramfs::locate_init_binary() {
-        let probe = init.with_file_name("wick-init-probe");
-        if wick_kernel::initramfs::is_static_elf(&probe) {
-            return Ok((init, probe));
-        }
-    }
-    let dir = target_dir().join("wick-init-static");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "wick-init",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_TARGET_DIR", &dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .map_err(|e| format!("cannot run cargo to build wick-init: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "building static wick-init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let rel = dir.join("x86_64-unknown-linux-gnu/release");
-    let (init, probe) = (rel.join("wick-init"), rel.join("wick-init-probe"));
-    for b in [&init, &probe] {
-        if !wick_kernel::initramfs::is_static_elf(b) {
-            return Err(format!("{} is not a static binary", b.display()));
-        }
-    }
-    Ok((init, probe))
 }
 
 /// A 16 MiB ext4 image whose `/sbin/init` is `probe`.

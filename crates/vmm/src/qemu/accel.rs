@@ -103,13 +103,22 @@ pub(crate) async fn probe(
             kernel.display()
         )));
     }
+    let mut child = spawn_probe(qemu, kernel, log)?;
+    let verdict = watch_probe(&mut child, log, timeout).await;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    Ok(verdict)
+}
+
+/// QEMU booting `kernel` under KVM, its console and stderr in `log`.
+fn spawn_probe(qemu: &Path, kernel: &Path, log: &Path) -> Result<tokio::process::Child, VmmError> {
     let _ = remove_if_exists(log);
     let file = std::fs::File::create(log)
         .map_err(|e| VmmError::Spawn(format!("creating {}: {e}", log.display())))?;
     let file2 = file
         .try_clone()
         .map_err(|e| VmmError::Spawn(format!("duplicating a file handle: {e}")))?;
-    let mut child = tokio::process::Command::new(qemu)
+    tokio::process::Command::new(qemu)
         .args(["-M", "microvm", "-accel", "kvm", "-cpu", "host"])
         .args(["-smp", "1", "-m", "256"])
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
@@ -123,12 +132,18 @@ pub(crate) async fn probe(
         .stderr(Stdio::from(file2))
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| {
-            VmmError::Spawn(format!("running {} for the KVM probe: {e}", qemu.display()))
-        })?;
+        .map_err(|e| VmmError::Spawn(format!("running {} for the KVM probe: {e}", qemu.display())))
+}
 
+/// Reads the probe's console until it shows a verdict: a KVM failure, a kernel run to its end,
+/// QEMU's exit, or too little progress by `timeout`.
+async fn watch_probe(
+    child: &mut tokio::process::Child,
+    log: &Path,
+    timeout: Duration,
+) -> (Engine, String) {
     let deadline = Instant::now() + timeout;
-    let verdict = loop {
+    loop {
         let exited = child.try_wait().ok().flatten();
         let text = std::fs::read(log)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -137,21 +152,21 @@ pub(crate) async fn probe(
             .lines()
             .find(|l| KVM_FAILURES.iter().any(|f| l.contains(f)))
         {
-            break (
+            return (
                 Engine::Tcg,
                 format!("the guest failed under KVM: {}", line.trim()),
             );
         }
         let booted = text.contains("Linux version") && text.contains("Kernel panic");
         if booted {
-            break (
+            return (
                 Engine::Kvm,
                 "a test boot under KVM ran the kernel to its end".into(),
             );
         }
         if let Some(status) = exited {
             let last = tail_lines(log, 3).replace('\n', " | ");
-            break (
+            return (
                 Engine::Tcg,
                 format!("QEMU under KVM exited with {status}: {}", last.trim()),
             );
@@ -162,7 +177,7 @@ pub(crate) async fn probe(
             } else {
                 "the kernel printed nothing"
             };
-            break (
+            return (
                 Engine::Tcg,
                 format!(
                     "a test boot under KVM made too little progress in {timeout:?} ({progressed})"
@@ -170,10 +185,7 @@ pub(crate) async fn probe(
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let _ = child.start_kill();
-    let _ = child.wait().await;
-    Ok(verdict)
+    }
 }
 
 /// Seconds since the Unix epoch.

@@ -60,46 +60,72 @@ pub(crate) fn qemu_args(
     tap_fd: Option<i32>,
 ) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
-    let mut push = |items: &[&dyn AsRef<OsStr>]| {
-        for i in items {
-            a.push(i.as_ref().to_owned());
-        }
-    };
     let mem = cfg.memory_mib;
-    push(&[&"-M", &"microvm,memory-backend=mem"]);
+    push_all(&mut a, &[&"-M", &"microvm,memory-backend=mem"]);
     match engine {
-        Engine::Kvm => push(&[&"-accel", &"kvm", &"-cpu", &"host"]),
-        Engine::Tcg => push(&[&"-accel", &"tcg", &"-cpu", &"max"]),
+        Engine::Kvm => push_all(&mut a, &[&"-accel", &"kvm", &"-cpu", &"host"]),
+        Engine::Tcg => push_all(&mut a, &[&"-accel", &"tcg", &"-cpu", &"max"]),
     }
-    push(&[
-        &"-smp",
-        &cfg.vcpu.to_string(),
-        &"-m",
-        &mem.to_string(),
-        &"-object",
-        &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
-        &"-nodefaults",
-        &"-no-user-config",
-        &"-display",
-        &"none",
-        &"-no-reboot",
-        &"-S",
-    ]);
+    push_all(
+        &mut a,
+        &[
+            &"-smp",
+            &cfg.vcpu.to_string(),
+            &"-m",
+            &mem.to_string(),
+            &"-object",
+            &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            &"-nodefaults",
+            &"-no-user-config",
+            &"-display",
+            &"none",
+            &"-no-reboot",
+            &"-S",
+        ],
+    );
     if cfg.jail.is_some() {
-        push(&[&"-sandbox", &SANDBOX]);
+        push_all(&mut a, &[&"-sandbox", &SANDBOX]);
     }
-    push(&[
-        // The serial console goes to the VMM log, after QEMU's own stderr lines.
-        &"-chardev",
-        &opt("file,id=con,append=on,path=", &handle.log_path, ""),
-        &"-serial",
-        &"chardev:con",
-        &"-kernel",
-        &cfg.kernel,
-    ]);
+    push_all(
+        &mut a,
+        &[
+            // The serial console goes to the VMM log, after QEMU's own stderr lines.
+            &"-chardev",
+            &opt("file,id=con,append=on,path=", &handle.log_path, ""),
+            &"-serial",
+            &"chardev:con",
+            &"-kernel",
+            &cfg.kernel,
+        ],
+    );
     if let Some(initrd) = &cfg.initrd {
-        push(&[&"-initrd", initrd]);
+        push_all(&mut a, &[&"-initrd", initrd]);
     }
+    push_all(&mut a, &[&"-append", &append_line(cfg, engine)]);
+    push_devices(&mut a, cfg, tap_fd);
+    push_all(
+        &mut a,
+        &[
+            &"-chardev",
+            &opt("socket,id=vsk,path=", vhost_socket, ""),
+            &"-device",
+            &"vhost-user-vsock-device,chardev=vsk",
+            &"-qmp",
+            &qmp_arg(&handle.api_socket),
+        ],
+    );
+    a
+}
+
+/// Appends `items` to the argument list `a`.
+fn push_all(a: &mut Vec<OsString>, items: &[&dyn AsRef<OsStr>]) {
+    for i in items {
+        a.push(i.as_ref().to_owned());
+    }
+}
+
+/// The kernel command line: the VM's boot arguments, plus the TSC rate under TCG.
+fn append_line(cfg: &VmmConfig, engine: Engine) -> String {
     let mut append = cfg.boot_args.clone();
     if engine == Engine::Tcg && !append.contains("tsc_early_khz=") {
         // Under TCG the guest's TSC runs at the host's rate, but with no calibration source on
@@ -109,7 +135,11 @@ pub(crate) fn qemu_args(
             append.push_str(&format!(" tsc_early_khz={khz}"));
         }
     }
-    push(&[&"-append", &append]);
+    append
+}
+
+/// The disks (root first, then `disk1`, `disk2`, …) and the NIC, as virtio-mmio devices.
+fn push_devices(a: &mut Vec<OsString>, cfg: &VmmConfig, tap_fd: Option<i32>) {
     let disks = std::iter::once(("root".to_string(), &cfg.root_disk)).chain(
         cfg.extra_disks
             .iter()
@@ -117,12 +147,15 @@ pub(crate) fn qemu_args(
             .map(|(i, d)| (format!("disk{}", i + 1), d)),
     );
     for (id, disk) in disks {
-        push(&[
-            &"-drive",
-            &opt(&format!("id={id},format=raw,if=none,file="), disk, ""),
-            &"-device",
-            &format!("virtio-blk-device,drive={id}"),
-        ]);
+        push_all(
+            a,
+            &[
+                &"-drive",
+                &opt(&format!("id={id},format=raw,if=none,file="), disk, ""),
+                &"-device",
+                &format!("virtio-blk-device,drive={id}"),
+            ],
+        );
     }
     if let Some(tap) = &cfg.tap {
         let mut dev = "virtio-net-device,netdev=n0".to_string();
@@ -138,17 +171,8 @@ pub(crate) fn qemu_args(
                 "",
             ),
         };
-        push(&[&"-netdev", &netdev, &"-device", &dev]);
+        push_all(a, &[&"-netdev", &netdev, &"-device", &dev]);
     }
-    push(&[
-        &"-chardev",
-        &opt("socket,id=vsk,path=", vhost_socket, ""),
-        &"-device",
-        &"vhost-user-vsock-device,chardev=vsk",
-        &"-qmp",
-        &qmp_arg(&handle.api_socket),
-    ]);
-    a
 }
 
 /// `vhost-device-vsock`'s arguments: it serves the vhost-user socket `vhost_socket` (QEMU

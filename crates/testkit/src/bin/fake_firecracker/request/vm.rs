@@ -1,0 +1,29 @@
+//! `PATCH /vm`: pause and resume.
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use super::{parse, Reply};
+use crate::vm::{Phase, Vm};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmStatePatch {
+    state: VmStateWanted,
+}
+
+#[derive(Debug, Deserialize)]
+enum VmStateWanted {
+    Paused,
+    Resumed,
+}
+
+pub fn patch_vm(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
+    let patch: VmStatePatch = parse(body)?;
+    vm.post_boot()?;
+    vm.phase = match patch.state {
+        VmStateWanted::Paused => Phase::Paused,
+        VmStateWanted::Resumed => Phase::Running,
+    };
+    Ok(Reply::NoContent)
+}
