@@ -82,15 +82,23 @@ impl std::error::Error for ApiError {}
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVmRequest {
+    /// A DNS label (lowercase a-z, 0-9, inner `-`) that does not look like a VM id.
     #[serde(default)]
+    #[schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: Option<String>,
     #[serde(default)]
     pub image: Option<String>,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 32)]
     pub vcpu: Option<i64>,
+    /// A size: digits and an optional unit K, M (the default), G or T (`KB`, `KiB`, … too), a
+    /// whole number of MiB, at most the host's RAM.
     #[serde(default)]
+    #[schema(pattern = r"^\s*[0-9]+\s*([KkMmGgTt]([Ii]?[Bb])?)?\s*$")]
     pub memory: Option<String>,
+    /// A size like `memory`, at most 16 TiB.
     #[serde(default)]
+    #[schema(pattern = r"^\s*[0-9]+\s*([KkMmGgTt]([Ii]?[Bb])?)?\s*$")]
     pub disk_size: Option<String>,
     #[serde(default)]
     pub nat: bool,
@@ -115,8 +123,11 @@ pub struct CreateVmRequest {
 #[serde(deny_unknown_fields)]
 pub struct SetVmRequest {
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 32)]
     pub vcpu: Option<i64>,
+    /// A size, as in `CreateVmRequest.memory`.
     #[serde(default)]
+    #[schema(pattern = r"^\s*[0-9]+\s*([KkMmGgTt]([Ii]?[Bb])?)?\s*$")]
     pub memory: Option<String>,
     #[serde(default)]
     pub nat: Option<bool>,
@@ -135,9 +146,42 @@ pub struct SetVmRequest {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KillRequest {
-    /// Signal name (`KILL`, `SIGTERM`, …) or number; default `KILL`.
+    /// Signal name (`KILL`, `sigterm`, …; any case, `SIG` optional) or number (1–31); default
+    /// `KILL`.
     #[serde(default)]
+    #[schema(schema_with = signal_schema)]
     pub signal: Option<String>,
+}
+
+/// Names of the signals `KillRequest.signal` takes (Linux, without `SIG`).
+const SIGNAL_NAMES: &[&str] = &[
+    "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
+    "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
+    "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
+];
+
+/// The schema of `KillRequest.signal`: null, or a name of [`SIGNAL_NAMES`] (any case, `SIG`
+/// optional) or a number 1–31, with surrounding blanks.
+fn signal_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    let nocase = |s: &str| -> String {
+        s.chars()
+            .map(|c| match c.is_ascii_alphabetic() {
+                true => format!("[{}{}]", c.to_ascii_uppercase(), c.to_ascii_lowercase()),
+                false => c.to_string(),
+            })
+            .collect()
+    };
+    let names: Vec<String> = SIGNAL_NAMES.iter().map(|n| nocase(n)).collect();
+    let pattern = format!(
+        r"^[ \t\n\r]*(\+?0*([1-9]|[12][0-9]|3[01])|({})?({}))[ \t\n\r]*$",
+        nocase("SIG"),
+        names.join("|")
+    );
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .pattern(Some(pattern))
+        .build()
 }
 
 /// `GET /v1/vms`.
@@ -295,6 +339,12 @@ pub struct DaemonStatus {
     pub uptime_secs: u64,
     pub vms: u64,
     pub running: u64,
+}
+
+/// `POST /v1/daemon/stop`: the daemon exits shortly after answering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DaemonStopping {
+    pub stopping: bool,
 }
 
 /// Result of one doctor check.
