@@ -621,3 +621,69 @@ impl utoipa::Modify for InternalErrors {
     ))
 )]
 pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc() -> serde_json::Value {
+        serde_json::to_value(ApiDoc::openapi()).unwrap()
+    }
+
+    fn operations(doc: &serde_json::Value) -> Vec<(String, String, serde_json::Value)> {
+        let mut out = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                out.push((method.clone(), path.clone(), op.clone()));
+            }
+        }
+        out
+    }
+
+    /// The conventions of the document, so a new route cannot forget them: every operation
+    /// declares 500; one with a path parameter declares 400 and 404; one with a body, 400; every
+    /// error answer has the ApiError body.
+    #[test]
+    fn every_route_declares_its_errors_with_the_error_body() {
+        let doc = doc();
+        for (method, path, op) in operations(&doc) {
+            let responses = op["responses"].as_object().unwrap();
+            let has = |code: &str| responses.contains_key(code);
+            assert!(has("500"), "{method} {path}: no 500");
+            if path.contains('{') {
+                assert!(has("400") && has("404"), "{method} {path}: 400/404");
+            }
+            if op.get("requestBody").is_some() {
+                assert!(has("400"), "{method} {path}: body without 400");
+            }
+            for (code, r) in responses {
+                if code.starts_with('4') || code.starts_with('5') {
+                    let schema = &r["content"]["application/json"]["schema"]["$ref"];
+                    assert_eq!(
+                        schema, "#/components/schemas/ApiError",
+                        "{method} {path} {code}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn request_bodies_state_the_daemon_limits() {
+        let doc = doc();
+        let schemas = &doc["components"]["schemas"];
+        for body in ["CreateVmRequest", "SetVmRequest", "KillRequest"] {
+            assert_eq!(schemas[body]["additionalProperties"], false, "{body}");
+        }
+        let vcpu = &schemas["SetVmRequest"]["properties"]["vcpu"];
+        assert_eq!(
+            (vcpu["minimum"].as_u64(), vcpu["maximum"].as_u64()),
+            (Some(1), Some(32))
+        );
+        let port = &schemas["SetVmRequest"]["properties"]["publish_remove"]["items"];
+        assert_eq!(
+            (port["minimum"].as_u64(), port["maximum"].as_u64()),
+            (Some(0), Some(65535))
+        );
+    }
+}

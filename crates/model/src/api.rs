@@ -91,14 +91,14 @@ pub struct CreateVmRequest {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 32)]
     pub vcpu: Option<i64>,
-    /// A size: digits and an optional unit K, M (the default), G or T (`KB`, `KiB`, … too), a
-    /// whole number of MiB, at most the host's RAM.
+    /// A size: a positive number and an optional unit K, M (the default), G or T (`KB`, `KiB`, …
+    /// too), a whole number of MiB, at most the host's RAM.
     #[serde(default)]
-    #[schema(pattern = r"^\s*[0-9]+\s*([KkMmGgTt]([Ii]?[Bb])?)?\s*$")]
+    #[schema(pattern = r"^\s*0*[1-9][0-9]*\s*([KkMmGgTt]([Ii]?[Bb])?)?\s*$")]
     pub memory: Option<String>,
     /// A size like `memory`, at most 16 TiB.
     #[serde(default)]
-    #[schema(pattern = r"^\s*[0-9]+\s*([KkMmGgTt]([Ii]?[Bb])?)?\s*$")]
+    #[schema(pattern = r"^\s*0*[1-9][0-9]*\s*([KkMmGgTt]([Ii]?[Bb])?)?\s*$")]
     pub disk_size: Option<String>,
     #[serde(default)]
     pub nat: bool,
@@ -115,6 +115,7 @@ pub struct CreateVmRequest {
     pub git_email: Option<String>,
     /// Published ports, `[HOST_IP:]HOST_PORT:GUEST_PORT` each.
     #[serde(default)]
+    #[schema(schema_with = port_spec_list_schema)]
     pub publish: Vec<String>,
 }
 
@@ -127,15 +128,17 @@ pub struct SetVmRequest {
     pub vcpu: Option<i64>,
     /// A size, as in `CreateVmRequest.memory`.
     #[serde(default)]
-    #[schema(pattern = r"^\s*[0-9]+\s*([KkMmGgTt]([Ii]?[Bb])?)?\s*$")]
+    #[schema(pattern = r"^\s*0*[1-9][0-9]*\s*([KkMmGgTt]([Ii]?[Bb])?)?\s*$")]
     pub memory: Option<String>,
     #[serde(default)]
     pub nat: Option<bool>,
     /// Ports to start forwarding (`[HOST_IP:]HOST_PORT:GUEST_PORT`), live on a running VM.
     #[serde(default)]
+    #[schema(schema_with = port_spec_list_schema)]
     pub publish_add: Vec<String>,
     /// Host ports to stop forwarding.
     #[serde(default)]
+    #[schema(schema_with = port_list_schema)]
     pub publish_remove: Vec<u16>,
     /// Record the repository just prepared into the guest (the CLI sends it after a prepare).
     #[serde(default)]
@@ -151,6 +154,27 @@ pub struct KillRequest {
     #[serde(default)]
     #[schema(schema_with = signal_schema)]
     pub signal: Option<String>,
+}
+
+/// The schema of a list of TCP/UDP ports (`u16`s).
+fn port_list_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    let port = ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(0))
+        .maximum(Some(65535));
+    ArrayBuilder::new().items(port).build()
+}
+
+/// The schema of a list of `[HOST_IP:]HOST_PORT:GUEST_PORT` strings: ports 1-65535 (as
+/// `u16::from_str` reads them), the IP only roughly (the daemon parses it).
+fn port_spec_list_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    let port = r"\+?0*(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})";
+    let spec = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(format!(r"^(\[?[0-9A-Fa-f:.]+\]?:)?{port}:{port}$")));
+    ArrayBuilder::new().items(spec).build()
 }
 
 /// Names of the signals `KillRequest.signal` takes (Linux, without `SIG`).
