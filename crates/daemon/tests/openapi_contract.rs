@@ -3,7 +3,8 @@
 //! the document is exercised except `POST /v1/daemon/stop`, which would end the run.
 //!
 //! schemathesis is found through `WICK_TEST_SCHEMATHESIS` (its executable) or in the venv
-//! `scripts/install-host-deps` makes; without it the test is skipped. It speaks TCP only, so a
+//! `scripts/install-host-deps` makes; without it the test is skipped. `WICK_TEST_SCHEMATHESIS_SEED`
+//! replaces the fixed seed and `WICK_TEST_SCHEMATHESIS_ARGS` adds arguments (investigations). It speaks TCP only, so a
 //! small relay inside the daemon's netns forwards `127.0.0.1:<port>` to the API's Unix socket,
 //! and schemathesis runs in that netns too.
 
@@ -131,6 +132,7 @@ fn schemathesis_finds_no_contract_failure() {
     relay(listener, env.socket());
 
     let seed = std::env::var("WICK_TEST_SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".into());
+    let extra_args = std::env::var("WICK_TEST_SCHEMATHESIS_ARGS").unwrap_or_default();
     let config = env.root().join("schemathesis.toml");
     std::fs::write(&config, CONFIG).unwrap();
     let mut cmd = env.in_netns(st);
@@ -140,14 +142,10 @@ fn schemathesis_finds_no_contract_failure() {
         .arg(&config)
         .args(["run", &format!("http://127.0.0.1:{port}/v1/openapi.json")])
         .args(["--checks", "all", "--exclude-path", "/v1/daemon/stop"])
-        .args([
-            "--max-examples",
-            "30",
-            "--seed",
-            &seed,
-            "--request-timeout",
-            "30",
-        ]);
+        .args(["--max-examples", "30", "--seed", &seed])
+        .args(["--request-timeout", "30"])
+        // More arguments for an investigation, e.g. `--include-path /v1/vms/{vm} --mode positive`.
+        .args(extra_args.split_whitespace());
     let (code, output) = run_bounded(cmd, RUN_LIMIT);
     let alive = http(&env.socket(), "GET", "/v1/daemon/status", None).0 == 200;
     assert!(
@@ -155,7 +153,7 @@ fn schemathesis_finds_no_contract_failure() {
         "schemathesis (seed {seed}) exit {code:?}, daemon alive: {alive}:\n{output}\ndaemon log tail:\n{}",
         tail(&env.daemon_log(), 40)
     );
-    eprintln!("{}", tail(&output, 15));
+    eprintln!("{output}");
 }
 
 fn tail(s: &str, lines: usize) -> String {
