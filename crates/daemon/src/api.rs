@@ -260,7 +260,7 @@ async fn kill_vm(
 #[into_params(parameter_in = Query)]
 struct LogQuery {
     /// Only the last `tail` lines (at most the log's bound); the whole log when absent.
-    #[param(minimum = 0, maximum = 4294967295_u32)]
+    #[param(value_type = Option<i64>, minimum = 0, maximum = 4294967295_u32)]
     tail: Option<u32>,
 }
 
@@ -679,6 +679,16 @@ mod tests {
         assert_eq!(
             (vcpu["minimum"].as_u64(), vcpu["maximum"].as_u64()),
             (Some(1), Some(32))
+        );
+        let logs = &doc["paths"]["/v1/vms/{vm}/logs"]["get"]["parameters"][1]["schema"];
+        assert_eq!(
+            logs["maximum"].as_u64(),
+            Some(u64::from(u32::MAX)),
+            "{logs}"
+        );
+        assert_ne!(
+            logs["format"], "int32",
+            "u32 values above i32::MAX are taken: {logs}"
         );
         let port = &schemas["SetVmRequest"]["properties"]["publish_remove"]["items"];
         assert_eq!(
