@@ -11,7 +11,7 @@
 use std::io::Write;
 use std::net::{Shutdown, TcpListener};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -45,12 +45,11 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "400", "401",
 "#;
 
 fn schemathesis() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("WICK_TEST_SCHEMATHESIS").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    Path::new(VENV_SCHEMATHESIS)
-        .exists()
-        .then(|| PathBuf::from(VENV_SCHEMATHESIS))
+    let path = std::env::var_os("WICK_TEST_SCHEMATHESIS")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(VENV_SCHEMATHESIS));
+    path.exists().then_some(path)
 }
 
 /// Copies one direction until EOF, then half-closes the other side.
