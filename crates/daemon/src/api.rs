@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,7 +19,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde::Deserialize;
 use tokio::net::UnixListener;
-use utoipa::OpenApi;
+use utoipa::{IntoParams, OpenApi};
 use wick_model::api::*;
 use wick_model::{
     PortMapping, Sidecar, VmRecord, VmRuntime, VmSpec, VmState, VmmHandle, WorkspaceInfo,
@@ -47,7 +48,8 @@ fn caller(c: ConnectInfo<PeerCred>) -> Caller {
     Caller { uid: c.0.uid }
 }
 
-/// JSON body extractor whose rejections are API errors.
+/// JSON body extractor whose rejections are API errors. The body must be a JSON object: serde
+/// would also take a struct from an array (`[null, null]`), which no schema here allows.
 pub struct Body<T>(pub T);
 
 impl<S, T> FromRequest<S> for Body<T>
@@ -58,13 +60,39 @@ where
     type Rejection = Error;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(rej) => Err(Error::invalid(format!(
-                "invalid request body: {}",
-                rej.body_text()
-            ))),
+        let invalid = |what: String| Error::invalid(format!("invalid request body: {what}"));
+        let (parts, body) = req.into_parts();
+        let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+            .await
+            .map_err(|rej| invalid(rej.body_text()))?;
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes.clone()));
+        let Json(v) = Json::<T>::from_request(req, state)
+            .await
+            .map_err(|rej| invalid(rej.body_text()))?;
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(invalid("expected a JSON object".into()));
         }
+        Ok(Body(v))
+    }
+}
+
+/// A path or query extractor (`Valid<Path<T>>`, `Valid<Query<T>>`) whose rejections are API
+/// errors (`400 invalid_argument` with the error body) instead of axum's plain-text answers.
+pub struct Valid<E>(pub E);
+
+impl<S, E> FromRequestParts<S> for Valid<E>
+where
+    E: FromRequestParts<S>,
+    E::Rejection: std::fmt::Display,
+    S: Send + Sync,
+{
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        E::from_request_parts(parts, state)
+            .await
+            .map(Valid)
+            .map_err(|rej| Error::invalid(rej.to_string()))
     }
 }
 
@@ -108,7 +136,12 @@ async fn list_vms(State(d): D, c: ConnectInfo<PeerCred>) -> Result<Json<VmList>>
 }
 
 #[utoipa::path(post, path = "/v1/vms", request_body = CreateVmRequest,
-    responses((status = 202, body = Operation), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+    responses((status = 202, body = Operation),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, path or query, or a value out of range", body = ApiError),
+        (status = 403, description = "beyond the caller's `[limits]` or publishing rights (`permission_denied`)", body = ApiError),
+        (status = 404, description = "no such image (`not_found`)", body = ApiError),
+        (status = 409, description = "the name or a host port is taken (`conflict`)", body = ApiError),
+        (status = 412, description = "the image cannot be used (`failed_precondition`)", body = ApiError)))]
 async fn create_vm(
     State(d): D,
     c: ConnectInfo<PeerCred>,
@@ -118,22 +151,29 @@ async fn create_vm(
     Ok((StatusCode::ACCEPTED, Json(op.snapshot())).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "name, id or unique id prefix")),
-    responses((status = 200, body = VmRecord), (status = 404, body = ApiError)))]
+#[utoipa::path(get, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
+    responses((status = 200, body = VmRecord),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed path, or a VM id prefix that matches several VMs", body = ApiError),
+        (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError)))]
 async fn show_vm(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(vm): Path<String>,
+    Valid(Path(vm)): Valid<Path<String>>,
 ) -> Result<Json<VmRecord>> {
     Ok(Json(d.find(&vm, caller(c))?))
 }
 
-#[utoipa::path(patch, path = "/v1/vms/{vm}", request_body = SetVmRequest, params(("vm" = String, Path)),
-    responses((status = 200, body = VmRecord), (status = 400, body = ApiError)))]
+#[utoipa::path(patch, path = "/v1/vms/{vm}", request_body = SetVmRequest, params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
+    responses((status = 200, body = VmRecord),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, path or query, or a value out of range", body = ApiError),
+        (status = 403, description = "beyond the caller's `[limits]` or publishing rights (`permission_denied`)", body = ApiError),
+        (status = 404, description = "no such VM, or it does not publish a host port to remove (`not_found`)", body = ApiError),
+        (status = 409, description = "the VM is busy, or a host port is taken (`conflict`)", body = ApiError),
+        (status = 412, description = "the VM or host is not in a state that allows it (`not_running`, `failed_precondition`)", body = ApiError)))]
 async fn set_vm(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(vm): Path<String>,
+    Valid(Path(vm)): Valid<Path<String>>,
     Body(req): Body<SetVmRequest>,
 ) -> Result<Json<VmRecord>> {
     Ok(Json(d.set(&vm, req, caller(c)).await?))
@@ -150,83 +190,120 @@ async fn lifecycle(
     Ok((StatusCode::ACCEPTED, Json(op.snapshot())).into_response())
 }
 
-#[utoipa::path(delete, path = "/v1/vms/{vm}", params(("vm" = String, Path)), responses((status = 202, body = Operation)))]
+#[utoipa::path(delete, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
+    responses((status = 202, body = Operation),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed path, or a VM id prefix that matches several VMs", body = ApiError),
+        (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError),
+        (status = 409, description = "the VM is busy with another operation, or its state forbids it now (`conflict`)", body = ApiError)))]
 async fn delete_vm(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(vm): Path<String>,
+    Valid(Path(vm)): Valid<Path<String>>,
 ) -> Result<Response> {
     lifecycle(d, c, &vm, OpKind::Delete).await
 }
 
-#[utoipa::path(post, path = "/v1/vms/{vm}/start", params(("vm" = String, Path)), responses((status = 202, body = Operation)))]
+#[utoipa::path(post, path = "/v1/vms/{vm}/start", params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
+    responses((status = 202, body = Operation),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed path, or a VM id prefix that matches several VMs", body = ApiError),
+        (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError),
+        (status = 409, description = "the VM is busy with another operation, or its state forbids it now (`conflict`)", body = ApiError)))]
 async fn start_vm(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(vm): Path<String>,
+    Valid(Path(vm)): Valid<Path<String>>,
 ) -> Result<Response> {
     lifecycle(d, c, &vm, OpKind::Start).await
 }
 
-#[utoipa::path(post, path = "/v1/vms/{vm}/stop", params(("vm" = String, Path)), responses((status = 202, body = Operation)))]
+#[utoipa::path(post, path = "/v1/vms/{vm}/stop", params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
+    responses((status = 202, body = Operation),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed path, or a VM id prefix that matches several VMs", body = ApiError),
+        (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError),
+        (status = 409, description = "the VM is busy with another operation, or its state forbids it now (`conflict`)", body = ApiError)))]
 async fn stop_vm(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(vm): Path<String>,
+    Valid(Path(vm)): Valid<Path<String>>,
 ) -> Result<Response> {
     lifecycle(d, c, &vm, OpKind::Stop).await
 }
 
-#[utoipa::path(post, path = "/v1/vms/{vm}/restart", params(("vm" = String, Path)), responses((status = 202, body = Operation)))]
+#[utoipa::path(post, path = "/v1/vms/{vm}/restart", params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
+    responses((status = 202, body = Operation),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed path, or a VM id prefix that matches several VMs", body = ApiError),
+        (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError),
+        (status = 409, description = "the VM is busy with another operation, or its state forbids it now (`conflict`)", body = ApiError)))]
 async fn restart_vm(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(vm): Path<String>,
+    Valid(Path(vm)): Valid<Path<String>>,
 ) -> Result<Response> {
     lifecycle(d, c, &vm, OpKind::Restart).await
 }
 
-#[utoipa::path(post, path = "/v1/vms/{vm}/kill", request_body = KillRequest, params(("vm" = String, Path)),
-    responses((status = 200, body = VmRecord), (status = 412, body = ApiError)))]
+#[utoipa::path(post, path = "/v1/vms/{vm}/kill", request_body = KillRequest, params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
+    responses((status = 200, body = VmRecord),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, path or query, or a value out of range", body = ApiError),
+        (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError),
+        (status = 409, description = "the VM is busy with another operation, or its state forbids it now (`conflict`)", body = ApiError),
+        (status = 412, description = "the VM has no live VMM (`not_running`)", body = ApiError)))]
 async fn kill_vm(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(vm): Path<String>,
+    Valid(Path(vm)): Valid<Path<String>>,
     Body(req): Body<KillRequest>,
 ) -> Result<Json<VmRecord>> {
     Ok(Json(d.kill(&vm, req, caller(c)).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct LogQuery {
-    tail: Option<usize>,
+    /// Only the last `tail` lines (at most the log's bound); the whole log when absent.
+    #[param(value_type = Option<i64>, minimum = 0, maximum = 4294967295_u32)]
+    tail: Option<u32>,
 }
 
-#[utoipa::path(get, path = "/v1/vms/{vm}/logs", params(("vm" = String, Path), ("tail" = Option<usize>, Query)),
-    responses((status = 200, content_type = "text/plain", body = String)))]
+#[utoipa::path(get, path = "/v1/vms/{vm}/logs", params(("vm" = String, Path, description = "VM name, id or unique id prefix"), LogQuery),
+    responses((status = 200, content_type = "text/plain", body = String),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, path or query, or a value out of range", body = ApiError),
+        (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError)))]
 async fn vm_logs(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(vm): Path<String>,
-    Query(q): Query<LogQuery>,
+    Valid(Path(vm)): Valid<Path<String>>,
+    Valid(Query(q)): Valid<Query<LogQuery>>,
 ) -> Result<Response> {
     let vm = d.find(&vm, caller(c))?;
     let text = match q.tail {
-        Some(n) => d.log_tail(&vm, n) + "\n",
+        Some(n) => d.log_tail(&vm, n as usize) + "\n",
         None => d.log_all(&vm),
     };
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
+/// The `Upgrade` header value `POST /v1/vms/{vm}/agent` requires (compared case-insensitively).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // documents a header; never built
+enum AgentUpgrade {
+    #[schema(rename = "wick-agent")]
+    WickAgent,
+}
+
 /// `POST /v1/vms/{vm}/agent` with `Connection: Upgrade` / `Upgrade: wick-agent`: after `101`
 /// the connection is a raw stream to the guest's wick-agent (speak `wick-agent-proto` on it).
 /// The daemon has already done the hybrid vsock `CONNECT`, so a `101` means the agent accepted.
-#[utoipa::path(post, path = "/v1/vms/{vm}/agent", params(("vm" = String, Path)),
-    responses((status = 101, description = "raw wick-agent-proto stream"), (status = 412, body = ApiError)))]
+#[utoipa::path(post, path = "/v1/vms/{vm}/agent",
+    params(("vm" = String, Path, description = "VM name, id or unique id prefix"), ("upgrade" = AgentUpgrade, Header, description = "the protocol to switch to")),
+    responses((status = 101, description = "raw wick-agent-proto stream"),
+        (status = 400, description = "invalid argument (`invalid_argument`): no `Upgrade: wick-agent`, a malformed path, or an ambiguous id prefix", body = ApiError),
+        (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError),
+        (status = 412, description = "the VM is not running, or its image has no wick-agent (`not_running`, `failed_precondition`)", body = ApiError)))]
 async fn agent_connect(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(vm): Path<String>,
+    Valid(Path(vm)): Valid<Path<String>>,
     mut req: Request,
 ) -> Result<Response> {
     let wants = req
@@ -281,12 +358,14 @@ async fn agent_connect(
         .expect("static response"))
 }
 
-#[utoipa::path(get, path = "/v1/vms/{vm}/stats", params(("vm" = String, Path)),
-    responses((status = 200, body = VmStats)))]
+#[utoipa::path(get, path = "/v1/vms/{vm}/stats", params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
+    responses((status = 200, body = VmStats),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed path, or a VM id prefix that matches several VMs", body = ApiError),
+        (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError)))]
 async fn vm_stats(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(vm): Path<String>,
+    Valid(Path(vm)): Valid<Path<String>>,
 ) -> Result<Json<VmStats>> {
     let vm = d.find(&vm, caller(c))?;
     Ok(Json(d.stats.get(&vm)))
@@ -313,32 +392,40 @@ fn visible_op(d: &Daemon, id: &str, c: Caller) -> Result<Arc<crate::ops::OpEntry
     Ok(op)
 }
 
-#[utoipa::path(get, path = "/v1/operations/{id}", params(("id" = String, Path)), responses((status = 200, body = Operation)))]
+#[utoipa::path(get, path = "/v1/operations/{id}", params(("id" = String, Path, description = "operation id")),
+    responses((status = 200, body = Operation),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed path", body = ApiError),
+        (status = 404, description = "no such operation visible to the caller (`not_found`)", body = ApiError)))]
 async fn get_op(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(id): Path<String>,
+    Valid(Path(id)): Valid<Path<String>>,
 ) -> Result<Json<Operation>> {
     Ok(Json(visible_op(&d, &id, caller(c))?.snapshot()))
 }
 
-#[utoipa::path(post, path = "/v1/operations/{id}/cancel", params(("id" = String, Path)), responses((status = 200, body = Operation)))]
+#[utoipa::path(post, path = "/v1/operations/{id}/cancel", params(("id" = String, Path, description = "operation id")),
+    responses((status = 200, body = Operation),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed path", body = ApiError),
+        (status = 404, description = "no such operation visible to the caller (`not_found`)", body = ApiError)))]
 async fn cancel_op(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(id): Path<String>,
+    Valid(Path(id)): Valid<Path<String>>,
 ) -> Result<Json<Operation>> {
     let op = visible_op(&d, &id, caller(c))?;
     op.cancel.cancel();
     Ok(Json(op.snapshot()))
 }
 
-#[utoipa::path(get, path = "/v1/operations/{id}/events", params(("id" = String, Path)),
-    responses((status = 200, content_type = "application/x-ndjson", body = OpEvent, description = "one OpEvent per line, ending with the terminal one")))]
+#[utoipa::path(get, path = "/v1/operations/{id}/events", params(("id" = String, Path, description = "operation id")),
+    responses((status = 200, content_type = "application/x-ndjson", body = OpEvent, description = "one OpEvent per line, ending with the terminal one"),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed path", body = ApiError),
+        (status = 404, description = "no such operation visible to the caller (`not_found`)", body = ApiError)))]
 async fn op_events(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(id): Path<String>,
+    Valid(Path(id)): Valid<Path<String>>,
 ) -> Result<Response> {
     let op = visible_op(&d, &id, caller(c))?;
     let rx = op.subscribe();
@@ -392,7 +479,9 @@ async fn daemon_status(State(d): D) -> Result<Json<DaemonStatus>> {
     }))
 }
 
-#[utoipa::path(post, path = "/v1/daemon/stop", responses((status = 202, description = "the daemon exits; VMs keep running")))]
+#[utoipa::path(post, path = "/v1/daemon/stop",
+    responses((status = 202, body = DaemonStopping, description = "the daemon exits; VMs keep running"),
+        (status = 403, description = "only root may stop wickd (`permission_denied`)", body = ApiError)))]
 async fn daemon_stop(State(d): D, c: ConnectInfo<PeerCred>) -> Result<Response> {
     if caller(c).uid != 0 {
         return Err(Error::new(
@@ -407,7 +496,7 @@ async fn daemon_stop(State(d): D, c: ConnectInfo<PeerCred>) -> Result<Response> 
     });
     Ok((
         StatusCode::ACCEPTED,
-        Json(serde_json::json!({"stopping": true})),
+        Json(DaemonStopping { stopping: true }),
     )
         .into_response())
 }
@@ -417,7 +506,7 @@ async fn daemon_stop(State(d): D, c: ConnectInfo<PeerCred>) -> Result<Response> 
     path = "/metrics",
     responses(
         (status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String),
-        (status = 403, description = "only root may scrape on the socket (operators: `metrics_listen`)", body = ApiError)
+        (status = 403, description = "only root may scrape on the socket; operators use `metrics_listen` (`permission_denied`)", body = ApiError)
     )
 )]
 async fn metrics(State(d): D, c: ConnectInfo<PeerCred>) -> Result<Response> {
@@ -446,13 +535,51 @@ async fn doctor(State(d): D) -> Json<DoctorReport> {
     Json(crate::doctor::run(&d).await)
 }
 
+#[utoipa::path(get, path = "/v1/openapi.json",
+    responses((status = 200, description = "this document (OpenAPI 3.1)", body = Object)))]
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
-/// The OpenAPI document served at `/v1/openapi.json`.
+/// Declares `500 internal` on every operation: any route can meet a store or host failure.
+struct InternalErrors;
+
+impl utoipa::Modify for InternalErrors {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let internal = ResponseBuilder::new()
+            .description("internal error (`internal`)")
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ApiError")))
+                    .build(),
+            )
+            .build();
+        for item in doc.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                op.responses
+                    .responses
+                    .entry("500".into())
+                    .or_insert_with(|| internal.clone().into());
+            }
+        }
+    }
+}
+
+/// The OpenAPI document served at `/v1/openapi.json`. Conventions: every error a route can
+/// answer is listed with the [`ApiError`] body and its `code`s in the description (`500` is
+/// added to all by [`InternalErrors`]); request bodies state what the daemon accepts.
 #[derive(OpenApi)]
 #[openapi(
+    modifiers(&InternalErrors),
     info(
         title = "wickd API",
         description = "wick's daemon API over its Unix socket"
@@ -478,11 +605,14 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         daemon_stop,
         config,
         doctor,
+        openapi,
         metrics
     ),
     components(schemas(
         ApiError,
         ErrorCode,
+        DaemonStopping,
+        AgentUpgrade,
         CreateVmRequest,
         SetVmRequest,
         KillRequest,
@@ -512,3 +642,79 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     ))
 )]
 pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc() -> serde_json::Value {
+        serde_json::to_value(ApiDoc::openapi()).unwrap()
+    }
+
+    fn operations(doc: &serde_json::Value) -> Vec<(String, String, serde_json::Value)> {
+        let mut out = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                out.push((method.clone(), path.clone(), op.clone()));
+            }
+        }
+        out
+    }
+
+    /// The conventions of the document, so a new route cannot forget them: every operation
+    /// declares 500; one with a path parameter declares 400 and 404; one with a body, 400; every
+    /// error answer has the ApiError body.
+    #[test]
+    fn every_route_declares_its_errors_with_the_error_body() {
+        let doc = doc();
+        for (method, path, op) in operations(&doc) {
+            let responses = op["responses"].as_object().unwrap();
+            let has = |code: &str| responses.contains_key(code);
+            assert!(has("500"), "{method} {path}: no 500");
+            if path.contains('{') {
+                assert!(has("400") && has("404"), "{method} {path}: 400/404");
+            }
+            if op.get("requestBody").is_some() {
+                assert!(has("400"), "{method} {path}: body without 400");
+            }
+            for (code, r) in responses {
+                if code.starts_with('4') || code.starts_with('5') {
+                    let schema = &r["content"]["application/json"]["schema"]["$ref"];
+                    assert_eq!(
+                        schema, "#/components/schemas/ApiError",
+                        "{method} {path} {code}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn request_bodies_state_the_daemon_limits() {
+        let doc = doc();
+        let schemas = &doc["components"]["schemas"];
+        for body in ["CreateVmRequest", "SetVmRequest", "KillRequest"] {
+            assert_eq!(schemas[body]["additionalProperties"], false, "{body}");
+        }
+        let vcpu = &schemas["SetVmRequest"]["properties"]["vcpu"];
+        assert_eq!(
+            (vcpu["minimum"].as_u64(), vcpu["maximum"].as_u64()),
+            (Some(1), Some(32))
+        );
+        let logs = &doc["paths"]["/v1/vms/{vm}/logs"]["get"]["parameters"][1]["schema"];
+        assert_eq!(
+            logs["maximum"].as_u64(),
+            Some(u64::from(u32::MAX)),
+            "{logs}"
+        );
+        assert_ne!(
+            logs["format"], "int32",
+            "u32 values above i32::MAX are taken: {logs}"
+        );
+        let port = &schemas["SetVmRequest"]["properties"]["publish_remove"]["items"];
+        assert_eq!(
+            (port["minimum"].as_u64(), port["maximum"].as_u64()),
+            (Some(0), Some(65535))
+        );
+    }
+}

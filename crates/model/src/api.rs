@@ -82,15 +82,23 @@ impl std::error::Error for ApiError {}
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVmRequest {
+    /// A DNS label (lowercase a-z, 0-9, inner `-`) that does not look like a VM id.
     #[serde(default)]
+    #[schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: Option<String>,
     #[serde(default)]
     pub image: Option<String>,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 32)]
     pub vcpu: Option<i64>,
+    /// A size: a positive number and an optional unit K, M (the default), G or T (`KB`, `KiB`, …
+    /// too), a whole number of MiB, at most the host's RAM.
     #[serde(default)]
+    #[schema(pattern = r"^\s*0*[1-9][0-9]*\s*([KkMmGgTt]([Ii]?[Bb])?)?\s*$")]
     pub memory: Option<String>,
+    /// A size like `memory`, at most 16 TiB.
     #[serde(default)]
+    #[schema(pattern = r"^\s*0*[1-9][0-9]*\s*([KkMmGgTt]([Ii]?[Bb])?)?\s*$")]
     pub disk_size: Option<String>,
     #[serde(default)]
     pub nat: bool,
@@ -107,6 +115,7 @@ pub struct CreateVmRequest {
     pub git_email: Option<String>,
     /// Published ports, `[HOST_IP:]HOST_PORT:GUEST_PORT` each.
     #[serde(default)]
+    #[schema(schema_with = port_spec_list_schema)]
     pub publish: Vec<String>,
 }
 
@@ -115,16 +124,21 @@ pub struct CreateVmRequest {
 #[serde(deny_unknown_fields)]
 pub struct SetVmRequest {
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 32)]
     pub vcpu: Option<i64>,
+    /// A size, as in `CreateVmRequest.memory`.
     #[serde(default)]
+    #[schema(pattern = r"^\s*0*[1-9][0-9]*\s*([KkMmGgTt]([Ii]?[Bb])?)?\s*$")]
     pub memory: Option<String>,
     #[serde(default)]
     pub nat: Option<bool>,
     /// Ports to start forwarding (`[HOST_IP:]HOST_PORT:GUEST_PORT`), live on a running VM.
     #[serde(default)]
+    #[schema(schema_with = port_spec_list_schema)]
     pub publish_add: Vec<String>,
     /// Host ports to stop forwarding.
     #[serde(default)]
+    #[schema(schema_with = port_list_schema)]
     pub publish_remove: Vec<u16>,
     /// Record the repository just prepared into the guest (the CLI sends it after a prepare).
     #[serde(default)]
@@ -135,9 +149,63 @@ pub struct SetVmRequest {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KillRequest {
-    /// Signal name (`KILL`, `SIGTERM`, …) or number; default `KILL`.
+    /// Signal name (`KILL`, `sigterm`, …; any case, `SIG` optional) or number (1–31); default
+    /// `KILL`.
     #[serde(default)]
+    #[schema(schema_with = signal_schema)]
     pub signal: Option<String>,
+}
+
+/// The schema of a list of TCP/UDP ports (`u16`s).
+fn port_list_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    let port = ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(0))
+        .maximum(Some(65535));
+    ArrayBuilder::new().items(port).build()
+}
+
+/// The schema of a list of `[HOST_IP:]HOST_PORT:GUEST_PORT` strings: ports 1-65535 (as
+/// `u16::from_str` reads them), the IP only roughly (the daemon parses it).
+fn port_spec_list_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    let port = r"\+?0*(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})";
+    let spec = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(format!(r"^(\[?[0-9A-Fa-f:.]+\]?:)?{port}:{port}$")));
+    ArrayBuilder::new().items(spec).build()
+}
+
+/// Names of the signals `KillRequest.signal` takes (Linux, without `SIG`).
+const SIGNAL_NAMES: &[&str] = &[
+    "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
+    "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
+    "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
+];
+
+/// The schema of `KillRequest.signal`: null, or a name of [`SIGNAL_NAMES`] (any case, `SIG`
+/// optional) or a number 1–31, with surrounding blanks.
+fn signal_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    let nocase = |s: &str| -> String {
+        s.chars()
+            .map(|c| match c.is_ascii_alphabetic() {
+                true => format!("[{}{}]", c.to_ascii_uppercase(), c.to_ascii_lowercase()),
+                false => c.to_string(),
+            })
+            .collect()
+    };
+    let names: Vec<String> = SIGNAL_NAMES.iter().map(|n| nocase(n)).collect();
+    let pattern = format!(
+        r"^[ \t\n\r]*(\+?0*([1-9]|[12][0-9]|3[01])|({})?({}))[ \t\n\r]*$",
+        nocase("SIG"),
+        names.join("|")
+    );
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .pattern(Some(pattern))
+        .build()
 }
 
 /// `GET /v1/vms`.
@@ -295,6 +363,12 @@ pub struct DaemonStatus {
     pub uptime_secs: u64,
     pub vms: u64,
     pub running: u64,
+}
+
+/// `POST /v1/daemon/stop`: the daemon exits shortly after answering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DaemonStopping {
+    pub stopping: bool,
 }
 
 /// Result of one doctor check.
