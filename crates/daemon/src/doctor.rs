@@ -138,13 +138,7 @@ fn default_image_check(d: &Daemon) -> Check {
     use CheckStatus::*;
     let name = d.config.default_image_name();
     let Some(img) = d.config.images.get(name) else {
-        return check(
-            "image",
-            "default image",
-            Warn,
-            format!("no image named {name:?} is configured"),
-            Some("add an [images.NAME] table with rootfs and kernel to the config, and default_image_name"),
-        );
+        return managed_default_image_check(d, name);
     };
     let missing: Vec<String> = [Some(&img.rootfs), Some(&img.kernel), img.initrd.as_ref()]
         .into_iter()
@@ -168,6 +162,37 @@ fn default_image_check(d: &Daemon) -> Check {
             format!("{name}: missing {}", missing.join(", ")),
             Some("fix the paths in the image's config table"),
         )
+    }
+}
+
+/// The default image when the config names no such table: a managed image (imported, pulled,
+/// built, or the `default` pair wick prepares on first use).
+fn managed_default_image_check(d: &Daemon, name: &str) -> Check {
+    use CheckStatus::*;
+    match (d.artifacts.get_image(name), name == "default") {
+        (Ok(img), _) => check(
+            "image",
+            "default image",
+            Pass,
+            format!("{name}: managed image {}", img.rootfs.display()),
+            None,
+        ),
+        (Err(_), true) => check(
+            "image",
+            "default image",
+            Pass,
+            "default: not prepared yet; the first `wick vm create` or `wick vm run` downloads \
+             the Debian kernel and builds it (a few minutes, once)"
+                .to_string(),
+            None,
+        ),
+        (Err(_), false) => check(
+            "image",
+            "default image",
+            Warn,
+            format!("no image named {name:?}: neither an [images.{name}] table nor a managed image"),
+            Some("wick image build|import|pull --name NAME, or add an [images.NAME] table to the config"),
+        ),
     }
 }
 

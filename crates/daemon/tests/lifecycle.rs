@@ -890,3 +890,40 @@ fn per_user_limits() {
         ]);
     }
 }
+
+/// `wick doctor`'s default image line: the managed `default` pair prepared on first use is not a
+/// warning; a default image that exists nowhere is.
+#[test]
+fn doctor_knows_the_managed_default_image() {
+    if !root() {
+        return;
+    }
+    let line = |env: &WickdEnv| -> Value {
+        let out = env.wick(&["doctor", "--json"]);
+        let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
+        rep["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "default image")
+            .cloned()
+            .unwrap()
+    };
+    let mut env = WickdEnv::new("");
+    let config = env.root().join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("[images.default]", "[images.custom]")).unwrap();
+    env.start();
+    let c = line(&env);
+    assert_eq!(c["status"], "pass", "{c}");
+    assert!(
+        c["detail"].as_str().unwrap().contains("not prepared yet"),
+        "{c}"
+    );
+
+    let mut env = WickdEnv::new("default_image_name = \"elsewhere\"");
+    env.start();
+    let c = line(&env);
+    assert_eq!(c["status"], "warn", "{c}");
+    assert!(c["detail"].as_str().unwrap().contains("neither"), "{c}");
+}

@@ -530,7 +530,7 @@ impl Staged {
         let has_pvh_note = info.pvh_entry.is_some();
         if !has_pvh_note {
             self.warnings.push(
-                "the vmlinux has no Xen PVH entry note (CONFIG_PVH): Firecracker on x86_64 cannot boot it; QEMU can boot the bzImage"
+                "the vmlinux has no Xen PVH entry note (CONFIG_PVH): Firecracker boots it through its ELF entry point instead, and QEMU boots the bzImage"
                     .to_string(),
             );
         }
@@ -591,14 +591,21 @@ mod tests {
             matches!(e, KernelError::AlreadyExists(_)) && e.to_string().contains("test-kernel")
         );
 
-        // A plain ELF without PVH note: imported with a warning.
+        // A plain ELF without PVH note: imported with a note that says what is true (Firecracker
+        // boots it through the ELF entry point; it does not refuse it).
         let elf = dir.path().join("vmlinux");
         std::fs::write(&elf, fake_vmlinux(64 * 1024, false)).unwrap();
         let e = store.import(&elf, "test-kernel").unwrap_err();
         assert!(e.to_string().contains("already exists"), "{e}");
         let r2 = store.import(&elf, "plain").unwrap();
         assert!(!r2.has_pvh_note && r2.bzimage.is_none());
-        assert!(r2.warnings.iter().any(|w| w.contains("PVH")));
+        assert!(
+            r2.warnings
+                .iter()
+                .any(|w| w.contains("PVH")
+                    && w.contains("Firecracker boots it through its ELF entry"))
+        );
+        assert!(!r2.warnings.iter().any(|w| w.contains("cannot boot")));
 
         let names: Vec<String> = store.list().unwrap().into_iter().map(|k| k.name).collect();
         assert_eq!(names, vec!["plain", "test-kernel"]);
