@@ -363,6 +363,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn artifact_operations_carry_their_result() {
+        let ops = Ops::default();
+        let op = ops.begin_artifact(OpKind::ImageImport, "base", 0);
+        let snap = op.snapshot();
+        assert_eq!((snap.vm_id.as_str(), snap.vm_name.as_str()), ("", ""));
+        assert_eq!(snap.artifact, Some(ArtifactOp::named("base")));
+        op.stage("copying");
+        let made = ArtifactOp::named("base");
+        op.finish_artifact(Ok(made.clone()));
+        op.finish(Err(Error::internal("ignored: the first outcome wins")));
+        let (evs, done) = op.events_since(0);
+        assert!(done);
+        assert_eq!(
+            evs[0].artifact, None,
+            "only terminal events carry the result"
+        );
+        assert_eq!(evs[1].artifact, Some(made));
+        assert_eq!(op.wait().await.state, OpState::Succeeded);
+        assert!(ops.get(&op.id()).is_some());
+        let json = serde_json::to_value(ops.begin(OpKind::Start, &vm()).snapshot()).unwrap();
+        assert!(
+            json.get("artifact").is_none(),
+            "VM operations are unchanged: {json}"
+        );
+    }
+
+    #[tokio::test]
     async fn one_operation_per_vm() {
         let ops = Ops::default();
         let op = ops.begin(OpKind::Start, &vm());

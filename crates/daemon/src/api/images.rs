@@ -157,3 +157,80 @@ pub(super) async fn build_image(
     let job = d.artifacts.image_build(name)?;
     accepted(&d, &c, job.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use utoipa::OpenApi;
+
+    /// Every `$ref` in `v`.
+    fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(r) = m.get("$ref").and_then(|r| r.as_str()) {
+                    out.push(r.to_string());
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn artifact_routes_are_documented_with_their_errors() {
+        let doc = serde_json::to_value(super::super::ApiDoc::openapi()).unwrap();
+        let read: &[&str] = &["200", "400", "404", "500"];
+        let delete: &[&str] = &["200", "400", "403", "404", "409", "500"];
+        let job: &[&str] = &["202", "400", "403", "409", "500"];
+        let want: &[(&str, &str, &[&str], Option<&str>)] = &[
+            ("/v1/images", "get", &["200", "500"], None),
+            ("/v1/images/{name}", "get", read, None),
+            ("/v1/images/{name}", "delete", delete, None),
+            ("/v1/images/prune", "post", &["200", "403", "500"], None),
+            ("/v1/images/import", "post", job, Some("ImportRequest")),
+            ("/v1/images/pull", "post", job, Some("PullImageRequest")),
+            (
+                "/v1/images/build",
+                "post",
+                &["202", "400", "403", "409", "412", "500"],
+                Some("BuildImageRequest"),
+            ),
+            ("/v1/kernels", "get", &["200", "500"], None),
+            ("/v1/kernels/{name}", "get", read, None),
+            ("/v1/kernels/{name}", "delete", delete, None),
+            ("/v1/kernels/import", "post", job, Some("ImportRequest")),
+            ("/v1/kernels/pull", "post", job, Some("PullKernelRequest")),
+        ];
+        for (path, method, statuses, request) in want {
+            let op = &doc["paths"][path][method];
+            let responses = op["responses"]
+                .as_object()
+                .unwrap_or_else(|| panic!("{method} {path} is not documented"));
+            let mut got: Vec<&str> = responses.keys().map(String::as_str).collect();
+            got.sort();
+            assert_eq!(&got, statuses, "{method} {path}");
+            for (status, r) in responses {
+                let schema = &r["content"]["application/json"]["schema"]["$ref"];
+                if status.starts_with('2') {
+                    assert!(schema.is_string(), "{method} {path} {status}: {r}");
+                } else {
+                    assert_eq!(schema, "#/components/schemas/ApiError", "{method} {path}");
+                }
+            }
+            let body = &op["requestBody"]["content"]["application/json"]["schema"]["$ref"];
+            match request {
+                Some(name) => assert_eq!(body, &format!("#/components/schemas/{name}")),
+                None => assert!(body.is_null(), "{method} {path} takes no body"),
+            }
+        }
+        let mut all = Vec::new();
+        refs(&doc, &mut all);
+        for r in all {
+            let name = r.trim_start_matches("#/components/schemas/");
+            assert!(
+                doc["components"]["schemas"][name].is_object(),
+                "{r} is not in the document"
+            );
+        }
+    }
+}

@@ -291,6 +291,12 @@ mod tests {
             })
             .await;
             assert_eq!(out.unwrap_err().code(), ErrorCode::Cancelled, "{cancel_at}");
+            let (evs, _) = op.events_since(0);
+            let removed = evs
+                .iter()
+                .any(|e| e.stage.as_deref() == Some("cancelled: removed image base"));
+            // Only a cancel after the commit ("done") finds an image to remove.
+            assert_eq!(removed, cancel_at == "done", "{cancel_at}: {evs:?}");
             assert!(a.list_images().unwrap().is_empty(), "{cancel_at}");
             assert!(
                 staging_left(&a).is_empty(),
