@@ -436,8 +436,8 @@ pub async fn run_artifact_job<B: Serialize>(
     path: &str,
     body: &B,
 ) -> Result<ArtifactOp> {
-    let op: Operation = client.post(path, body).await?;
     let interrupt = Interrupt::install();
+    let op: Operation = client.post(path, body).await?;
     let op = follow(client, op, View::auto(), &interrupt).await?;
     if interrupt.fired() {
         match outcome(op) {

@@ -172,20 +172,6 @@ pub enum OpKind {
     KernelPull,
 }
 
-impl OpKind {
-    /// Whether the operation makes an image or a kernel (not a VM lifecycle step).
-    pub fn is_artifact(self) -> bool {
-        matches!(
-            self,
-            OpKind::ImageImport
-                | OpKind::ImagePull
-                | OpKind::ImageBuild
-                | OpKind::KernelImport
-                | OpKind::KernelPull
-        )
-    }
-}
-
 /// Where an operation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
