@@ -58,7 +58,8 @@ pub(super) fn accepted(d: &Daemon, c: &ConnectInfo<PeerCred>, job: Job) -> Resul
 }
 
 #[utoipa::path(get, path = "/v1/images",
-    responses((status = 200, body = ImageList), (status = 500, body = ApiError)))]
+    responses((status = 200, body = ImageList),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
 pub(super) async fn list_images(State(d): D, c: ConnectInfo<PeerCred>) -> Result<Json<ImageList>> {
     let vms = visible_vms(&d, &c)?;
     let images = d.artifacts.list_images()?;
@@ -69,8 +70,10 @@ pub(super) async fn list_images(State(d): D, c: ConnectInfo<PeerCred>) -> Result
 
 #[utoipa::path(get, path = "/v1/images/{name}",
     params(("name" = String, Path, description = "image name")),
-    responses((status = 200, body = ImageView), (status = 400, body = ApiError),
-        (status = 404, body = ApiError), (status = 500, body = ApiError)))]
+    responses((status = 200, body = ImageView),
+        (status = 400, description = "invalid argument (`invalid_argument`): not a valid image name", body = ApiError),
+        (status = 404, description = "no such image (`not_found`)", body = ApiError),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
 pub(super) async fn show_image(
     State(d): D,
     c: ConnectInfo<PeerCred>,
@@ -84,9 +87,11 @@ pub(super) async fn show_image(
 #[utoipa::path(delete, path = "/v1/images/{name}",
     params(("name" = String, Path, description = "image name")),
     responses((status = 200, body = ImageView, description = "the deleted image"),
-        (status = 400, body = ApiError), (status = 403, body = ApiError),
-        (status = 404, body = ApiError), (status = 409, body = ApiError),
-        (status = 500, body = ApiError)))]
+        (status = 400, description = "invalid argument (`invalid_argument`): not a valid image name", body = ApiError),
+        (status = 403, description = "only root can delete images (`permission_denied`)", body = ApiError),
+        (status = 404, description = "no such image (`not_found`)", body = ApiError),
+        (status = 409, description = "a VM uses it (`conflict`)", body = ApiError),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
 pub(super) async fn delete_image(
     State(d): D,
     c: ConnectInfo<PeerCred>,
@@ -99,8 +104,9 @@ pub(super) async fn delete_image(
 }
 
 #[utoipa::path(post, path = "/v1/images/prune",
-    responses((status = 200, body = PruneImagesResult), (status = 403, body = ApiError),
-        (status = 500, body = ApiError)))]
+    responses((status = 200, body = PruneImagesResult),
+        (status = 403, description = "only root can prune images (`permission_denied`)", body = ApiError),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
 pub(super) async fn prune_images(
     State(d): D,
     c: ConnectInfo<PeerCred>,
@@ -111,9 +117,11 @@ pub(super) async fn prune_images(
 
 /// Imports a rootfs tarball or an ext4 file (a path on the daemon's host) as an operation.
 #[utoipa::path(post, path = "/v1/images/import", request_body = ImportRequest,
-    responses((status = 202, body = Operation), (status = 400, body = ApiError),
-        (status = 403, body = ApiError), (status = 409, body = ApiError),
-        (status = 500, body = ApiError)))]
+    responses((status = 202, body = Operation),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, a bad or reserved name, or a source that is not an absolute path to a file", body = ApiError),
+        (status = 403, description = "only root can import images (`permission_denied`)", body = ApiError),
+        (status = 409, description = "the name is taken, or another operation is making it (`conflict`)", body = ApiError),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
 pub(super) async fn import_image(
     State(d): D,
     c: ConnectInfo<PeerCred>,
@@ -126,9 +134,11 @@ pub(super) async fn import_image(
 
 /// Pulls an OCI image (linux/amd64) as an operation.
 #[utoipa::path(post, path = "/v1/images/pull", request_body = PullImageRequest,
-    responses((status = 202, body = Operation), (status = 400, body = ApiError),
-        (status = 403, body = ApiError), (status = 409, body = ApiError),
-        (status = 500, body = ApiError)))]
+    responses((status = 202, body = Operation),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, a bad or reserved name, or `insecure` with a reference that names no registry", body = ApiError),
+        (status = 403, description = "only root can pull images (`permission_denied`)", body = ApiError),
+        (status = 409, description = "the name is taken, or another operation is making it (`conflict`)", body = ApiError),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
 pub(super) async fn pull_image(
     State(d): D,
     c: ConnectInfo<PeerCred>,
@@ -143,10 +153,12 @@ pub(super) async fn pull_image(
 
 /// Builds the golden Debian image (wick-agent injected) as an operation.
 #[utoipa::path(post, path = "/v1/images/build", request_body = BuildImageRequest,
-    responses((status = 202, body = Operation), (status = 400, body = ApiError),
-        (status = 403, body = ApiError), (status = 409, body = ApiError),
-        (status = 412, body = ApiError, description = "no wick-agent binary to inject"),
-        (status = 500, body = ApiError)))]
+    responses((status = 202, body = Operation),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, or a bad or reserved name", body = ApiError),
+        (status = 403, description = "only root can build images (`permission_denied`)", body = ApiError),
+        (status = 409, description = "the name is taken, or another operation is making it (`conflict`)", body = ApiError),
+        (status = 412, description = "no wick-agent binary to inject (`failed_precondition`)", body = ApiError),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
 pub(super) async fn build_image(
     State(d): D,
     c: ConnectInfo<PeerCred>,

@@ -30,7 +30,8 @@ pub(super) fn routes() -> Router<Arc<Daemon>> {
 }
 
 #[utoipa::path(get, path = "/v1/kernels",
-    responses((status = 200, body = KernelList), (status = 500, body = ApiError)))]
+    responses((status = 200, body = KernelList),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
 pub(super) async fn list_kernels(
     State(d): D,
     c: ConnectInfo<PeerCred>,
@@ -44,8 +45,10 @@ pub(super) async fn list_kernels(
 
 #[utoipa::path(get, path = "/v1/kernels/{name}",
     params(("name" = String, Path, description = "kernel name")),
-    responses((status = 200, body = KernelView), (status = 400, body = ApiError),
-        (status = 404, body = ApiError), (status = 500, body = ApiError)))]
+    responses((status = 200, body = KernelView),
+        (status = 400, description = "invalid argument (`invalid_argument`): not a valid kernel name", body = ApiError),
+        (status = 404, description = "no such kernel (`not_found`)", body = ApiError),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
 pub(super) async fn show_kernel(
     State(d): D,
     c: ConnectInfo<PeerCred>,
@@ -59,9 +62,11 @@ pub(super) async fn show_kernel(
 #[utoipa::path(delete, path = "/v1/kernels/{name}",
     params(("name" = String, Path, description = "kernel name")),
     responses((status = 200, body = KernelView, description = "the deleted kernel"),
-        (status = 400, body = ApiError), (status = 403, body = ApiError),
-        (status = 404, body = ApiError), (status = 409, body = ApiError),
-        (status = 500, body = ApiError)))]
+        (status = 400, description = "invalid argument (`invalid_argument`): not a valid kernel name", body = ApiError),
+        (status = 403, description = "only root can delete kernels (`permission_denied`)", body = ApiError),
+        (status = 404, description = "no such kernel (`not_found`)", body = ApiError),
+        (status = 409, description = "a VM boots it (`conflict`)", body = ApiError),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
 pub(super) async fn delete_kernel(
     State(d): D,
     c: ConnectInfo<PeerCred>,
@@ -75,9 +80,11 @@ pub(super) async fn delete_kernel(
 
 /// Imports a vmlinux, bzImage or kernel `.deb` (a path on the daemon's host) as an operation.
 #[utoipa::path(post, path = "/v1/kernels/import", request_body = ImportRequest,
-    responses((status = 202, body = Operation), (status = 400, body = ApiError),
-        (status = 403, body = ApiError), (status = 409, body = ApiError),
-        (status = 500, body = ApiError)))]
+    responses((status = 202, body = Operation),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, a bad or reserved name, or a source that is not an absolute path to a file", body = ApiError),
+        (status = 403, description = "only root can import kernels (`permission_denied`)", body = ApiError),
+        (status = 409, description = "the name is taken, or another operation is making it (`conflict`)", body = ApiError),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
 pub(super) async fn import_kernel(
     State(d): D,
     c: ConnectInfo<PeerCred>,
@@ -90,9 +97,11 @@ pub(super) async fn import_kernel(
 
 /// Downloads a kernel file, checks its sha256 and imports it, as an operation.
 #[utoipa::path(post, path = "/v1/kernels/pull", request_body = PullKernelRequest,
-    responses((status = 202, body = Operation), (status = 400, body = ApiError),
-        (status = 403, body = ApiError), (status = 409, body = ApiError),
-        (status = 500, body = ApiError)))]
+    responses((status = 202, body = Operation),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, or a bad or reserved name", body = ApiError),
+        (status = 403, description = "only root can pull kernels (`permission_denied`)", body = ApiError),
+        (status = 409, description = "the name is taken, or another operation is making it (`conflict`)", body = ApiError),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
 pub(super) async fn pull_kernel(
     State(d): D,
     c: ConnectInfo<PeerCred>,
