@@ -1,5 +1,6 @@
-//! Following a long operation: read its event stream, show the stages, forward Ctrl-C as a
-//! cancel request, and return the operation in its terminal state.
+//! Following a long operation (a VM's, or an image or kernel job's): read its event stream,
+//! show the stages, forward Ctrl-C as a cancel request, and return the operation in its
+//! terminal state.
 //!
 //! On a terminal (stderr) a spinner shows the current stage and its elapsed time, and each
 //! finished stage becomes a `✓ stage (123 ms)` line. Elsewhere each stage is one plain line:
@@ -10,11 +11,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
 use tokio::sync::watch;
-use wick_model::api::{ApiError, ErrorCode, OpEvent, OpKind, OpState, Operation};
+use wick_model::api::{ApiError, ArtifactOp, ErrorCode, OpEvent, OpKind, OpState, Operation};
 
 use crate::client::{op_path, Client};
 use crate::render::{self, duration_ms};
+use crate::Exit;
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,16 +107,34 @@ impl StageTracker {
     }
 }
 
-/// `create a1`: what the operation is, for prefixes and the spinner.
-pub fn op_label(kind: OpKind, vm_name: &str) -> String {
+/// `create a1`, `import image base`: what the operation is, for prefixes and the spinner.
+pub fn op_label(kind: OpKind, name: &str) -> String {
     let kind = match kind {
         OpKind::Create => "create",
         OpKind::Start => "start",
         OpKind::Stop => "stop",
         OpKind::Restart => "restart",
         OpKind::Delete => "delete",
+        OpKind::ImageImport => "import image",
+        OpKind::ImagePull => "pull image",
+        OpKind::ImageBuild => "build image",
+        OpKind::KernelImport => "import kernel",
+        OpKind::KernelPull => "pull kernel",
     };
-    format!("{kind} {vm_name}")
+    format!("{kind} {name}")
+}
+
+/// [`op_label`] of an operation: its VM's name, or the image or kernel it makes.
+pub fn label(op: &Operation) -> String {
+    op_label(op.kind, target(op))
+}
+
+/// The name an operation is about.
+fn target(op: &Operation) -> &str {
+    match &op.artifact {
+        Some(a) => &a.name,
+        None => &op.vm_name,
+    }
 }
 
 /// The line a [`View::Plain`] display prints for `step`, if any.
@@ -312,7 +333,7 @@ pub async fn follow(
     if op.state.is_terminal() {
         return Ok(op);
     }
-    let display = Display::new(view, op_label(op.kind, &op.vm_name));
+    let display = Display::new(view, label(&op));
     let mut tracker = StageTracker::default();
     let mut rx = interrupt.rx.clone();
     let mut cancel_requested = false;
@@ -360,11 +381,17 @@ pub async fn follow(
         lost_streams += 1;
         if lost_streams > 5 {
             display.finish();
+            let check = match op.kind {
+                OpKind::ImageImport | OpKind::ImagePull | OpKind::ImageBuild => {
+                    "wick image list".to_string()
+                }
+                OpKind::KernelImport | OpKind::KernelPull => "wick kernel list".to_string(),
+                _ => format!("wick vm show {}", op.vm_name),
+            };
             bail!(
                 "lost the event stream of operation {} (still running); check on it with \
-                 `wick vm show {}`",
-                op.id,
-                op.vm_name
+                 `{check}`",
+                op.id
             );
         }
         tokio::time::sleep(Duration::from_millis(200 * lost_streams)).await;
@@ -387,14 +414,11 @@ pub fn outcome(op: Operation) -> Result<Operation, ApiError> {
             let mut err = op.error.clone().unwrap_or_else(|| match state {
                 OpState::Cancelled => ApiError::new(
                     ErrorCode::Cancelled,
-                    format!("{} was cancelled", op_label(op.kind, &op.vm_name)),
+                    format!("{} was cancelled", label(&op)),
                 ),
                 _ => ApiError::new(
                     ErrorCode::Internal,
-                    format!(
-                        "{} failed without an error message",
-                        op_label(op.kind, &op.vm_name)
-                    ),
+                    format!("{} failed without an error message", label(&op)),
                 ),
             });
             if err.op_id.is_none() {
@@ -403,6 +427,31 @@ pub fn outcome(op: Operation) -> Result<Operation, ApiError> {
             Err(err)
         }
     }
+}
+
+/// Starts an image or kernel job (`POST path` with `body`), follows its operation with live
+/// progress and returns what it made. Ctrl-C cancels the job (the daemon removes what it left)
+/// and ends the command with status 130, as for `vm create`.
+pub async fn run_artifact_job<B: Serialize>(
+    client: &Client,
+    path: &str,
+    body: &B,
+) -> Result<ArtifactOp> {
+    let interrupt = Interrupt::install();
+    let op: Operation = client.post(path, body).await?;
+    let op = follow(client, op, View::auto(), &interrupt).await?;
+    if interrupt.fired() {
+        match outcome(op) {
+            Ok(op) => eprintln!("interrupted, but {} had already finished", label(&op)),
+            Err(e) => eprintln!("error: {}", render::api_error(&e)),
+        }
+        return Err(Exit(130).into());
+    }
+    let op = outcome(op)?;
+    let name = target(&op).to_string();
+    op.artifact.ok_or_else(|| {
+        anyhow::anyhow!("wickd reported no result for {name} (is it the same version as wick?)")
+    })
 }
 
 #[cfg(test)]
@@ -418,6 +467,7 @@ mod tests {
             elapsed_ms,
             error: None,
             vm: None,
+            artifact: None,
         }
     }
 
@@ -557,6 +607,7 @@ mod tests {
             vm: None,
             started_at: "2024-05-01T12:00:00Z".into(),
             finished_at: None,
+            artifact: None,
         }
     }
 
@@ -575,5 +626,11 @@ mod tests {
         let e = outcome(op(OpState::Cancelled, None)).unwrap_err();
         assert_eq!(e.code, ErrorCode::Cancelled);
         assert_eq!(e.message, "start a1 was cancelled");
+        let mut import = op(OpState::Cancelled, None);
+        (import.kind, import.vm_name) = (OpKind::ImageImport, String::new());
+        import.artifact = Some(ArtifactOp::named("base"));
+        assert_eq!(label(&import), "import image base");
+        let e = outcome(import).unwrap_err();
+        assert_eq!(e.message, "import image base was cancelled");
     }
 }

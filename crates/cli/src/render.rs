@@ -187,6 +187,15 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
+/// `-` for nobody, else the names joined by commas (`USED BY` columns).
+pub fn names_or_dash(names: &[String]) -> String {
+    if names.is_empty() {
+        "-".into()
+    } else {
+        names.join(",")
+    }
+}
+
 /// Current Unix time in seconds.
 pub fn now_unix() -> i64 {
     SystemTime::now()
@@ -573,6 +582,8 @@ pub(crate) mod tests {
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(bytes(200 << 20), "200.0 MiB");
         assert_eq!(workspace_cell(None), "-");
+        assert_eq!(names_or_dash(&[]), "-");
+        assert_eq!(names_or_dash(&["a1".into(), "b2".into()]), "a1,b2");
     }
 
     #[test]

@@ -28,6 +28,9 @@ use wick_model::{
 use crate::daemon::{Caller, Daemon};
 use crate::error::{Error, Result};
 
+mod images;
+mod kernels;
+
 type D = State<Arc<Daemon>>;
 
 /// Peer credentials of an API connection.
@@ -118,7 +121,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/doctor", get(doctor))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
-        .merge(crate::artifacts::routes())
+        .merge(images::routes())
+        .merge(kernels::routes())
         .fallback(|| async {
             Error::new(
                 ErrorCode::NotFound,
@@ -606,7 +610,19 @@ impl utoipa::Modify for InternalErrors {
         config,
         doctor,
         openapi,
-        metrics
+        metrics,
+        images::list_images,
+        images::show_image,
+        images::delete_image,
+        images::prune_images,
+        images::import_image,
+        images::pull_image,
+        images::build_image,
+        kernels::list_kernels,
+        kernels::show_kernel,
+        kernels::delete_kernel,
+        kernels::import_kernel,
+        kernels::pull_kernel
     ),
     components(schemas(
         ApiError,

@@ -525,9 +525,10 @@ impl Daemon {
                             Err(e) => Err(e),
                         },
                         OpKind::Delete => d.delete_flow(&op2, vm, &guard).await.map(|_| None),
-                        OpKind::Create => {
-                            Err(Error::internal("create goes through Daemon::create"))
-                        }
+                        _ => Err(Error::internal(
+                            "create goes through Daemon::create, image and kernel jobs \
+                             through Artifacts::start",
+                        )),
                     }
                 }
             };

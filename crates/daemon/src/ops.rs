@@ -1,5 +1,6 @@
 //! Long operations: ids, stage events, streaming, cancellation, and the per-VM lock that allows
-//! one lifecycle operation per VM at a time.
+//! one lifecycle operation per VM at a time. Image and kernel jobs are operations too
+//! ([`Ops::begin_artifact`], [`OpEntry::finish_artifact`]); they hold no VM lock.
 //!
 //! Operations live in memory only: they describe work in flight, not host resources. A crash
 //! loses them; reconcile then settles every VM from its durable record.
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
-use wick_model::api::{ApiError, OpEvent, OpKind, OpState, Operation};
+use wick_model::api::{ApiError, ArtifactOp, OpEvent, OpKind, OpState, Operation};
 use wick_model::VmRecord;
 
 use crate::error::{Error, Result};
@@ -23,7 +24,8 @@ const KEEP_FINISHED: Duration = Duration::from_secs(600);
 pub struct OpEntry {
     started: Instant,
     metrics: Arc<Metrics>,
-    /// The VM's owner: who may follow the operation (also after a delete removed the VM).
+    /// The VM's owner (for image and kernel jobs, the caller): who may follow the operation
+    /// (also after a delete removed the VM).
     pub owner: u32,
     inner: Mutex<OpInner>,
     seq_tx: watch::Sender<u64>,
@@ -65,6 +67,11 @@ impl OpEntry {
             } else {
                 None
             },
+            artifact: if ev_state.is_terminal() {
+                inner.op.artifact.clone()
+            } else {
+                None
+            },
         };
         inner.events.push(ev);
         let n = inner.events.len() as u64;
@@ -103,6 +110,15 @@ impl OpEntry {
 
     /// Ends the operation. Idempotent: the first outcome wins.
     pub fn finish(&self, outcome: std::result::Result<Option<VmRecord>, Error>) {
+        self.end(outcome.map(|vm| (vm, None)));
+    }
+
+    /// Ends an image or kernel operation with what it made. Idempotent like [`Self::finish`].
+    pub fn finish_artifact(&self, outcome: std::result::Result<ArtifactOp, Error>) {
+        self.end(outcome.map(|a| (None, Some(a))));
+    }
+
+    fn end(&self, outcome: std::result::Result<(Option<VmRecord>, Option<ArtifactOp>), Error>) {
         let mut inner = self.lock();
         if inner.op.state.is_terminal() {
             return;
@@ -113,7 +129,12 @@ impl OpEntry {
             Err(_) => OpState::Failed,
         };
         match outcome {
-            Ok(vm) => inner.op.vm = vm,
+            Ok((vm, artifact)) => {
+                inner.op.vm = vm;
+                if artifact.is_some() {
+                    inner.op.artifact = artifact;
+                }
+            }
             Err(e) => {
                 let mut err: ApiError = e.0;
                 err.op_id = Some(inner.op.id.clone());
@@ -240,24 +261,40 @@ impl Ops {
 
     /// Registers a new running operation.
     pub fn begin(&self, kind: OpKind, vm: &VmRecord) -> Arc<OpEntry> {
+        self.register(kind, vm.owner, (&vm.id, &vm.name), None)
+    }
+
+    /// Registers a new running operation of `owner` that makes image or kernel `name`.
+    pub fn begin_artifact(&self, kind: OpKind, name: &str, owner: u32) -> Arc<OpEntry> {
+        self.register(kind, owner, ("", ""), Some(ArtifactOp::named(name)))
+    }
+
+    fn register(
+        &self,
+        kind: OpKind,
+        owner: u32,
+        (vm_id, vm_name): (&str, &str),
+        artifact: Option<ArtifactOp>,
+    ) -> Arc<OpEntry> {
         let id = format!("op-{}", &wick_model::new_vm_id()[..16]);
         let (seq_tx, _) = watch::channel(0);
         let entry = Arc::new(OpEntry {
             started: Instant::now(),
             metrics: self.metrics.clone(),
-            owner: vm.owner,
+            owner,
             inner: Mutex::new(OpInner {
                 op: Operation {
                     id: id.clone(),
                     kind,
-                    vm_id: vm.id.clone(),
-                    vm_name: vm.name.clone(),
+                    vm_id: vm_id.to_string(),
+                    vm_name: vm_name.to_string(),
                     state: OpState::Running,
                     stage: None,
                     error: None,
                     vm: None,
                     started_at: wick_store::now(),
                     finished_at: None,
+                    artifact,
                 },
                 events: Vec::new(),
                 finished: None,
@@ -343,6 +380,33 @@ mod tests {
         let s = op2.snapshot();
         assert_eq!(s.state, OpState::Failed);
         assert_eq!(s.error.unwrap().op_id.as_deref(), Some(s.id.as_str()));
+    }
+
+    #[tokio::test]
+    async fn artifact_operations_carry_their_result() {
+        let ops = Ops::default();
+        let op = ops.begin_artifact(OpKind::ImageImport, "base", 0);
+        let snap = op.snapshot();
+        assert_eq!((snap.vm_id.as_str(), snap.vm_name.as_str()), ("", ""));
+        assert_eq!(snap.artifact, Some(ArtifactOp::named("base")));
+        op.stage("copying");
+        let made = ArtifactOp::named("base");
+        op.finish_artifact(Ok(made.clone()));
+        op.finish(Err(Error::internal("ignored: the first outcome wins")));
+        let (evs, done) = op.events_since(0);
+        assert!(done);
+        assert_eq!(
+            evs[0].artifact, None,
+            "only terminal events carry the result"
+        );
+        assert_eq!(evs[1].artifact, Some(made));
+        assert_eq!(op.wait().await.state, OpState::Succeeded);
+        assert!(ops.get(&op.id()).is_some());
+        let json = serde_json::to_value(ops.begin(OpKind::Start, &vm()).snapshot()).unwrap();
+        assert!(
+            json.get("artifact").is_none(),
+            "VM operations are unchanged: {json}"
+        );
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 use wick_daemon::artifacts::{Artifacts, DEFAULT_IMAGE, DEFAULT_KERNEL};
-use wick_testkit::wickd::WickdEnv;
+use wick_testkit::wickd::{http, WickdEnv};
 
 fn root() -> bool {
     if nix::unistd::geteuid().is_root() {
@@ -306,4 +306,151 @@ async fn first_use_prepares_the_default_pair_once() {
         .await
         .unwrap();
     assert!(again.is_empty(), "{again:?}");
+}
+
+/// A rootfs tarball of `files` small files: slow enough to import (extract, make an ext4,
+/// hash it) that a cancel lands in the middle.
+fn many_file_tarball(dir: &Path, files: usize) -> PathBuf {
+    let path = dir.join("rootfs.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+    for i in 0..files {
+        let data = vec![b'x'; 1024];
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        b.append_data(&mut h, format!("usr/share/f{}/{i}", i % 50), &data[..])
+            .unwrap();
+    }
+    b.finish().unwrap();
+    path
+}
+
+/// Entries of the image store that are neither images nor the store's own files.
+fn staging_left(env: &WickdEnv) -> Vec<String> {
+    std::fs::read_dir(env.root().join("state/images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect()
+}
+
+fn wait_op(env: &WickdEnv, id: &str) -> Value {
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let (status, text) = http(&env.socket(), "GET", &format!("/v1/operations/{id}"), None);
+        assert_eq!(status, 200, "{text}");
+        let op: Value = serde_json::from_str(&text).unwrap();
+        if op["state"] != "running" {
+            return op;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "operation {id} never ended: {op}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Import is an operation: `202`, the operation's events, the image in its result; cancel
+/// (through the API, and Ctrl-C in `wick image import`) leaves no image and no staging, and
+/// the store takes the same name afterwards.
+#[test]
+fn image_import_is_a_cancellable_operation() {
+    if !root() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let tarball = many_file_tarball(work.path(), 4000);
+    let mut env = WickdEnv::new("");
+    env.start();
+    let body = serde_json::json!({"path": tarball, "name": "big"}).to_string();
+
+    // Through the API: cancel right after the operation began.
+    let (status, text) = http(
+        &env.socket(),
+        "POST",
+        "/v1/images/import",
+        Some(body.as_bytes()),
+    );
+    assert_eq!(status, 202, "{text}");
+    let op: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(op["kind"], "image_import", "{op}");
+    assert_eq!(op["artifact"]["name"], "big", "{op}");
+    let id = op["id"].as_str().unwrap();
+    let (status, _) = http(
+        &env.socket(),
+        "POST",
+        "/v1/images/import",
+        Some(body.as_bytes()),
+    );
+    assert_eq!(status, 409, "a second job for the same name is refused");
+    let (status, text) = http(
+        &env.socket(),
+        "POST",
+        &format!("/v1/operations/{id}/cancel"),
+        None,
+    );
+    assert_eq!(status, 200, "{text}");
+    let done = wait_op(&env, id);
+    assert_eq!(done["state"], "cancelled", "{done}");
+    assert_eq!(done["error"]["code"], "cancelled", "{done}");
+    assert!(names(&env.wick_json(&["image", "list"]), "images").is_empty());
+    assert!(staging_left(&env).is_empty(), "{:?}", staging_left(&env));
+
+    // Through the CLI: Ctrl-C once a stage is shown.
+    use std::io::BufRead;
+    let mut child = env
+        .wick_cmd()
+        .args([
+            "image",
+            "import",
+            tarball.to_str().unwrap(),
+            "--name",
+            "big",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("[import image big] stage:") {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    seen.push_str(&rest);
+    assert_eq!(status.code(), Some(130), "stderr:\n{seen}");
+    assert!(seen.contains("cancelled"), "{seen}");
+    assert!(names(&env.wick_json(&["image", "list"]), "images").is_empty());
+    assert!(staging_left(&env).is_empty(), "{:?}", staging_left(&env));
+
+    // The store is consistent: the same import now runs to its end.
+    let line = env.wick_ok(&[
+        "image",
+        "import",
+        tarball.to_str().unwrap(),
+        "--name",
+        "big",
+    ]);
+    assert!(line.starts_with("big  "), "{line}");
+    let list = env.wick_json(&["image", "list"]);
+    assert_eq!(names(&list, "images"), ["big"]);
+    assert_eq!(list["images"][0]["source"]["kind"], "import", "{list}");
+    assert!(staging_left(&env).is_empty(), "{:?}", staging_left(&env));
 }

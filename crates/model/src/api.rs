@@ -1,8 +1,11 @@
 //! Bodies of the `/v1` HTTP API between `wick` and `wickd`.
 //!
-//! Long operations (create, start, stop, restart, delete) answer `202` with an [`Operation`]; its
-//! progress is streamed as newline-delimited JSON [`OpEvent`]s from
-//! `GET /v1/operations/{id}/events`. Every error is an [`ApiError`].
+//! Long operations (create, start, stop, restart, delete of VMs; import, pull and build of images
+//! and kernels) answer `202` with an [`Operation`]; its progress is streamed as
+//! newline-delimited JSON [`OpEvent`]s from `GET /v1/operations/{id}/events`. Every error is an
+//! [`ApiError`]. The image and kernel bodies ([`ImageView`], [`KernelView`], ...) close the module.
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -230,6 +233,11 @@ pub enum OpKind {
     Stop,
     Restart,
     Delete,
+    ImageImport,
+    ImagePull,
+    ImageBuild,
+    KernelImport,
+    KernelPull,
 }
 
 /// Where an operation is.
@@ -248,11 +256,12 @@ impl OpState {
     }
 }
 
-/// A long operation on one VM.
+/// A long operation on one VM, or one that makes an image or a kernel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Operation {
     pub id: String,
     pub kind: OpKind,
+    /// The VM (empty for image and kernel operations).
     pub vm_id: String,
     pub vm_name: String,
     pub state: OpState,
@@ -267,6 +276,30 @@ pub struct Operation {
     pub started_at: String,
     #[serde(default)]
     pub finished_at: Option<String>,
+    /// What an image or kernel operation makes (absent for VM operations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<ArtifactOp>,
+}
+
+/// The image or kernel an operation makes and, once it succeeded, the result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ArtifactOp {
+    /// Name of the new image or kernel.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelView>,
+}
+
+impl ArtifactOp {
+    pub fn named(name: impl Into<String>) -> ArtifactOp {
+        ArtifactOp {
+            name: name.into(),
+            image: None,
+            kernel: None,
+        }
+    }
 }
 
 /// One line of an operation's event stream.
@@ -285,6 +318,9 @@ pub struct OpEvent {
     pub error: Option<ApiError>,
     #[serde(default)]
     pub vm: Option<VmRecord>,
+    /// The result of an image or kernel operation (terminal events only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<ArtifactOp>,
 }
 
 /// `GET /v1/vms/{vm}/stats`: resource use of the VM's VMM processes, sampled by wickd's poller.
@@ -407,4 +443,170 @@ impl DoctorReport {
             .max()
             .unwrap_or(CheckStatus::Pass)
     }
+}
+
+// ------------------------------------------------------------------ images and kernels
+
+/// Where an image came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ImageSource {
+    /// Built from Debian packages (`wick image build`).
+    Build {
+        suite: String,
+        mirror: String,
+        packages: Vec<String>,
+    },
+    /// Imported from a rootfs tarball or an ext4 file.
+    Import {
+        #[schema(value_type = String)]
+        path: PathBuf,
+    },
+    /// Pulled from an OCI registry; `layers` are the layer digests.
+    Oci {
+        reference: String,
+        digest: String,
+        layers: Vec<String>,
+    },
+}
+
+/// A managed image as the API shows it: its record plus the VMs (visible to the caller) using
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageView {
+    pub name: String,
+    /// Hex sha256 of the root filesystem; also the image's directory name.
+    pub id: String,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    pub source: ImageSource,
+    #[schema(value_type = String)]
+    pub rootfs: PathBuf,
+    #[schema(value_type = Option<String>)]
+    pub work_seed: Option<PathBuf>,
+    /// Apparent size of the root filesystem in bytes (the guest's root disk size).
+    pub size: u64,
+    /// Name of the kernel the image boots with by default, when it has one.
+    pub default_kernel: Option<String>,
+    /// Whether wick-agent and its systemd unit are in the image.
+    pub agent_injected: bool,
+    #[serde(default)]
+    pub used_by: Vec<String>,
+}
+
+/// What kind of kernel file was imported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelFormat {
+    Elf,
+    BzImage,
+    Deb,
+}
+
+/// How a bzImage payload was compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelCompression {
+    Gzip,
+    Xz,
+    Lzma,
+    Lz4,
+    Zstd,
+    Bzip2,
+}
+
+/// A managed kernel as the API shows it: its record plus the VMs (visible to the caller)
+/// booting it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KernelView {
+    pub name: String,
+    /// Kernel release, e.g. `6.1.0-28-cloud-amd64` (`unknown` if none could be found).
+    pub version: String,
+    /// sha256 of the imported file, lowercase hex.
+    pub sha256: String,
+    pub source_format: KernelFormat,
+    /// The ELF vmlinux (Firecracker).
+    #[schema(value_type = String)]
+    pub vmlinux: PathBuf,
+    /// The bzImage (QEMU), when the source had one.
+    #[schema(value_type = Option<String>)]
+    pub bzimage: Option<PathBuf>,
+    pub compression: Option<KernelCompression>,
+    /// wick's initramfs, when the kernel needs one.
+    #[schema(value_type = Option<String>)]
+    pub initrd: Option<PathBuf>,
+    #[schema(value_type = Option<String>)]
+    pub modules_dir: Option<PathBuf>,
+    pub has_pvh_note: bool,
+    pub needs_initramfs: bool,
+    pub initrd_modules: Vec<String>,
+    pub builtin_drivers: Vec<String>,
+    pub warnings: Vec<String>,
+    /// Import time, seconds since the Unix epoch.
+    pub imported_at: u64,
+    #[serde(default)]
+    pub used_by: Vec<String>,
+}
+
+/// `GET /v1/images`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageList {
+    pub images: Vec<ImageView>,
+}
+
+/// `GET /v1/kernels`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KernelList {
+    pub kernels: Vec<KernelView>,
+}
+
+/// `POST /v1/images/prune`: what was removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PruneImagesResult {
+    #[schema(value_type = Vec<String>)]
+    pub removed: Vec<PathBuf>,
+    pub freed_bytes: u64,
+}
+
+/// `POST /v1/images/import` and `POST /v1/kernels/import`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportRequest {
+    /// Absolute path on the daemon's host: a rootfs tarball or ext4 file (images), a vmlinux,
+    /// bzImage or kernel `.deb` (kernels).
+    #[schema(value_type = String)]
+    pub path: PathBuf,
+    pub name: String,
+}
+
+/// `POST /v1/images/pull`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullImageRequest {
+    /// `REGISTRY/REPOSITORY[:TAG|@DIGEST]`.
+    pub reference: String,
+    pub name: String,
+    /// Speak plain HTTP to the reference's registry.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// `POST /v1/images/build`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildImageRequest {
+    /// Image name (default `default`).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/kernels/pull`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullKernelRequest {
+    /// `http://` or `https://` URL of a vmlinux, bzImage or kernel `.deb`.
+    pub url: String,
+    /// Expected sha256 of the downloaded file (64 hex digits).
+    pub sha256: String,
+    pub name: String,
 }

@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use wick_model::api::{ImportRequest, KernelFormat, KernelList, KernelView, PullKernelRequest};
 
-use super::image::{absolute, delete_all, stream_post, table, users, ListArgs, NameArg};
-use super::{out, out_json, outln, Ctx};
+use super::image::{absolute, delete_all, out_json_sorted, ListArgs, NameArg};
+use super::{out, outln, Ctx};
 use crate::client::encode_segment;
+use crate::progress::run_artifact_job;
 use crate::render;
 
 #[derive(Debug, Subcommand)]
@@ -58,52 +58,44 @@ pub struct KernelPullArgs {
     pub json: bool,
 }
 
-/// The fields of a kernel the table shows (the daemon sends more).
-#[derive(Debug, Deserialize)]
-struct KernelRow {
-    name: String,
-    version: String,
-    source_format: String,
-    needs_initramfs: bool,
-    #[serde(default)]
-    warnings: Vec<String>,
-    imported_at: i64,
-    #[serde(default)]
-    used_by: Vec<String>,
-}
-
 pub async fn run(ctx: &Ctx, cmd: KernelCommand) -> Result<()> {
+    let client = ctx.client();
     match cmd {
         KernelCommand::List(a) => {
-            let list: Value = ctx.client().get("/v1/kernels").await?;
+            let list: KernelList = client.get("/v1/kernels").await?;
             if a.json {
-                return out_json(&list);
+                return out_json_sorted(&list);
             }
-            let rows: Vec<KernelRow> = serde_json::from_value(list["kernels"].clone())
-                .context("wickd sent an unexpected kernel list")?;
-            if rows.is_empty() {
+            if list.kernels.is_empty() {
                 eprintln!("no kernels; `wick kernel import` adds one");
                 return Ok(());
             }
-            out(&kernel_table(&rows, render::now_unix()))
+            out(&kernel_table(&list.kernels, render::now_unix()))
         }
         KernelCommand::Show(a) => {
-            let v: Value = ctx.client().get(&kernel_path(&a.name)).await?;
-            out_json(&v)
+            let kernel: KernelView = client.get(&kernel_path(&a.name)).await?;
+            out_json_sorted(&kernel)
         }
         KernelCommand::Import(a) => {
-            let body = json!({"path": absolute(&a.path)?, "name": a.name});
-            let label = format!("import kernel {}", a.name);
-            let v = stream_post(ctx, "/v1/kernels/import", &body, &label).await?;
-            print_kernel(&v, a.json)
+            let req = ImportRequest {
+                path: absolute(&a.path)?,
+                name: a.name,
+            };
+            let made = run_artifact_job(&client, "/v1/kernels/import", &req).await?;
+            print_kernel(made.kernel, a.json)
         }
         KernelCommand::Pull(a) => {
-            let body = json!({"url": a.url, "sha256": a.sha256, "name": a.name});
-            let label = format!("pull kernel {}", a.name);
-            let v = stream_post(ctx, "/v1/kernels/pull", &body, &label).await?;
-            print_kernel(&v, a.json)
+            let req = PullKernelRequest {
+                url: a.url,
+                sha256: a.sha256,
+                name: a.name,
+            };
+            let made = run_artifact_job(&client, "/v1/kernels/pull", &req).await?;
+            print_kernel(made.kernel, a.json)
         }
-        KernelCommand::Delete(a) => delete_all(ctx, &a.names, a.json, kernel_path).await,
+        KernelCommand::Delete(a) => {
+            delete_all::<KernelView>(ctx, &a.names, a.json, kernel_path).await
+        }
     }
 }
 
@@ -111,21 +103,19 @@ fn kernel_path(name: &str) -> String {
     format!("/v1/kernels/{}", encode_segment(name))
 }
 
-fn print_kernel(v: &Value, json: bool) -> Result<()> {
-    let k = &v["kernel"];
+fn print_kernel(kernel: Option<KernelView>, json: bool) -> Result<()> {
+    let k = kernel.context("wickd's import/pull operation reported no kernel")?;
     if json {
-        return out_json(k);
+        return out_json_sorted(&k);
     }
-    let row: KernelRow =
-        serde_json::from_value(k.clone()).context("wickd sent an unexpected kernel")?;
-    for w in &row.warnings {
+    for w in &k.warnings {
         eprintln!("warning: {w}");
     }
     outln(&format!(
         "{}  {}  {}",
-        row.name,
-        row.version,
-        if row.needs_initramfs {
+        k.name,
+        k.version,
+        if k.needs_initramfs {
             "initramfs"
         } else {
             "no initramfs"
@@ -133,8 +123,17 @@ fn print_kernel(v: &Value, json: bool) -> Result<()> {
     ))
 }
 
-fn kernel_table(rows: &[KernelRow], now: i64) -> String {
-    table(
+/// `elf`, `bzimage`, `deb`: the format as the API spells it.
+fn format_text(f: KernelFormat) -> &'static str {
+    match f {
+        KernelFormat::Elf => "elf",
+        KernelFormat::BzImage => "bzimage",
+        KernelFormat::Deb => "deb",
+    }
+}
+
+fn kernel_table(kernels: &[KernelView], now: i64) -> String {
+    render::table(
         &[
             "NAME",
             "VERSION",
@@ -143,15 +142,16 @@ fn kernel_table(rows: &[KernelRow], now: i64) -> String {
             "USED BY",
             "IMPORTED",
         ],
-        rows.iter()
+        kernels
+            .iter()
             .map(|r| {
                 vec![
                     r.name.clone(),
                     r.version.clone(),
-                    r.source_format.clone(),
+                    format_text(r.source_format).into(),
                     if r.needs_initramfs { "yes" } else { "no" }.into(),
-                    users(&r.used_by),
-                    render::relative_age(now - r.imported_at),
+                    render::names_or_dash(&r.used_by),
+                    render::relative_age(now - r.imported_at as i64),
                 ]
             })
             .collect(),
@@ -164,9 +164,12 @@ mod tests {
 
     #[test]
     fn kernel_table_columns() {
-        let rows: Vec<KernelRow> = serde_json::from_value(json!([{
-            "name": "default", "version": "6.1.0-28-cloud-amd64", "source_format": "deb",
-            "needs_initramfs": true, "imported_at": 1000, "used_by": []
+        let rows: Vec<KernelView> = serde_json::from_value(serde_json::json!([{
+            "name": "default", "version": "6.1.0-28-cloud-amd64", "sha256": "ab",
+            "source_format": "deb", "vmlinux": "/k/vmlinux", "bzimage": null,
+            "compression": null, "initrd": null, "modules_dir": null, "has_pvh_note": true,
+            "needs_initramfs": true, "initrd_modules": [], "builtin_drivers": [],
+            "warnings": [], "imported_at": 1000, "used_by": []
         }]))
         .unwrap();
         let t = kernel_table(&rows, 1000 + 7200);
@@ -178,5 +181,12 @@ mod tests {
             "{t}"
         );
         assert_eq!(kernel_path("k"), "/v1/kernels/k");
+        // The table spells formats as the JSON does.
+        for f in [KernelFormat::Elf, KernelFormat::BzImage, KernelFormat::Deb] {
+            assert_eq!(
+                serde_json::to_value(f).unwrap(),
+                serde_json::json!(format_text(f))
+            );
+        }
     }
 }

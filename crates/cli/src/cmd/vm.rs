@@ -178,7 +178,7 @@ fn op_request(kind: OpKind, vm: &str) -> (hyper::Method, String) {
         OpKind::Start => (hyper::Method::POST, vm_path(vm, "/start")),
         OpKind::Stop => (hyper::Method::POST, vm_path(vm, "/stop")),
         OpKind::Restart => (hyper::Method::POST, vm_path(vm, "/restart")),
-        OpKind::Create => unreachable!("create has its own command"),
+        _ => unreachable!("{kind:?} has its own command"),
     }
 }
 
@@ -461,6 +461,7 @@ mod tests {
             vm: vm_rec,
             started_at: String::new(),
             finished_at: None,
+            artifact: None,
         }
     }
 
