@@ -15,7 +15,7 @@ use wick_model::api::{
 };
 use wick_model::VmRecord;
 
-use super::{Body, PeerCred};
+use super::{Body, PeerCred, Valid};
 use crate::artifacts::jobs::Job;
 use crate::artifacts::{image_view, DEFAULT_IMAGE};
 use crate::daemon::Daemon;
@@ -77,7 +77,7 @@ pub(super) async fn list_images(State(d): D, c: ConnectInfo<PeerCred>) -> Result
 pub(super) async fn show_image(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(name): Path<String>,
+    Valid(Path(name)): Valid<Path<String>>,
 ) -> Result<Json<ImageView>> {
     let vms = visible_vms(&d, &c)?;
     Ok(Json(image_view(d.artifacts.get_image(&name)?, &vms)))
@@ -95,7 +95,7 @@ pub(super) async fn show_image(
 pub(super) async fn delete_image(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(name): Path<String>,
+    Valid(Path(name)): Valid<Path<String>>,
 ) -> Result<Json<ImageView>> {
     require_root(&c, "delete images")?;
     let vms = d.store.list_vms(None)?;

@@ -13,7 +13,7 @@ use wick_model::api::{
 };
 
 use super::images::{accepted, require_root, visible_vms};
-use super::{Body, PeerCred};
+use super::{Body, PeerCred, Valid};
 use crate::artifacts::kernel_view;
 use crate::daemon::Daemon;
 use crate::error::Result;
@@ -52,7 +52,7 @@ pub(super) async fn list_kernels(
 pub(super) async fn show_kernel(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(name): Path<String>,
+    Valid(Path(name)): Valid<Path<String>>,
 ) -> Result<Json<KernelView>> {
     let vms = visible_vms(&d, &c)?;
     Ok(Json(kernel_view(d.artifacts.get_kernel(&name)?, &vms)))
@@ -70,7 +70,7 @@ pub(super) async fn show_kernel(
 pub(super) async fn delete_kernel(
     State(d): D,
     c: ConnectInfo<PeerCred>,
-    Path(name): Path<String>,
+    Valid(Path(name)): Valid<Path<String>>,
 ) -> Result<Json<KernelView>> {
     require_root(&c, "delete kernels")?;
     let vms = d.store.list_vms(None)?;
