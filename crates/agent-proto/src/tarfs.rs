@@ -1,7 +1,8 @@
 //! Tar helpers shared by both ends of a file transfer (the agent's put/get, `wick vm cp`):
 //! building an archive of a tree without following symlinks, and [`unpack`], the one unpacker
 //! both directions use (the archive is attacker input either way: a hostile guest's for
-//! `vm cp VM:SRC DST`, the host's for uploads).
+//! `vm cp VM:SRC DST`, the host's for uploads). [`Layers`] is the same unpacker building a root
+//! filesystem from image layers (owners, special bits, devices, xattrs, OCI whiteouts).
 //!
 //! # How `unpack` stays inside its destination
 //!
@@ -18,9 +19,17 @@
 //! - Hard links may only point at regular files this archive already unpacked.
 //! - Device nodes and fifos are skipped and listed in [`Unpacked::skipped`]; other special
 //!   entry types are refused.
+//!
+//! [`Layers`] walks the same way and differs only where a root filesystem needs it (see
+//! [`RootfsOptions`]): leading `/` is dropped from names, special bits are kept, owners restored
+//! (on request), device nodes and fifos created, `SCHILY.xattr.*` records applied, the archive's
+//! `./` entry sets the destination's own metadata, an entry replaces a directory of its name
+//! (removed without following symlinks), and hard links may point at any non-directory already
+//! in the destination (a lower layer's).
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
+use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -28,6 +37,11 @@ use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
+
+mod rootfs;
+
+use rootfs::Xattr;
+pub use rootfs::{Layers, RootfsOptions};
 
 /// Appends `path` (file, symlink or directory, recursively, children sorted) to `b` as `name`.
 /// Sockets are skipped; symlinks are stored as links, never followed.
@@ -57,7 +71,7 @@ pub fn safe_relative(path: &Path) -> Result<PathBuf, String> {
         match c {
             Component::Normal(p) => out.push(p),
             Component::CurDir => {}
-            Component::ParentDir => return Err("contains `..`".into()),
+            Component::ParentDir => return Err("contains '..' (path traversal)".into()),
             Component::RootDir | Component::Prefix(_) => return Err("is absolute".into()),
         }
     }
@@ -83,6 +97,8 @@ pub struct Unpacked {
     pub skipped: Vec<String>,
     /// How many entries were skipped in all (an archive may hold any number).
     pub skipped_total: u64,
+    /// The first [`MAX_LISTED_SKIPS`] extended attributes [`Layers`] could not set.
+    pub warnings: Vec<String>,
 }
 
 /// How many skipped entries [`Unpacked::skipped`] names.
@@ -98,7 +114,46 @@ impl Unpacked {
         }
         s
     }
+
+    fn skip(&mut self, what: String) {
+        self.skipped_total += 1;
+        if self.skipped.len() < MAX_LISTED_SKIPS {
+            self.skipped.push(what);
+        }
+    }
 }
+
+/// Why an archive could not be (fully) unpacked.
+#[derive(Debug)]
+pub enum UnpackError {
+    /// The archive itself could not be read (truncated, corrupt, the reader failed).
+    Read(io::Error),
+    /// An entry was refused, or writing it failed.
+    Entry {
+        /// The entry's name as the archive gives it.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+        /// The OS error when a system call failed (disk full, ...); `None` for a refusal.
+        os: Option<io::Error>,
+    },
+    /// The destination could not be opened or finished.
+    Dest(String),
+}
+
+impl fmt::Display for UnpackError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnpackError::Read(e) => write!(f, "reading the archive: {e}"),
+            UnpackError::Entry { path, reason, .. } => {
+                write!(f, "refusing entry {}: {reason}", path.display())
+            }
+            UnpackError::Dest(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for UnpackError {}
 
 /// Unpacks `archive` into the existing directory `dest` without ever following a symlink below
 /// it (see the module doc). Stops at the first refused entry with an error naming it; what was
@@ -110,41 +165,13 @@ pub fn unpack<R: Read>(archive: R, dest: &Path, opts: &UnpackOptions) -> Result<
             return Err(fail(format!("invalid destination name {name:?}")));
         }
     }
-    // The destination itself is the caller's choice and may be reached through a symlink.
-    let root = rfs::open(
-        dest,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| {
-        fail(format!(
-            "cannot open the destination: {}",
-            io::Error::from(e)
-        ))
-    })?;
-    let mut u = Unpacker {
-        root,
-        rename: opts.rename_top.clone(),
-        top: None,
-        dirs: BTreeMap::new(),
-        files: HashSet::new(),
-        cache: None,
-        out: Unpacked::default(),
-    };
-    let mut ar = tar::Archive::new(archive);
-    for entry in ar.entries().map_err(|e| fail(e.to_string()))? {
-        let entry = entry.map_err(|e| fail(format!("reading the archive: {e}")))?;
-        let raw = entry
-            .path()
-            .map_err(|e| fail(format!("bad entry name: {e}")))?
-            .into_owned();
-        u.entry(entry, &raw)
-            .map_err(|why| fail(format!("refusing entry {}: {why}", raw.display())))?;
-    }
+    let mut u = Unpacker::open(dest, None).map_err(|e| fail(e.to_string()))?;
+    u.rename = opts.rename_top.clone();
+    u.apply(archive).map_err(|e| fail(e.to_string()))?;
     if u.rename.is_some() && u.top.is_none() {
         return Err(fail("the archive is empty".into()));
     }
-    u.finish_dirs().map_err(fail)?;
+    u.finish_dirs().map_err(|e| fail(e.reason))?;
     Ok(u.out)
 }
 
@@ -160,15 +187,50 @@ struct Unpacker {
     top: Option<OsString>,
     /// Directories seen, with their mode and mtime, applied at the end.
     dirs: BTreeMap<PathBuf, (u32, u64)>,
-    /// Regular files unpacked so far: the only valid hard link targets.
+    /// Regular files unpacked so far: the only valid hard link targets (without `rootfs`).
     files: HashSet<PathBuf>,
-    /// The last parent directory opened (directories are never removed, so it stays valid).
+    /// The last parent directory opened (forgotten whenever a directory is removed).
     cache: Option<(PathBuf, OwnedFd)>,
+    /// Building a root filesystem ([`Layers`]) rather than copying files.
+    rootfs: Option<RootfsOptions>,
+    /// With `rootfs`: what the current archive wrote (whiteouts only hide lower layers).
+    this_layer: HashSet<PathBuf>,
     out: Unpacked,
 }
 
-fn errno(what: &str, e: Errno) -> String {
-    format!("{what}: {}", io::Error::from(e))
+/// Why an entry failed: a refusal, or a system call's error.
+struct Fail {
+    reason: String,
+    os: Option<Errno>,
+}
+
+impl From<String> for Fail {
+    fn from(reason: String) -> Self {
+        Fail { reason, os: None }
+    }
+}
+
+impl From<&str> for Fail {
+    fn from(reason: &str) -> Self {
+        Fail::from(reason.to_string())
+    }
+}
+
+impl Fail {
+    /// The same failure, said of `path`.
+    fn about(self, path: &Path) -> Fail {
+        Fail {
+            reason: format!("{}: {}", path.display(), self.reason),
+            os: self.os,
+        }
+    }
+}
+
+fn errno(what: &str, e: Errno) -> Fail {
+    Fail {
+        reason: format!("{what}: {}", io::Error::from(e)),
+        os: Some(e),
+    }
 }
 
 fn times(mtime: u64) -> Timestamps {
@@ -182,41 +244,101 @@ fn times(mtime: u64) -> Timestamps {
     }
 }
 
+/// What an entry's header says about the file's metadata.
+struct Meta {
+    mode: u32,
+    mtime: u64,
+    uid: u32,
+    gid: u32,
+}
+
 impl Unpacker {
-    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>, raw: &Path) -> Result<(), String> {
+    /// Opens `dest` (the caller's choice: it may be reached through a symlink).
+    fn open(dest: &Path, rootfs: Option<RootfsOptions>) -> Result<Unpacker, UnpackError> {
+        let root = rfs::open(
+            dest,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| {
+            UnpackError::Dest(format!(
+                "cannot open the destination: {}",
+                io::Error::from(e)
+            ))
+        })?;
+        Ok(Unpacker {
+            root,
+            rename: None,
+            top: None,
+            dirs: BTreeMap::new(),
+            files: HashSet::new(),
+            cache: None,
+            rootfs,
+            this_layer: HashSet::new(),
+            out: Unpacked::default(),
+        })
+    }
+
+    /// Applies every entry of one archive.
+    fn apply<R: Read>(&mut self, archive: R) -> Result<(), UnpackError> {
+        self.this_layer.clear();
+        let mut ar = tar::Archive::new(archive);
+        for entry in ar.entries().map_err(UnpackError::Read)? {
+            let entry = entry.map_err(UnpackError::Read)?;
+            let raw = entry
+                .path()
+                .map_err(|e| UnpackError::Dest(format!("bad entry name: {e}")))?
+                .into_owned();
+            self.entry(entry, &raw).map_err(|f| UnpackError::Entry {
+                path: raw.clone(),
+                reason: f.reason,
+                os: f.os.map(io::Error::from),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>, raw: &Path) -> Result<(), Fail> {
         use tar::EntryType as T;
         let kind = entry.header().entry_type();
         if kind == T::XGlobalHeader {
             return Ok(()); // metadata for the whole archive: nothing to write
         }
-        let rel = safe_relative(raw).map_err(|why| format!("its path {why}"))?;
+        let rel = self
+            .relative(raw)
+            .map_err(|why| format!("its path {why}"))?;
         self.out.entries += 1;
+        if self.is_whiteout(&rel) {
+            return self.whiteout(&rel);
+        }
+        let meta = self.meta(entry.header())?;
         let Some(rel) = self.renamed(&rel)? else {
-            return Ok(()); // `./`: the destination itself is left alone
+            // `./`: the destination itself is left alone, unless building a root filesystem.
+            return self.root_entry(kind, &meta);
         };
-        let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
-        let mtime = entry.header().mtime().unwrap_or(0);
+        if self.rootfs.is_some() {
+            self.this_layer.insert(rel.clone());
+        }
         match kind {
-            T::Directory => self.dir(&rel, mode, mtime),
+            T::Directory => {
+                let xattrs = self.xattrs_of(&mut entry);
+                self.dir(&rel, &meta, &xattrs)
+            }
             T::Regular | T::Continuous | T::GNUSparse => {
                 self.out.bytes += entry.size();
-                self.file(&rel, &mut entry, mode, mtime)
+                let xattrs = self.xattrs_of(&mut entry);
+                self.file(&rel, &mut entry, &meta, &xattrs)
             }
             T::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| format!("bad link name: {e}"))?
-                    .ok_or("a symlink without a target")?
-                    .into_owned();
-                self.symlink(&rel, &target)
+                let target = link_name(&entry, "a symlink without a target")?;
+                self.symlink(&rel, &target, &meta)
             }
             T::Link => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| format!("bad link name: {e}"))?
-                    .ok_or("a hard link without a target")?
-                    .into_owned();
+                let target = link_name(&entry, "a hard link without a target")?;
                 self.hard_link(&rel, &target)
+            }
+            T::Char | T::Block | T::Fifo if self.rootfs.is_some() => {
+                self.node(&rel, entry.header(), &meta)
             }
             T::Char | T::Block | T::Fifo => {
                 let what = match kind {
@@ -224,14 +346,43 @@ impl Unpacker {
                     T::Block => "block device",
                     _ => "fifo",
                 };
-                self.out.skipped_total += 1;
-                if self.out.skipped.len() < MAX_LISTED_SKIPS {
-                    self.out.skipped.push(format!("{} ({what})", rel.display()));
-                }
+                self.out.skip(format!("{} ({what})", rel.display()));
                 Ok(())
             }
-            other => Err(format!("unsupported entry type {other:?}")),
+            other if self.rootfs.is_some() => {
+                self.this_layer.remove(&rel);
+                self.out.skip(format!("{} ({other:?})", rel.display()));
+                Ok(())
+            }
+            other => Err(format!("unsupported entry type {other:?}").into()),
         }
+    }
+
+    /// The entry's path relative to the destination; a root filesystem's layers may name
+    /// entries from `/`.
+    fn relative(&self, raw: &Path) -> Result<PathBuf, String> {
+        let raw = match self.rootfs {
+            Some(_) => raw.strip_prefix("/").unwrap_or(raw),
+            None => raw,
+        };
+        safe_relative(raw)
+    }
+
+    fn meta(&self, h: &tar::Header) -> Result<Meta, Fail> {
+        let bits = if self.rootfs.is_some() { 0o7777 } else { 0o777 };
+        let id = |v: io::Result<u64>| -> Result<u32, Fail> {
+            match v.map(u32::try_from) {
+                Ok(Ok(id)) if id != u32::MAX => Ok(id),
+                _ if !self.owners() => Ok(0),
+                _ => Err("an invalid owner or group id".into()),
+            }
+        };
+        Ok(Meta {
+            mode: h.mode().unwrap_or(0o644) & bits,
+            mtime: h.mtime().unwrap_or(0),
+            uid: id(h.uid())?,
+            gid: id(h.gid())?,
+        })
     }
 
     /// `rel` with its first component renamed (and checked to be the only top-level name);
@@ -261,7 +412,7 @@ impl Unpacker {
 
     /// Opens the directory holding `rel` (creating missing ones, mode 0755) without following
     /// symlinks, and returns it with `rel`'s last component.
-    fn parent<'a>(&mut self, rel: &'a Path) -> Result<(OwnedFd, &'a OsStr), String> {
+    fn parent<'a>(&mut self, rel: &'a Path) -> Result<(OwnedFd, &'a OsStr), Fail> {
         let name = rel.file_name().ok_or("an empty name")?;
         let parent = rel.parent().unwrap_or(Path::new(""));
         if let Some((p, fd)) = &self.cache {
@@ -273,8 +424,8 @@ impl Unpacker {
         let mut walked = PathBuf::new();
         for c in parent.components() {
             walked.push(c);
-            cur = open_dir(&cur, c.as_os_str(), true)
-                .map_err(|e| format!("{}: {e}", walked.display()))?;
+            cur = open_dir(&cur, c.as_os_str(), Create::Yes(self.rootfs.is_some()))
+                .map_err(|e| e.about(&walked))?;
         }
         self.cache = Some((
             parent.to_path_buf(),
@@ -283,13 +434,17 @@ impl Unpacker {
         Ok((cur, name))
     }
 
-    /// Removes the non-directory `name` in `dir` if there is one; refuses a directory.
-    fn clear(&mut self, dir: &OwnedFd, name: &OsStr, rel: &Path) -> Result<(), String> {
+    /// Removes the non-directory `name` in `dir` if there is one; refuses a directory (which a
+    /// root filesystem's entry replaces instead).
+    fn clear(&mut self, dir: &OwnedFd, name: &OsStr, rel: &Path) -> Result<(), Fail> {
         match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Err(Errno::NOENT) => Ok(()),
             Err(e) => Err(errno("cannot inspect the existing entry", e)),
             Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-                Err(format!("{} exists and is a directory", rel.display()))
+                if self.rootfs.is_some() {
+                    return self.remove_entry(dir, name, rel);
+                }
+                Err(format!("{} exists and is a directory", rel.display()).into())
             }
             Ok(_) => {
                 self.files.remove(rel);
@@ -299,21 +454,30 @@ impl Unpacker {
         }
     }
 
-    fn dir(&mut self, rel: &Path, mode: u32, mtime: u64) -> Result<(), String> {
+    fn dir(&mut self, rel: &Path, meta: &Meta, xattrs: &[Xattr]) -> Result<(), Fail> {
         let (parent, name) = self.parent(rel)?;
         match rfs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
-            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
-                // Replace the link (never follow it), like `tar` does.
+            Ok(st)
+                if FileType::from_raw_mode(st.st_mode) == FileType::Symlink
+                    || self.rootfs.is_some() =>
+            {
+                // Replace the link (never follow it), like `tar` does; a root filesystem's
+                // directory replaces any lower non-directory.
+                self.files.remove(rel);
                 rfs::unlinkat(&parent, name, AtFlags::empty())
-                    .map_err(|e| errno("cannot replace the symlink", e))?;
+                    .map_err(|e| errno("cannot replace the existing entry", e))?;
                 mkdir(&parent, name)?;
             }
-            Ok(_) => return Err(format!("{} exists and is not a directory", rel.display())),
+            Ok(_) => return Err(format!("{} exists and is not a directory", rel.display()).into()),
             Err(Errno::NOENT) => mkdir(&parent, name)?,
             Err(e) => return Err(errno("cannot inspect the existing entry", e)),
         }
-        self.dirs.insert(rel.to_path_buf(), (mode, mtime));
+        if self.rootfs.is_some() {
+            let fd = open_dir(&parent, name, Create::No)?;
+            self.restore(&fd, rel, meta, xattrs)?;
+        }
+        self.dirs.insert(rel.to_path_buf(), (meta.mode, meta.mtime));
         Ok(())
     }
 
@@ -321,9 +485,9 @@ impl Unpacker {
         &mut self,
         rel: &Path,
         data: &mut dyn Read,
-        mode: u32,
-        mtime: u64,
-    ) -> Result<(), String> {
+        meta: &Meta,
+        xattrs: &[Xattr],
+    ) -> Result<(), Fail> {
         let (parent, name) = self.parent(rel)?;
         self.clear(&parent, name, rel)?;
         let flags =
@@ -331,30 +495,46 @@ impl Unpacker {
         let fd = rfs::openat(&parent, name, flags, Mode::from_raw_mode(0o600))
             .map_err(|e| errno("cannot create the file", e))?;
         let mut f = fs::File::from(fd);
-        io::copy(data, &mut f).map_err(|e| format!("writing: {e}"))?;
-        rfs::fchmod(&f, Mode::from_raw_mode(mode)).map_err(|e| errno("setting the mode", e))?;
-        rfs::futimens(&f, &times(mtime)).map_err(|e| errno("setting the mtime", e))?;
+        let written = match self.rootfs {
+            Some(_) => rootfs::copy_sparse(data, &mut f),
+            None => io::copy(data, &mut f).map(drop),
+        };
+        written.map_err(|e| io_fail("writing", e))?;
+        // Owner before mode: chown clears set-id bits.
+        self.restore(&f, rel, meta, xattrs)?;
+        rfs::fchmod(&f, Mode::from_raw_mode(meta.mode))
+            .map_err(|e| errno("setting the mode", e))?;
+        rfs::futimens(&f, &times(meta.mtime)).map_err(|e| errno("setting the mtime", e))?;
         self.files.insert(rel.to_path_buf());
         Ok(())
     }
 
-    fn symlink(&mut self, rel: &Path, target: &Path) -> Result<(), String> {
+    fn symlink(&mut self, rel: &Path, target: &Path, meta: &Meta) -> Result<(), Fail> {
         let (parent, name) = self.parent(rel)?;
         self.clear(&parent, name, rel)?;
-        rfs::symlinkat(target, &parent, name).map_err(|e| errno("cannot create the symlink", e))
+        rfs::symlinkat(target, &parent, name).map_err(|e| errno("cannot create the symlink", e))?;
+        if self.rootfs.is_some() {
+            self.restore_at(&parent, name, meta)?;
+        }
+        Ok(())
     }
 
-    fn hard_link(&mut self, rel: &Path, target: &Path) -> Result<(), String> {
+    fn hard_link(&mut self, rel: &Path, target: &Path) -> Result<(), Fail> {
         let refuse = |why: &str| format!("hard link to {}: {why}", target.display());
-        let t = safe_relative(target).map_err(|why| refuse(&format!("the target {why}")))?;
+        let t = self
+            .relative(target)
+            .map_err(|why| refuse(&format!("the target {why}")))?;
         let t = self
             .renamed(&t)
             .map_err(|e| refuse(&e))?
             .unwrap_or_default();
-        if !self.files.contains(&t) {
-            return Err(refuse(
-                "the target is not a file unpacked earlier from this archive",
-            ));
+        if self.rootfs.is_some() {
+            self.existing_link_target(&t)
+                .map_err(|f| refuse(&f.reason))?;
+        } else if !self.files.contains(&t) {
+            return Err(
+                refuse("the target is not a file unpacked earlier from this archive").into(),
+            );
         }
         if t == rel {
             return Ok(()); // a link to itself: nothing to do
@@ -371,13 +551,12 @@ impl Unpacker {
 
     /// Applies directory modes and times, deepest first, on descriptors opened without
     /// following symlinks.
-    fn finish_dirs(&mut self) -> Result<(), String> {
+    fn finish_dirs(&mut self) -> Result<(), Fail> {
         self.cache = None;
         for (rel, (mode, mtime)) in std::mem::take(&mut self.dirs).into_iter().rev() {
             let mut cur = self.root.try_clone().map_err(|e| e.to_string())?;
             for c in rel.components() {
-                cur = open_dir(&cur, c.as_os_str(), false)
-                    .map_err(|e| format!("{}: {e}", rel.display()))?;
+                cur = open_dir(&cur, c.as_os_str(), Create::No).map_err(|e| e.about(&rel))?;
             }
             rfs::fchmod(&cur, Mode::from_raw_mode(mode))
                 .map_err(|e| errno(&format!("setting the mode of {}", rel.display()), e))?;
@@ -388,26 +567,55 @@ impl Unpacker {
     }
 }
 
-fn mkdir(parent: &OwnedFd, name: &OsStr) -> Result<(), String> {
+fn link_name<R: Read>(entry: &tar::Entry<'_, R>, missing: &str) -> Result<PathBuf, Fail> {
+    Ok(entry
+        .link_name()
+        .map_err(|e| format!("bad link name: {e}"))?
+        .ok_or(missing)?
+        .into_owned())
+}
+
+fn io_fail(what: &str, e: io::Error) -> Fail {
+    Fail {
+        reason: format!("{what}: {e}"),
+        os: e.raw_os_error().map(Errno::from_raw_os_error),
+    }
+}
+
+fn mkdir(parent: &OwnedFd, name: &OsStr) -> Result<(), Fail> {
     rfs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
         .map_err(|e| errno("cannot create the directory", e))
 }
 
-/// Opens directory `name` in `dir` without following a symlink; with `create`, makes it (0755)
-/// when missing.
-fn open_dir(dir: &impl AsFd, name: &OsStr, create: bool) -> Result<OwnedFd, String> {
+/// Whether [`open_dir`] makes a missing directory: `Yes(exact)` creates it 0755, with `exact`
+/// whatever the umask.
+#[derive(Clone, Copy)]
+enum Create {
+    No,
+    Yes(bool),
+}
+
+/// Opens directory `name` in `dir` without following a symlink, creating it when asked.
+fn open_dir(dir: &impl AsFd, name: &OsStr, create: Create) -> Result<OwnedFd, Fail> {
     match rfs::openat(dir, name, DIR_FLAGS, Mode::empty()) {
         Ok(fd) => Ok(fd),
-        Err(Errno::NOENT) if create => {
+        Err(Errno::NOENT) if matches!(create, Create::Yes(_)) => {
             match rfs::mkdirat(dir, name, Mode::from_raw_mode(0o755)) {
                 Ok(()) | Err(Errno::EXIST) => {}
                 Err(e) => return Err(errno("cannot create the directory", e)),
             }
-            rfs::openat(dir, name, DIR_FLAGS, Mode::empty()).map_err(|e| errno("cannot open", e))
+            let fd = rfs::openat(dir, name, DIR_FLAGS, Mode::empty())
+                .map_err(|e| errno("cannot open", e))?;
+            if let Create::Yes(true) = create {
+                rfs::fchmod(&fd, Mode::from_raw_mode(0o755))
+                    .map_err(|e| errno("setting the mode", e))?;
+            }
+            Ok(fd)
         }
-        Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
-            Err("is a symlink or not a directory: refusing to write through it".into())
-        }
+        Err(Errno::LOOP) | Err(Errno::NOTDIR) => Err(
+            "is a symbolic link or not a directory: refusing to write through it (possible symlink escape)"
+                .into(),
+        ),
         Err(e) => Err(errno("cannot open", e)),
     }
 }

@@ -6,44 +6,13 @@
 //! host's resolver. The calls block (resolvectl talks D-Bus): from async code, run them in
 //! `tokio::task::spawn_blocking`.
 
-use std::io;
 use std::net::Ipv4Addr;
-use std::process::Command;
+
+use wick_host::cmd::{Cmd, CmdError};
+pub use wick_host::cmd::{Runner, SystemRunner};
 
 /// The program this module drives.
 pub const RESOLVECTL: &str = "resolvectl";
-
-/// What a finished command reported.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandOutput {
-    pub success: bool,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-/// Runs a program with arguments and collects its output.
-pub trait Runner: Send + Sync {
-    /// Runs `program args...`; `Err` when it could not be started (e.g. not installed).
-    fn run(&self, program: &str, args: &[&str]) -> io::Result<CommandOutput>;
-}
-
-/// Runs real commands.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemRunner;
-
-impl Runner for SystemRunner {
-    fn run(&self, program: &str, args: &[&str]) -> io::Result<CommandOutput> {
-        let out = Command::new(program)
-            .args(args)
-            .env("SYSTEMD_PAGER", "")
-            .output()?;
-        Ok(CommandOutput {
-            success: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
-    }
-}
 
 /// A `resolvectl` call that failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,9 +34,16 @@ impl Resolved<SystemRunner> {
     /// The real thing.
     pub fn system() -> Resolved<SystemRunner> {
         Resolved {
-            runner: SystemRunner,
+            runner: SystemRunner::new(),
         }
     }
+}
+
+/// `resolvectl args...`, never paged.
+fn resolvectl(args: &[&str]) -> Cmd {
+    Cmd::new(RESOLVECTL)
+        .args(args.iter().copied())
+        .env("SYSTEMD_PAGER", "")
 }
 
 impl<R: Runner> Resolved<R> {
@@ -84,8 +60,8 @@ impl<R: Runner> Resolved<R> {
     /// `resolvectl` is installed and systemd-resolved answers it.
     pub fn is_available(&self) -> bool {
         matches!(
-            self.runner.run(RESOLVECTL, &["--no-pager", "status"]),
-            Ok(out) if out.success
+            self.runner.run(&resolvectl(&["--no-pager", "status"])),
+            Ok(out) if out.success()
         )
     }
 
@@ -114,19 +90,24 @@ impl<R: Runner> Resolved<R> {
 
     fn call(&self, args: &[&str]) -> Result<(), ResolvedError> {
         let command = format!("{RESOLVECTL} {}", args.join(" "));
-        match self.runner.run(RESOLVECTL, args) {
-            Ok(out) if out.success => Ok(()),
+        match self.runner.run(&resolvectl(args)) {
+            Ok(out) if out.success() => Ok(()),
             Ok(out) => {
-                let detail = if out.stderr.trim().is_empty() {
+                let stderr = out.stderr_text();
+                let detail = if stderr.trim().is_empty() {
                     "it exited with an error and printed nothing".to_string()
                 } else {
-                    out.stderr.trim().to_string()
+                    stderr.trim().to_string()
                 };
                 Err(ResolvedError { command, detail })
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ResolvedError {
+            Err(e) if e.is_not_found() => Err(ResolvedError {
                 command,
                 detail: format!("{RESOLVECTL} is not installed"),
+            }),
+            Err(CmdError::Spawn { source, .. }) => Err(ResolvedError {
+                command,
+                detail: source.to_string(),
             }),
             Err(e) => Err(ResolvedError {
                 command,
@@ -139,65 +120,24 @@ impl<R: Runner> Resolved<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use wick_host::cmd::testing::RecordingRunner;
 
-    /// A fake runner: records every command and answers from a script (default: success).
-    #[derive(Default)]
-    struct FakeRunner {
-        calls: Mutex<Vec<String>>,
-        /// (command-line prefix, output) pairs; the first match answers.
-        script: Vec<(String, io::Result<CommandOutput>)>,
-    }
-
-    impl FakeRunner {
-        fn failing(prefix: &str, stderr: &str) -> FakeRunner {
-            FakeRunner {
-                calls: Mutex::default(),
-                script: vec![(
-                    prefix.to_string(),
-                    Ok(CommandOutput {
-                        success: false,
-                        stdout: String::new(),
-                        stderr: stderr.to_string(),
-                    }),
-                )],
-            }
-        }
-
-        fn calls(&self) -> Vec<String> {
-            self.calls.lock().unwrap().clone()
-        }
-    }
-
-    impl Runner for FakeRunner {
-        fn run(&self, program: &str, args: &[&str]) -> io::Result<CommandOutput> {
-            let line = format!("{program} {}", args.join(" "));
-            self.calls.lock().unwrap().push(line.clone());
-            for (prefix, out) in &self.script {
-                if line.starts_with(prefix) {
-                    return match out {
-                        Ok(o) => Ok(o.clone()),
-                        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-                    };
-                }
-            }
-            Ok(CommandOutput {
-                success: true,
-                stdout: String::new(),
-                stderr: String::new(),
-            })
-        }
+    /// A recording fake where calls starting with `prefix` fail with `stderr`.
+    fn failing(prefix: &str, stderr: &str) -> RecordingRunner {
+        let r = RecordingRunner::new();
+        r.respond(prefix, 1, "", stderr);
+        r
     }
 
     #[test]
     fn routes_vm_to_the_bridge() {
-        let r = Resolved::new(FakeRunner::default());
+        let r = Resolved::new(RecordingRunner::new());
         let warnings = r
             .route_vm_domain("wick0", Ipv4Addr::new(172, 30, 0, 1))
             .unwrap();
         assert!(warnings.is_empty());
         assert_eq!(
-            r.runner().calls(),
+            r.runner().lines(),
             [
                 "resolvectl dns wick0 172.30.0.1",
                 "resolvectl domain wick0 ~vm",
@@ -208,7 +148,7 @@ mod tests {
 
     #[test]
     fn default_route_failure_is_only_a_warning() {
-        let r = Resolved::new(FakeRunner::failing(
+        let r = Resolved::new(failing(
             "resolvectl default-route",
             "Unknown command verb default-route.",
         ));
@@ -221,7 +161,7 @@ mod tests {
 
     #[test]
     fn dns_failure_stops_and_explains() {
-        let r = Resolved::new(FakeRunner::failing(
+        let r = Resolved::new(failing(
             "resolvectl dns",
             "Failed to set DNS configuration: Access denied",
         ));
@@ -234,38 +174,33 @@ mod tests {
             msg.contains("Access denied") && msg.contains("systemd-resolved"),
             "{msg}"
         );
-        assert_eq!(r.runner().calls().len(), 1, "nothing after the failure");
+        assert_eq!(r.runner().lines().len(), 1, "nothing after the failure");
     }
 
     #[test]
     fn revert_is_idempotent_for_a_missing_link() {
-        let r = Resolved::new(FakeRunner::default());
+        let r = Resolved::new(RecordingRunner::new());
         r.revert("wick0").unwrap();
-        assert_eq!(r.runner().calls(), ["resolvectl revert wick0"]);
-        let gone = Resolved::new(FakeRunner::failing(
+        assert_eq!(r.runner().lines(), ["resolvectl revert wick0"]);
+        let gone = Resolved::new(failing(
             "resolvectl revert",
             "Failed to resolve interface \"wick0\": No such device",
         ));
         gone.revert("wick0").unwrap();
-        let denied = Resolved::new(FakeRunner::failing("resolvectl revert", "Access denied"));
+        let denied = Resolved::new(failing("resolvectl revert", "Access denied"));
         assert!(denied.revert("wick0").is_err());
     }
 
     #[test]
     fn availability() {
-        assert!(Resolved::new(FakeRunner::default()).is_available());
-        let down = FakeRunner::failing(
+        assert!(Resolved::new(RecordingRunner::new()).is_available());
+        let down = failing(
             "resolvectl --no-pager status",
             "Failed to get global data: Unit dbus-org.freedesktop.resolve1.service not found.",
         );
         assert!(!Resolved::new(down).is_available());
-        let missing = FakeRunner {
-            calls: Mutex::default(),
-            script: vec![(
-                "resolvectl".into(),
-                Err(io::Error::new(io::ErrorKind::NotFound, "not found")),
-            )],
-        };
+        let missing = RecordingRunner::new();
+        missing.unstartable("resolvectl", std::io::ErrorKind::NotFound);
         let r = Resolved::new(missing);
         assert!(!r.is_available());
         let e = r.revert("wick0").unwrap_err();

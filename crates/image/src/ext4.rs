@@ -3,10 +3,9 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
 
 use crate::error::{ImageError, IoContext, Result};
-use crate::util::{require, run, run_quiet, E2FS_HINT};
+use crate::util::{arg, output, require, run, run_quiet, tool, E2FS_HINT};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
@@ -72,15 +71,15 @@ pub(crate) fn make_ext4(src: &Path, out: &Path, label: &str, size: u64, u: Usage
         let _ = fs::remove_file(out);
         let inodes = inode_count(u, size);
         let r = run(
-            Command::new(&mkfs)
+            &tool(&mkfs)
                 .args([
                     "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-L", label,
                 ])
                 .arg("-N")
                 .arg(inodes.to_string())
                 .arg("-d")
-                .arg(src)
-                .arg(out)
+                .arg(arg(src))
+                .arg(arg(out))
                 .arg(format!("{}k", size / 1024)),
             &mut |_| {},
         );
@@ -132,7 +131,7 @@ fn copy_root_inode_meta(src: &Path, img: &Path) -> Result<()> {
     let debugfs = require("debugfs", E2FS_HINT)?;
     for c in cmds {
         run(
-            Command::new(&debugfs).arg("-w").arg("-R").arg(&c).arg(img),
+            &tool(&debugfs).arg("-w").arg("-R").arg(c).arg(arg(img)),
             &mut |_| {},
         )?;
     }
@@ -145,20 +144,14 @@ pub fn shrink_ext4(img: &Path) -> Result<u64> {
     let e2fsck = require("e2fsck", E2FS_HINT)?;
     let resize2fs = require("resize2fs", E2FS_HINT)?;
     // e2fsck exits 1 when it fixed something harmless (e.g. timestamps): treat 0 and 1 as fine.
-    let st = Command::new(&e2fsck)
-        .arg("-fy")
-        .arg(img)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .ctx("run e2fsck on", img)?;
+    let st = output(&tool(&e2fsck).arg("-fy").arg(arg(img)))?.status;
     if !matches!(st.code(), Some(0) | Some(1)) {
         return Err(ImageError::Invalid(format!(
             "e2fsck found errors it could not fix in {} ({st})",
             img.display()
         )));
     }
-    run_quiet(&resize2fs, &[std::ffi::OsStr::new("-M"), img.as_os_str()])?;
+    run_quiet(&tool(&resize2fs).arg("-M").arg(arg(img)))?;
     let blocks = block_count(img)?;
     let size = blocks * BLOCK;
     fs::OpenOptions::new()
@@ -209,7 +202,7 @@ fn read_superblock(img: &Path) -> Result<Vec<u8>> {
 /// Checks a filesystem image read-only with `e2fsck -fn`.
 pub(crate) fn check_ext4(img: &Path) -> Result<()> {
     let e2fsck = require("e2fsck", E2FS_HINT)?;
-    run(Command::new(e2fsck).arg("-fn").arg(img), &mut |_| {}).map_err(|e| match e {
+    run_quiet(&tool(&e2fsck).arg("-fn").arg(arg(img))).map_err(|e| match e {
         ImageError::Command { output, .. } => ImageError::Invalid(format!(
             "{} is not a clean ext4 filesystem; run `e2fsck -f` on it first:\n{output}",
             img.display()

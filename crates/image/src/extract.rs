@@ -1,24 +1,20 @@
-//! Safe application of tar layers onto a root directory.
-//!
-//! Every entry path is made relative to the root; `..` components are refused, and so is any
-//! entry whose path goes through a symbolic link (`link -> /etc` then `link/passwd`), including
-//! hard-link targets. Nothing is ever opened through a symlink: existing files are unlinked and
-//! recreated with `O_EXCL | O_NOFOLLOW`. Ownership, modes, times, xattrs, devices, FIFOs, hard links
-//! and symlinks are kept. With whiteouts on (OCI layers), `.wh.<name>` deletes `<name>` from the
-//! lower layers and `.wh..wh..opq` empties its directory of lower-layer content.
+//! Safe application of tar layers onto a root directory, through the one hardened unpacker
+//! ([`wick_agent_proto::tarfs::Layers`]): every directory is opened from the root without
+//! following symlinks, so an entry below a symlink (`link -> /etc` then `link/passwd`, also
+//! across layers, also as a hard-link target) is refused, `..` is refused, and nothing is ever
+//! opened, written or removed through a symlink. Ownership, modes (special bits included),
+//! times, xattrs, devices, FIFOs, hard links and symlinks are kept. With whiteouts on (OCI
+//! layers), `.wh.<name>` deletes `<name>` from the lower layers and `.wh..wh..opq` empties its
+//! directory of lower-layer content.
 
-use std::collections::HashSet;
-use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Read};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::error::{ImageError, IoContext, Result};
+use wick_agent_proto::tarfs::{Layers, RootfsOptions, UnpackError};
 
-const WHITEOUT_PREFIX: &str = ".wh.";
-const OPAQUE: &str = ".wh..wh..opq";
+use crate::error::{ImageError, IoContext, Result};
 
 /// Opens a possibly compressed tar stream: gzip and zstd are recognised by their magic bytes.
 pub(crate) fn open_tar(path: &Path) -> Result<Box<dyn Read>> {
@@ -37,13 +33,9 @@ pub(crate) fn open_tar(path: &Path) -> Result<Box<dyn Read>> {
 /// Applies tar streams, in order, onto one root directory.
 pub(crate) struct Applier {
     root: PathBuf,
-    whiteouts: bool,
-    owners: bool,
-    /// Directories to fix up at the end (mode and mtime are set after their content is written).
-    dirs: Vec<(PathBuf, u32, i64)>,
-    /// Paths written by the current layer (opaque whiteouts only hide lower layers).
-    this_layer: HashSet<PathBuf>,
-    pub entries: u64,
+    opts: RootfsOptions,
+    /// Opened at the first layer.
+    layers: Option<Layers>,
 }
 
 impl Applier {
@@ -51,263 +43,57 @@ impl Applier {
     pub(crate) fn new(root: &Path, whiteouts: bool, owners: bool) -> Applier {
         Applier {
             root: root.to_path_buf(),
-            whiteouts,
-            owners,
-            dirs: Vec::new(),
-            this_layer: HashSet::new(),
-            entries: 0,
+            opts: RootfsOptions { whiteouts, owners },
+            layers: None,
         }
     }
 
     /// Applies one tar stream. `what` names it in errors.
     pub(crate) fn apply(&mut self, reader: impl Read, what: &str) -> Result<()> {
-        self.this_layer.clear();
-        let mut ar = tar::Archive::new(reader);
-        let entries = ar
-            .entries()
-            .map_err(|e| ImageError::io(format!("read the tar stream of {what}"), e))?;
-        for entry in entries {
-            let mut entry =
-                entry.map_err(|e| ImageError::io(format!("read an entry of {what}"), e))?;
-            self.entry(&mut entry)
-                .map_err(|e| annotate(e, what, &entry))?;
-            self.entries += 1;
-        }
-        Ok(())
-    }
-
-    /// Sets directory modes and times, deepest first. Call once after the last layer.
-    pub(crate) fn finish(mut self) -> Result<u64> {
-        self.dirs
-            .sort_by_key(|d| std::cmp::Reverse(d.0.components().count()));
-        for (path, mode, mtime) in &self.dirs {
-            let meta = match fs::symlink_metadata(path) {
-                Ok(m) if m.is_dir() => m,
-                _ => continue, // replaced or deleted by a later layer
-            };
-            if meta.mode() & 0o7777 != *mode {
-                fs::set_permissions(path, fs::Permissions::from_mode(*mode)).ctx("chmod", path)?;
-            }
-            set_mtime(path, *mtime)?;
-        }
-        Ok(self.entries)
-    }
-
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<R>) -> Result<()> {
-        let raw = entry
-            .path()
-            .map_err(|e| ImageError::io("decode an entry path", e))?
-            .into_owned();
-        let rel = relative(&raw)?;
-        let kind = entry.header().entry_type();
-        if rel.as_os_str().is_empty() {
-            // The archive's "./": the root directory itself.
-            if kind.is_dir() {
-                let (mode, uid, gid, mtime) = meta_of(entry.header())?;
-                self.chown(&self.root.clone(), uid, gid)?;
-                self.dirs.push((self.root.clone(), mode, mtime));
-            }
-            return Ok(());
-        }
-        let file_name = rel.file_name().unwrap_or_default().to_string_lossy();
-        if self.whiteouts && file_name.starts_with(WHITEOUT_PREFIX) {
-            return self.whiteout(&rel, &file_name);
-        }
-        let path = self.prepare_parent(&rel)?;
-        self.this_layer.insert(rel.clone());
-        let header = entry.header();
-        let (mode, uid, gid, mtime) = meta_of(header)?;
-        match kind {
-            tar::EntryType::Directory => {
-                match fs::symlink_metadata(&path) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        remove_any(&path)?;
-                        fs::create_dir(&path).ctx("create directory", &path)?;
-                    }
-                    Err(_) => fs::create_dir(&path).ctx("create directory", &path)?,
-                }
-                self.chown(&path, uid, gid)?;
-                self.xattrs(entry, &path)?;
-                self.dirs.push((path, mode, mtime));
-            }
-            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                remove_if_exists(&path)?;
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .mode(0o600)
-                    .open(&path)
-                    .ctx("create", &path)?;
-                copy_sparse(entry, &mut f).ctx("write", &path)?;
-                if self.owners {
-                    std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).ctx("chown", &path)?;
-                }
-                // After chown, which clears set-id bits.
-                f.set_permissions(fs::Permissions::from_mode(mode))
-                    .ctx("chmod", &path)?;
-                drop(f);
-                self.xattrs(entry, &path)?;
-                set_mtime(&path, mtime)?;
-            }
-            tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| ImageError::io("decode a symlink target", e))?
-                    .ok_or_else(|| unsafe_entry(&rel, "symlink without a target"))?;
-                remove_if_exists(&path)?;
-                std::os::unix::fs::symlink(&target, &path).ctx("create symlink", &path)?;
-                self.chown(&path, uid, gid)?;
-                set_mtime(&path, mtime)?;
-            }
-            tar::EntryType::Link => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| ImageError::io("decode a hard link target", e))?
-                    .ok_or_else(|| unsafe_entry(&rel, "hard link without a target"))?;
-                let target_rel = relative(&target)?;
-                let target_path = self.check_parents(&target_rel)?;
-                let tmeta = fs::symlink_metadata(&target_path).map_err(|_| {
-                    unsafe_entry(
-                        &rel,
-                        &format!("hard link to {target_rel:?}, which does not exist"),
-                    )
-                })?;
-                if tmeta.is_dir() {
-                    return Err(unsafe_entry(&rel, "hard link to a directory"));
-                }
-                if target_path != path {
-                    remove_if_exists(&path)?;
-                    // linkat without AT_SYMLINK_FOLLOW: a symlink target is linked, not followed.
-                    fs::hard_link(&target_path, &path).ctx("create hard link", &path)?;
-                }
-            }
-            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                let major = header.device_major().ok().flatten().unwrap_or(0);
-                let minor = header.device_minor().ok().flatten().unwrap_or(0);
-                let sflag = match kind {
-                    tar::EntryType::Char => nix::sys::stat::SFlag::S_IFCHR,
-                    tar::EntryType::Block => nix::sys::stat::SFlag::S_IFBLK,
-                    _ => nix::sys::stat::SFlag::S_IFIFO,
-                };
-                remove_if_exists(&path)?;
-                nix::sys::stat::mknod(
-                    &path,
-                    sflag,
-                    nix::sys::stat::Mode::from_bits_truncate(mode),
-                    nix::sys::stat::makedev(major as u64, minor as u64),
-                )
-                .map_err(|e| ImageError::io(format!("mknod {}", path.display()), e.into()))?;
-                self.chown(&path, uid, gid)?;
-                fs::set_permissions(&path, fs::Permissions::from_mode(mode)).ctx("chmod", &path)?;
-                set_mtime(&path, mtime)?;
-            }
-            // pax/GNU metadata records are folded into entries by the tar crate; anything else
-            // (sockets never appear in tars) is skipped.
-            other => {
-                self.this_layer.remove(&rel);
-                tracing::debug!(?rel, ?other, "skipping tar entry of unsupported type");
-            }
-        }
-        Ok(())
-    }
-
-    /// `.wh.<name>` removes `<name>`; `.wh..wh..opq` hides lower content of its directory.
-    fn whiteout(&mut self, rel: &Path, file_name: &str) -> Result<()> {
-        let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-        let parent = self.check_parents(rel)?;
-        let parent = parent.parent().unwrap_or(&self.root).to_path_buf();
-        if file_name == OPAQUE {
-            match fs::symlink_metadata(&parent) {
-                Ok(m) if m.is_dir() => self.clear_lower(&parent, &parent_rel),
-                _ => Ok(()),
-            }
-        } else {
-            let name = &file_name[WHITEOUT_PREFIX.len()..];
-            if name.is_empty() || name == "." || name == ".." {
-                return Err(unsafe_entry(rel, "whiteout of an invalid name"));
-            }
-            let victim_rel = parent_rel.join(name);
-            if self.this_layer.contains(&victim_rel) {
-                return Ok(());
-            }
-            let victim = parent.join(name);
-            if fs::symlink_metadata(&victim).is_ok() {
-                remove_any(&victim)?;
-            }
-            Ok(())
-        }
-    }
-
-    /// Removes everything under `dir` that the current layer did not write.
-    fn clear_lower(&self, dir: &Path, dir_rel: &Path) -> Result<()> {
-        for child in fs::read_dir(dir).ctx("read directory", dir)? {
-            let child = child.ctx("read directory", dir)?;
-            let child_rel = dir_rel.join(child.file_name());
-            let path = child.path();
-            if self.this_layer.contains(&child_rel) {
-                if child.file_type().ctx("stat", &path)?.is_dir() {
-                    self.clear_lower(&path, &child_rel)?;
-                }
-            } else {
-                remove_any(&path)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn prepare_parent(&self, rel: &Path) -> Result<PathBuf> {
-        safe_path(&self.root, rel, true)
-    }
-
-    fn check_parents(&self, rel: &Path) -> Result<PathBuf> {
-        safe_path(&self.root, rel, false)
-    }
-
-    fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<()> {
-        if self.owners {
-            std::os::unix::fs::lchown(path, Some(uid), Some(gid)).ctx("chown", path)?;
-        }
-        Ok(())
-    }
-
-    /// Extended attributes from pax `SCHILY.xattr.*` records (e.g. file capabilities).
-    fn xattrs<R: Read>(&self, entry: &mut tar::Entry<R>, path: &Path) -> Result<()> {
-        let Ok(Some(exts)) = entry.pax_extensions() else {
-            return Ok(());
+        let layers = match &mut self.layers {
+            Some(l) => l,
+            None => self
+                .layers
+                .insert(Layers::new(&self.root, self.opts).map_err(|e| image_error(e, what))?),
         };
-        for ext in exts.flatten() {
-            let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") else {
-                continue;
-            };
-            let (Ok(cname), Ok(cpath)) = (
-                CString::new(name),
-                CString::new(path.as_os_str().as_bytes()),
-            ) else {
-                continue;
-            };
-            let value = ext.value_bytes();
-            // SAFETY: both strings are NUL-terminated and live across the call.
-            let rc = unsafe {
-                libc::lsetxattr(
-                    cpath.as_ptr(),
-                    cname.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                )
-            };
-            if rc != 0 {
-                tracing::warn!(
-                    path = %path.display(),
-                    name = %String::from_utf8_lossy(name),
-                    error = %io::Error::last_os_error(),
-                    "could not set an extended attribute"
-                );
-            }
+        layers.apply(reader).map_err(|e| image_error(e, what))
+    }
+
+    /// Sets directory modes and times, deepest first. Call once after the last layer. Returns
+    /// how many entries the layers held.
+    pub(crate) fn finish(self) -> Result<u64> {
+        let Some(layers) = self.layers else {
+            return Ok(0);
+        };
+        let done = layers.finish().map_err(|e| image_error(e, "the layers"))?;
+        for w in &done.warnings {
+            tracing::warn!("{w}");
         }
-        Ok(())
+        Ok(done.entries)
+    }
+}
+
+/// A refused entry is an [`ImageError::UnsafeEntry`]; a failed system call or read an
+/// [`ImageError::Io`].
+fn image_error(e: UnpackError, what: &str) -> ImageError {
+    match e {
+        UnpackError::Read(source) => {
+            ImageError::io(format!("read the tar stream of {what}"), source)
+        }
+        UnpackError::Entry {
+            path,
+            reason,
+            os: Some(source),
+        } => ImageError::io(format!("{reason} (entry {path:?} of {what})"), source),
+        UnpackError::Entry {
+            path,
+            reason,
+            os: None,
+        } => ImageError::UnsafeEntry {
+            path: path.display().to_string(),
+            reason: format!("{reason} (in {what}); the image is refused"),
+        },
+        UnpackError::Dest(why) => ImageError::Invalid(format!("applying {what}: {why}")),
     }
 }
 
@@ -359,75 +145,6 @@ pub(crate) fn relative(raw: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-fn meta_of(h: &tar::Header) -> Result<(u32, u32, u32, i64)> {
-    let bad = |e: io::Error| ImageError::io("decode a tar header", e);
-    Ok((
-        h.mode().map_err(bad)? & 0o7777,
-        h.uid().map_err(bad)? as u32,
-        h.gid().map_err(bad)? as u32,
-        h.mtime().map_err(bad)? as i64,
-    ))
-}
-
-/// Copies file data, turning runs of whole zero blocks into holes.
-fn copy_sparse(r: &mut impl Read, f: &mut File) -> io::Result<()> {
-    use std::io::{Seek, SeekFrom, Write};
-    let mut buf = vec![0u8; 1 << 16];
-    let mut len: u64 = 0;
-    loop {
-        let n = read_full(r, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        let chunk = &buf[..n];
-        if n == buf.len() && chunk.iter().all(|&b| b == 0) {
-            f.seek(SeekFrom::Current(n as i64))?;
-        } else {
-            f.write_all(chunk)?;
-        }
-        len += n as u64;
-    }
-    f.set_len(len)
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
-fn set_mtime(path: &Path, mtime: i64) -> Result<()> {
-    use nix::sys::stat::{utimensat, UtimensatFlags};
-    use nix::sys::time::TimeSpec;
-    let t = TimeSpec::new(mtime, 0);
-    utimensat(None, path, &t, &t, UtimensatFlags::NoFollowSymlink)
-        .map_err(|e| ImageError::io(format!("set times of {}", path.display()), e.into()))
-}
-
-fn remove_any(path: &Path) -> Result<()> {
-    let m = fs::symlink_metadata(path).ctx("stat", path)?;
-    if m.is_dir() {
-        fs::remove_dir_all(path).ctx("remove", path)
-    } else {
-        fs::remove_file(path).ctx("remove", path)
-    }
-}
-
-/// Removes a non-directory (or a whole directory a file now replaces) if present.
-fn remove_if_exists(path: &Path) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(_) => remove_any(path),
-        Err(_) => Ok(()),
-    }
-}
-
 fn unsafe_entry(path: &Path, reason: &str) -> ImageError {
     ImageError::UnsafeEntry {
         path: path.display().to_string(),
@@ -446,30 +163,10 @@ fn through_symlink(rel: &Path, link: &Path, root: &Path) -> ImageError {
     )
 }
 
-fn annotate<R: Read>(e: ImageError, what: &str, entry: &tar::Entry<R>) -> ImageError {
-    match e {
-        ImageError::UnsafeEntry { path, reason } => ImageError::UnsafeEntry {
-            path,
-            reason: format!("{reason} (in {what}); the image is refused"),
-        },
-        ImageError::Io { context, source } => {
-            let p = entry
-                .path_bytes()
-                .iter()
-                .map(|&b| b as char)
-                .collect::<String>();
-            ImageError::Io {
-                context: format!("{context} (entry {p:?} of {what})"),
-                source,
-            }
-        }
-        e => e,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     fn tar_of(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());

@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
@@ -14,7 +13,7 @@ use crate::inject::{inject_agent, remove_in, symlink, write_file};
 use crate::mirror::debian_mirror;
 use crate::record::{ImageRecord, ImageSource};
 use crate::store::{require_root, ImageStore, DEFAULT_HEADROOM_MIB};
-use crate::util::{require, run, sha256_file, which, E2FS_HINT};
+use crate::util::{arg, require, run, sha256_file, tool, which, E2FS_HINT};
 
 /// The Debian release the golden image is built from.
 pub const DEFAULT_SUITE: &str = "bookworm";
@@ -172,33 +171,24 @@ impl ImageStore {
         ));
         // In a private mount namespace, so the /proc and /sys debootstrap mounts inside the
         // target vanish with it even if it is killed.
-        let mut cmd = match which("unshare") {
-            Some(unshare) => {
-                let mut c = Command::new(unshare);
-                c.args(["--mount", "--propagation", "private", "--"])
-                    .arg(&debootstrap);
-                c
-            }
-            None => Command::new(&debootstrap),
+        let cmd = match which("unshare") {
+            Some(unshare) => tool(&unshare)
+                .args(["--mount", "--propagation", "private", "--"])
+                .arg(arg(&debootstrap)),
+            None => tool(&debootstrap),
         };
-        cmd.arg("--variant=minbase")
-            .arg(format!("--include={}", packages.join(",")))
-            .arg(format!("--cache-dir={}", cache.display()))
-            .arg(&opts.suite)
-            .arg(&root)
-            .arg(&mirror)
-            .env("LC_ALL", "C");
         // The guest tree gets a guest's usual umask whatever the caller's (wickd runs with 077;
         // the tree is private anyway: it is inside the 0700 staging dir).
-        // SAFETY: umask is async-signal-safe and touches only the child.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::umask(0o022);
-                Ok(())
-            });
-        }
-        run(&mut cmd, &mut |line| {
+        let cmd = cmd
+            .arg("--variant=minbase")
+            .arg(format!("--include={}", packages.join(",")))
+            .arg(format!("--cache-dir={}", cache.display()))
+            .arg(opts.suite.as_str())
+            .arg(arg(&root))
+            .arg(mirror.as_str())
+            .env("LC_ALL", "C")
+            .umask(0o022);
+        run(&cmd, &mut |line| {
             if let Some(rest) = line.strip_prefix("I: ") {
                 progress(&format!("debootstrap: {rest}"));
             }

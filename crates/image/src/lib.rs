@@ -10,7 +10,7 @@
 //!   ext4 file; [`ImageStore::build_golden`] of the default Debian image (debootstrap).
 //! - [`oci::pull`]: an image from an OCI registry (linux/amd64, digest-verified, cached layers,
 //!   whiteouts, traversal and symlink escapes refused).
-//! - [`testcache`]: a golden image built once and shared by the tests of every crate.
+//! - `testcache` (feature `testing`): a golden image built once and shared by the tests of every crate.
 //!
 //! Every operation is blocking (they run `debootstrap` and `mkfs.ext4`); async callers wrap them in
 //! `spawn_blocking`. They need root: ownership inside an image is real ownership on the host while
@@ -25,6 +25,7 @@ mod mirror;
 pub mod oci;
 mod record;
 mod store;
+#[cfg(any(test, feature = "testing"))]
 pub mod testcache;
 mod util;
 

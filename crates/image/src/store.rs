@@ -518,14 +518,13 @@ pub(crate) fn require_root(what: &str) -> Result<()> {
 /// Whether the ext4 image contains `rel` (read with debugfs, no mount).
 pub(crate) fn ext4_has_file(img: &Path, rel: &str) -> Result<bool> {
     let debugfs = util::require("debugfs", util::E2FS_HINT)?;
-    let out = std::process::Command::new(debugfs)
-        .arg("-R")
-        .arg(format!("stat /{rel}"))
-        .arg(img)
-        .output()
-        .ctx("run debugfs on", img)?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(out.status.success() && text.contains("Inode:"))
+    let out = util::output(
+        &util::tool(&debugfs)
+            .arg("-R")
+            .arg(format!("stat /{rel}"))
+            .arg(util::arg(img)),
+    )?;
+    Ok(out.success() && out.stdout_text().contains("Inode:"))
 }
 
 fn manifest_bytes(r: &ImageRecord) -> Result<Vec<u8>> {

@@ -1,14 +1,12 @@
 //! Small helpers shared by the modules: running tools, hashing, sparse copies, fsync.
 
-use std::collections::VecDeque;
-use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
+use wick_host::cmd::{Cmd, CmdError, Output, Runner, SystemRunner};
 
 use crate::error::{ImageError, IoContext, Result};
 
@@ -28,64 +26,50 @@ pub(crate) fn require(tool: &'static str, hint: &'static str) -> Result<PathBuf>
 
 pub(crate) const E2FS_HINT: &str = "install e2fsprogs (apt-get install e2fsprogs)";
 
+/// The command `tool args...` (a resolved tool path, see [`require`]).
+pub(crate) fn tool(path: &Path) -> Cmd {
+    Cmd::new(path.to_string_lossy())
+}
+
+/// A path as a command argument.
+pub(crate) fn arg(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
 /// Runs `cmd`, feeding each output line (stdout and stderr) to `on_line` as it arrives. On
 /// failure the error carries the last lines of output.
-pub(crate) fn run(cmd: &mut Command, on_line: &mut dyn FnMut(&str)) -> Result<()> {
-    let shown = format!("{cmd:?}").replace('"', "");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| ImageError::io(format!("start `{shown}`"), e))?;
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let readers: Vec<Box<dyn Read + Send>> = vec![
-        Box::new(child.stdout.take().expect("piped stdout")),
-        Box::new(child.stderr.take().expect("piped stderr")),
-    ];
-    let threads: Vec<_> = readers
-        .into_iter()
-        .map(|r| {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(r).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            })
-        })
-        .collect();
-    drop(tx);
-    let mut tail: VecDeque<String> = VecDeque::new();
-    for line in rx {
-        on_line(&line);
-        if tail.len() == 40 {
-            tail.pop_front();
-        }
-        tail.push_back(line);
-    }
-    for t in threads {
-        let _ = t.join();
-    }
-    let status = child
-        .wait()
-        .map_err(|e| ImageError::io(format!("wait for `{shown}`"), e))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(ImageError::Command {
-            cmd: shown,
-            status: status.to_string(),
-            output: Vec::from(tail).join("\n"),
-        })
-    }
+pub(crate) fn run(cmd: &Cmd, on_line: &mut dyn FnMut(&str)) -> Result<()> {
+    SystemRunner::new()
+        .run_lines(cmd, on_line)
+        .map_err(command_error)
+}
+
+/// Runs `cmd` and returns its output whatever its exit status.
+pub(crate) fn output(cmd: &Cmd) -> Result<Output> {
+    SystemRunner::new().run(cmd).map_err(command_error)
 }
 
 /// Runs a command quietly; output only appears in the error.
-pub(crate) fn run_quiet<S: AsRef<OsStr>>(program: &Path, args: &[S]) -> Result<()> {
-    run(Command::new(program).args(args), &mut |_| {})
+pub(crate) fn run_quiet(cmd: &Cmd) -> Result<()> {
+    run(cmd, &mut |_| {})
+}
+
+fn command_error(e: CmdError) -> ImageError {
+    match e {
+        CmdError::Spawn {
+            command, source, ..
+        } => ImageError::io(format!("start `{command}`"), source),
+        CmdError::Failed {
+            command,
+            status,
+            stderr,
+            ..
+        } => ImageError::Command {
+            cmd: command,
+            status,
+            output: stderr,
+        },
+    }
 }
 
 /// Hex sha256 of a file. Holes are hashed as the zeros they read as, without reading them (a

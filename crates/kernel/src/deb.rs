@@ -3,7 +3,7 @@
 //! merged-/usr packages).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use wick_host::cmd::{Cmd, CmdError, Runner, SystemRunner};
 
 use crate::{io_err, KernelError, Result};
 
@@ -38,23 +38,20 @@ pub fn unpack(deb: &Path, scratch_parent: &Path) -> Result<DebKernel> {
             "cannot create a scratch dir in {}",
             scratch_parent.display()
         )))?;
-    let out = Command::new("dpkg-deb")
+    let cmd = Cmd::new("dpkg-deb")
         .arg("-x")
-        .arg(deb)
-        .arg(scratch.path())
-        .output()
-        .map_err(|e| {
-            KernelError::Tool(format!(
-                "cannot run dpkg-deb to unpack {} ({e}); install it (`apt-get install dpkg`) or import the vmlinuz and modules directly",
-                deb.display()
-            ))
-        })?;
-    if !out.status.success() {
-        return Err(KernelError::Invalid(format!(
-            "dpkg-deb could not unpack {}: {}",
+        .arg(deb.to_string_lossy())
+        .arg(scratch.path().to_string_lossy());
+    match SystemRunner::new().run_ok(&cmd) {
+        Ok(_) => {}
+        Err(CmdError::Spawn { source, .. }) => return Err(KernelError::Tool(format!(
+            "cannot run dpkg-deb to unpack {} ({source}); install it (`apt-get install dpkg`) or import the vmlinuz and modules directly",
+            deb.display()
+        ))),
+        Err(CmdError::Failed { stderr, .. }) => return Err(KernelError::Invalid(format!(
+            "dpkg-deb could not unpack {}: {stderr}",
             deb.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        ))),
     }
     let root = scratch.path();
     let boot = root.join("boot");

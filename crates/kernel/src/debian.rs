@@ -5,7 +5,7 @@
 //! reuses the first one's download.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use wick_host::cmd::{Cmd, CmdError, Runner, SystemRunner};
 
 use crate::{io_err, KernelError, Result};
 
@@ -32,10 +32,7 @@ pub fn download_cloud_kernel(dest_dir: &Path) -> Result<PathBuf> {
     let package = match versioned_package()? {
         Some(p) => p,
         None => {
-            run_apt(
-                Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update"]),
-                "apt-get update",
-            )?;
+            run_apt(&Cmd::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update"]))?;
             versioned_package()?.ok_or_else(|| {
                 KernelError::Tool(format!(
                     "apt knows no {CLOUD_KERNEL_META} even after `apt-get update`: this needs a Debian amd64 system with a Debian suite in its apt sources; otherwise import a kernel with `wick kernel import`"
@@ -51,11 +48,10 @@ pub fn download_cloud_kernel(dest_dir: &Path) -> Result<PathBuf> {
             dest_dir.display()
         )))?;
     run_apt(
-        Command::new("apt-get")
+        &Cmd::new("apt-get")
             .arg("download")
-            .arg(&package)
+            .arg(package.as_str())
             .current_dir(partial.path()),
-        &format!("apt-get download {package}"),
     )?;
     let deb = std::fs::read_dir(partial.path())
         .map_err(io_err("cannot list the download dir"))?
@@ -100,14 +96,13 @@ fn cached_deb(dir: &Path) -> Result<Option<PathBuf>> {
 
 /// Asks apt which versioned package the metapackage depends on; `None` when apt doesn't know it.
 fn versioned_package() -> Result<Option<String>> {
-    let out = Command::new("apt-cache")
-        .args(["depends", CLOUD_KERNEL_META])
-        .output()
-        .map_err(|e| KernelError::Tool(format!("cannot run apt-cache ({e}): downloading the Debian kernel needs apt; import a kernel with `wick kernel import` instead")))?;
-    if !out.status.success() {
+    let out = SystemRunner::new()
+        .run(&Cmd::new("apt-cache").args(["depends", CLOUD_KERNEL_META]))
+        .map_err(|e| KernelError::Tool(format!("{e}: downloading the Debian kernel needs apt; import a kernel with `wick kernel import` instead")))?;
+    if !out.success() {
         return Ok(None);
     }
-    Ok(parse_depends(&String::from_utf8_lossy(&out.stdout)))
+    Ok(parse_depends(&out.stdout_text()))
 }
 
 /// Picks the `linux-image-<version>-cloud-amd64` dependency out of `apt-cache depends` output.
@@ -121,18 +116,11 @@ pub fn parse_depends(text: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-fn run_apt(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd
-        .output()
-        .map_err(|e| KernelError::Tool(format!("cannot run {what}: {e}")))?;
-    if !out.status.success() {
-        return Err(KernelError::Tool(format!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+fn run_apt(cmd: &Cmd) -> Result<()> {
+    SystemRunner::new()
+        .run_ok(cmd)
+        .map(drop)
+        .map_err(|e: CmdError| KernelError::Tool(e.to_string()))
 }
 
 #[cfg(test)]

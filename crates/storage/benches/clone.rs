@@ -93,7 +93,7 @@ fn main() {
         row("dm-snapshot", "-", None, &format!("skipped: {why}"));
     } else {
         let host = tempfile::tempdir().unwrap();
-        let b = DmSnapshotBackend::new(Arc::new(SystemRunner), host.path());
+        let b = DmSnapshotBackend::new(Arc::new(SystemRunner::new()), host.path());
         row(
             "dm-snapshot",
             "host (tmp)",

@@ -21,7 +21,7 @@ use std::time::Duration;
 use crate::error::{Result, StorageError};
 use crate::file::{ensure_dir, image_path, remove_if_exists, vm_dir_path, wrong_backend};
 use crate::plan::{dm_name, DiskPlan, LoopDevice, RootDisk, COW_FILE, DM_PREFIX};
-use crate::runner::{command_error, run_ok, Runner};
+use crate::runner::{command_error, run, run_ok, Runner};
 use crate::{BackendKind, CowBackend};
 
 /// Snapshot chunk size: 8 sectors = 4 KiB, the guest filesystem's block size.
@@ -179,7 +179,7 @@ impl DmSnapshotBackend {
     }
 
     fn dm_exists(&self, name: &str) -> Result<bool> {
-        let out = self.runner.run("dmsetup", &["info", name])?;
+        let out = run(&*self.runner, "dmsetup", &["info", name])?;
         if out.status.success() {
             return Ok(true);
         }
@@ -194,7 +194,7 @@ impl DmSnapshotBackend {
         let mut attempt = 0;
         loop {
             let args = ["remove", NO_UDEV[0], NO_UDEV[1], name];
-            let out = self.runner.run("dmsetup", &args)?;
+            let out = run(&*self.runner, "dmsetup", &args)?;
             if out.status.success() {
                 return Ok(());
             }
@@ -218,7 +218,7 @@ impl DmSnapshotBackend {
     }
 
     fn detach(&self, dev: &str) -> Result<()> {
-        let out = self.runner.run("losetup", &["--detach", dev])?;
+        let out = run(&*self.runner, "losetup", &["--detach", dev])?;
         let stderr = String::from_utf8_lossy(&out.stderr).to_ascii_lowercase();
         if out.status.success() || stderr.contains("no such device") {
             Ok(())
@@ -520,7 +520,7 @@ pub(crate) fn parse_tables(out: &str) -> Vec<SnapshotTable> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fake::FakeRunner;
+    use wick_host::cmd::testing::RecordingRunner;
 
     const ID: &str = "0123456789abcdef0123456789abcdef";
     const LIST: &str = "losetup --list --json --output NAME,MAJ:MIN,RO,BACK-FILE,BACK-INO,BACK-MAJ:MIN --noheadings";
@@ -530,7 +530,7 @@ mod tests {
         state: PathBuf,
         image: PathBuf,
         cow: PathBuf,
-        fake: Arc<FakeRunner>,
+        fake: Arc<RecordingRunner>,
         backend: DmSnapshotBackend,
         plan: DiskPlan,
     }
@@ -542,7 +542,7 @@ mod tests {
         std::fs::create_dir_all(image.parent().unwrap()).unwrap();
         let f = File::create(&image).unwrap();
         f.set_len(64 << 20).unwrap();
-        let fake = Arc::new(FakeRunner::new());
+        let fake = Arc::new(RecordingRunner::new());
         let backend = DmSnapshotBackend::new(fake.clone(), &state).with_backoff(vec![
             Duration::ZERO,
             Duration::ZERO,
@@ -575,7 +575,7 @@ mod tests {
     }
 
     fn golden(f: &Fixture, expected: &[String]) {
-        let calls = f.fake.calls();
+        let calls = f.fake.rendered();
         assert_eq!(calls, expected, "\nactual calls:\n{}", calls.join("\n"));
     }
 

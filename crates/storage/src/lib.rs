@@ -30,8 +30,6 @@ use wick_model::api::{Check, CheckStatus};
 
 pub mod dm;
 mod error;
-#[cfg(test)]
-mod fake;
 pub mod file;
 pub mod plan;
 pub mod runner;
@@ -143,9 +141,10 @@ pub fn backend(kind: BackendKind, state_dir: &Path) -> Box<dyn CowBackend> {
     match kind {
         BackendKind::Reflink => Box::new(FileBackend::reflink()),
         BackendKind::Copy => Box::new(FileBackend::copy()),
-        BackendKind::DmSnapshot => {
-            Box::new(DmSnapshotBackend::new(Arc::new(SystemRunner), state_dir))
-        }
+        BackendKind::DmSnapshot => Box::new(DmSnapshotBackend::new(
+            Arc::new(SystemRunner::new()),
+            state_dir,
+        )),
     }
 }
 
@@ -204,7 +203,7 @@ impl Probe {
 pub fn probe(state_dir: &Path) -> Probe {
     Probe {
         reflink: probe_reflink(state_dir),
-        dm_snapshot: probe_dm(&SystemRunner),
+        dm_snapshot: probe_dm(&SystemRunner::new()),
     }
 }
 

@@ -1,44 +1,54 @@
-//! [`Runner`]: the one place this crate executes `losetup`, `dmsetup` and the e2fsprogs tools, so
-//! the device-mapper backend's call order can be golden-tested with a recording fake.
+//! `losetup`, `dmsetup` and the e2fsprogs tools through the one [`wick_host::cmd::Runner`], so
+//! the device-mapper backend's call order is golden-tested with the recording fake. Every
+//! command runs with stdin closed and `LC_ALL=C`, so messages are parseable.
 
-use std::process::{Command, Output, Stdio};
+use wick_host::cmd::{Cmd, CmdError, Output};
+pub use wick_host::cmd::{Runner, SystemRunner};
 
 use crate::error::{spawn_hint, Result, Status, StorageError};
 
-/// Runs a program with arguments and returns its output **whatever its exit status** (callers
-/// decide; see [`run_ok`]). Errors only when it cannot be run at all.
-pub trait Runner: Send + Sync {
-    /// Run `program args...` with stdin closed.
-    fn run(&self, program: &str, args: &[&str]) -> Result<Output>;
+/// The command `program args...` as this crate runs it.
+fn storage_cmd(program: &str, args: &[&str]) -> Cmd {
+    Cmd::new(program)
+        .args(args.iter().copied())
+        .env("LC_ALL", "C")
 }
 
-/// The real runner: `std::process::Command` with `LC_ALL=C` so messages are parseable.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemRunner;
-
-impl Runner for SystemRunner {
-    fn run(&self, program: &str, args: &[&str]) -> Result<Output> {
-        Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("LC_ALL", "C")
-            .output()
-            .map_err(|source| StorageError::Spawn {
-                command: render(program, args),
+/// Runs the command and returns its output **whatever its exit status** (callers decide; see
+/// [`run_ok`]). Errors only when it cannot be run at all.
+pub(crate) fn run(runner: &dyn Runner, program: &str, args: &[&str]) -> Result<Output> {
+    runner
+        .run(&storage_cmd(program, args))
+        .map_err(|e| match e {
+            CmdError::Spawn {
+                program,
+                command,
                 source,
-                hint: spawn_hint(program),
-            })
-    }
+            } => StorageError::Spawn {
+                hint: spawn_hint(&program),
+                command,
+                source,
+            },
+            CmdError::Failed {
+                command,
+                status,
+                stderr,
+                ..
+            } => StorageError::Command {
+                command,
+                status,
+                stderr,
+                hint: None,
+            },
+        })
 }
 
 /// Runs the command; its stdout on success, else a [`StorageError::Command`] naming the command,
 /// its status and its stderr.
 pub fn run_ok(runner: &dyn Runner, program: &str, args: &[&str]) -> Result<String> {
-    let out = runner.run(program, args)?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = run(runner, program, args)?;
+    if out.success() {
+        Ok(out.stdout_text())
     } else {
         Err(command_error(program, args, &out, None))
     }
@@ -51,30 +61,10 @@ pub(crate) fn command_error(
     out: &Output,
     hint: Option<String>,
 ) -> StorageError {
-    let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    if stderr.is_empty() {
-        stderr = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    }
     StorageError::Command {
-        command: render(program, args),
+        command: storage_cmd(program, args).line(),
         status: Status(&out.status).to_string(),
-        stderr,
+        stderr: out.complaint(),
         hint,
     }
-}
-
-/// `program arg...`, quoting arguments that contain spaces.
-pub(crate) fn render(program: &str, args: &[&str]) -> String {
-    let mut s = program.to_string();
-    for a in args {
-        s.push(' ');
-        if a.is_empty() || a.contains(char::is_whitespace) {
-            s.push('"');
-            s.push_str(a);
-            s.push('"');
-        } else {
-            s.push_str(a);
-        }
-    }
-    s
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::error::{Result, StorageError};
 use crate::file::{clone_file, remove_if_exists};
-use crate::runner::{command_error, run_ok, Runner, SystemRunner};
+use crate::runner::{command_error, run, run_ok, Runner, SystemRunner};
 
 /// Filesystem label of every work disk.
 pub const LABEL: &str = "work";
@@ -31,7 +31,7 @@ fn bytes(size_mib: u64) -> Result<u64> {
 /// fresh `mkfs.ext4 -L work` on a sparse file. The file is removed again if any step fails.
 pub fn create(path: &Path, size_mib: u64, seed: Option<&Path>) -> Result<()> {
     let size = bytes(size_mib)?;
-    let r = SystemRunner;
+    let r = SystemRunner::new();
     if let Some(seed) = seed {
         let seed_len = std::fs::metadata(seed)
             .map_err(|e| StorageError::io("cannot use work-seed", seed, e))?
@@ -106,7 +106,7 @@ pub fn grow(path: &Path, new_size_mib: u64) -> Result<bool> {
     if new == old {
         return Ok(false);
     }
-    resize_to(&SystemRunner, path, new, old)?;
+    resize_to(&SystemRunner::new(), path, new, old)?;
     Ok(true)
 }
 
@@ -129,7 +129,7 @@ fn resize_to(r: &dyn Runner, path: &Path, size: u64, old: u64) -> Result<()> {
 
 fn resize2fs(r: &dyn Runner, path: &Path) -> Result<()> {
     let p = p(path);
-    let out = r.run("resize2fs", &[&p])?;
+    let out = run(r, "resize2fs", &[&p])?;
     if out.status.success() {
         return Ok(());
     }
@@ -139,7 +139,7 @@ fn resize2fs(r: &dyn Runner, path: &Path) -> Result<()> {
         return Err(command_error("resize2fs", &[&p], &out, None));
     }
     // Exit codes 1 and 2 mean "errors corrected"; 4 and up mean it could not.
-    let fsck = r.run("e2fsck", &["-fp", &p])?;
+    let fsck = run(r, "e2fsck", &["-fp", &p])?;
     if !matches!(fsck.status.code(), Some(0..=3)) {
         return Err(command_error(
             "e2fsck",

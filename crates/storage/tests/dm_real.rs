@@ -26,7 +26,7 @@ fn dm_snapshot_for_real() {
     common::sparse_image(&image, 64, 8);
     let before = std::fs::read(&image).unwrap();
     let id = format!("{:032x}", std::process::id() as u128 * 0x1000_0001);
-    let b = DmSnapshotBackend::new(Arc::new(SystemRunner), state);
+    let b = DmSnapshotBackend::new(Arc::new(SystemRunner::new()), state);
     let plan = b.plan(&id, &state.join("vm"), &image).unwrap();
     let disk = b.create(&plan).unwrap();
     assert_eq!(disk.path, plan.disk_path());

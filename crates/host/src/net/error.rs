@@ -1,6 +1,6 @@
 //! [`NetError`]: every failure names the command, its exit status and stderr, plus a hint.
 
-use std::fmt;
+use crate::cmd::CmdError;
 
 /// A failed host networking operation.
 #[derive(Debug, thiserror::Error)]
@@ -54,20 +54,6 @@ fn hint_suffix(hint: &str) -> String {
     }
 }
 
-/// A command line rendered for messages: `program arg1 arg2`, quoting arguments with spaces.
-pub(crate) fn render_command(program: &str, args: &[&str]) -> String {
-    let mut s = String::from(program);
-    for a in args {
-        s.push(' ');
-        if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '"' || c == '\'') {
-            s.push_str(&format!("{a:?}"));
-        } else {
-            s.push_str(a);
-        }
-    }
-    s
-}
-
 /// A best-effort hint from the program and its stderr.
 pub(crate) fn hint_for(program: &str, stderr: &str) -> String {
     let e = stderr.to_ascii_lowercase();
@@ -105,11 +91,29 @@ pub(crate) fn spawn_hint(program: &str) -> String {
     format!("is `{program}` installed? (package {pkg})")
 }
 
-/// Implemented so error messages can show exit statuses uniformly.
-pub(crate) struct Status<'a>(pub &'a std::process::ExitStatus);
-
-impl fmt::Display for Status<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+impl From<CmdError> for NetError {
+    fn from(e: CmdError) -> Self {
+        match e {
+            CmdError::Spawn {
+                program,
+                command,
+                source,
+            } => NetError::Spawn {
+                command,
+                source,
+                hint: spawn_hint(&program),
+            },
+            CmdError::Failed {
+                program,
+                command,
+                status,
+                stderr,
+            } => NetError::Command {
+                command,
+                status,
+                hint: hint_for(&program, &stderr),
+                stderr,
+            },
+        }
     }
 }

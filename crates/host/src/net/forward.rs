@@ -70,7 +70,7 @@ impl ForwardGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::fake::RecordingRunner;
+    use crate::cmd::testing::RecordingRunner;
 
     #[test]
     fn enables_only_when_off_and_reports_it() {

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::addr::Ipv4Cidr;
 use super::error::NetError;
-use super::runner::{command_error, run_ok, stderr_lower, Runner};
+use super::runner::{command_error, run, run_ok, stderr_lower, Runner};
 
 /// Prefix of every wick-made VM interface.
 pub const LINK_PREFIX: &str = "wk-";
@@ -149,7 +149,7 @@ pub fn list_wick_links(runner: &dyn Runner) -> Result<Vec<Link>, NetError> {
 pub fn get_link(runner: &dyn Runner, name: &str) -> Result<Option<Link>, NetError> {
     validate_ifname(name)?;
     let args = ["-j", "-d", "link", "show", "dev", name];
-    let out = runner.run("ip", &args, None)?;
+    let out = run(runner, "ip", &args, None)?;
     if !out.status.success() {
         let e = stderr_lower(&out);
         if e.contains("does not exist") || e.contains("cannot find device") {
@@ -212,7 +212,7 @@ impl Bridge {
             Some(_) => {}
             None => {
                 let args = ["link", "add", self.name.as_str(), "type", "bridge"];
-                let out = runner.run("ip", &args, None)?;
+                let out = run(runner, "ip", &args, None)?;
                 // Lost a race with a concurrent ensure: fine.
                 if !out.status.success() && !stderr_lower(&out).contains("file exists") {
                     return Err(command_error("ip", &args, &out));
@@ -229,7 +229,7 @@ impl Bridge {
         if !self.has_address(runner)? {
             let cidr = self.cidr.to_string();
             let args = ["addr", "add", cidr.as_str(), "dev", self.name.as_str()];
-            let out = runner.run("ip", &args, None)?;
+            let out = run(runner, "ip", &args, None)?;
             if !out.status.success() && !stderr_lower(&out).contains("file exists") {
                 return Err(command_error("ip", &args, &out));
             }
@@ -372,7 +372,7 @@ pub fn delete_tap(runner: &dyn Runner, name: &str) -> Result<(), NetError> {
 pub fn delete_link(runner: &dyn Runner, name: &str) -> Result<bool, NetError> {
     validate_ifname(name)?;
     let args = ["link", "del", "dev", name];
-    let out = runner.run("ip", &args, None)?;
+    let out = run(runner, "ip", &args, None)?;
     if out.status.success() {
         return Ok(true);
     }
@@ -386,7 +386,7 @@ pub fn delete_link(runner: &dyn Runner, name: &str) -> Result<bool, NetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::fake::RecordingRunner;
+    use crate::cmd::testing::RecordingRunner;
 
     #[test]
     fn names() {

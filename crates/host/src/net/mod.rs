@@ -1,7 +1,7 @@
 //! Host network plumbing for VMs: the bridge, one TAP per VM, guest isolation, NAT, ip_forward and
 //! the leftover sweep — every command executed through a [`Runner`] so the generated commands and
-//! rules are golden-tested with [`fake::RecordingRunner`] and exercised for real inside private
-//! network namespaces ([`testns`]).
+//! rules are golden-tested with the recording fake (`cmd::testing::RecordingRunner`) and
+//! exercised for real inside private network namespaces (`testns`, feature `testing`).
 //!
 //! # Layout on the host
 //! - Bridge [`DEFAULT_BRIDGE`] (`wick0`, configurable) with address [`DEFAULT_BRIDGE_CIDR`]
@@ -41,12 +41,12 @@
 
 mod addr;
 mod error;
-pub mod fake;
 mod forward;
 mod link;
 pub mod nat;
 mod runner;
 mod sweep;
+#[cfg(any(test, feature = "testing"))]
 pub mod testns;
 
 pub use addr::{guest_ip_range, guest_mac, nth_host, Ipv4Cidr};

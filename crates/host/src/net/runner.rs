@@ -1,89 +1,33 @@
-//! [`Runner`]: the one place host networking commands are executed, so everything above it can be
-//! golden-tested with the [`crate::net::fake::RecordingRunner`] and run for real inside a network
-//! namespace with [`SystemRunner::in_netns`].
+//! Networking commands through the one [`crate::cmd::Runner`]: every command runs with
+//! `LC_ALL=C` (stable, parseable output whatever the daemon's environment says), and failures
+//! become [`NetError`]s with a hint. Golden tests use `cmd::testing::RecordingRunner`; real runs
+//! inside a network namespace use [`SystemRunner::in_netns`].
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use crate::cmd::{Cmd, Output};
+pub use crate::cmd::{Runner, SystemRunner};
 
-use super::error::{hint_for, render_command, spawn_hint, NetError, Status};
+use super::error::{hint_for, NetError};
 
-/// Runs a program with arguments and optional stdin; returns its output **whatever its exit
-/// status** (callers decide; see [`run_ok`]). Errors only when it cannot be run at all.
-pub trait Runner: Send + Sync {
-    /// Run `program args...`, feeding `stdin` when given.
-    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, NetError>;
-}
-
-/// The real runner: `std::process::Command`, optionally inside a named network namespace
-/// (`ip netns exec NS program args...`), which is how the tests keep the host untouched.
-#[derive(Debug, Clone, Default)]
-pub struct SystemRunner {
-    /// Named network namespace (`/run/netns/NAME`) to run every command in; `None` = current.
-    pub netns: Option<String>,
-}
-
-impl SystemRunner {
-    /// Runs commands in the caller's network namespace.
-    pub fn new() -> Self {
-        Self { netns: None }
-    }
-
-    /// Runs every command through `ip netns exec NS`.
-    pub fn in_netns(ns: impl Into<String>) -> Self {
-        Self {
-            netns: Some(ns.into()),
-        }
+/// The networking command `program args...`, fed `stdin` when given.
+pub(crate) fn net_cmd(program: &str, args: &[&str], stdin: Option<&str>) -> Cmd {
+    let cmd = Cmd::new(program)
+        .args(args.iter().copied())
+        .env("LC_ALL", "C");
+    match stdin {
+        Some(input) => cmd.stdin(input),
+        None => cmd,
     }
 }
 
-impl Runner for SystemRunner {
-    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, NetError> {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, program]);
-                c
-            }
-            None => Command::new(program),
-        };
-        cmd.args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Stable, parseable output whatever the daemon's environment says.
-            .env("LC_ALL", "C");
-        let spawn_err = |source: std::io::Error| NetError::Spawn {
-            command: self.describe(program, args),
-            source,
-            hint: spawn_hint(program),
-        };
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        let Some(input) = stdin else {
-            return child.wait_with_output().map_err(spawn_err);
-        };
-        let mut pipe = child.stdin.take().expect("stdin is piped");
-        // Feed stdin from another thread so a program that writes before it has read everything
-        // cannot deadlock us; one that exits without reading it all is reported by its status.
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                let _ = pipe.write_all(input.as_bytes());
-            });
-            child.wait_with_output().map_err(spawn_err)
-        })
-    }
-}
-
-impl SystemRunner {
-    fn describe(&self, program: &str, args: &[&str]) -> String {
-        match &self.netns {
-            Some(ns) => format!("ip netns exec {ns} {}", render_command(program, args)),
-            None => render_command(program, args),
-        }
-    }
+/// Runs the command and returns its output **whatever its exit status** (callers decide; see
+/// [`run_ok`]). Errors only when it cannot be run at all.
+pub(crate) fn run(
+    runner: &dyn Runner,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<Output, NetError> {
+    Ok(runner.run(&net_cmd(program, args, stdin))?)
 }
 
 /// Runs the command and returns its stdout, or a [`NetError::Command`] naming the command, its
@@ -94,9 +38,9 @@ pub fn run_ok(
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<String, NetError> {
-    let out = runner.run(program, args, stdin)?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = run(runner, program, args, stdin)?;
+    if out.success() {
+        Ok(out.stdout_text())
     } else {
         Err(command_error(program, args, &out))
     }
@@ -104,13 +48,10 @@ pub fn run_ok(
 
 /// Builds the [`NetError::Command`] for a finished, failed command.
 pub(crate) fn command_error(program: &str, args: &[&str], out: &Output) -> NetError {
-    let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    if stderr.is_empty() {
-        stderr = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    }
+    let stderr = out.complaint();
     NetError::Command {
-        command: render_command(program, args),
-        status: Status(&out.status).to_string(),
+        command: net_cmd(program, args, None).line(),
+        status: out.status.to_string(),
         hint: hint_for(program, &stderr),
         stderr,
     }
@@ -118,5 +59,5 @@ pub(crate) fn command_error(program: &str, args: &[&str], out: &Output) -> NetEr
 
 /// Stderr of a finished command, lowercased (for "already exists" / "does not exist" checks).
 pub(crate) fn stderr_lower(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).to_ascii_lowercase()
+    out.stderr_text().to_ascii_lowercase()
 }

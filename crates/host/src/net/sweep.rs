@@ -110,7 +110,7 @@ pub fn keep_set<'a>(vm_ids: impl IntoIterator<Item = &'a str>) -> HashSet<String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::fake::RecordingRunner;
+    use crate::cmd::testing::RecordingRunner;
     use crate::net::nat::NftNat;
     use std::sync::Arc;
 

@@ -244,7 +244,7 @@ impl PortGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::fake::RecordingRunner;
+    use crate::cmd::testing::RecordingRunner;
 
     const NONE: &str = "Error: No such file or directory\nlist table bridge wick\n";
 

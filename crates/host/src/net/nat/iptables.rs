@@ -22,7 +22,7 @@ use std::sync::Arc;
 use crate::net::error::NetError;
 use crate::net::link::validate_ifname;
 use crate::net::link::validate_key;
-use crate::net::runner::{command_error, run_ok, stderr_lower, Runner};
+use crate::net::runner::{command_error, run, run_ok, stderr_lower, Runner};
 
 use super::{NatBackend, PortGuard};
 
@@ -321,7 +321,9 @@ impl IptablesNat {
 
     /// Runs; `Ok(false)` instead of an error when it exits non-zero (checks, `-C`).
     fn ipt_check(&self, args: &[&str]) -> Result<bool, NetError> {
-        Ok(self.runner.run(&self.binary, args, None)?.status.success())
+        Ok(run(&*self.runner, &self.binary, args, None)?
+            .status
+            .success())
     }
 
     /// The `-A CHAIN ...` lines of `chain` as argument lists, `None` when the chain does not
@@ -367,12 +369,12 @@ impl IptablesNat {
     ) -> Result<(), NetError> {
         let r = &*self.runner;
         let args = ["-w", "-t", table, "-N", chain];
-        let out = r.run(bin, &args, None)?;
+        let out = run(r, bin, &args, None)?;
         if !out.status.success() && !stderr_lower(&out).contains("exists") {
             return Err(command_error(bin, &args, &out));
         }
         let check = ["-w", "-t", table, "-C", parent, "-j", chain];
-        if !r.run(bin, &check, None)?.status.success() {
+        if !run(r, bin, &check, None)?.status.success() {
             run_ok(
                 r,
                 bin,
@@ -432,7 +434,7 @@ impl IptablesNat {
         // Every jump (there should be one; a crash mid-way could in theory leave more).
         for _ in 0..16 {
             let del = ["-w", "-t", table, "-D", parent, "-j", chain];
-            if !r.run(bin, &del, None)?.status.success() {
+            if !run(r, bin, &del, None)?.status.success() {
                 break;
             }
         }
@@ -556,7 +558,7 @@ impl NatBackend for IptablesNat {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::fake::RecordingRunner;
+    use crate::cmd::testing::RecordingRunner;
 
     fn fake(bin: &str) -> (Arc<RecordingRunner>, IptablesNat) {
         let r = Arc::new(RecordingRunner::new());

@@ -127,7 +127,7 @@ pub fn detect_backend(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::fake::RecordingRunner;
+    use crate::cmd::testing::RecordingRunner;
 
     #[test]
     fn detect_prefers_nft_then_iptables_then_legacy() {

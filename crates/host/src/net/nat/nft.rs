@@ -29,7 +29,7 @@ use serde_json::Value;
 
 use crate::net::error::NetError;
 use crate::net::link::{validate_ifname, validate_key};
-use crate::net::runner::{command_error, run_ok, stderr_lower, Runner};
+use crate::net::runner::{command_error, run, run_ok, stderr_lower, Runner};
 
 use super::{NatBackend, PortGuard};
 
@@ -324,7 +324,7 @@ pub(crate) fn list_table(
     table: &str,
 ) -> Result<Option<String>, NetError> {
     let args = ["-j", "list", "table", family, table];
-    let out = runner.run("nft", &args, None)?;
+    let out = run(runner, "nft", &args, None)?;
     if !out.status.success() {
         if stderr_lower(&out).contains("no such file or directory") {
             return Ok(None);
@@ -424,7 +424,7 @@ impl NatBackend for NftNat {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::fake::RecordingRunner;
+    use crate::cmd::testing::RecordingRunner;
 
     const BASE: &str = r#"add table inet wick
 add map inet wick nat_vms { type ipv4_addr : verdict; }
