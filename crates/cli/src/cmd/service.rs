@@ -8,7 +8,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use wick_model::paths::CONFIG_EXAMPLE;
@@ -92,23 +91,22 @@ fn systemd_running() -> bool {
     Path::new("/run/systemd/system").is_dir()
 }
 
+/// `systemctl ARGS` (with `--root` for an offline target), through wick's one command runner.
 fn systemctl(t: &Target, args: &[&str]) -> Result<()> {
-    let mut cmd = Command::new("systemctl");
+    use wick_host::cmd::{Cmd, Runner, SystemRunner};
+    let mut cmd = Cmd::new("systemctl");
     if t.offline() {
-        cmd.arg(format!("--root={}", t.fs_root.display()));
+        cmd = cmd.arg(format!("--root={}", t.fs_root.display()));
     }
-    cmd.args(args);
-    let out = cmd
-        .output()
-        .context("cannot run systemctl (is systemd installed?)")?;
-    if !out.status.success() {
-        bail!(
-            "systemctl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    SystemRunner::new()
+        .run_ok(&cmd.args(args.iter().copied()))
+        .map(drop)
+        .map_err(|e| match e.is_not_found() {
+            true => {
+                anyhow::anyhow!("systemctl is not installed: wick daemon install needs systemd")
+            }
+            false => anyhow::Error::new(e),
+        })
 }
 
 fn write_new(path: &Path, text: &str, mode: u32) -> Result<()> {
