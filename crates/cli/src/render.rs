@@ -428,8 +428,44 @@ fn strip_nulls(v: serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// What a fresh host's `wick image list` / `wick kernel list` should add: that the first
+/// `vm create` / `vm run` prepares the managed `default` image and kernel. `None` when the
+/// default image is configured (`[images.default]`), not named `default`, or already made.
+pub fn first_use_note(kind: &str, present: &[&str], config: &serde_json::Value) -> Option<String> {
+    let default_name = config["default_image_name"].as_str().unwrap_or("default");
+    let configured = config["images"].get(default_name).is_some();
+    if default_name != "default" || configured || present.contains(&"default") {
+        return None;
+    }
+    let what = match kind {
+        "image" => "builds the golden Debian image `default`",
+        _ => "downloads Debian's cloud kernel as kernel `default`",
+    };
+    Some(format!(
+        "no {kind} `default` yet: the first `wick vm create` or `wick vm run` {what} (a few \
+         minutes, once)"
+    ))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
+
+    #[test]
+    fn first_use_notes() {
+        let empty = serde_json::json!({});
+        let note = first_use_note("image", &[], &empty).unwrap();
+        assert!(
+            note.contains("first `wick vm create` or `wick vm run` builds"),
+            "{note}"
+        );
+        let note = first_use_note("kernel", &["other"], &empty).unwrap();
+        assert!(note.contains("downloads Debian's cloud kernel"), "{note}");
+        assert_eq!(first_use_note("image", &["default"], &empty), None);
+        let configured = serde_json::json!({"images": {"default": {"rootfs": "/r"}}});
+        assert_eq!(first_use_note("image", &[], &configured), None);
+        let renamed = serde_json::json!({"default_image_name": "mine"});
+        assert_eq!(first_use_note("kernel", &[], &renamed), None);
+    }
     use super::*;
     use std::path::PathBuf;
     use wick_model::api::{Check, ErrorCode, Provenance, Resolved, ResolvedDefaults};

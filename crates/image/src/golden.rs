@@ -117,6 +117,69 @@ ExecStartPre=/usr/bin/ssh-keygen -A
 ExecStartPre=/usr/sbin/sshd -t
 ";
 
+/// debootstrap's per-package lines (`Retrieving libc6 2.36-9`, `Validating …`, `Extracting …`,
+/// `Unpacking …`, `Configuring …`) as one progress line per phase plus a count when it ends, so
+/// a build reports a handful of stages instead of hundreds. Other lines pass through.
+#[derive(Default)]
+struct Phases {
+    current: Option<(&'static str, &'static str)>,
+    count: u64,
+}
+
+impl Phases {
+    /// (stage while running, what the count counts) of a per-package verb.
+    fn phase(verb: &str) -> Option<(&'static str, &'static str)> {
+        Some(match verb {
+            "Retrieving" | "Validating" => ("retrieving packages", "packages retrieved"),
+            "Extracting" => ("extracting packages", "packages extracted"),
+            "Unpacking" => ("unpacking packages", "packages unpacked"),
+            "Configuring" => ("configuring packages", "packages configured"),
+            _ => return None,
+        })
+    }
+
+    /// The progress lines for one debootstrap `I:` line (without its prefix).
+    fn line(&mut self, rest: &str) -> Vec<String> {
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let verb = words.first().copied().unwrap_or("");
+        // Per package: `Retrieving NAME VERSION`, `Extracting NAME...`; not the index files
+        // (`Retrieving Packages`) or the headers (`Unpacking required packages...`).
+        let per_package = match verb {
+            "Retrieving" | "Validating" => words.len() == 3,
+            _ => words.len() == 2,
+        };
+        match Self::phase(verb).filter(|_| per_package) {
+            Some(p) if self.current.map(|c| c.0) == Some(p.0) => {
+                // Each package is retrieved, then validated: count it once.
+                if verb != "Validating" {
+                    self.count += 1;
+                }
+                Vec::new()
+            }
+            Some(p) => {
+                let mut out = self.end();
+                self.current = Some(p);
+                self.count = 1;
+                out.push(format!("debootstrap: {}", p.0));
+                out
+            }
+            None => {
+                let mut out = self.end();
+                out.push(format!("debootstrap: {rest}"));
+                out
+            }
+        }
+    }
+
+    /// The count of the phase that just ended, if one was running.
+    fn end(&mut self) -> Vec<String> {
+        match self.current.take() {
+            Some((_, counted)) => vec![format!("debootstrap: {} {counted}", self.count)],
+            None => Vec::new(),
+        }
+    }
+}
+
 const SSHD_CONFIG: &str = "\
 # wick: key-only root logins (keys are installed by wick-agent).
 PermitRootLogin prohibit-password
@@ -188,11 +251,13 @@ impl ImageStore {
             .arg(mirror.as_str())
             .env("LC_ALL", "C")
             .umask(0o022);
+        let mut phases = Phases::default();
         run(&cmd, &mut |line| {
             if let Some(rest) = line.strip_prefix("I: ") {
-                progress(&format!("debootstrap: {rest}"));
+                phases.line(rest).into_iter().for_each(|p| progress(&p));
             }
         })?;
+        phases.end().into_iter().for_each(|p| progress(&p));
 
         progress("configuring the image (sshd, console, fstab, machine-id)");
         configure(&root)?;
@@ -295,6 +360,56 @@ fn configure(root: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn debootstrap_lines_become_a_few_phases() {
+        let transcript = [
+            "Retrieving InRelease",
+            "Retrieving Packages",
+            "Validating Packages",
+            "Resolving dependencies of required packages...",
+            "Retrieving base-files 12.4",
+            "Validating base-files 12.4",
+            "Retrieving libc6 2.36-9",
+            "Validating libc6 2.36-9",
+            "Chosen extractor for .deb packages: dpkg-deb",
+            "Extracting base-files...",
+            "Extracting libc6...",
+            "Installing core packages...",
+            "Unpacking required packages...",
+            "Unpacking base-files...",
+            "Unpacking libc6...",
+            "Configuring required packages...",
+            "Configuring base-files...",
+            "Configuring libc6...",
+            "Base system installed successfully.",
+        ];
+        let mut phases = Phases::default();
+        let mut out: Vec<String> = transcript.iter().flat_map(|l| phases.line(l)).collect();
+        out.extend(phases.end());
+        assert_eq!(
+            out,
+            [
+                "debootstrap: Retrieving InRelease",
+                "debootstrap: Retrieving Packages",
+                "debootstrap: Validating Packages",
+                "debootstrap: Resolving dependencies of required packages...",
+                "debootstrap: retrieving packages",
+                "debootstrap: 2 packages retrieved",
+                "debootstrap: Chosen extractor for .deb packages: dpkg-deb",
+                "debootstrap: extracting packages",
+                "debootstrap: 2 packages extracted",
+                "debootstrap: Installing core packages...",
+                "debootstrap: Unpacking required packages...",
+                "debootstrap: unpacking packages",
+                "debootstrap: 2 packages unpacked",
+                "debootstrap: Configuring required packages...",
+                "debootstrap: configuring packages",
+                "debootstrap: 2 packages configured",
+                "debootstrap: Base system installed successfully.",
+            ]
+        );
+    }
     use super::*;
 
     #[test]

@@ -9,8 +9,8 @@ use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use wick_model::api::{
-    ApiError, BuildImageRequest, ErrorCode, ImageList, ImageSource, ImageView, ImportRequest,
-    PruneImagesResult, PullImageRequest,
+    ApiError, BuildImageRequest, ConfigView, ErrorCode, ImageList, ImageSource, ImageView,
+    ImportRequest, PruneImagesResult, PullImageRequest,
 };
 use wick_model::size::format_mib;
 
@@ -115,8 +115,12 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> Result<()> {
             if a.json {
                 return out_json_sorted(&list);
             }
+            let names: Vec<&str> = list.images.iter().map(|x| x.name.as_str()).collect();
+            let config: ConfigView = client.get("/v1/config").await?;
+            if let Some(note) = render::first_use_note("image", &names, &config.config) {
+                eprintln!("{note}");
+            }
             if list.images.is_empty() {
-                eprintln!("no images; `wick image build` makes the default one");
                 return Ok(());
             }
             out(&image_table(&list.images, render::now_unix()))

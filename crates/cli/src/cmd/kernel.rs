@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use wick_model::api::{ImportRequest, KernelFormat, KernelList, KernelView, PullKernelRequest};
+use wick_model::api::{
+    ConfigView, ImportRequest, KernelFormat, KernelList, KernelView, PullKernelRequest,
+};
 
 use super::image::{absolute, delete_all, out_json_sorted, ListArgs, NameArg};
 use super::{out, outln, Ctx};
@@ -66,8 +68,12 @@ pub async fn run(ctx: &Ctx, cmd: KernelCommand) -> Result<()> {
             if a.json {
                 return out_json_sorted(&list);
             }
+            let names: Vec<&str> = list.kernels.iter().map(|x| x.name.as_str()).collect();
+            let config: ConfigView = client.get("/v1/config").await?;
+            if let Some(note) = render::first_use_note("kernel", &names, &config.config) {
+                eprintln!("{note}");
+            }
             if list.kernels.is_empty() {
-                eprintln!("no kernels; `wick kernel import` adds one");
                 return Ok(());
             }
             out(&kernel_table(&list.kernels, render::now_unix()))
