@@ -20,6 +20,7 @@ use serde::Deserialize;
 use tokio::net::UnixListener;
 use utoipa::OpenApi;
 use wick_model::api::*;
+use wick_model::vm::LifecycleOp;
 use wick_model::{
     PortMapping, Sidecar, VmRecord, VmRuntime, VmSpec, VmState, VmmHandle, WorkspaceInfo,
 };
@@ -142,7 +143,7 @@ async fn lifecycle(
     d: Arc<Daemon>,
     c: ConnectInfo<PeerCred>,
     vm: &str,
-    kind: OpKind,
+    kind: LifecycleOp,
 ) -> Result<Response> {
     let vm = d.find(vm, caller(c))?;
     let op = d.begin(kind, vm)?;
@@ -155,7 +156,7 @@ async fn delete_vm(
     c: ConnectInfo<PeerCred>,
     Path(vm): Path<String>,
 ) -> Result<Response> {
-    lifecycle(d, c, &vm, OpKind::Delete).await
+    lifecycle(d, c, &vm, LifecycleOp::Delete).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{vm}/start", params(("vm" = String, Path)), responses((status = 202, body = Operation)))]
@@ -164,7 +165,7 @@ async fn start_vm(
     c: ConnectInfo<PeerCred>,
     Path(vm): Path<String>,
 ) -> Result<Response> {
-    lifecycle(d, c, &vm, OpKind::Start).await
+    lifecycle(d, c, &vm, LifecycleOp::Start).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{vm}/stop", params(("vm" = String, Path)), responses((status = 202, body = Operation)))]
@@ -173,7 +174,7 @@ async fn stop_vm(
     c: ConnectInfo<PeerCred>,
     Path(vm): Path<String>,
 ) -> Result<Response> {
-    lifecycle(d, c, &vm, OpKind::Stop).await
+    lifecycle(d, c, &vm, LifecycleOp::Stop).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{vm}/restart", params(("vm" = String, Path)), responses((status = 202, body = Operation)))]
@@ -182,7 +183,7 @@ async fn restart_vm(
     c: ConnectInfo<PeerCred>,
     Path(vm): Path<String>,
 ) -> Result<Response> {
-    lifecycle(d, c, &vm, OpKind::Restart).await
+    lifecycle(d, c, &vm, LifecycleOp::Restart).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{vm}/kill", request_body = KillRequest, params(("vm" = String, Path)),

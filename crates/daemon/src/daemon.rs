@@ -5,6 +5,7 @@
 //! follows the durability rule: a host resource's identity is saved in the VM's runtime before the
 //! resource exists, and [`Daemon::release`] frees everything from that record alone.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use wick_model::api::{
     CreateVmRequest, ErrorCode, KillRequest, OpKind, PruneResult, ResolvedDefaults, SetVmRequest,
 };
+use wick_model::vm::{LifecycleOp, Next, TransitionError, VmAction};
 use wick_model::{
     new_vm_id, parse_size_mib, validate_vm_name, Paths, VmRecord, VmRuntime, VmSpec, VmState,
     VmmHandle,
@@ -23,7 +25,7 @@ use wick_vmm::{Vmm, VmmConfig};
 use crate::capability::{Capability, HookCtx};
 use crate::config::{Config, HostFacts, DEFAULT_BOOT_ARGS, MAX_DISK_MIB, MAX_VCPU};
 use crate::error::{Error, Result};
-use crate::ops::{OpEntry, Ops, VmGuard};
+use crate::ops::{OpEntry, Ops};
 
 /// How long to wait for a VMM to die after SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(3);
@@ -81,6 +83,13 @@ impl Caller {
     /// The owner filter for this caller: root sees everything.
     pub fn filter(self) -> Option<u32> {
         (self.uid != 0).then_some(self.uid)
+    }
+}
+
+/// An action the lifecycle table refuses in the VM's state: `409 conflict`.
+impl From<TransitionError> for Error {
+    fn from(e: TransitionError) -> Error {
+        Error::conflict(e.to_string())
     }
 }
 
@@ -425,17 +434,10 @@ impl Daemon {
             }
         };
         drop(quota);
-        let op = self.ops.begin(OpKind::Create, &vm);
-        let guard = self.ops.try_lock_vm(&vm.id, &vm.name, Some(&op.id()))?;
-        let d = self.clone();
-        let op2 = op.clone();
         let no_start = req.no_start;
-        tokio::spawn(async move {
-            let out = d.create_flow(&op2, vm, no_start).await;
-            drop(guard);
-            op2.finish(out.map(Some));
-        });
-        Ok(op)
+        self.spawn_op(OpKind::Create, vm, move |d, op, vm| async move {
+            d.create_flow(&op, vm, no_start).await.map(Some)
+        })
     }
 
     async fn create_flow(
@@ -489,7 +491,7 @@ impl Daemon {
             self.ops.forget_vm(&vm.id);
             return Err(e);
         }
-        vm.state = VmState::Stopped;
+        vm.apply(VmAction::Created)?;
         vm = self.store.save_vm(&vm)?;
         if no_start {
             return Ok(vm);
@@ -499,8 +501,19 @@ impl Daemon {
 
     // ----------------------------------------------------------------- start
 
-    /// Starts the `kind` operation (`start`, `stop`, `restart`, `delete`) on a VM.
-    pub fn begin(self: &Arc<Self>, kind: OpKind, vm: VmRecord) -> Result<Arc<OpEntry>> {
+    /// The one spawner of VM operations: registers the `kind` operation on `vm`, takes the
+    /// VM's lock (or fails the operation with the lock's conflict), then runs `flow` in a task
+    /// and finishes the operation with its outcome once the lock is released.
+    fn spawn_op<F, Fut>(
+        self: &Arc<Self>,
+        kind: OpKind,
+        vm: VmRecord,
+        flow: F,
+    ) -> Result<Arc<OpEntry>>
+    where
+        F: FnOnce(Arc<Daemon>, Arc<OpEntry>, VmRecord) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<VmRecord>>> + Send + 'static,
+    {
         let op = self.ops.begin(kind, &vm);
         let guard = match self.ops.try_lock_vm(&vm.id, &vm.name, Some(&op.id())) {
             Ok(g) => g,
@@ -509,74 +522,78 @@ impl Daemon {
                 return Err(e);
             }
         };
-        let d = self.clone();
-        let op2 = op.clone();
+        let (d, op2) = (self.clone(), op.clone());
         tokio::spawn(async move {
-            // Re-read under the lock: the record may have changed since the request resolved it.
-            let out = match d.store.get_vm(&vm.id) {
-                Err(e) => Err(e.into()),
-                Ok(mut vm) => {
-                    vm.touched_at = now();
-                    match kind {
-                        OpKind::Start => d.start_flow(&op2, vm).await.map(Some),
-                        OpKind::Stop => d.stop_flow(&op2, vm).await.map(Some),
-                        OpKind::Restart => match d.stop_flow(&op2, vm).await {
-                            Ok(vm) => d.start_flow(&op2, vm).await.map(Some),
-                            Err(e) => Err(e),
-                        },
-                        OpKind::Delete => d.delete_flow(&op2, vm, &guard).await.map(|_| None),
-                        OpKind::Create => {
-                            Err(Error::internal("create goes through Daemon::create"))
-                        }
-                    }
-                }
-            };
+            let out = flow(d, op2.clone(), vm).await;
             drop(guard);
             op2.finish(out);
         });
         Ok(op)
     }
 
-    async fn start_flow(self: &Arc<Self>, op: &OpEntry, mut vm: VmRecord) -> Result<VmRecord> {
-        match vm.state {
-            VmState::Running => return Ok(vm),
-            VmState::Stopped | VmState::Error => {}
-            s => {
-                return Err(Error::conflict(format!(
-                    "VM {} is {s}; cannot start it now",
-                    vm.name
-                )))
+    /// Starts a lifecycle operation (`start`, `stop`, `restart`, `delete`) on a VM.
+    pub fn begin(self: &Arc<Self>, what: LifecycleOp, vm: VmRecord) -> Result<Arc<OpEntry>> {
+        self.spawn_op(what.kind(), vm, move |d, op, vm| async move {
+            d.lifecycle_flow(&op, what, &vm.id).await
+        })
+    }
+
+    async fn lifecycle_flow(
+        self: &Arc<Self>,
+        op: &OpEntry,
+        what: LifecycleOp,
+        vm_id: &str,
+    ) -> Result<Option<VmRecord>> {
+        // Re-read under the lock: the record may have changed since the request resolved it.
+        let mut vm = self.store.get_vm(vm_id)?;
+        vm.touched_at = now();
+        match what {
+            LifecycleOp::Start => self.start_flow(op, vm).await.map(Some),
+            LifecycleOp::Stop => self.stop_flow(op, vm).await.map(Some),
+            LifecycleOp::Restart => {
+                let vm = self.stop_flow(op, vm).await?;
+                self.start_flow(op, vm).await.map(Some)
             }
+            LifecycleOp::Delete => self.delete_flow(op, vm).await.map(|()| None),
+        }
+    }
+
+    async fn start_flow(self: &Arc<Self>, op: &OpEntry, mut vm: VmRecord) -> Result<VmRecord> {
+        if vm.check(VmAction::Start)? == Next::To(vm.state) {
+            return Ok(vm); // already running
         }
         op.stage("preflight");
         self.preflight(&vm).await?;
-        vm.state = VmState::Starting;
+        vm.apply(VmAction::Start)?;
         vm.runtime.last_error = None;
         vm = self.store.save_vm(&vm)?;
         match self.start_inner(op, &mut vm).await {
             Ok(()) => {
-                vm.state = VmState::Running;
+                vm.apply(VmAction::Started)?;
                 Ok(self.store.save_vm(&vm)?)
             }
-            Err(e) => {
-                tracing::warn!(vm = %vm.name, error = %e, "start failed; releasing resources");
-                let tail = self.log_tail(&vm, 15);
-                if let Err(re) = self.release(&mut vm).await {
-                    tracing::error!(vm = %vm.name, error = %re, "release after failed start");
-                }
-                if e.code() == ErrorCode::Cancelled {
-                    vm.state = VmState::Stopped;
-                } else {
-                    vm.state = VmState::Error;
-                    vm.runtime.last_error = Some(with_tail(e.message(), &tail));
-                }
-                self.store.save_vm(&vm)?;
-                Err(Error(wick_model::api::ApiError::new(
-                    e.code(),
-                    with_tail(e.message(), &tail),
-                )))
-            }
+            Err(e) => Err(self.fail_start(&mut vm, e).await?),
         }
+    }
+
+    /// Releases what a failed (or cancelled) start made and settles the VM: `error` with the
+    /// reason and the VMM log's tail, or `stopped` when cancelled. Returns the start's error
+    /// (with that tail) for the operation.
+    async fn fail_start(&self, vm: &mut VmRecord, e: Error) -> Result<Error> {
+        tracing::warn!(vm = %vm.name, error = %e, "start failed; releasing resources");
+        let tail = self.log_tail(vm, 15);
+        if let Err(re) = self.release(vm).await {
+            tracing::error!(vm = %vm.name, error = %re, "release after failed start");
+        }
+        let why = with_tail(e.message(), &tail);
+        if e.code() == ErrorCode::Cancelled {
+            vm.apply(VmAction::StartCancelled)?;
+        } else {
+            vm.apply(VmAction::StartFailed)?;
+            vm.runtime.last_error = Some(why.clone());
+        }
+        self.store.save_vm(vm)?;
+        Ok(Error(wick_model::api::ApiError::new(e.code(), why)))
     }
 
     async fn preflight(&self, vm: &VmRecord) -> Result<()> {
@@ -714,9 +731,10 @@ impl Daemon {
         if vm.state == VmState::Stopped && vm.runtime.vmm.is_none() {
             return Ok(vm);
         }
+        vm.check(VmAction::Stop)?;
         op.stage("stop vmm");
         if let Some(h) = vm.runtime.vmm.clone() {
-            vm.state = VmState::Stopping;
+            vm.apply(VmAction::Stop)?;
             vm = self.store.save_vm(&vm)?;
             if self.vmm.find(&h).is_some() {
                 self.shutdown_guest(&vm).await; // sync + poweroff inside first: data survives
@@ -725,7 +743,7 @@ impl Daemon {
         }
         op.stage("release host resources");
         self.release(&mut vm).await?;
-        vm.state = VmState::Stopped;
+        vm.apply(VmAction::Released)?;
         Ok(self.store.save_vm(&vm)?)
     }
 
@@ -744,8 +762,8 @@ impl Daemon {
         let vm = self.find(reference, caller)?;
         let _g = self.ops.try_lock_vm(&vm.id, &vm.name, None)?;
         let mut vm = self.store.get_vm(&vm.id)?;
-        let handle = match (&vm.runtime.vmm, vm.state) {
-            (Some(h), _) if self.vmm.find(h).is_some() => h.clone(),
+        let handle = match &vm.runtime.vmm {
+            Some(h) if self.vmm.find(h).is_some() => h.clone(),
             _ => {
                 return Err(Error::new(
                     ErrorCode::NotRunning,
@@ -753,6 +771,7 @@ impl Daemon {
                 ))
             }
         };
+        vm.check(VmAction::Kill)?;
         vm.touched_at = now();
         self.vmm.kill(&handle, sig)?;
         let deadline = Instant::now() + KILL_GRACE;
@@ -764,7 +783,7 @@ impl Daemon {
             return Ok(self.store.save_vm(&vm)?);
         }
         self.release(&mut vm).await?;
-        vm.state = VmState::Stopped;
+        vm.apply(VmAction::Released)?;
         Ok(self.store.save_vm(&vm)?)
     }
 
@@ -800,12 +819,8 @@ impl Daemon {
 
     // ---------------------------------------------------------------- delete
 
-    async fn delete_flow(
-        self: &Arc<Self>,
-        op: &OpEntry,
-        mut vm: VmRecord,
-        _guard: &VmGuard,
-    ) -> Result<()> {
+    async fn delete_flow(self: &Arc<Self>, op: &OpEntry, mut vm: VmRecord) -> Result<()> {
+        vm.check(VmAction::Delete)?;
         op.stage("release host resources");
         self.release(&mut vm).await?;
         for cap in self.caps.iter().rev() {
@@ -836,11 +851,11 @@ impl Daemon {
             failed: Vec::new(),
         };
         for vm in self.store.list_vms(caller.filter())? {
-            if !matches!(vm.state, VmState::Stopped | VmState::Error) {
-                continue;
+            if vm.check(VmAction::Prune).is_err() {
+                continue; // something may run it
             }
             let name = vm.name.clone();
-            match self.begin(OpKind::Delete, vm) {
+            match self.begin(LifecycleOp::Delete, vm) {
                 Ok(op) => {
                     let done = op.wait().await;
                     match done.error {
@@ -981,17 +996,20 @@ impl Daemon {
         if let Err(e) = self.release(&mut vm).await {
             tracing::error!(vm = %vm.name, error = %e, "release after VMM exit");
         }
-        if clean {
-            vm.state = VmState::Stopped;
-            vm.runtime.last_error = None;
+        let (action, last_error) = if clean {
+            (VmAction::Released, None)
         } else {
-            vm.state = VmState::Error;
             let why = format!(
                 "VMM exited unexpectedly ({})",
                 status.unwrap_or_else(|| "status unknown".into())
             );
-            vm.runtime.last_error = Some(with_tail(&why, &tail));
+            (VmAction::Crashed, Some(with_tail(&why, &tail)))
+        };
+        if let Err(e) = vm.apply(action) {
+            tracing::error!(vm = %vm.name, error = %e, "settling VM after VMM exit");
+            return;
         }
+        vm.runtime.last_error = last_error;
         if let Err(e) = self.store.save_vm(&vm) {
             tracing::error!(vm = %vm.name, error = %e, "saving VM after VMM exit");
         }
