@@ -201,3 +201,24 @@ impl Daemon {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use wick_model::api::ErrorCode;
+    use wick_model::vm::VmAction;
+    use wick_model::VmState;
+
+    use super::*;
+
+    #[test]
+    fn refused_transitions_are_conflicts_naming_vm_state_and_action() {
+        let e = Error::from(TransitionError {
+            vm: "a1".into(),
+            state: VmState::Starting,
+            action: VmAction::Start,
+        });
+        assert_eq!(e.code(), ErrorCode::Conflict);
+        assert_eq!(e.0.code.http_status(), 409);
+        assert_eq!(e.message(), "VM a1 is starting; cannot start it now");
+    }
+}
