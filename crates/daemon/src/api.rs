@@ -21,6 +21,7 @@ use serde::Deserialize;
 use tokio::net::UnixListener;
 use utoipa::{IntoParams, OpenApi};
 use wick_model::api::*;
+use wick_model::vm::LifecycleOp;
 use wick_model::{
     PortMapping, Sidecar, VmRecord, VmRuntime, VmSpec, VmState, VmmHandle, WorkspaceInfo,
 };
@@ -187,7 +188,7 @@ async fn lifecycle(
     d: Arc<Daemon>,
     c: ConnectInfo<PeerCred>,
     vm: &str,
-    kind: OpKind,
+    kind: LifecycleOp,
 ) -> Result<Response> {
     let vm = d.find(vm, caller(c))?;
     let op = d.begin(kind, vm)?;
@@ -204,7 +205,7 @@ async fn delete_vm(
     c: ConnectInfo<PeerCred>,
     Valid(Path(vm)): Valid<Path<String>>,
 ) -> Result<Response> {
-    lifecycle(d, c, &vm, OpKind::Delete).await
+    lifecycle(d, c, &vm, LifecycleOp::Delete).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{vm}/start", params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
@@ -217,7 +218,7 @@ async fn start_vm(
     c: ConnectInfo<PeerCred>,
     Valid(Path(vm)): Valid<Path<String>>,
 ) -> Result<Response> {
-    lifecycle(d, c, &vm, OpKind::Start).await
+    lifecycle(d, c, &vm, LifecycleOp::Start).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{vm}/stop", params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
@@ -230,7 +231,7 @@ async fn stop_vm(
     c: ConnectInfo<PeerCred>,
     Valid(Path(vm)): Valid<Path<String>>,
 ) -> Result<Response> {
-    lifecycle(d, c, &vm, OpKind::Stop).await
+    lifecycle(d, c, &vm, LifecycleOp::Stop).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{vm}/restart", params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
@@ -243,7 +244,7 @@ async fn restart_vm(
     c: ConnectInfo<PeerCred>,
     Valid(Path(vm)): Valid<Path<String>>,
 ) -> Result<Response> {
-    lifecycle(d, c, &vm, OpKind::Restart).await
+    lifecycle(d, c, &vm, LifecycleOp::Restart).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{vm}/kill", request_body = KillRequest, params(("vm" = String, Path, description = "VM name, id or unique id prefix")),

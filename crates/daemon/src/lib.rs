@@ -1,6 +1,7 @@
 //! wickd: the root daemon that owns wick's state (SQLite) and every host resource of every VM.
 //!
-//! - [`daemon`]: the [`Daemon`] and the VM lifecycle flows (create, start, stop, kill, delete, set);
+//! - [`daemon`]: the [`Daemon`] and the VM lifecycle flows (create, start, stop, kill, delete, set),
+//!   one module each, moving VMs only along `wick_model::vm`'s lifecycle table;
 //! - [`ops`]: long operations, their event streams, cancellation and the per-VM lock;
 //! - [`capability`]: lifecycle hooks that host features (network, DNS, NAT, disks) plug into;
 //! - [`reconcile`]: start-up reconcile and sweep, from the durable records only;

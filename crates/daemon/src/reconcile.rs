@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
+use wick_model::vm::VmAction;
 use wick_model::VmState;
 
 use crate::daemon::Daemon;
@@ -48,17 +49,13 @@ pub async fn reconcile(d: &Arc<Daemon>) -> anyhow::Result<Report> {
                     tracing::error!(vm = %vm.name, error = %e, "reconcile: release failed");
                     continue;
                 }
-                vm.state = match state {
-                    VmState::Creating => {
-                        vm.runtime.last_error = Some(
-                            "creation was interrupted by a wickd restart; delete this VM and create it again"
-                                .into(),
-                        );
-                        VmState::Error
-                    }
-                    VmState::Error => VmState::Error,
-                    _ => VmState::Stopped,
-                };
+                if state == VmState::Creating {
+                    vm.runtime.last_error = Some(
+                        "creation was interrupted by a wickd restart; delete this VM and create it again"
+                            .into(),
+                    );
+                }
+                vm.apply(VmAction::Interrupted)?;
                 d.store.save_vm(&vm)?;
                 report
                     .settled

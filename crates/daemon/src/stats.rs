@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wick_model::api::{OpKind, VmStats};
+use wick_model::api::VmStats;
+use wick_model::vm::LifecycleOp;
 use wick_model::{VmRecord, VmState};
 
 use crate::daemon::Daemon;
@@ -156,7 +157,7 @@ pub async fn run_poller(d: Arc<Daemon>) {
                 if idle > limit {
                     tracing::info!(vm = %vm.name, idle = ?idle, "auto-stop: untouched for too long");
                     let name = vm.name.clone();
-                    if let Err(e) = d.begin(OpKind::Stop, vm) {
+                    if let Err(e) = d.begin(LifecycleOp::Stop, vm) {
                         tracing::warn!(vm = %name, error = %e, "auto-stop skipped");
                     }
                 }

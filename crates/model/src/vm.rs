@@ -9,7 +9,10 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// Lifecycle state of a VM.
+mod lifecycle;
+pub use lifecycle::{LifecycleOp, Next, TransitionError, VmAction};
+
+/// Lifecycle state of a VM. Which action moves it where is one table: [`VmState::next`].
 ///
 /// ```text
 ///  creating ──> stopped <──> starting ──> running ──> stopping ──> stopped

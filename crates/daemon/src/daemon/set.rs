@@ -1,0 +1,102 @@
+//! `vm set`: vcpu/memory take effect at the next start; capability changes (NAT, ports) live.
+
+use std::sync::Arc;
+
+use wick_model::api::{ErrorCode, SetVmRequest};
+use wick_model::VmRecord;
+use wick_store::now;
+
+use super::checks::check_vcpu;
+use super::{Caller, Daemon};
+use crate::capability::HookCtx;
+use crate::error::{Error, Result};
+
+impl Daemon {
+    /// `vm set`: vcpu/memory take effect at the next start; capability changes (NAT) live.
+    pub async fn set(
+        self: &Arc<Self>,
+        reference: &str,
+        req: SetVmRequest,
+        caller: Caller,
+    ) -> Result<VmRecord> {
+        if nothing_to_set(&req) {
+            return Err(Error::invalid(
+                "nothing to set: give --vcpu, --memory, --nat or ports to publish/unpublish",
+            ));
+        }
+        let vcpu = req.vcpu.map(check_vcpu).transpose()?;
+        let memory = req
+            .memory
+            .as_deref()
+            .map(|m| self.check_memory(m))
+            .transpose()?;
+        let vm = self.find(reference, caller)?;
+        let _g = self.ops.try_lock_vm(&vm.id, &vm.name, None)?;
+        let mut vm = self.store.get_vm(&vm.id)?;
+        let old = vm.spec.clone();
+        if let Some(v) = vcpu {
+            vm.spec.vcpu = v;
+        }
+        if let Some(m) = memory {
+            vm.spec.memory_mib = m;
+        }
+        if let Some(n) = req.nat {
+            vm.spec.nat = n;
+        }
+        if let Some(w) = &req.workspace {
+            vm.spec.workspace = Some(w.clone());
+        }
+        self.set_ports(&mut vm, &req, caller)?;
+        vm.touched_at = now();
+        {
+            let _quota = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+            self.check_limits(vm.owner, Some((&vm.id, &old)), &vm.spec)?;
+            vm = self.store.save_vm(&vm)?;
+        }
+        for cap in &self.caps {
+            if let Err(e) = cap
+                .apply_config_change(&mut HookCtx::new(&mut vm, &self.store), &old)
+                .await
+            {
+                // Roll the spec back so the record matches the host.
+                vm.spec = old.clone();
+                self.store.save_vm(&vm)?;
+                return Err(e);
+            }
+        }
+        Ok(self.store.save_vm(&vm)?)
+    }
+
+    /// Unpublishes `publish_remove`, then publishes `publish_add` (checked like at create).
+    fn set_ports(&self, vm: &mut VmRecord, req: &SetVmRequest, caller: Caller) -> Result<()> {
+        for port in &req.publish_remove {
+            if !vm.spec.publish.iter().any(|m| m.host_port == *port) {
+                return Err(Error::new(
+                    ErrorCode::NotFound,
+                    format!("VM {} does not publish host port {port}", vm.name),
+                ));
+            }
+            vm.spec.publish.retain(|m| m.host_port != *port);
+        }
+        let others: Vec<u16> = vm.spec.publish.iter().map(|m| m.host_port).collect();
+        for m in self.check_publish(&req.publish_add, Some(&vm.id), caller)? {
+            if others.contains(&m.host_port) {
+                return Err(Error::conflict(format!(
+                    "host port {} is already published by {}",
+                    m.host_port, vm.name
+                )));
+            }
+            vm.spec.publish.push(m);
+        }
+        Ok(())
+    }
+}
+
+fn nothing_to_set(req: &SetVmRequest) -> bool {
+    req.vcpu.is_none()
+        && req.memory.is_none()
+        && req.nat.is_none()
+        && req.publish_add.is_empty()
+        && req.publish_remove.is_empty()
+        && req.workspace.is_none()
+}
