@@ -68,16 +68,28 @@ pub async fn proxy(ctx: &Ctx, a: SshProxyArgs) -> Result<()> {
 /// Copies stdin to `stream` (then half-closes it) and `stream` to stdout, until the server
 /// closes. Blocking on purpose: the stdin thread must not keep the process alive at the end.
 fn relay_stdio(stream: std::net::TcpStream) -> io::Result<()> {
-    use std::io::Write;
-    let mut up = stream.try_clone()?;
+    let up = stream.try_clone()?;
     std::thread::spawn(move || {
-        let _ = io::copy(&mut io::stdin().lock(), &mut up);
+        let _ = pump(io::stdin().lock(), &up);
         let _ = up.shutdown(std::net::Shutdown::Write);
     });
-    let mut down = stream;
-    let mut stdout = io::stdout().lock();
-    io::copy(&mut down, &mut stdout)?;
-    stdout.flush()
+    pump(&stream, io::stdout().lock())
+}
+
+/// Copies `from` to `to` chunk by chunk, flushing each: stdout is line-buffered, and an SSH
+/// packet without a newline would otherwise wait there while both ends wait for each other.
+fn pump(mut from: impl io::Read, mut to: impl io::Write) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return to.flush(),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        to.flush()?;
+    }
 }
 
 /// Where ssh goes for a VM, its host keys pinned.
@@ -306,6 +318,26 @@ pub fn forget_host(paths: &Paths, vm_name: &str) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn pump_flushes_every_chunk() {
+        // A line-buffered writer (like stdout) must not hold a chunk without a newline.
+        let mut out = std::io::LineWriter::new(Vec::new());
+        struct Once(Option<&'static [u8]>);
+        impl std::io::Read for Once {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                match self.0.take() {
+                    Some(d) => {
+                        buf[..d.len()].copy_from_slice(d);
+                        Ok(d.len())
+                    }
+                    None => Err(std::io::Error::other("the peer is still waiting")),
+                }
+            }
+        }
+        assert!(pump(Once(Some(b"\x00\x01 kexinit, no newline")), &mut out).is_err());
+        assert_eq!(out.get_ref().as_slice(), b"\x00\x01 kexinit, no newline");
+    }
     use super::*;
 
     const K1: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOld root@a1";

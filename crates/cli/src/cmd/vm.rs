@@ -6,10 +6,10 @@ use anyhow::{bail, Result};
 use futures::future::join_all;
 use serde::Serialize;
 use wick_model::api::{
-    ApiError, ConfigView, CreateVmRequest, KillRequest, OpKind, OpState, Operation, PruneResult,
-    VmList,
+    ApiError, ConfigView, CreateVmRequest, KillRequest, OpState, Operation, PruneResult, VmList,
 };
 use wick_model::size::format_mib;
+use wick_model::vm::LifecycleOp;
 use wick_model::{VmRecord, VmState};
 
 use super::{out, out_json, outln, Ctx};
@@ -26,10 +26,10 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
         VmCommand::Create(a) => create(ctx, a).await,
         VmCommand::Run(a) => super::run::run(ctx, *a).await,
         VmCommand::Workspace(c) => super::workspace::run(ctx, c).await,
-        VmCommand::Start(a) => lifecycle(ctx, OpKind::Start, a).await,
-        VmCommand::Stop(a) => lifecycle(ctx, OpKind::Stop, a).await,
-        VmCommand::Restart(a) => lifecycle(ctx, OpKind::Restart, a).await,
-        VmCommand::Delete(a) => lifecycle(ctx, OpKind::Delete, a).await,
+        VmCommand::Start(a) => lifecycle(ctx, LifecycleOp::Start, a).await,
+        VmCommand::Stop(a) => lifecycle(ctx, LifecycleOp::Stop, a).await,
+        VmCommand::Restart(a) => lifecycle(ctx, LifecycleOp::Restart, a).await,
+        VmCommand::Delete(a) => lifecycle(ctx, LifecycleOp::Delete, a).await,
         VmCommand::Kill(a) => kill(ctx, a).await,
         VmCommand::List(a) => list(ctx, a.json).await,
         VmCommand::Show(a) => {
@@ -172,20 +172,19 @@ pub(super) async fn delete_vm(ctx: &Ctx, vm: &str) -> Result<()> {
     Ok(())
 }
 
-fn op_request(kind: OpKind, vm: &str) -> (hyper::Method, String) {
+fn op_request(kind: LifecycleOp, vm: &str) -> (hyper::Method, String) {
     match kind {
-        OpKind::Delete => (hyper::Method::DELETE, vm_path(vm, "")),
-        OpKind::Start => (hyper::Method::POST, vm_path(vm, "/start")),
-        OpKind::Stop => (hyper::Method::POST, vm_path(vm, "/stop")),
-        OpKind::Restart => (hyper::Method::POST, vm_path(vm, "/restart")),
-        _ => unreachable!("{kind:?} has its own command"),
+        LifecycleOp::Delete => (hyper::Method::DELETE, vm_path(vm, "")),
+        LifecycleOp::Start => (hyper::Method::POST, vm_path(vm, "/start")),
+        LifecycleOp::Stop => (hyper::Method::POST, vm_path(vm, "/stop")),
+        LifecycleOp::Restart => (hyper::Method::POST, vm_path(vm, "/restart")),
     }
 }
 
 /// One VM of `vm start|stop|restart|delete`: start the operation and follow it.
 pub(super) async fn run_op(
     client: &Client,
-    kind: OpKind,
+    kind: LifecycleOp,
     vm: &str,
     view: View,
     interrupt: &Interrupt,
@@ -201,11 +200,11 @@ pub(super) async fn run_op(
 }
 
 /// The line reported for one VM of a multi-VM command.
-fn result_line(vm: &str, kind: OpKind, result: &Result<Operation>) -> String {
+fn result_line(vm: &str, kind: LifecycleOp, result: &Result<Operation>) -> String {
     match result {
         Ok(op) => {
             let state = match (&op.vm, kind) {
-                (_, OpKind::Delete) => "deleted".to_string(),
+                (_, LifecycleOp::Delete) => "deleted".to_string(),
                 (Some(vm), _) => vm.state.to_string(),
                 (None, _) => "done".to_string(),
             };
@@ -273,7 +272,7 @@ fn report<T: Clone + Serialize>(
     Ok(())
 }
 
-async fn lifecycle(ctx: &Ctx, kind: OpKind, args: LifecycleArgs) -> Result<()> {
+async fn lifecycle(ctx: &Ctx, kind: LifecycleOp, args: LifecycleArgs) -> Result<()> {
     let client = ctx.client();
     let interrupt = Interrupt::install();
     let vms = args.vms;
@@ -285,7 +284,7 @@ async fn lifecycle(ctx: &Ctx, kind: OpKind, args: LifecycleArgs) -> Result<()> {
             return Err(Exit(130).into());
         }
         let op = result?;
-        if kind == OpKind::Delete {
+        if kind == LifecycleOp::Delete {
             super::ssh::forget_host(&ctx.paths, &op.vm_name);
         }
         return if args.json {
@@ -299,7 +298,7 @@ async fn lifecycle(ctx: &Ctx, kind: OpKind, args: LifecycleArgs) -> Result<()> {
             .map(|vm| run_op(&client, kind, vm, View::Quiet, &interrupt)),
     )
     .await;
-    if kind == OpKind::Delete {
+    if kind == LifecycleOp::Delete {
         for op in results.iter().flatten() {
             super::ssh::forget_host(&ctx.paths, &op.vm_name);
         }
@@ -448,6 +447,7 @@ mod tests {
     use super::*;
     use crate::render::tests::vm;
     use wick_model::api::ErrorCode;
+    use wick_model::api::OpKind;
 
     fn op(kind: OpKind, vm_rec: Option<VmRecord>) -> Operation {
         Operation {
@@ -469,23 +469,27 @@ mod tests {
     fn result_lines() {
         let running = vm("a1", "abc", VmState::Running, None);
         assert_eq!(
-            result_line("a1", OpKind::Start, &Ok(op(OpKind::Start, Some(running)))),
+            result_line(
+                "a1",
+                LifecycleOp::Start,
+                &Ok(op(OpKind::Start, Some(running)))
+            ),
             "a1: running"
         );
         assert_eq!(
-            result_line("a1", OpKind::Delete, &Ok(op(OpKind::Delete, None))),
+            result_line("a1", LifecycleOp::Delete, &Ok(op(OpKind::Delete, None))),
             "a1: deleted"
         );
         let mut e = ApiError::new(ErrorCode::NotFound, "no VM matches \"zz\"");
         let err = anyhow::Error::new(e.clone());
         assert_eq!(
-            result_line("zz", OpKind::Stop, &Err(err)),
+            result_line("zz", LifecycleOp::Stop, &Err(err)),
             "zz: error: no VM matches \"zz\""
         );
         e.op_id = Some("op2".into());
         let err = anyhow::Error::new(e);
         assert_eq!(
-            result_line("zz", OpKind::Stop, &Err(err)),
+            result_line("zz", LifecycleOp::Stop, &Err(err)),
             "zz: error: no VM matches \"zz\" (operation op2)"
         );
     }
@@ -507,11 +511,11 @@ mod tests {
     #[test]
     fn op_routes() {
         assert_eq!(
-            op_request(OpKind::Start, "a1"),
+            op_request(LifecycleOp::Start, "a1"),
             (hyper::Method::POST, "/v1/vms/a1/start".into())
         );
         assert_eq!(
-            op_request(OpKind::Delete, "a b"),
+            op_request(LifecycleOp::Delete, "a b"),
             (hyper::Method::DELETE, "/v1/vms/a%20b".into())
         );
     }

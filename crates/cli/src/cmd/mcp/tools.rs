@@ -13,7 +13,7 @@ use rmcp::model::ServerConfig;
 use rmcp::{tool, tool_handler, tool_router, ErrorData as McpError, ServerHandler};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use wick_agent_proto::{ExecEvent, ExecRequest, ExecSession};
-use wick_model::api::OpKind;
+use wick_model::vm::LifecycleOp;
 use wick_model::VmRecord;
 
 use super::types::*;
@@ -122,7 +122,7 @@ impl WickMcp {
 
     #[tool(description = "Stop a VM (its disks are kept; start it again with the CLI).")]
     async fn stop_vm(&self, Parameters(r): Parameters<VmRef>) -> ToolResult<VmSummary> {
-        reply(self.op(OpKind::Stop, &r.vm).await)
+        reply(self.op(LifecycleOp::Stop, &r.vm).await)
     }
 
     #[tool(description = "Delete a VM and its disks.")]
@@ -166,7 +166,7 @@ impl WickMcp {
         vm::outcome_vm(&client, created).await
     }
 
-    async fn op(&self, kind: OpKind, vm: &str) -> Result<VmSummary> {
+    async fn op(&self, kind: LifecycleOp, vm: &str) -> Result<VmSummary> {
         let client = self.ctx.client();
         let op = vm::run_op(&client, kind, vm, View::Quiet, &self.interrupt).await?;
         match op.vm {
