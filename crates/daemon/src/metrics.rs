@@ -22,16 +22,6 @@ const STAGE_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
-/// Every VM state, so each has a series (zero included).
-const STATES: [VmState; 6] = [
-    VmState::Creating,
-    VmState::Stopped,
-    VmState::Starting,
-    VmState::Running,
-    VmState::Stopping,
-    VmState::Error,
-];
-
 /// wickd's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -151,7 +141,8 @@ impl Metrics {
     fn refresh(&self, d: &Daemon) {
         let vms = d.store.list_vms(None).unwrap_or_default();
         self.vms.reset();
-        for state in STATES {
+        // Every state gets a series, zero included.
+        for state in VmState::ALL {
             let n = vms.iter().filter(|v| v.state == state).count();
             self.vms
                 .with_label_values(&[&state.to_string()])

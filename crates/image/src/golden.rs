@@ -130,12 +130,21 @@ impl Phases {
     /// (stage while running, what the count counts) of a per-package verb.
     fn phase(verb: &str) -> Option<(&'static str, &'static str)> {
         Some(match verb {
-            "Retrieving" | "Validating" => ("retrieving packages", "packages retrieved"),
+            "Retrieving" | "Validating" => (
+                "retrieving packages",
+                "packages retrieved or taken from the cache",
+            ),
             "Extracting" => ("extracting packages", "packages extracted"),
             "Unpacking" => ("unpacking packages", "packages unpacked"),
             "Configuring" => ("configuring packages", "packages configured"),
             _ => return None,
         })
+    }
+
+    /// Whether a line counts a package: every package is validated, but only those not in the
+    /// cache are retrieved first, so `Retrieving` lines are not counted.
+    fn counts(verb: &str) -> u64 {
+        u64::from(verb != "Retrieving")
     }
 
     /// The progress lines for one debootstrap `I:` line (without its prefix).
@@ -150,16 +159,13 @@ impl Phases {
         };
         match Self::phase(verb).filter(|_| per_package) {
             Some(p) if self.current.map(|c| c.0) == Some(p.0) => {
-                // Each package is retrieved, then validated: count it once.
-                if verb != "Validating" {
-                    self.count += 1;
-                }
+                self.count += Self::counts(verb);
                 Vec::new()
             }
             Some(p) => {
                 let mut out = self.end();
                 self.current = Some(p);
-                self.count = 1;
+                self.count = Self::counts(verb);
                 out.push(format!("debootstrap: {}", p.0));
                 out
             }
@@ -372,6 +378,7 @@ mod tests {
             "Validating base-files 12.4",
             "Retrieving libc6 2.36-9",
             "Validating libc6 2.36-9",
+            "Validating zlib1g 1.2.13",
             "Chosen extractor for .deb packages: dpkg-deb",
             "Extracting base-files...",
             "Extracting libc6...",
@@ -395,7 +402,7 @@ mod tests {
                 "debootstrap: Validating Packages",
                 "debootstrap: Resolving dependencies of required packages...",
                 "debootstrap: retrieving packages",
-                "debootstrap: 2 packages retrieved",
+                "debootstrap: 3 packages retrieved or taken from the cache",
                 "debootstrap: Chosen extractor for .deb packages: dpkg-deb",
                 "debootstrap: extracting packages",
                 "debootstrap: 2 packages extracted",
