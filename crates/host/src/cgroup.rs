@@ -68,29 +68,6 @@ pub enum Cgroups {
     V2 { root: PathBuf },
 }
 
-/// Undoes the octal escapes of `/proc/mounts` (`\040` for a space, …).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = b[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |a, d| a * 8 + u32::from(d - b'0'));
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 impl Cgroups {
     /// The host's hierarchy, from `/proc/mounts`.
     pub fn detect() -> Result<Cgroups, CgroupError> {
@@ -115,7 +92,7 @@ impl Cgroups {
             if f.len() < 4 {
                 continue;
             }
-            let (point, fstype, opts) = (PathBuf::from(unescape(f[1])), f[2], f[3]);
+            let (point, fstype, opts) = (PathBuf::from(crate::mounts::unescape(f[1])), f[2], f[3]);
             match fstype {
                 "cgroup" => {
                     for (slot, c) in v1.iter_mut().zip(CONTROLLERS) {

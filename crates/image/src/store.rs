@@ -105,32 +105,11 @@ fn mounts_under(path: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = text
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(unescape_mount(m)))
+        .map(|m| PathBuf::from(wick_host::mounts::unescape(m)))
         .filter(|m| m.starts_with(path))
         .collect();
     out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     out
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let d = |c: u8| u32::from(c - b'0');
-            out.push((d(b[i + 1]) * 64 + d(b[i + 2]) * 8 + d(b[i + 3])) as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl ImageStore {
