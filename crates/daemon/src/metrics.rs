@@ -39,14 +39,10 @@ impl Default for Metrics {
     }
 }
 
-fn opts(name: &str, help: &str) -> Opts {
-    Opts::new(name, help)
-}
-
 impl Metrics {
     pub fn new() -> Metrics {
         let operations = IntCounterVec::new(
-            opts(
+            Opts::new(
                 "wick_operations_total",
                 "Finished operations by kind and result.",
             ),
@@ -62,10 +58,10 @@ impl Metrics {
             &["kind", "stage"],
         )
         .expect("valid metric");
-        let vms =
-            IntGaugeVec::new(opts("wick_vms", "VMs by state."), &["state"]).expect("valid metric");
+        let vms = IntGaugeVec::new(Opts::new("wick_vms", "VMs by state."), &["state"])
+            .expect("valid metric");
         let vm_cpu = GaugeVec::new(
-            opts(
+            Opts::new(
                 "wick_vm_cpu_percent",
                 "CPU use of a running VM's VMM and sidecars since the previous sample (percent of one core).",
             ),
@@ -73,19 +69,19 @@ impl Metrics {
         )
         .expect("valid metric");
         let vm_rss = IntGaugeVec::new(
-            opts(
+            Opts::new(
                 "wick_vm_memory_rss_bytes",
                 "Resident memory of a running VM's VMM and sidecars.",
             ),
             &["vm", "name"],
         )
         .expect("valid metric");
-        let dns_queries = IntCounter::with_opts(opts(
+        let dns_queries = IntCounter::with_opts(Opts::new(
             "wick_dns_queries_total",
             "Queries answered by the .vm DNS server (host and guests).",
         ))
         .expect("valid metric");
-        let start_time = IntGauge::with_opts(opts(
+        let start_time = IntGauge::with_opts(Opts::new(
             "wick_daemon_start_time_seconds",
             "When wickd started, in seconds since the Unix epoch.",
         ))

@@ -22,10 +22,10 @@ pub async fn run(ctx: &Ctx, cmd: DaemonCommand) -> Result<()> {
         }
         DaemonCommand::Stop => stop(ctx).await,
         DaemonCommand::Install(args) => {
-            service::install(&service::Target::new(args.fs_root, &ctx.paths)?)
+            service::install(&service::Target::new(args.fs_root, &ctx.paths))
         }
         DaemonCommand::Uninstall(args) => {
-            service::uninstall(&service::Target::new(args.fs_root, &ctx.paths)?)
+            service::uninstall(&service::Target::new(args.fs_root, &ctx.paths))
         }
     }
 }

@@ -18,12 +18,10 @@ use super::outln;
 /// The unit's name.
 pub const UNIT: &str = "wickd.service";
 
-/// Where the files go and what wickd is started with.
+/// Where the files go.
 pub struct Target {
     /// `/` or `--fs-root`.
     pub fs_root: PathBuf,
-    /// The daemon binary, absolute.
-    pub wickd: PathBuf,
     /// `WICK_ROOT` of this invocation, passed on as `--root`.
     pub wick_root: Option<PathBuf>,
     /// The config file (host path, before `fs_root`).
@@ -31,16 +29,12 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn new(fs_root: Option<PathBuf>, paths: &Paths) -> Result<Target> {
-        let wickd = crate::autostart::find_wickd()?;
-        let wickd = fs::canonicalize(&wickd)
-            .with_context(|| format!("cannot resolve the wickd binary {}", wickd.display()))?;
-        Ok(Target {
+    pub fn new(fs_root: Option<PathBuf>, paths: &Paths) -> Target {
+        Target {
             fs_root: fs_root.unwrap_or_else(|| PathBuf::from("/")),
-            wickd,
             wick_root: paths.root.clone(),
             config: paths.config.clone(),
-        })
+        }
     }
 
     fn offline(&self) -> bool {
@@ -60,9 +54,17 @@ impl Target {
     }
 }
 
-/// The unit text for `t`.
-pub fn unit_text(t: &Target) -> String {
-    let mut exec = t.wickd.display().to_string();
+/// The daemon binary the unit starts (absolute): the wickd beside wick, else on PATH. Only
+/// install needs it; uninstall works after the binaries are gone.
+fn wickd_binary() -> Result<PathBuf> {
+    let wickd = crate::autostart::find_wickd()?;
+    fs::canonicalize(&wickd)
+        .with_context(|| format!("cannot resolve the wickd binary {}", wickd.display()))
+}
+
+/// The unit text for `t`, starting `wickd`.
+pub fn unit_text(t: &Target, wickd: &Path) -> String {
+    let mut exec = wickd.display().to_string();
     if let Some(root) = &t.wick_root {
         exec.push_str(&format!(" --root {}", root.display()));
     }
@@ -126,7 +128,7 @@ pub fn install(t: &Target) -> Result<()> {
         bail!("wick daemon install writes to /etc and enables a system service: run it as root");
     }
     let unit = t.unit_path();
-    let text = unit_text(t);
+    let text = unit_text(t, &wickd_binary()?);
     match fs::read_to_string(&unit) {
         Ok(old) if old == text => outln(&format!("{} is up to date", unit.display()))?,
         _ => {

@@ -184,9 +184,7 @@ impl WickMcp {
     }
 
     async fn exec_in(&self, vm: &str, argv: Vec<String>, o: ExecOptions) -> Result<ExecResult> {
-        if argv.first().is_none_or(String::is_empty) {
-            refuse!("command is empty: give the program and its arguments, e.g. [\"ls\", \"-l\"]");
-        }
+        check_command(&argv)?;
         let timeout = o.timeout_secs.unwrap_or(DEFAULT_TIMEOUT);
         if timeout == 0 || timeout > MAX_TIMEOUT {
             refuse!("timeout_secs must be 1..={MAX_TIMEOUT}, not {timeout}");
@@ -208,11 +206,7 @@ impl WickMcp {
     }
 
     async fn run_repo(&self, p: RunParams) -> Result<RunResult> {
-        if p.command.first().is_none_or(String::is_empty) {
-            refuse!(
-                "command is empty: give the program and its arguments, e.g. [\"make\", \"test\"]"
-            );
-        }
+        check_command(&p.command)?;
         let options = WorkspaceFlags::default().to_options()?;
         let guest_path = p
             .guest_path
@@ -506,6 +500,14 @@ fn one_file_tar(name: &Path, data: &[u8], mode: u32) -> Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     builder.append_data(&mut header, name, data)?;
     Ok(builder.into_inner()?)
+}
+
+/// Refuses an empty command (before any VM is made for it).
+fn check_command(argv: &[String]) -> Result<()> {
+    if argv.first().is_none_or(String::is_empty) {
+        refuse!("command is empty: give the program and its arguments, e.g. [\"make\", \"test\"]");
+    }
+    Ok(())
 }
 
 fn absolute(path: &str) -> Result<()> {
