@@ -331,6 +331,48 @@ mod tests {
         assert_eq!(parse_allow_hosts(&["a.test", "A.test."]).unwrap().len(), 1);
     }
 
+    fn label() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::string::string_regex("[a-z0-9_]([a-z0-9_-]{0,8}[a-z0-9_])?").unwrap()
+    }
+
+    fn host() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::strategy::Strategy;
+        (
+            proptest::collection::vec(label(), 0..4),
+            "[a-z][a-z0-9]{0,5}",
+        )
+            .prop_map(|(mut labels, tld)| {
+                labels.push(tld);
+                labels.join(".")
+            })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn patterns_match_by_whole_labels(h in host(), sub in label(), upper in proptest::bool::ANY) {
+            let exact = p(&h);
+            let wild = p(&format!("*.{h}"));
+            let shown = if upper { h.to_ascii_uppercase() } else { h.clone() };
+            let dotted = format!("{shown}.");
+            let below = format!("{sub}.{h}");
+            let below_shown = format!("{sub}.{shown}");
+            let deeper = format!("{sub}.{sub}.{h}.");
+            let glued = format!("{sub}{h}");
+            // An exact name matches itself (any case, trailing dot or not), nothing below it.
+            proptest::prop_assert!(exact.matches(&shown));
+            proptest::prop_assert!(exact.matches(&dotted));
+            proptest::prop_assert!(!exact.matches(&below));
+            // A wildcard matches every name below, never the name itself or a mere suffix.
+            proptest::prop_assert!(wild.matches(&below_shown));
+            proptest::prop_assert!(wild.matches(&deeper));
+            proptest::prop_assert!(!wild.matches(&h));
+            proptest::prop_assert!(!wild.matches(&glued));
+            // Display is the canonical form and parses back to the same pattern.
+            proptest::prop_assert_eq!(p(&wild.to_string()), wild.clone());
+            proptest::prop_assert_eq!(p(&exact.to_string()), exact);
+        }
+    }
+
     #[test]
     fn opens_each_address_once_per_half_ttl_and_bounds_them() {
         let e = Egress::default();
