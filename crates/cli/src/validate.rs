@@ -228,6 +228,32 @@ mod tests {
     }
 
     #[test]
+    fn allow_host_flags() {
+        let m = create_err(&["--nat", "--allow-host", "github.com"]);
+        assert!(m.contains("contradict"), "{m}");
+        let cli = Cli::try_parse_from([
+            "wick",
+            "vm",
+            "run",
+            ".",
+            "--allow-host",
+            "github.com",
+            "--allow-host",
+            "*.pypi.org",
+        ])
+        .unwrap();
+        let Command::Vm(VmCommand::Run(a)) = cli.command else {
+            panic!()
+        };
+        let r = a.vm.to_request(false).unwrap();
+        assert_eq!(r.allow_hosts, ["github.com", "*.pypi.org"]);
+        assert!(!r.nat);
+        let r = set_result(&["--allow-host", "a.test", "--deny-host", "b.test"]).unwrap();
+        assert_eq!(r.allow_host_add, ["a.test"]);
+        assert_eq!(r.allow_host_remove, ["b.test"]);
+    }
+
+    #[test]
     fn set_needs_a_change() {
         let m = set_result(&[]).unwrap_err().to_string();
         assert!(m.starts_with("nothing to change"), "{m}");

@@ -268,3 +268,40 @@ fn allowlist_is_checked_by_the_daemon_and_refused_without_nftables() {
     assert!(vm_rule_lines(&env).is_empty(), "{:?}", vm_rule_lines(&env));
     env.wick_ok(&["vm", "delete", "i1"]);
 }
+
+/// The crash drill for an allowlist VM: wickd killed at each failpoint of a start (after the
+/// NAT rules and set, after the VMM) leaves, after a restart, no chain, set or rule, and the VM
+/// starts again with its allowlist.
+#[test]
+fn crash_drill_allowlist() {
+    if skip() {
+        return;
+    }
+    for point in ["after-tap", "after-nat", "after-spawn"] {
+        let mut env = WickdEnv::new("");
+        env.env.push(("WICK_FAILPOINTS".into(), point.into()));
+        env.start();
+        let out = env.wick(&["vm", "create", "--name", "a1", "--allow-host", "a.test"]);
+        assert!(!out.status.success(), "{point}: the daemon died mid-start");
+        env.kill9(); // reap the dead daemon
+        env.env.clear();
+        env.start();
+        let a1 = vm(&env, "a1");
+        let state = a1["state"].as_str().unwrap();
+        assert!(state == "stopped" || state == "error", "{point}: {a1}");
+        assert!(a1["runtime"]["nat"].is_null(), "{point}: {a1}");
+        assert!(
+            vm_rule_lines(&env).is_empty(),
+            "{point}: {:?}",
+            vm_rule_lines(&env)
+        );
+        env.wick_ok(&["vm", "start", "a1"]);
+        let lines = vm_rule_lines(&env);
+        assert!(
+            lines.iter().any(|l| l.contains("-allow")),
+            "{point}: {lines:?}"
+        );
+        env.wick_ok(&["vm", "delete", "a1"]);
+        assert!(vm_rule_lines(&env).is_empty(), "{point}");
+    }
+}

@@ -6,9 +6,11 @@
 //! an allowed name is forwarded, and the IPv4 addresses of its answer (A records of the answer
 //! section, CNAME chains included: they came from the upstream for an allowed question) are
 //! handed to the sink, and only once the sink has opened them does the client get the answer.
-//! Bounds: at most [`MAX_ALLOWED_ADDRS`] live addresses per client (beyond, the answer is
-//! SERVFAIL), and an address already open for at least half of its new TTL is not sent to the
-//! sink again, so a guest repeating one query cannot make the daemon run a command per query.
+//! An address is opened for twice its record's TTL (clamped to 30 s..12 h first) and opened
+//! again only when what is left is less than the new TTL: so a guest's cached answer never
+//! outlives the firewall element, and a guest repeating one query makes the daemon run at most
+//! one command per address per TTL. At most [`MAX_ALLOWED_ADDRS`] live addresses per client
+//! (beyond, the answer is SERVFAIL).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -19,10 +21,10 @@ use std::time::{Duration, Instant};
 pub const MAX_ALLOW_HOSTS: usize = 64;
 /// Most addresses open at once for one client (one VM's set).
 pub const MAX_ALLOWED_ADDRS: usize = 1024;
-/// Shortest time an opened address is remembered (what the firewall keeps it at least).
-const MIN_KEEP: u32 = 30;
-/// Longest time an opened address is remembered.
-const MAX_KEEP: u32 = 86_400;
+/// Shortest TTL an answer is treated as having, in seconds.
+const MIN_TTL: u32 = 30;
+/// Longest TTL an answer is treated as having (twice that is the firewall's one day maximum).
+const MAX_TTL: u32 = 43_200;
 
 /// One allowlist entry: an exact host name, or `*.suffix` (every name strictly under `suffix`,
 /// not `suffix` itself). Lowercase, without a trailing dot.
@@ -139,7 +141,7 @@ pub fn parse_allow_hosts<S: AsRef<str>>(list: &[S]) -> Result<Vec<HostPattern>, 
 /// Opens the firewall for addresses of allowed answers (wickd: the VM's nft set).
 #[async_trait::async_trait]
 pub trait EgressSink: Send + Sync {
-    /// Opens `addrs` (address, TTL in seconds) for the VM with firewall key `key`. The client
+    /// Opens `addrs` (address, seconds to keep it open) for the VM with firewall key `key`. The client
     /// gets the answer only after this returns `Ok`; an error makes it SERVFAIL.
     async fn allow(&self, key: &str, addrs: Vec<(Ipv4Addr, u32)>) -> Result<(), String>;
 }
@@ -164,19 +166,21 @@ impl Policy {
         &self.key
     }
 
-    /// Of `answer` (address, TTL), what must be (re)opened now; `Err` when that would take the
-    /// client past [`MAX_ALLOWED_ADDRS`] live addresses. Records them as open.
+    /// Of `answer` (address, TTL), what must be (re)opened now and for how long (twice the
+    /// clamped TTL); `Err` when that would take the client past [`MAX_ALLOWED_ADDRS`] live
+    /// addresses. Records them as open.
     pub(crate) fn to_open(&self, answer: &[(Ipv4Addr, u32)]) -> Result<Vec<(Ipv4Addr, u32)>, ()> {
         let now = Instant::now();
         let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
         opened.retain(|_, until| *until > now);
         let mut out = Vec::new();
         for &(ip, ttl) in answer {
-            let keep = ttl.clamp(MIN_KEEP, MAX_KEEP);
-            let until = now + Duration::from_secs(keep.into());
+            let ttl = ttl.clamp(MIN_TTL, MAX_TTL);
+            let hold = ttl * 2;
+            let until = now + Duration::from_secs(hold.into());
             let fresh_enough = opened
                 .get(&ip)
-                .is_some_and(|u| *u >= now + Duration::from_secs((keep / 2).into()));
+                .is_some_and(|u| *u >= now + Duration::from_secs(ttl.into()));
             if fresh_enough || out.iter().any(|(o, _)| *o == ip) {
                 continue;
             }
@@ -184,7 +188,7 @@ impl Policy {
                 return Err(());
             }
             opened.insert(ip, until);
-            out.push((ip, keep));
+            out.push((ip, hold));
         }
         Ok(out)
     }
@@ -374,19 +378,22 @@ mod tests {
     }
 
     #[test]
-    fn opens_each_address_once_per_half_ttl_and_bounds_them() {
+    fn opens_each_address_once_per_ttl_and_bounds_them() {
         let e = Egress::default();
         let src: IpAddr = "172.30.0.5".parse().unwrap();
         e.set(src, "k", vec![p("a.test")]);
         let pol = e.policy(src).unwrap();
         let a: Ipv4Addr = "198.51.100.10".parse().unwrap();
-        assert_eq!(pol.to_open(&[(a, 0), (a, 0)]).unwrap(), [(a, MIN_KEEP)]);
+        assert_eq!(pol.to_open(&[(a, 0), (a, 0)]).unwrap(), [(a, 2 * MIN_TTL)]);
         assert!(pol.to_open(&[(a, 0)]).unwrap().is_empty(), "still fresh");
         assert_eq!(
             pol.to_open(&[(a, 3600)]).unwrap(),
-            [(a, 3600)],
+            [(a, 7200)],
             "longer TTL"
         );
+        assert!(pol.to_open(&[(a, 3600)]).unwrap().is_empty());
+        let b: Ipv4Addr = "198.51.100.11".parse().unwrap();
+        assert_eq!(pol.to_open(&[(b, u32::MAX)]).unwrap(), [(b, 2 * MAX_TTL)]);
         // Growing the allowlist keeps what was opened; narrowing forgets it.
         e.set(src, "k", vec![p("a.test"), p("b.test")]);
         assert!(e

@@ -22,8 +22,9 @@
 //! 4. A client restricted by an egress allowlist ([`DnsConfig::egress`], keyed by source
 //!    address) gets NXDOMAIN for every non-`.vm` name no pattern of its [`Policy`] matches; an
 //!    allowed name is forwarded and the A records of the answer are opened through the
-//!    [`EgressSink`] (wickd: the VM's nft set, the TTL as timeout) before the client gets it
-//!    (see `egress.rs` for the bounds).
+//!    [`EgressSink`] (wickd: the VM's nft set, twice the TTL as timeout) before the client gets
+//!    it (see `egress.rs` for the bounds). AAAA answers are relayed but not opened: guests have
+//!    no IPv6.
 //! 5. Bounds ([`DnsLimits`], so a guest cannot exhaust the daemon): forwarded queries waiting
 //!    for an upstream (each holds a socket) are capped per client address (32) and in total
 //!    (256); a query beyond either cap gets REFUSED at once, without contacting an upstream.

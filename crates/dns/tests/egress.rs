@@ -81,15 +81,15 @@ async fn allowlisted_source_resolves_only_its_names_and_opens_their_addresses() 
     let server = DnsServer::start(cfg).await.unwrap();
     let addr = server.local_addrs()[0];
 
-    // Allowed: forwarded, and opened (with its TTL) before the answer arrived.
+    // Allowed: forwarded, and opened (for twice its TTL) before the answer arrived.
     let m = query(GUEST, addr, "EXAMPLE.test.").await;
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert_eq!(a_records(&m), [EXAMPLE_IP]);
     assert_eq!(
         sink.take(),
-        [("0123456789ab".to_string(), vec![(EXAMPLE_IP, 60)])]
+        [("0123456789ab".to_string(), vec![(EXAMPLE_IP, 120)])]
     );
-    // Asked again within half the TTL: answered, not re-opened.
+    // Asked again while the opening still covers a new TTL: answered, not re-opened.
     let m = query(GUEST, addr, "example.test.").await;
     assert_eq!(a_records(&m), [EXAMPLE_IP]);
     assert!(sink.take().is_empty());

@@ -10,7 +10,8 @@
 //!   oifname BR ip daddr GUEST ct state established,related accept }
 //! ```
 //! Everything else the guest sends out falls through to the base chain's drop. Elements carry
-//! the DNS record's TTL as their timeout (clamped), so the kernel forgets them by itself.
+//! the timeout the resolver asks for (twice the DNS record's TTL, clamped here to
+//! [`ALLOW_TIMEOUT_MIN`]..=[`ALLOW_TIMEOUT_MAX`]), so the kernel forgets them by itself.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
