@@ -263,6 +263,15 @@ fn allowlist_is_checked_by_the_daemon_and_refused_without_nftables() {
     let out = env.wick(&["vm", "create", "--name", "i1", "--allow-host", "a.test"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("nftables"), "{err}");
+    let doctor = env.wick_json(&["doctor"]);
+    let check = doctor["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "egress allowlist")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(check["status"], "warn", "{doctor}");
     let i1 = vm(&env, "i1");
     assert_ne!(i1["state"], "running", "{i1}");
     assert!(vm_rule_lines(&env).is_empty(), "{:?}", vm_rule_lines(&env));

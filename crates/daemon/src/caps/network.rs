@@ -357,6 +357,9 @@ impl Capability for Network {
                 Some("apt-get install nftables"),
             )),
         }
+        if let Ok(b) = &backend {
+            out.push(allowlist_check(&**b));
+        }
         // The per-port anti-spoofing guard needs nftables' bridge family, whatever the backend.
         match net::run_ok(&*self.runner, "nft", &["list", "tables", "bridge"], None) {
             Ok(_) => out.push(check(
@@ -476,6 +479,33 @@ fn check_allowlist_support(backend: &dyn NatBackend, spec: &VmSpec) -> Result<()
         )));
     }
     Ok(())
+}
+
+/// Doctor: whether `--allow-host` works with this backend.
+fn allowlist_check(b: &dyn NatBackend) -> Check {
+    let (status, detail, hint) = if b.supports_allowlist() {
+        (
+            CheckStatus::Pass,
+            "available (--allow-host: per-VM nftables address sets)".to_string(),
+            None,
+        )
+    } else {
+        (
+            CheckStatus::Warn,
+            format!(
+                "not available with the {} backend: VMs with --allow-host are refused",
+                b.name()
+            ),
+            Some("install nftables and set nat_backend = \"auto\" or \"nft\"".to_string()),
+        )
+    };
+    Check {
+        area: "network".into(),
+        name: "egress allowlist".into(),
+        status,
+        detail,
+        hint,
+    }
 }
 
 /// [`Network::egress_sink`]: adds allowed answers to the VM's nft set.
