@@ -22,6 +22,10 @@ impl EgressSink for NoopSink {
     async fn allow(&self, _key: &str, _addrs: Vec<(Ipv4Addr, u32)>) -> Result<(), String> {
         Ok(())
     }
+
+    async fn flush(&self, _key: &str) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 const N: usize = 2000;

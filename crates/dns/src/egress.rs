@@ -144,6 +144,9 @@ pub trait EgressSink: Send + Sync {
     /// Opens `addrs` (address, seconds to keep it open) for the VM with firewall key `key`. The client
     /// gets the answer only after this returns `Ok`; an error makes it SERVFAIL.
     async fn allow(&self, key: &str, addrs: Vec<(Ipv4Addr, u32)>) -> Result<(), String>;
+
+    /// Closes every address opened for the VM with firewall key `key` (its allowlist shrank).
+    async fn flush(&self, key: &str) -> Result<(), String>;
 }
 
 /// The policy of one restricted client.
@@ -153,6 +156,10 @@ pub struct Policy {
     patterns: Vec<HostPattern>,
     /// Addresses opened so far and until when they stay open (pruned as they expire).
     opened: Mutex<HashMap<Ipv4Addr, Instant>>,
+    /// Held while addresses are opened for this client and while its policy is replaced and
+    /// its set flushed, so no answer of an old policy can open an address after the flush.
+    /// Shared by the successive policies of one client.
+    gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Policy {
@@ -193,6 +200,11 @@ impl Policy {
         Ok(out)
     }
 
+    /// The lock serialising this client's openings with the replacement of its policy.
+    pub(crate) fn gate(&self) -> &tokio::sync::Mutex<()> {
+        &self.gate
+    }
+
     /// Forgets `addrs` (the sink failed to open them).
     pub(crate) fn forget(&self, addrs: &[(Ipv4Addr, u32)]) {
         let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
@@ -229,23 +241,50 @@ impl Egress {
 
     /// Restricts `source` to `patterns` (its VM's firewall key is `key`). The addresses it had
     /// opened are kept when every old pattern is still there (the allowlist only grew), and
-    /// forgotten otherwise (the caller flushes the firewall set then).
-    pub fn set(&self, source: IpAddr, key: &str, patterns: Vec<HostPattern>) {
+    /// forgotten otherwise: for a live client use [`replace`](Self::replace), which also has
+    /// them closed.
+    /// Returns whether it narrowed an existing policy of the same key.
+    pub fn set(&self, source: IpAddr, key: &str, patterns: Vec<HostPattern>) -> bool {
         let mut map = self.write();
-        let opened = match map.get(&source) {
-            Some(old) if old.key == key && old.patterns.iter().all(|p| patterns.contains(p)) => {
-                old.opened.lock().unwrap_or_else(|e| e.into_inner()).clone()
-            }
+        let old = map.get(&source).filter(|o| o.key == key);
+        let narrowed = old.is_some_and(|o| o.patterns.iter().any(|p| !patterns.contains(p)));
+        let opened = match old {
+            Some(o) if !narrowed => o.opened.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             _ => HashMap::new(),
         };
+        let gate = old.map(|o| o.gate.clone()).unwrap_or_default();
         map.insert(
             source,
             Arc::new(Policy {
                 key: key.to_string(),
                 patterns,
                 opened: Mutex::new(opened),
+                gate,
             }),
         );
+        narrowed
+    }
+
+    /// [`set`](Self::set) for a live client: when the list shrank, the sink flushes the
+    /// client's addresses, under the client's gate, so no answer of the old policy still in
+    /// flight can open an address afterwards (allowed names are opened again when resolved).
+    pub async fn replace(
+        &self,
+        source: IpAddr,
+        key: &str,
+        patterns: Vec<HostPattern>,
+    ) -> Result<(), String> {
+        let gate = self.policy(source).map(|p| p.gate.clone());
+        let _held = match &gate {
+            Some(g) => Some(g.lock().await),
+            None => None,
+        };
+        if self.set(source, key, patterns) {
+            if let Some(sink) = &self.sink {
+                sink.flush(key).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Lifts the restriction of `source`.

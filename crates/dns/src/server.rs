@@ -2,7 +2,9 @@
 //! `.vm` from [`Records`] and forwards everything else.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket,
+};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -308,7 +310,7 @@ impl HandlerInner {
     /// Opens the A records of `answer` through the egress sink (for a restricted client);
     /// `false` when they cannot be opened (the client then gets SERVFAIL, not an answer it
     /// could not use).
-    async fn open(&self, policy: &Policy, answer: &Message) -> bool {
+    async fn open(&self, src: IpAddr, policy: &Arc<Policy>, answer: &Message) -> bool {
         let addrs: Vec<(Ipv4Addr, u32)> = answer
             .answers
             .iter()
@@ -317,6 +319,13 @@ impl HandlerInner {
                 _ => None,
             })
             .collect();
+        let _held = policy.gate().lock().await;
+        // The policy was replaced while the query was upstream: its answer opens nothing.
+        let current = self.egress.policy(src);
+        if !current.is_some_and(|c| Arc::ptr_eq(&c, policy)) {
+            debug!(%src, "egress allowlist changed during the query; SERVFAIL");
+            return false;
+        }
         let Ok(todo) = policy.to_open(&addrs) else {
             warn!(
                 vm = policy.key(),
@@ -366,7 +375,7 @@ impl HandlerInner {
             match forward::exchange(request.as_slice(), *up, tcp, self.upstream_timeout).await {
                 Ok(answer) => {
                     if let Some(p) = &policy {
-                        if !self.open(p, &answer).await {
+                        if !self.open(request.src().ip(), p, &answer).await {
                             return self.error(request, ResponseCode::ServFail, response).await;
                         }
                     }

@@ -26,6 +26,7 @@ type Call = (String, Vec<(Ipv4Addr, u32)>);
 #[derive(Default)]
 struct RecordingSink {
     calls: Mutex<Vec<Call>>,
+    flushed: Mutex<Vec<String>>,
     fail: AtomicBool,
 }
 
@@ -36,6 +37,11 @@ impl EgressSink for RecordingSink {
             return Err("firewall refused".into());
         }
         self.calls.lock().unwrap().push((key.to_string(), addrs));
+        Ok(())
+    }
+
+    async fn flush(&self, key: &str) -> Result<(), String> {
+        self.flushed.lock().unwrap().push(key.to_string());
         Ok(())
     }
 }
@@ -122,13 +128,22 @@ async fn allowlisted_source_resolves_only_its_names_and_opens_their_addresses() 
     let opened: Vec<Ipv4Addr> = calls[0].1.iter().map(|(ip, _)| *ip).collect();
     assert_eq!(opened, got);
 
+    // Shrinking the list live flushes the client's addresses (growing it did not).
+    assert!(sink.flushed.lock().unwrap().is_empty());
+    egress
+        .replace(
+            IpAddr::V4(GUEST),
+            "0123456789ab",
+            parse_allow_hosts(&["example.test"]).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(*sink.flushed.lock().unwrap(), ["0123456789ab"]);
+    let m = query(GUEST, addr, "big.test.").await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+
     // When the firewall cannot be opened the client gets SERVFAIL, not an unusable answer; the
     // address is not remembered as open.
-    egress.set(
-        IpAddr::V4(GUEST),
-        "0123456789ab",
-        parse_allow_hosts(&["example.test"]).unwrap(),
-    );
     sink.fail.store(true, Ordering::Relaxed);
     let m = query(GUEST, addr, "example.test.").await;
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);

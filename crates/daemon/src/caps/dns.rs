@@ -16,7 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 use wick_dns::resolved::Resolved;
-use wick_dns::{DnsConfig, DnsServer, Egress, EgressSink, Records};
+use wick_dns::{DnsConfig, DnsServer, Egress, EgressSink, HostPattern, Records};
 use wick_host::net::vm_key;
 use wick_model::api::{Check, CheckStatus};
 use wick_model::{VmRecord, VmSpec, VmState};
@@ -79,19 +79,27 @@ impl VmDns {
         let Some(ip) = Self::record_of(vm) else {
             return;
         };
-        if vm.spec.allow_hosts.is_empty() {
-            self.egress.remove(ip.into());
-            return;
+        match Self::patterns(vm) {
+            Some(p) => {
+                self.egress.set(ip.into(), &vm_key(&vm.id), p);
+            }
+            None => self.egress.remove(ip.into()),
         }
-        let patterns = match wick_dns::parse_allow_hosts(&vm.spec.allow_hosts) {
+    }
+
+    /// The VM's allowlist patterns; `None` without one.
+    fn patterns(vm: &VmRecord) -> Option<Vec<HostPattern>> {
+        if vm.spec.allow_hosts.is_empty() {
+            return None;
+        }
+        Some(match wick_dns::parse_allow_hosts(&vm.spec.allow_hosts) {
             Ok(p) => p,
             Err(e) => {
                 // Checked at create/set; a damaged record resolves nothing (fails closed).
                 tracing::error!(vm = %vm.name, error = %e, "egress allowlist unreadable");
                 Vec::new()
             }
-        };
-        self.egress.set(ip.into(), &vm_key(&vm.id), patterns);
+        })
     }
 
     fn host_addr(&self) -> SocketAddr {
@@ -160,9 +168,27 @@ impl Capability for VmDns {
         Ok(())
     }
 
+    /// A live allowlist change; a shrunk list also has its opened addresses closed.
     async fn apply_config_change(&self, cx: &mut HookCtx<'_>, old: &VmSpec) -> Result<()> {
-        if old.allow_hosts != cx.vm.spec.allow_hosts && cx.vm.runtime.tap.is_some() {
-            self.apply_egress(cx.vm);
+        let (Some(ip), true) = (Self::record_of(cx.vm), cx.vm.runtime.tap.is_some()) else {
+            return Ok(());
+        };
+        if old.allow_hosts == cx.vm.spec.allow_hosts {
+            return Ok(());
+        }
+        let Some(patterns) = Self::patterns(cx.vm) else {
+            self.egress.remove(ip.into());
+            return Ok(());
+        };
+        let key = vm_key(&cx.vm.id);
+        if let Err(e) = self.egress.replace(ip.into(), &key, patterns).await {
+            // The spec is rolled back: so is the resolver.
+            let mut was = cx.vm.clone();
+            was.spec = old.clone();
+            self.apply_egress(&was);
+            return Err(crate::error::Error::precondition(format!(
+                "cannot close the addresses removed from the egress allowlist: {e}"
+            )));
         }
         Ok(())
     }

@@ -290,21 +290,8 @@ impl Capability for Network {
             return Ok(()); // applied at next start
         }
         match (was, now) {
-            (Egress::Allowlist, Egress::Allowlist) => {
-                // Names removed: their addresses must not stay open (the resolver forgets the
-                // VM's opened addresses too, so allowed names are opened again when resolved).
-                if old
-                    .allow_hosts
-                    .iter()
-                    .any(|h| !cx.vm.spec.allow_hosts.contains(h))
-                {
-                    let backend = self.backend()?;
-                    backend
-                        .flush_allowed(&vm_key(&cx.vm.id))
-                        .map_err(|e| net_err("egress allowlist", e))?;
-                }
-                Ok(())
-            }
+            // Same rules; a shrunk list has its set flushed by the resolver (`vm dns`), which
+            // serialises that with the answers it opens.
             (a, b) if a == b => Ok(()),
             (_, Egress::None) => self.disable_nat(cx),
             _ => self.enable_nat(cx),
@@ -521,6 +508,15 @@ impl EgressSink for AllowSink {
         let backend = self.0.backend().map_err(|e| e.to_string())?;
         let key = key.to_string();
         tokio::task::spawn_blocking(move || backend.allow_addrs(&key, &addrs))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    async fn flush(&self, key: &str) -> std::result::Result<(), String> {
+        let backend = self.0.backend().map_err(|e| e.to_string())?;
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || backend.flush_allowed(&key))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
