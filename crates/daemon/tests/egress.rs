@@ -66,7 +66,8 @@ fn resolve(g: &TestNetns, name: &str) -> Result<Vec<Ipv4Addr>, String> {
     query_a(g, GUEST_DNS.parse().unwrap(), name).map_err(|c| format!("{c:?}"))
 }
 
-/// Every line of the daemon namespace's firewall that names a VM (chains, sets, tagged rules).
+/// Every line of the daemon namespace's firewall that names a VM (chains, sets, tagged rules,
+/// wick's ipsets).
 fn vm_rule_lines(env: &WickdEnv) -> Vec<String> {
     let ns = env.netns.as_ref().unwrap();
     let mut all = ns.run("nft", &["list", "ruleset"]).unwrap_or_default();
@@ -74,9 +75,32 @@ fn vm_rule_lines(env: &WickdEnv) -> Vec<String> {
         all += &ns.run(bin, &[]).unwrap_or_default();
     }
     all.lines()
-        .filter(|l| l.contains("vm-") || l.contains("wick:vm"))
+        .map(str::to_string)
+        .chain(ipsets(env))
+        .filter(|l| l.contains("vm-") || l.contains("wick:vm") || l.starts_with("wick-"))
+        .collect()
+}
+
+/// wick's ipsets in the daemon's namespace (none without ipset).
+fn ipsets(env: &WickdEnv) -> Vec<String> {
+    let ns = env.netns.as_ref().unwrap();
+    let out = ns.run("ipset", &["list", "-n"]).unwrap_or_default();
+    out.lines()
+        .filter(|l| l.starts_with("wick-"))
         .map(str::to_string)
         .collect()
+}
+
+/// Whether an allowlist set (nft set or ipset) exists.
+fn has_allow_set(env: &WickdEnv) -> bool {
+    vm_rule_lines(env)
+        .iter()
+        .any(|l| l.contains("-allow") || l.starts_with("wick-"))
+}
+
+/// Whether `ipset` works in the daemon's namespace (the iptables backend needs it).
+fn ipset_works(env: &WickdEnv) -> bool {
+    testns::tool_works(env.netns.as_ref().unwrap(), "ipset", &["list", "-n"])
 }
 
 /// The upstream namespace: the fake DNS at 198.51.100.2 and a server for each name.
@@ -114,8 +138,28 @@ fn allowlist_resolves_and_reaches_only_allowed_hosts_live_and_leaves_nothing() {
     if skip() {
         return;
     }
-    let mut env = WickdEnv::new("upstream_dns = [\"198.51.100.2\"]");
+    allowlist_scenario("nft");
+}
+
+#[test]
+fn allowlist_with_iptables_and_ipset() {
+    if skip() {
+        return;
+    }
+    allowlist_scenario("iptables");
+}
+
+fn allowlist_scenario(backend: &str) {
+    let mut env = WickdEnv::new(&format!(
+        "upstream_dns = [\"198.51.100.2\"]\nnat_backend = \"{backend}\""
+    ));
     env.start();
+    if backend != "nft" && !ipset_works(&env) {
+        wick_testkit::skip(format_args!(
+            "ipset missing: the iptables backend refuses allowlists"
+        ));
+        return;
+    }
     let (_up, _dns) = upstream(&env);
 
     env.wick_ok(&["vm", "create", "--name", "e1", "--allow-host", "A.test"]);
@@ -191,9 +235,9 @@ fn allowlist_resolves_and_reaches_only_allowed_hosts_live_and_leaves_nothing() {
 
     // Stop removes the set with the chains; start brings it back (empty).
     env.wick_ok(&["vm", "stop", "e1"]);
-    assert!(vm_rule_lines(&env).iter().all(|l| !l.contains("-allow")));
+    assert!(!has_allow_set(&env), "{:?}", vm_rule_lines(&env));
     env.wick_ok(&["vm", "start", "e1"]);
-    assert!(vm_rule_lines(&env).iter().any(|l| l.contains("-allow")));
+    assert!(has_allow_set(&env));
     assert!(
         reach(&g, A_IP).is_none(),
         "a fresh set is empty until resolved"
@@ -242,11 +286,25 @@ add element inet wick vm-0000deadbeef-allow { 198.51.100.20 timeout 300s }
 }
 
 #[test]
-fn allowlist_is_checked_by_the_daemon_and_refused_without_nftables() {
+fn allowlist_is_checked_by_the_daemon_and_refused_without_address_sets() {
     if skip() {
         return;
     }
     let mut env = WickdEnv::new("nat_backend = \"iptables\"");
+    // A fake `ipset` that always fails, first on the daemon's PATH: the host has no ipset.
+    let fake = env.root().join("fake-bin");
+    std::fs::create_dir_all(&fake).unwrap();
+    let script = fake.join("ipset");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho 'fake ipset: not installed' >&2\nexit 127\n",
+    )
+    .unwrap();
+    let mode = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
+    std::fs::set_permissions(&script, mode).unwrap();
+    let path = std::env::var("PATH").unwrap_or_default();
+    env.env
+        .push(("PATH".into(), format!("{}:{path}", fake.display())));
     env.start();
     let post = |body: &str| {
         wick_testkit::wickd::http(&env.socket(), "POST", "/v1/vms", Some(body.as_bytes()))
@@ -259,10 +317,11 @@ fn allowlist_is_checked_by_the_daemon_and_refused_without_nftables() {
     let (st, text) = post(&format!(r#"{{"allow_hosts": [{}]}}"#, many.join(",")));
     assert!(st == 400 && text.contains("at most 64"), "{st} {text}");
 
-    // The iptables backend has no address sets: refused before anything is made for it.
+    // The iptables backend without ipset has no address sets: refused before anything is made
+    // for it, saying why.
     let out = env.wick(&["vm", "create", "--name", "i1", "--allow-host", "a.test"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("nftables"), "{err}");
+    assert!(!out.status.success() && err.contains("ipset"), "{err}");
     let doctor = env.wick_json(&["doctor"]);
     let check = doctor["checks"]
         .as_array()
@@ -286,10 +345,28 @@ fn crash_drill_allowlist() {
     if skip() {
         return;
     }
+    crash_drill("nft");
+}
+
+#[test]
+fn crash_drill_allowlist_iptables() {
+    if skip() {
+        return;
+    }
+    crash_drill("iptables");
+}
+
+fn crash_drill(backend: &str) {
     for point in ["after-tap", "after-nat", "after-spawn"] {
-        let mut env = WickdEnv::new("");
+        let mut env = WickdEnv::new(&format!("nat_backend = \"{backend}\""));
         env.env.push(("WICK_FAILPOINTS".into(), point.into()));
         env.start();
+        if backend != "nft" && !ipset_works(&env) {
+            wick_testkit::skip(format_args!(
+                "ipset missing: the iptables backend refuses allowlists"
+            ));
+            return;
+        }
         let out = env.wick(&["vm", "create", "--name", "a1", "--allow-host", "a.test"]);
         assert!(!out.status.success(), "{point}: the daemon died mid-start");
         env.kill9(); // reap the dead daemon
@@ -306,11 +383,39 @@ fn crash_drill_allowlist() {
         );
         env.wick_ok(&["vm", "start", "a1"]);
         let lines = vm_rule_lines(&env);
-        assert!(
-            lines.iter().any(|l| l.contains("-allow")),
-            "{point}: {lines:?}"
-        );
+        assert!(has_allow_set(&env), "{point}: {lines:?}");
         env.wick_ok(&["vm", "delete", "a1"]);
         assert!(vm_rule_lines(&env).is_empty(), "{point}");
     }
+}
+
+/// The iptables backend's ipsets are swept like nft sets: one of a VM deleted while wickd was
+/// down goes at the next start, the live VM's stays.
+#[test]
+fn allowlist_ipset_leftovers_are_swept_after_a_crash() {
+    if skip() {
+        return;
+    }
+    let mut env = WickdEnv::new("nat_backend = \"iptables\"");
+    env.start();
+    if !ipset_works(&env) {
+        wick_testkit::skip(format_args!(
+            "ipset missing: the iptables backend refuses allowlists"
+        ));
+        return;
+    }
+    env.wick_ok(&["vm", "create", "--name", "keep", "--allow-host", "*.test"]);
+    env.kill9();
+    let ns = env.netns.as_ref().unwrap();
+    ns.run(
+        "ipset",
+        &["create", "wick-0000deadbeef", "hash:ip", "timeout", "0"],
+    )
+    .unwrap();
+    env.start();
+    let sets = ipsets(&env);
+    assert_eq!(sets.len(), 1, "only the live VM's ipset stays: {sets:?}");
+    assert!(!sets[0].contains("0000deadbeef"), "{sets:?}");
+    env.wick_ok(&["vm", "delete", "keep"]);
+    assert!(vm_rule_lines(&env).is_empty(), "{:?}", vm_rule_lines(&env));
 }

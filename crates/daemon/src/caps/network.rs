@@ -9,7 +9,8 @@
 //!
 //! Egress: `spec.nat` is NAT to anywhere; a non-empty `spec.allow_hosts` is NAT restricted to
 //! the VM's allowlist set (same chains, same `runtime.nat` record, plus the set
-//! `vm-<key>-allow`, so cleanup and the sweep remove it with them), which the `vm dns`
+//! `vm-<key>-allow`, or ipset `wick-<key>` with iptables, so cleanup and the sweep remove it
+//! with them), which the `vm dns`
 //! capability's resolver fills through [`Network::egress_sink`]. The two are exclusive
 //! (`vm create`/`vm set` refuse both).
 
@@ -459,9 +460,9 @@ fn egress(spec: &VmSpec) -> Egress {
 fn check_allowlist_support(backend: &dyn NatBackend, spec: &VmSpec) -> Result<()> {
     if egress(spec) == Egress::Allowlist && !backend.supports_allowlist() {
         return Err(Error::precondition(format!(
-            "--allow-host needs per-VM address sets, which wick implements only with nftables; \
-             this daemon's firewall backend is {} (install nftables and set nat_backend = \
-             \"nft\" or \"auto\")",
+            "--allow-host needs per-VM address sets (nftables, or ipset with iptables); this \
+             daemon's firewall backend is {} and `ipset` does not work here (install ipset, or \
+             nftables with nat_backend = \"nft\" or \"auto\")",
             backend.name()
         )));
     }
@@ -473,17 +474,21 @@ fn allowlist_check(b: &dyn NatBackend) -> Check {
     let (status, detail, hint) = if b.supports_allowlist() {
         (
             CheckStatus::Pass,
-            "available (--allow-host: per-VM nftables address sets)".to_string(),
+            format!(
+                "available (--allow-host: per-VM address sets, {})",
+                set_kind(b)
+            ),
             None,
         )
     } else {
         (
             CheckStatus::Warn,
             format!(
-                "not available with the {} backend: VMs with --allow-host are refused",
+                "not available with the {} backend without a working ipset: VMs with \
+                 --allow-host are refused",
                 b.name()
             ),
-            Some("install nftables and set nat_backend = \"auto\" or \"nft\"".to_string()),
+            Some("apt-get install ipset (or nftables, with nat_backend = \"auto\")".to_string()),
         )
     };
     Check {
@@ -492,6 +497,14 @@ fn allowlist_check(b: &dyn NatBackend) -> Check {
         status,
         detail,
         hint,
+    }
+}
+
+fn set_kind(b: &dyn NatBackend) -> &'static str {
+    if b.name() == "nft" {
+        "nftables sets"
+    } else {
+        "ipsets"
     }
 }
 

@@ -22,8 +22,8 @@
 //! An **egress allowlist** VM (see [`NatBackend::enable_allowlist`]) gets the same rules, but its
 //! forward accept matches only destinations in its own address set (nft set `vm-<key>-allow`,
 //! elements with timeouts), which wickd's DNS resolver fills with the answers to allowed names
-//! ([`NatBackend::allow_addrs`]). Only the nft backend has it; the iptables backend refuses
-//! ([`NetError::Unsupported`]).
+//! ([`NatBackend::allow_addrs`]). The iptables backend does the same with an ipset per VM
+//! (`wick-<key>`) when `ipset` works, and refuses otherwise ([`NetError::Unsupported`]).
 //!
 //! Every VM port also gets an anti-spoofing guard ([`PortGuard`], nftables' `bridge` family, for
 //! both backends): the guest may send only from its own MAC and leased IP. Its state is derived
@@ -32,6 +32,7 @@
 
 mod egress;
 mod guard;
+mod ipset;
 mod iptables;
 mod nft;
 
@@ -40,6 +41,7 @@ use std::sync::Arc;
 
 pub use egress::{allow_set, ALLOW_TIMEOUT_MAX, ALLOW_TIMEOUT_MIN};
 pub use guard::{guard_script, key_of_port_chain, port_chain, GuardState, PortGuard};
+pub use ipset::{ipset_name, key_of_ipset};
 pub use iptables::IptablesNat;
 pub use nft::NftNat;
 
@@ -130,11 +132,11 @@ pub trait NatBackend: Send + Sync {
     fn remove_all_wick(&self) -> Result<(), NetError>;
 }
 
-fn unsupported(backend: &str) -> NetError {
+pub(crate) fn unsupported(backend: &str) -> NetError {
     NetError::Unsupported(format!(
-        "the egress allowlist needs per-VM address sets, which wick implements only with \
-         nftables; this daemon uses the {backend} backend (install nftables and set \
-         nat_backend = \"nft\" or \"auto\")"
+        "the egress allowlist needs per-VM address sets (nftables, or ipset with iptables); \
+         this daemon uses the {backend} backend and `ipset list -n` does not work here \
+         (install ipset, or nftables with nat_backend = \"nft\" or \"auto\")"
     ))
 }
 
