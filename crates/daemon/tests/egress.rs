@@ -203,6 +203,8 @@ fn allowlist_scenario(backend: &str) {
     assert!(out.contains("allow a.test, b.test"), "{out}");
     assert_eq!(resolve(&g, "b.test"), Ok(vec![B_IP]));
     assert_eq!(reach_ok(&g, B_IP).as_deref(), Some("198.51.100.1"));
+    // e1's opened addresses are e1's alone: n1 (no egress) still reaches nothing.
+    assert!(reach(&gn, B_IP).is_none(), "n1 does not use e1's set");
 
     // Live: deny it again; its address is closed at once.
     env.wick_ok(&["vm", "set", "e1", "--deny-host", "b.test"]);
