@@ -189,6 +189,11 @@ pub struct VmSpecArgs {
     /// Give the guest outbound network access (NAT).
     #[arg(long)]
     pub nat: bool,
+    /// Let the guest reach only this host (`github.com`) or the hosts under a domain
+    /// (`'*.pypi.org'`, not `pypi.org` itself), through wick's DNS (repeatable; instead of
+    /// --nat).
+    #[arg(long = "allow-host", value_name = "HOST")]
+    pub allow_host: Vec<String>,
     /// Forward a host port to a guest port, owned by wickd (repeatable). The host IP defaults to
     /// 127.0.0.1.
     #[arg(
@@ -372,6 +377,12 @@ pub struct SetArgs {
     /// Outbound NAT (applies live to a running VM).
     #[arg(long, value_name = "on|off")]
     pub nat: Option<OnOff>,
+    /// Add a host (or `*.domain`) to the egress allowlist, live (repeatable).
+    #[arg(long = "allow-host", value_name = "HOST")]
+    pub allow_host: Vec<String>,
+    /// Remove an entry from the egress allowlist, live (repeatable).
+    #[arg(long = "deny-host", value_name = "HOST")]
+    pub deny_host: Vec<String>,
     /// Start forwarding a host port to a guest port, live (repeatable).
     #[arg(
         long = "publish",

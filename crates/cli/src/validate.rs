@@ -49,6 +49,12 @@ impl VmSpecArgs {
                 bail!("--image is empty; omit it to use the default image");
             }
         }
+        if self.nat && !self.allow_host.is_empty() {
+            bail!(
+                "--nat and --allow-host contradict each other: --nat lets the guest reach every \
+                 host, --allow-host only the listed ones; give one of them"
+            );
+        }
         Ok(CreateVmRequest {
             name: self.name.clone(),
             image: self.image.clone(),
@@ -56,6 +62,7 @@ impl VmSpecArgs {
             memory: self.memory.clone(),
             disk_size: self.disk_size.clone(),
             nat: self.nat,
+            allow_hosts: self.allow_host.clone(),
             no_start,
             publish: self
                 .publish
@@ -96,9 +103,11 @@ impl SetArgs {
             && self.nat.is_none()
             && self.publish.is_empty()
             && self.unpublish.is_empty()
+            && self.allow_host.is_empty()
+            && self.deny_host.is_empty()
         {
             bail!(
-                "nothing to change: pass at least one of --vcpu, --memory, --nat on|off, --publish or --unpublish"
+                "nothing to change: pass at least one of --vcpu, --memory, --nat on|off, --allow-host, --deny-host, --publish or --unpublish"
             );
         }
         for p in &self.publish {
@@ -117,6 +126,8 @@ impl SetArgs {
             vcpu: self.vcpu,
             memory: self.memory.clone(),
             nat: self.nat.map(|n| n.as_bool()),
+            allow_host_add: self.allow_host.clone(),
+            allow_host_remove: self.deny_host.clone(),
         })
     }
 }
@@ -214,6 +225,32 @@ mod tests {
         let o = a.workspace.to_options().unwrap();
         assert_eq!(o.mode, wick_workspace::Mode::FullCopy);
         assert_eq!(o.branch.as_deref(), Some("wip"));
+    }
+
+    #[test]
+    fn allow_host_flags() {
+        let m = create_err(&["--nat", "--allow-host", "github.com"]);
+        assert!(m.contains("contradict"), "{m}");
+        let cli = Cli::try_parse_from([
+            "wick",
+            "vm",
+            "run",
+            ".",
+            "--allow-host",
+            "github.com",
+            "--allow-host",
+            "*.pypi.org",
+        ])
+        .unwrap();
+        let Command::Vm(VmCommand::Run(a)) = cli.command else {
+            panic!()
+        };
+        let r = a.vm.to_request(false).unwrap();
+        assert_eq!(r.allow_hosts, ["github.com", "*.pypi.org"]);
+        assert!(!r.nat);
+        let r = set_result(&["--allow-host", "a.test", "--deny-host", "b.test"]).unwrap();
+        assert_eq!(r.allow_host_add, ["a.test"]);
+        assert_eq!(r.allow_host_remove, ["b.test"]);
     }
 
     #[test]

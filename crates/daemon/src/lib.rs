@@ -229,11 +229,13 @@ pub fn builtin_capabilities(
     if config.network_enabled() {
         let settings = config.network_settings().map_err(|e| anyhow::anyhow!(e))?;
         let runner: Arc<dyn wick_host::net::Runner> = Arc::new(wick_host::net::SystemRunner::new());
-        caps.push(Arc::new(caps::network::Network::new(
-            runner,
-            settings.clone(),
+        let network = Arc::new(caps::network::Network::new(runner, settings.clone())?);
+        caps.push(network.clone());
+        caps.push(Arc::new(caps::dns::VmDns::new(
+            settings,
+            config,
+            network.egress_sink(),
         )?));
-        caps.push(Arc::new(caps::dns::VmDns::new(settings, config)?));
         caps.push(Arc::new(caps::ports::Ports::default()));
     }
     Ok(caps)

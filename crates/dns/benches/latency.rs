@@ -1,15 +1,32 @@
 //! Query latency of the embedded DNS server on loopback, printed as a table:
 //! `.vm` answers over UDP and TCP (a new connection per query, as most stub resolvers do), and
-//! names forwarded to a fake upstream on 127.0.0.2. Run: `cargo bench -p wick-dns`.
+//! names forwarded to a fake upstream on 127.0.0.2, and the same for a client restricted by an
+//! egress allowlist (a second server whose sink opens nothing: it measures the resolver's own
+//! cost, not nft's). Run: `cargo bench -p wick-dns`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hickory_server::proto::rr::RecordType;
-use wick_dns::{DnsConfig, DnsServer, Records};
+use wick_dns::{parse_allow_hosts, DnsConfig, DnsServer, Egress, EgressSink, Records};
+
+/// A sink that opens nothing (the bench measures the resolver, not the firewall).
+struct NoopSink;
+
+#[async_trait::async_trait]
+impl EgressSink for NoopSink {
+    async fn allow(&self, _key: &str, _addrs: Vec<(Ipv4Addr, u32)>) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn flush(&self, _key: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
 
 const N: usize = 2000;
 
@@ -82,6 +99,30 @@ async fn main() {
     })
     .await;
     summary("forwarded, truncated, TCP retry", s);
+
+    // The same client (127.0.0.1) restricted to `example.test` on a second server.
+    let egress = Egress::new(Arc::new(NoopSink));
+    egress.set(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        "0123456789ab",
+        parse_allow_hosts(&["example.test"]).unwrap(),
+    );
+    let mut cfg = DnsConfig::new(vec!["127.0.0.1:0".parse().unwrap()], Records::new());
+    cfg.upstreams = vec![upstream.addr];
+    cfg.egress = egress;
+    let restricted = DnsServer::start(cfg).await.unwrap();
+    let raddr: SocketAddr = restricted.local_addrs()[0];
+    let s = measure(N, || async {
+        common::udp(raddr, "example.test.", RecordType::A, true).await;
+    })
+    .await;
+    summary("allowlisted, forwarded A over UDP", s);
+    let s = measure(N, || async {
+        common::udp(raddr, "big.test.", RecordType::A, true).await;
+    })
+    .await;
+    summary("allowlisted, refused (NXDOMAIN)", s);
+    restricted.shutdown().await.unwrap();
 
     server.shutdown().await.unwrap();
     upstream.stop().await;

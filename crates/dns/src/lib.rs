@@ -19,7 +19,13 @@
 //!    behind systemd-resolved) when that file exists and names any, else of `/etc/resolv.conf`,
 //!    loopback stubs (127.0.0.0/8, ::1) skipped so we never loop back to a local stub; the files
 //!    are re-read every few seconds. No upstream answering: SERVFAIL.
-//! 4. Bounds ([`DnsLimits`], so a guest cannot exhaust the daemon): forwarded queries waiting
+//! 4. A client restricted by an egress allowlist ([`DnsConfig::egress`], keyed by source
+//!    address) gets NXDOMAIN for every non-`.vm` name no pattern of its [`Policy`] matches; an
+//!    allowed name is forwarded and the A records of the answer are opened through the
+//!    [`EgressSink`] (wickd: the VM's nft set, twice the TTL as timeout) before the client gets
+//!    it (see `egress.rs` for the bounds). AAAA answers are relayed but not opened: guests have
+//!    no IPv6.
+//! 5. Bounds ([`DnsLimits`], so a guest cannot exhaust the daemon): forwarded queries waiting
 //!    for an upstream (each holds a socket) are capped per client address (32) and in total
 //!    (256); a query beyond either cap gets REFUSED at once, without contacting an upstream.
 //!    `.vm` answers need no upstream and are never refused. TCP connections are capped per
@@ -45,6 +51,7 @@
 //!   `dig @127.0.0.1 -p <dns_port> <name>.vm` still answers.
 //! - At shutdown, [`DnsServer::shutdown`] each server.
 
+mod egress;
 mod forward;
 mod limits;
 mod records;
@@ -56,6 +63,9 @@ mod upstream;
 use std::io;
 use std::net::SocketAddr;
 
+pub use egress::{
+    parse_allow_hosts, Egress, EgressSink, HostPattern, Policy, MAX_ALLOWED_ADDRS, MAX_ALLOW_HOSTS,
+};
 pub use limits::DnsLimits;
 pub use records::Records;
 pub use server::{queries_answered, DnsConfig, DnsServer, DEFAULT_TTL, DEFAULT_UPSTREAM_TIMEOUT};

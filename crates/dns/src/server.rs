@@ -2,13 +2,15 @@
 //! `.vm` from [`Records`] and forwards everything else.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket,
+};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_server::net::runtime::Time;
-use hickory_server::proto::op::{Edns, Metadata, OpCode, ResponseCode};
+use hickory_server::proto::op::{Edns, Message, Metadata, OpCode, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, SOA};
 use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -16,6 +18,7 @@ use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
 use tracing::{debug, warn};
 
+use crate::egress::{Egress, Policy};
 use crate::forward;
 use crate::limits::{Counter, DnsLimits};
 use crate::records::Records;
@@ -48,6 +51,8 @@ pub struct DnsConfig {
     pub upstream_timeout: Duration,
     /// Bounds on upstream queries in flight and TCP connections, per client and in total.
     pub limits: DnsLimits,
+    /// Clients restricted to an egress allowlist (shared with the daemon; empty: none).
+    pub egress: Egress,
 }
 
 impl DnsConfig {
@@ -60,6 +65,7 @@ impl DnsConfig {
             ttl: DEFAULT_TTL,
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
             limits: DnsLimits::default(),
+            egress: Egress::default(),
         }
     }
 }
@@ -118,6 +124,7 @@ impl DnsServer {
                 upstreams,
                 ttl: cfg.ttl,
                 upstream_timeout: cfg.upstream_timeout,
+                egress: cfg.egress.clone(),
                 own: local.clone(),
                 in_flight: Counter::new(
                     cfg.limits.max_in_flight_per_source,
@@ -188,6 +195,7 @@ struct HandlerInner {
     upstreams: Upstreams,
     ttl: u32,
     upstream_timeout: Duration,
+    egress: Egress,
     /// Our own listening addresses: never forwarded to (that would loop).
     own: Vec<SocketAddr>,
     /// Forwarded queries waiting for an upstream, per client address.
@@ -299,9 +307,52 @@ impl HandlerInner {
         response.send_response(msg).await.map_err(io::Error::other)
     }
 
+    /// Opens the A records of `answer` through the egress sink (for a restricted client);
+    /// `false` when they cannot be opened (the client then gets SERVFAIL, not an answer it
+    /// could not use).
+    async fn open(&self, src: IpAddr, policy: &Arc<Policy>, answer: &Message) -> bool {
+        let addrs: Vec<(Ipv4Addr, u32)> = answer
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some((a.0, r.ttl)),
+                _ => None,
+            })
+            .collect();
+        let _held = policy.gate().lock().await;
+        // The policy was replaced while the query was upstream: its answer opens nothing.
+        let current = self.egress.policy(src);
+        if !current.is_some_and(|c| Arc::ptr_eq(&c, policy)) {
+            debug!(%src, "egress allowlist changed during the query; SERVFAIL");
+            return false;
+        }
+        let Ok(todo) = policy.to_open(&addrs) else {
+            warn!(
+                vm = policy.key(),
+                "egress allowlist: too many open addresses; SERVFAIL"
+            );
+            return false;
+        };
+        if todo.is_empty() {
+            return true;
+        }
+        let Some(sink) = self.egress.sink() else {
+            return true;
+        };
+        match sink.allow(policy.key(), todo.clone()).await {
+            Ok(()) => true,
+            Err(e) => {
+                policy.forget(&todo);
+                warn!(vm = policy.key(), error = %e, "egress allowlist: cannot open addresses");
+                false
+            }
+        }
+    }
+
     async fn forward<R: ResponseHandler>(
         &self,
         request: &Request,
+        policy: Option<Arc<Policy>>,
         mut response: R,
     ) -> io::Result<ResponseInfo> {
         // Each forwarded query holds a socket until the upstream answers or times out.
@@ -323,6 +374,11 @@ impl HandlerInner {
         for up in &upstreams {
             match forward::exchange(request.as_slice(), *up, tcp, self.upstream_timeout).await {
                 Ok(answer) => {
+                    if let Some(p) = &policy {
+                        if !self.open(request.src().ip(), p, &answer).await {
+                            return self.error(request, ResponseCode::ServFail, response).await;
+                        }
+                    }
                     let mut meta = answer.metadata;
                     meta.id = request.metadata.id;
                     let edns = Self::response_edns(request).map(|mut ours| {
@@ -411,7 +467,13 @@ impl RequestHandler for Handler {
         } else {
             let name = request.queries.queries()[0].original().name().clone();
             match classify(&name) {
-                VmName::Outside => inner.forward(request, response).await,
+                VmName::Outside => match inner.egress.policy(request.src().ip()) {
+                    Some(p) if !p.allows(&name.to_ascii()) => {
+                        debug!(src = %request.src(), %name, "not in the egress allowlist");
+                        inner.error(request, ResponseCode::NXDomain, response).await
+                    }
+                    policy => inner.forward(request, policy, response).await,
+                },
                 kind => inner.answer_vm(request, kind, response).await,
             }
         };

@@ -105,6 +105,12 @@ pub struct CreateVmRequest {
     pub disk_size: Option<String>,
     #[serde(default)]
     pub nat: bool,
+    /// Egress allowlist (`--allow-host`): host names or `*.suffix` patterns the guest may reach
+    /// (at most 64); everything else is dropped and other names get NXDOMAIN. Refused with
+    /// `nat`, which allows everything.
+    #[serde(default)]
+    #[schema(schema_with = allow_host_list_schema)]
+    pub allow_hosts: Vec<String>,
     /// Create the VM stopped.
     #[serde(default)]
     pub no_start: bool,
@@ -135,6 +141,15 @@ pub struct SetVmRequest {
     pub memory: Option<String>,
     #[serde(default)]
     pub nat: Option<bool>,
+    /// Hosts to add to the egress allowlist (`--allow-host`), live on a running VM.
+    #[serde(default)]
+    #[schema(schema_with = allow_host_list_schema)]
+    pub allow_host_add: Vec<String>,
+    /// Hosts to remove from the egress allowlist (`--deny-host`), exactly as listed; removing
+    /// the last one ends the restriction (no egress, unless `nat` is turned on).
+    #[serde(default)]
+    #[schema(schema_with = allow_host_list_schema)]
+    pub allow_host_remove: Vec<String>,
     /// Ports to start forwarding (`[HOST_IP:]HOST_PORT:GUEST_PORT`), live on a running VM.
     #[serde(default)]
     #[schema(schema_with = port_spec_list_schema)]
@@ -157,6 +172,18 @@ pub struct KillRequest {
     #[serde(default)]
     #[schema(schema_with = signal_schema)]
     pub signal: Option<String>,
+}
+
+/// The schema of a list of egress allowlist entries: a host name or `*.` and a host name
+/// (letters, digits, `-`, `_`; labels of 1-63 characters; a trailing dot allowed).
+fn allow_host_list_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    let label = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?";
+    let host = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .max_length(Some(256))
+        .pattern(Some(format!(r"^(\*\.)?({label}\.)*{label}\.?$")));
+    ArrayBuilder::new().items(host).max_items(Some(64)).build()
 }
 
 /// The schema of a list of TCP/UDP ports (`u16`s).

@@ -91,6 +91,10 @@ pub struct VmSpec {
     /// Outbound NAT for the guest.
     #[serde(default)]
     pub nat: bool,
+    /// Egress allowlist: when not empty, the guest reaches only these hosts (`name` or
+    /// `*.suffix`), through NAT restricted to their resolved addresses; `nat` is then false.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_hosts: Vec<String>,
     /// The image runs wick-agent: the daemon waits for it and configures the guest at start.
     #[serde(default)]
     pub agent: bool,

@@ -5,11 +5,13 @@
 //!   request as a script says (crafted tars, escape sequences, raw frames); see [`hostile`].
 //! - [`agent`]: a test harness running the real `wick-agent` behind the fake vsock muxer.
 //! - [`cargo_bin`]: the path of a workspace binary, for tests that spawn one.
+//! - [`dns`]: a fake upstream DNS server (a fixed table of A records) and a tiny DNS client.
 //! - [`wickd`]: a real `wickd` in an isolated `WICK_ROOT`, with the fake Firecracker as its VMM.
 //! - [`inspect`]: file-tree snapshots, files owned by a uid, `/proc/<pid>/status` ids.
 //! - [`skip`]: how a test that cannot run here says so (never a silent pass).
 
 pub mod agent;
+pub mod dns;
 pub mod hostile;
 pub mod inspect;
 mod skip;

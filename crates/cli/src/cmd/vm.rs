@@ -50,6 +50,8 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
                     vcpu: None,
                     memory: None,
                     nat: None,
+                    allow_host: Vec::new(),
+                    deny_host: Vec::new(),
                     publish: a.mappings,
                     unpublish: a.remove,
                     json: a.json,
@@ -432,6 +434,9 @@ async fn set(ctx: &Ctx, args: SetArgs) -> Result<()> {
         format_mib(vm.spec.memory_mib),
         if vm.spec.nat { "on" } else { "off" }
     );
+    if !vm.spec.allow_hosts.is_empty() {
+        line.push_str(&format!(" · allow {}", vm.spec.allow_hosts.join(", ")));
+    }
     if !vm.spec.publish.is_empty() {
         let ports: Vec<String> = vm.spec.publish.iter().map(|m| m.to_string()).collect();
         line.push_str(&format!(" · publish {}", ports.join(", ")));

@@ -3,15 +3,23 @@
 //! forwarded upstream), plus systemd-resolved routing of `.vm` when resolved runs.
 //!
 //! Records are derived from the store (rebuilt at start from running VMs), never the only copy.
+//!
+//! Egress allowlists: a VM with `spec.allow_hosts` is a restricted client of the guests' server
+//! (by its guest address, which its port guard pins): names outside its list get NXDOMAIN, and
+//! allowed answers are opened in its nft set through the network capability's sink. Set in
+//! `prepare_host` (after the network capability made the rules), changed by `vm set`, lifted at
+//! cleanup, and rebuilt from the store at start like the records.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 use wick_dns::resolved::Resolved;
-use wick_dns::{DnsConfig, DnsServer, Records};
+use wick_dns::{DnsConfig, DnsServer, Egress, EgressSink, HostPattern, Records};
+use wick_host::net::vm_key;
 use wick_model::api::{Check, CheckStatus};
-use wick_model::{VmRecord, VmState};
+use wick_model::{VmRecord, VmSpec, VmState};
 
 use crate::capability::{Capability, HookCtx};
 use crate::config::{Config, NetworkSettings};
@@ -20,6 +28,8 @@ use crate::error::Result;
 /// DNS for VMs.
 pub struct VmDns {
     records: Records,
+    /// The allowlist VMs, by guest address.
+    egress: Egress,
     settings: NetworkSettings,
     upstreams: Vec<SocketAddr>,
     resolved_integration: bool,
@@ -33,7 +43,11 @@ pub struct VmDns {
 }
 
 impl VmDns {
-    pub fn new(settings: NetworkSettings, config: &Config) -> anyhow::Result<VmDns> {
+    pub fn new(
+        settings: NetworkSettings,
+        config: &Config,
+        sink: Arc<dyn EgressSink>,
+    ) -> anyhow::Result<VmDns> {
         let upstreams = config
             .upstream_dns
             .iter()
@@ -42,6 +56,7 @@ impl VmDns {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VmDns {
             records: Records::new(),
+            egress: Egress::new(sink),
             settings,
             upstreams,
             resolved_integration: config.resolved_integration.unwrap_or(true),
@@ -55,7 +70,36 @@ impl VmDns {
     fn config(&self, listen: SocketAddr) -> DnsConfig {
         let mut c = DnsConfig::new(vec![listen], self.records.clone());
         c.upstreams = self.upstreams.clone();
+        c.egress = self.egress.clone();
         c
+    }
+
+    /// Restricts (or frees) the VM's guest address according to its spec.
+    fn apply_egress(&self, vm: &VmRecord) {
+        let Some(ip) = Self::record_of(vm) else {
+            return;
+        };
+        match Self::patterns(vm) {
+            Some(p) => {
+                self.egress.set(ip.into(), &vm_key(&vm.id), p);
+            }
+            None => self.egress.remove(ip.into()),
+        }
+    }
+
+    /// The VM's allowlist patterns; `None` without one.
+    fn patterns(vm: &VmRecord) -> Option<Vec<HostPattern>> {
+        if vm.spec.allow_hosts.is_empty() {
+            return None;
+        }
+        Some(match wick_dns::parse_allow_hosts(&vm.spec.allow_hosts) {
+            Ok(p) => p,
+            Err(e) => {
+                // Checked at create/set; a damaged record resolves nothing (fails closed).
+                tracing::error!(vm = %vm.name, error = %e, "egress allowlist unreadable");
+                Vec::new()
+            }
+        })
     }
 
     fn host_addr(&self) -> SocketAddr {
@@ -116,9 +160,36 @@ impl Capability for VmDns {
         "vm dns"
     }
 
-    async fn prepare_host(&self, _cx: &mut HookCtx<'_>) -> Result<()> {
-        // The network capability (earlier in order) has made the bridge by now.
+    async fn prepare_host(&self, cx: &mut HookCtx<'_>) -> Result<()> {
+        // The network capability (earlier in order) has made the bridge and the VM's firewall
+        // rules (its allowlist set included) by now.
+        self.apply_egress(cx.vm);
         self.ensure_bridge_server().await;
+        Ok(())
+    }
+
+    /// A live allowlist change; a shrunk list also has its opened addresses closed.
+    async fn apply_config_change(&self, cx: &mut HookCtx<'_>, old: &VmSpec) -> Result<()> {
+        let (Some(ip), true) = (Self::record_of(cx.vm), cx.vm.runtime.tap.is_some()) else {
+            return Ok(());
+        };
+        if old.allow_hosts == cx.vm.spec.allow_hosts {
+            return Ok(());
+        }
+        let Some(patterns) = Self::patterns(cx.vm) else {
+            self.egress.remove(ip.into());
+            return Ok(());
+        };
+        let key = vm_key(&cx.vm.id);
+        if let Err(e) = self.egress.replace(ip.into(), &key, patterns).await {
+            // The spec is rolled back: so is the resolver.
+            let mut was = cx.vm.clone();
+            was.spec = old.clone();
+            self.apply_egress(&was);
+            return Err(crate::error::Error::precondition(format!(
+                "cannot close the addresses removed from the egress allowlist: {e}"
+            )));
+        }
         Ok(())
     }
 
@@ -131,6 +202,9 @@ impl Capability for VmDns {
 
     async fn cleanup(&self, cx: &mut HookCtx<'_>) -> Result<()> {
         self.records.remove(&cx.vm.name);
+        if let Some(ip) = Self::record_of(cx.vm) {
+            self.egress.remove(ip.into());
+        }
         Ok(())
     }
 
@@ -140,6 +214,9 @@ impl Capability for VmDns {
                 .filter(|v| v.state == VmState::Running)
                 .filter_map(|v| Self::record_of(v).map(|ip| (v.name.clone(), ip))),
         );
+        for vm in vms.iter().filter(|v| v.runtime.tap.is_some()) {
+            self.apply_egress(vm);
+        }
         match DnsServer::start(self.config(self.host_addr())).await {
             Ok(s) => *self.host.lock().await = Some(s),
             Err(e) => {

@@ -6,12 +6,20 @@
 //! the TAP is created; the NAT backend name is written to `runtime.nat` before rules are added;
 //! and the fact that wick turned `ip_forward` on is a `meta` row written before the sysctl.
 //! Cleanup derives everything from those records (and the deterministic TAP name).
+//!
+//! Egress: `spec.nat` is NAT to anywhere; a non-empty `spec.allow_hosts` is NAT restricted to
+//! the VM's allowlist set (same chains, same `runtime.nat` record, plus the set
+//! `vm-<key>-allow`, or ipset `wick-<key>` with iptables, so cleanup and the sweep remove it
+//! with them), which the `vm dns`
+//! capability's resolver fills through [`Network::egress_sink`]. The two are exclusive
+//! (`vm create`/`vm set` refuse both).
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
+use wick_dns::EgressSink;
 use wick_host::net::{
     self, guest_ip_range, guest_mac, tap_name, vm_key, Bridge, ForwardGuard, IptablesNat,
     NatBackend, NetError, NftNat, Runner,
@@ -107,6 +115,11 @@ impl Network {
         vm.runtime.ip.as_deref().and_then(|s| s.parse().ok())
     }
 
+    /// Opens the firewall for a VM's allowed DNS answers (the `vm dns` resolver's hook).
+    pub fn egress_sink(self: &Arc<Self>) -> Arc<dyn EgressSink> {
+        Arc::new(AllowSink(self.clone()))
+    }
+
     fn enable_nat(&self, cx: &mut HookCtx<'_>) -> Result<()> {
         let (Some(ip), Some(tap)) = (Self::guest_ip(cx.vm), cx.vm.runtime.tap.clone()) else {
             return Err(Error::internal("NAT needs the VM's IP and TAP"));
@@ -118,9 +131,15 @@ impl Network {
         let backend = self.backend()?;
         cx.vm.runtime.nat = Some(backend.name().to_string());
         cx.persist()?;
-        backend
-            .enable(&vm_key(&cx.vm.id), ip, &tap, None)
-            .map_err(|e| net_err("enable NAT", e))?;
+        let key = vm_key(&cx.vm.id);
+        match egress(&cx.vm.spec) {
+            Egress::Allowlist => backend
+                .enable_allowlist(&key, ip, &tap, None)
+                .map_err(|e| net_err("enable the egress allowlist", e))?,
+            _ => backend
+                .enable(&key, ip, &tap, None)
+                .map_err(|e| net_err("enable NAT", e))?,
+        }
         failpoint::hit("after-nat");
         Ok(())
     }
@@ -165,9 +184,10 @@ impl Capability for Network {
         "network"
     }
 
-    async fn preflight(&self, _vm: &VmRecord) -> Result<()> {
+    async fn preflight(&self, vm: &VmRecord) -> Result<()> {
         // Guest isolation needs a firewall backend even for VMs without NAT.
-        self.backend().map(|_| ())
+        let backend = self.backend()?;
+        check_allowlist_support(&*backend, &vm.spec)
     }
 
     async fn prepare_host(&self, cx: &mut HookCtx<'_>) -> Result<()> {
@@ -226,7 +246,7 @@ impl Capability for Network {
         }
         failpoint::hit("after-tap");
 
-        if cx.vm.spec.nat {
+        if egress(&cx.vm.spec) != Egress::None {
             self.enable_nat(cx)?;
         }
         Ok(())
@@ -263,13 +283,19 @@ impl Capability for Network {
 
     async fn apply_config_change(&self, cx: &mut HookCtx<'_>, old: &VmSpec) -> Result<()> {
         let live = cx.vm.state == VmState::Running && cx.vm.runtime.tap.is_some();
-        if old.nat == cx.vm.spec.nat || !live {
+        let (was, now) = (egress(old), egress(&cx.vm.spec));
+        if now == Egress::Allowlist {
+            check_allowlist_support(&*self.backend()?, &cx.vm.spec)?;
+        }
+        if !live {
             return Ok(()); // applied at next start
         }
-        if cx.vm.spec.nat {
-            self.enable_nat(cx)
-        } else {
-            self.disable_nat(cx)
+        match (was, now) {
+            // Same rules; a shrunk list has its set flushed by the resolver (`vm dns`), which
+            // serialises that with the answers it opens.
+            (a, b) if a == b => Ok(()),
+            (_, Egress::None) => self.disable_nat(cx),
+            _ => self.enable_nat(cx),
         }
     }
 
@@ -318,6 +344,9 @@ impl Capability for Network {
                 e.to_string(),
                 Some("apt-get install nftables"),
             )),
+        }
+        if let Ok(b) = &backend {
+            out.push(allowlist_check(&**b));
         }
         // The per-port anti-spoofing guard needs nftables' bridge family, whatever the backend.
         match net::run_ok(&*self.runner, "nft", &["list", "tables", "bridge"], None) {
@@ -388,6 +417,7 @@ impl Capability for Network {
     }
 
     async fn sweep(&self, vms: &[VmRecord]) -> Result<Vec<String>> {
+        // (Allowlist sets are named after the VM key like its chains: swept with them.)
         let keep: HashSet<String> = vms.iter().filter_map(|v| v.runtime.tap.clone()).collect();
         let backend = self.backend().ok();
         let backends: Vec<&dyn NatBackend> = backend.iter().map(|b| &**b).collect();
@@ -402,5 +432,106 @@ impl Capability for Network {
                 .map(|(b, k)| format!("{b} NAT rules of vm {k}")),
         );
         Ok(lines)
+    }
+}
+
+/// What a VM may reach outside the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Egress {
+    /// Nothing (no NAT).
+    None,
+    /// Everything (`--nat`).
+    All,
+    /// Only the resolved addresses of its allowlist (`--allow-host`).
+    Allowlist,
+}
+
+fn egress(spec: &VmSpec) -> Egress {
+    if !spec.allow_hosts.is_empty() {
+        Egress::Allowlist
+    } else if spec.nat {
+        Egress::All
+    } else {
+        Egress::None
+    }
+}
+
+/// Refuses an allowlist on a backend without address sets, saying why.
+fn check_allowlist_support(backend: &dyn NatBackend, spec: &VmSpec) -> Result<()> {
+    if egress(spec) == Egress::Allowlist && !backend.supports_allowlist() {
+        return Err(Error::precondition(format!(
+            "--allow-host needs per-VM address sets (nftables, or ipset with iptables); this \
+             daemon's firewall backend is {} and `ipset` does not work here (install ipset, or \
+             nftables with nat_backend = \"nft\" or \"auto\")",
+            backend.name()
+        )));
+    }
+    Ok(())
+}
+
+/// Doctor: whether `--allow-host` works with this backend.
+fn allowlist_check(b: &dyn NatBackend) -> Check {
+    let (status, detail, hint) = if b.supports_allowlist() {
+        (
+            CheckStatus::Pass,
+            format!(
+                "available (--allow-host: per-VM address sets, {})",
+                set_kind(b)
+            ),
+            None,
+        )
+    } else {
+        (
+            CheckStatus::Warn,
+            format!(
+                "not available with the {} backend without a working ipset: VMs with \
+                 --allow-host are refused",
+                b.name()
+            ),
+            Some("apt-get install ipset (or nftables, with nat_backend = \"auto\")".to_string()),
+        )
+    };
+    Check {
+        area: "network".into(),
+        name: "egress allowlist".into(),
+        status,
+        detail,
+        hint,
+    }
+}
+
+fn set_kind(b: &dyn NatBackend) -> &'static str {
+    if b.name() == "nft" {
+        "nftables sets"
+    } else {
+        "ipsets"
+    }
+}
+
+/// [`Network::egress_sink`]: adds allowed answers to the VM's nft set.
+struct AllowSink(Arc<Network>);
+
+#[async_trait]
+impl EgressSink for AllowSink {
+    async fn allow(
+        &self,
+        key: &str,
+        addrs: Vec<(Ipv4Addr, u32)>,
+    ) -> std::result::Result<(), String> {
+        let backend = self.0.backend().map_err(|e| e.to_string())?;
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || backend.allow_addrs(&key, &addrs))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    async fn flush(&self, key: &str) -> std::result::Result<(), String> {
+        let backend = self.0.backend().map_err(|e| e.to_string())?;
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || backend.flush_allowed(&key))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 }

@@ -40,6 +40,7 @@ impl Daemon {
             image: image_name.clone(),
             vmm: self.vmm.name().to_string(),
             nat: req.nat,
+            allow_hosts: super::set::check_allow_hosts(&req.allow_hosts, req.nat)?,
             ssh_keys: req.ssh_keys.clone(),
             git_name: req.git_name.clone(),
             git_email: req.git_email.clone(),

@@ -1,4 +1,6 @@
-//! `vm set`: vcpu/memory take effect at the next start; capability changes (NAT, ports) live.
+//! `vm set`: vcpu/memory take effect at the next start; capability changes (NAT, egress
+//! allowlist, ports) live. Also the one check of an egress allowlist ([`check_allow_hosts`]),
+//! shared with create.
 
 use std::sync::Arc;
 
@@ -21,7 +23,8 @@ impl Daemon {
     ) -> Result<VmRecord> {
         if nothing_to_set(&req) {
             return Err(Error::invalid(
-                "nothing to set: give --vcpu, --memory, --nat or ports to publish/unpublish",
+                "nothing to set: give --vcpu, --memory, --nat, --allow-host/--deny-host or ports \
+                 to publish/unpublish",
             ));
         }
         let vcpu = req.vcpu.map(check_vcpu).transpose()?;
@@ -43,6 +46,7 @@ impl Daemon {
         if let Some(n) = req.nat {
             vm.spec.nat = n;
         }
+        set_allow_hosts(&mut vm, &req)?;
         if let Some(w) = &req.workspace {
             vm.spec.workspace = Some(w.clone());
         }
@@ -92,10 +96,52 @@ impl Daemon {
     }
 }
 
+/// Checks an egress allowlist (each entry a host name or `*.suffix`, at most
+/// [`wick_dns::MAX_ALLOW_HOSTS`]) and its combination with NAT; returns the canonical entries
+/// (lowercase, no trailing dot, no duplicates).
+pub(super) fn check_allow_hosts(hosts: &[String], nat: bool) -> Result<Vec<String>> {
+    let patterns = wick_dns::parse_allow_hosts(hosts).map_err(Error::invalid)?;
+    if nat && !patterns.is_empty() {
+        return Err(Error::invalid(
+            "--nat and --allow-host contradict each other: --nat lets the guest reach every \
+             host, --allow-host only the listed ones (an allowlist already gets NAT to them); \
+             give one of them (with vm set: --nat off to switch to an allowlist)",
+        ));
+    }
+    Ok(patterns.iter().map(ToString::to_string).collect())
+}
+
+/// Applies `--deny-host` (each must be in the list) then `--allow-host`, and checks the result
+/// with the (possibly just changed) NAT setting.
+fn set_allow_hosts(vm: &mut VmRecord, req: &SetVmRequest) -> Result<()> {
+    let changes = !req.allow_host_add.is_empty() || !req.allow_host_remove.is_empty();
+    if !changes && req.nat != Some(true) {
+        return Ok(());
+    }
+    let mut list = vm.spec.allow_hosts.clone();
+    for host in &req.allow_host_remove {
+        let p = wick_dns::HostPattern::parse(host)
+            .map_err(|e| Error::invalid(e.replace("--allow-host", "--deny-host")))?
+            .to_string();
+        if !list.contains(&p) {
+            return Err(Error::new(
+                ErrorCode::NotFound,
+                format!("{p} is not in the egress allowlist of VM {}", vm.name),
+            ));
+        }
+        list.retain(|h| *h != p);
+    }
+    list.extend(req.allow_host_add.iter().cloned());
+    vm.spec.allow_hosts = check_allow_hosts(&list, vm.spec.nat)?;
+    Ok(())
+}
+
 fn nothing_to_set(req: &SetVmRequest) -> bool {
     req.vcpu.is_none()
         && req.memory.is_none()
         && req.nat.is_none()
+        && req.allow_host_add.is_empty()
+        && req.allow_host_remove.is_empty()
         && req.publish_add.is_empty()
         && req.publish_remove.is_empty()
         && req.workspace.is_none()

@@ -41,6 +41,9 @@ pub enum NetError {
     /// No usable NAT backend (neither `nft` nor `iptables` nor `iptables-legacy` works).
     #[error("no NAT backend works on this host: {0}")]
     NoBackend(String),
+    /// The backend cannot do what was asked (e.g. an egress allowlist without nftables).
+    #[error("not supported here: {0}")]
+    Unsupported(String),
     /// The per-VM anti-spoofing guard cannot be installed (the VM must not start unprotected).
     #[error("cannot guard the VM's bridge port against address spoofing, refusing to start it unprotected: {0}")]
     Unguarded(String),

@@ -158,6 +158,7 @@ impl WickMcp {
             memory: spec.memory,
             disk_size: spec.disk,
             nat: spec.nat.unwrap_or(false),
+            allow_host: spec.allow_hosts.unwrap_or_default(),
             publish: spec.publish.unwrap_or_default(),
         };
         let req = bad_input(vm::create_request(&self.ctx, &args, false))?;

@@ -30,6 +30,9 @@ pub struct VmSpec {
     pub disk: Option<String>,
     /// Give the guest outbound network access (NAT).
     pub nat: Option<bool>,
+    /// Egress allowlist instead of `nat`: the only hosts the guest may reach, "github.com" or
+    /// "*.pypi.org" (hosts under pypi.org) each.
+    pub allow_hosts: Option<Vec<String>>,
     /// Host-to-guest port forwards, "[HOST_IP:]HOST_PORT:GUEST_PORT" each.
     pub publish: Option<Vec<String>>,
 }
@@ -156,8 +159,10 @@ pub struct VmSummary {
     pub image: String,
     pub vcpu: u64,
     pub memory_mib: u64,
-    /// Whether the guest has outbound network access.
+    /// Whether the guest has outbound network access to everywhere.
     pub nat: bool,
+    /// The egress allowlist: when not empty, the only hosts the guest may reach.
+    pub allow_hosts: Vec<String>,
     /// Why the VM is in `error`, when it is.
     pub error: Option<String>,
 }
@@ -174,6 +179,7 @@ impl From<&VmRecord> for VmSummary {
             vcpu: u64::from(vm.spec.vcpu),
             memory_mib: vm.spec.memory_mib,
             nat: vm.spec.nat,
+            allow_hosts: vm.spec.allow_hosts.clone(),
             error: vm.runtime.last_error.clone(),
         }
     }

@@ -13,18 +13,22 @@
 //! `WICK-FORWARD` (drop everything to or from the bridge). Without them a guest reaches host
 //! services listening on `[::]` through the bridge's link-local address.
 //!
+//! Egress allowlist VMs: their forward accept matches an ipset `wick-<key>` (see
+//! [`super::ipset`]), created after their old rules are gone and destroyed with them.
+//!
 //! The port guard (anti-spoofing) uses nftables' bridge family ([`super::PortGuard`]); without a
 //! usable `nft` a VM is refused rather than started unprotected.
 
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::net::error::NetError;
 use crate::net::link::validate_ifname;
 use crate::net::link::validate_key;
 use crate::net::runner::{command_error, run, run_ok, stderr_lower, Runner};
 
-use super::{NatBackend, PortGuard};
+use super::egress::allowable;
+use super::{ipset, NatBackend, PortGuard};
 
 /// wick's nat chain.
 pub const CHAIN_POSTROUTING: &str = "WICK-POSTROUTING";
@@ -56,6 +60,8 @@ pub struct IptablesNat {
     bridge: String,
     allow_vm_to_vm: bool,
     guard: PortGuard,
+    /// Whether `ipset` works (probed once, at the first allowlist question).
+    ipset_ok: OnceLock<bool>,
 }
 
 fn own(v: &[&str]) -> Vec<String> {
@@ -301,6 +307,7 @@ impl IptablesNat {
             binary6: binary.replacen("iptables", "ip6tables", 1),
             bridge: bridge.to_string(),
             allow_vm_to_vm: false,
+            ipset_ok: OnceLock::new(),
         })
     }
 
@@ -403,21 +410,26 @@ impl IptablesNat {
         Ok(())
     }
 
-    /// Removes the VM's NAT rules (not its port guard).
+    /// Removes the VM's NAT rules (not its port guard), then its ipset if they used one.
     fn remove_nat(&self, vm_key: &str) -> Result<bool, NetError> {
         validate_key(vm_key)?;
         let mut removed = false;
+        let mut used_set = false;
         for (table, chain) in [("nat", CHAIN_POSTROUTING), ("filter", CHAIN_FORWARD)] {
             for rule in self.rules(table, chain)?.unwrap_or_default() {
                 if rule_key(&rule) != Some(vm_key) {
                     continue;
                 }
+                used_set |= rule.iter().any(|a| a == "--match-set");
                 // "-A CHAIN rest..." -> "-D CHAIN rest..."
                 let mut args = vec!["-w", "-t", table, "-D"];
                 args.extend(rule.iter().skip(1).map(String::as_str));
                 self.ipt(&args)?;
                 removed = true;
             }
+        }
+        if used_set {
+            ipset::destroy(&*self.runner, vm_key)?;
         }
         Ok(removed)
     }
@@ -498,6 +510,51 @@ impl NatBackend for IptablesNat {
         Ok(())
     }
 
+    fn supports_allowlist(&self) -> bool {
+        *self
+            .ipset_ok
+            .get_or_init(|| ipset::available(&*self.runner))
+    }
+
+    fn enable_allowlist(
+        &self,
+        vm_key: &str,
+        guest_ip: Ipv4Addr,
+        _tap: &str,
+        out_iface: Option<&str>,
+    ) -> Result<(), NetError> {
+        validate_key(vm_key)?;
+        if let Some(o) = out_iface {
+            validate_ifname(o)?;
+        }
+        if !self.supports_allowlist() {
+            return Err(super::unsupported(self.name()));
+        }
+        self.ensure_base()?;
+        self.remove_nat(vm_key)?;
+        ipset::create(&*self.runner, vm_key)?;
+        for rule in ipset::allowlist_rules(&self.bridge, vm_key, guest_ip, out_iface) {
+            let r: Vec<&str> = rule.iter().map(String::as_str).collect();
+            self.ipt(&r)?;
+        }
+        Ok(())
+    }
+
+    fn allow_addrs(&self, vm_key: &str, addrs: &[(Ipv4Addr, u32)]) -> Result<(), NetError> {
+        validate_key(vm_key)?;
+        let addrs: Vec<(Ipv4Addr, u32)> = addrs
+            .iter()
+            .copied()
+            .filter(|(ip, _)| allowable(*ip))
+            .collect();
+        ipset::add(&*self.runner, vm_key, &addrs)
+    }
+
+    fn flush_allowed(&self, vm_key: &str) -> Result<(), NetError> {
+        validate_key(vm_key)?;
+        ipset::flush(&*self.runner, vm_key)
+    }
+
     fn disable(&self, vm_key: &str, _guest_ip: Ipv4Addr, _tap: &str) -> Result<(), NetError> {
         self.remove_nat(vm_key).map(|_| ())
     }
@@ -512,12 +569,17 @@ impl NatBackend for IptablesNat {
 
     fn remove_vm(&self, vm_key: &str) -> Result<bool, NetError> {
         let nat = self.remove_nat(vm_key)?;
+        // Also a set whose rules never got added (a crash in between).
+        let set = ipset::destroy(&*self.runner, vm_key)?;
         let guarded = self.guard.remove(vm_key)?;
-        Ok(nat || guarded)
+        Ok(nat || set || guarded)
     }
 
     fn list_vm_keys(&self) -> Result<Vec<String>, NetError> {
         let mut keys = self.guard.list_keys()?;
+        for name in ipset::list(&*self.runner)? {
+            keys.extend(ipset::key_of_ipset(&name).map(str::to_string));
+        }
         for (table, chain) in [("nat", CHAIN_POSTROUTING), ("filter", CHAIN_FORWARD)] {
             for rule in self.rules(table, chain)?.unwrap_or_default() {
                 if let Some(k) = rule_key(&rule) {
@@ -550,6 +612,9 @@ impl NatBackend for IptablesNat {
         }
         for (chain, parent) in CHAINS6 {
             self.remove_chain_of(&self.binary6, "filter", chain, parent)?;
+        }
+        for name in ipset::list(&*self.runner)? {
+            run_ok(&*self.runner, "ipset", &["destroy", &name], None)?;
         }
         self.guard.remove_all()
     }
@@ -819,6 +884,7 @@ mod tests {
                 "ip6tables -w -t filter -S",
                 "ip6tables -w -t filter -F WICK-INPUT",
                 "ip6tables -w -t filter -X WICK-INPUT",
+                "ipset list -n",
                 "nft -j list table bridge wick",
             ]
         );

@@ -19,19 +19,29 @@
 //! only stops *bridged* guest-to-guest frames. IPv6 from the bridge is dropped at input and in
 //! forward (guests get no IPv6; `inet` table for nft, `ip6tables` for the iptables backend).
 //!
+//! An **egress allowlist** VM (see [`NatBackend::enable_allowlist`]) gets the same rules, but its
+//! forward accept matches only destinations in its own address set (nft set `vm-<key>-allow`,
+//! elements with timeouts), which wickd's DNS resolver fills with the answers to allowed names
+//! ([`NatBackend::allow_addrs`]). The iptables backend does the same with an ipset per VM
+//! (`wick-<key>`) when `ipset` works, and refuses otherwise ([`NetError::Unsupported`]).
+//!
 //! Every VM port also gets an anti-spoofing guard ([`PortGuard`], nftables' `bridge` family, for
 //! both backends): the guest may send only from its own MAC and leased IP. Its state is derived
 //! from the VM key like the NAT rules, and [`NatBackend::remove_vm`] / [`NatBackend::list_vm_keys`]
 //! cover it, so the sweep removes a crashed VM's guard too.
 
+mod egress;
 mod guard;
+mod ipset;
 mod iptables;
 mod nft;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+pub use egress::{allow_set, ALLOW_TIMEOUT_MAX, ALLOW_TIMEOUT_MIN};
 pub use guard::{guard_script, key_of_port_chain, port_chain, GuardState, PortGuard};
+pub use ipset::{ipset_name, key_of_ipset};
 pub use iptables::IptablesNat;
 pub use nft::NftNat;
 
@@ -52,6 +62,40 @@ pub trait NatBackend: Send + Sync {
         tap: &str,
         out_iface: Option<&str>,
     ) -> Result<(), NetError>;
+
+    /// Whether [`enable_allowlist`](Self::enable_allowlist) and the set operations work here.
+    fn supports_allowlist(&self) -> bool {
+        false
+    }
+
+    /// Enables NAT for one VM restricted to its allowlist set (replacing whatever rules the VM
+    /// had; the set starts empty): forwarded traffic from the guest is accepted only towards
+    /// addresses in the set `vm-<key>-allow` (plus replies and connections already established).
+    /// Backends without address sets refuse with [`NetError::Unsupported`].
+    fn enable_allowlist(
+        &self,
+        vm_key: &str,
+        guest_ip: Ipv4Addr,
+        tap: &str,
+        out_iface: Option<&str>,
+    ) -> Result<(), NetError> {
+        let _ = (vm_key, guest_ip, tap, out_iface);
+        Err(unsupported(self.name()))
+    }
+
+    /// Adds (or refreshes) addresses in the VM's allowlist set, each with its timeout in
+    /// seconds (clamped to [`ALLOW_TIMEOUT_MIN`]..=[`ALLOW_TIMEOUT_MAX`]). One transaction.
+    fn allow_addrs(&self, vm_key: &str, addrs: &[(Ipv4Addr, u32)]) -> Result<(), NetError> {
+        let _ = (vm_key, addrs);
+        Err(unsupported(self.name()))
+    }
+
+    /// Empties the VM's allowlist set (after names were removed from its allowlist); `Ok` when
+    /// it has none.
+    fn flush_allowed(&self, vm_key: &str) -> Result<(), NetError> {
+        let _ = vm_key;
+        Err(unsupported(self.name()))
+    }
 
     /// Disables NAT for one VM; `Ok` when it had none.
     fn disable(&self, vm_key: &str, guest_ip: Ipv4Addr, tap: &str) -> Result<(), NetError>;
@@ -86,6 +130,14 @@ pub trait NatBackend: Send + Sync {
 
     /// Removes wick's own tables/chains entirely, the port guard's included (nothing else).
     fn remove_all_wick(&self) -> Result<(), NetError>;
+}
+
+pub(crate) fn unsupported(backend: &str) -> NetError {
+    NetError::Unsupported(format!(
+        "the egress allowlist needs per-VM address sets (nftables, or ipset with iptables); \
+         this daemon uses the {backend} backend and `ipset list -n` does not work here \
+         (install ipset, or nftables with nat_backend = \"nft\" or \"auto\")"
+    ))
 }
 
 /// Picks the backend: `nft` if `nft list tables` works, else `iptables` if it works, else

@@ -15,6 +15,8 @@
 //!     oifname BR ip daddr GUEST ct state established,related accept }
 //! }
 //! ```
+//! An allowlist VM's filter chain accepts only destinations in its set `vm-<key>-allow` (see
+//! [`super::egress`]).
 //! The per-VM chains are reached through verdict maps, so adding or removing a VM is one
 //! transaction of `add`/`delete element` + chain, with no rule handles involved. Every change is
 //! a single `nft -f -` script: it applies entirely or not at all. The table is `inet`, so the
@@ -31,6 +33,7 @@ use crate::net::error::NetError;
 use crate::net::link::{validate_ifname, validate_key};
 use crate::net::runner::{command_error, run, run_ok, stderr_lower, Runner};
 
+use super::egress::{allow_addrs_script, allow_set, allowable, allowlist_rules, flush_script};
 use super::{NatBackend, PortGuard};
 
 /// The table (family `inet`).
@@ -57,6 +60,8 @@ pub struct NftState {
     pub nat_elems: Vec<(String, String)>,
     /// `fwd_vms` elements: (guest ip, jump target chain).
     pub fwd_elems: Vec<(String, String)>,
+    /// All set names in the table (the allowlist sets `vm-<key>-allow`).
+    pub sets: Vec<String>,
 }
 
 /// The per-VM chain names: (`vm-<key>-nat`, `vm-<key>-filter`).
@@ -72,6 +77,7 @@ pub fn key_of_chain(chain: &str) -> Option<&str> {
     let rest = chain.strip_prefix(VM_CHAIN_PREFIX)?;
     rest.strip_suffix("-nat")
         .or_else(|| rest.strip_suffix("-filter"))
+        .or_else(|| rest.strip_suffix("-allow"))
         .filter(|k| validate_key(k).is_ok())
 }
 
@@ -138,12 +144,18 @@ pub fn remove_vm_script(state: &NftState, key: &str) -> String {
             let _ = writeln!(s, "delete chain {t} {c}");
         }
     }
+    // After the chains: their rules reference it.
+    let set = allow_set(key);
+    if state.sets.contains(&set) {
+        let _ = writeln!(s, "delete set {t} {set}");
+    }
     s
 }
 
 /// The whole transaction enabling NAT for one VM, given the table's current state: base, removal
 /// of the VM's old entries and of stale entries for the same guest IP, then the VM's chains and
-/// map elements.
+/// map elements. With `allowlist`, the filter chain accepts only destinations in the VM's
+/// (new, empty) allowlist set.
 pub fn enable_script(
     bridge: &str,
     vm_to_vm: bool,
@@ -151,6 +163,7 @@ pub fn enable_script(
     key: &str,
     guest_ip: Ipv4Addr,
     out_iface: Option<&str>,
+    allowlist: bool,
 ) -> String {
     let t = format!("inet {TABLE}");
     let (nat, filter) = vm_chains(key);
@@ -172,11 +185,15 @@ pub fn enable_script(
     };
     let _ = writeln!(s, "add chain {t} {nat}");
     let _ = writeln!(s, "add rule {t} {nat} ip saddr {ip} {out} masquerade");
-    let _ = writeln!(s, "add chain {t} {filter}");
-    let _ = writeln!(
-        s,
-        "add rule {t} {filter} iifname \"{bridge}\" ip saddr {ip} {out} accept"
-    );
+    if allowlist {
+        s.push_str(&allowlist_rules(bridge, key, guest_ip, &out));
+    } else {
+        let _ = writeln!(s, "add chain {t} {filter}");
+        let _ = writeln!(
+            s,
+            "add rule {t} {filter} iifname \"{bridge}\" ip saddr {ip} {out} accept"
+        );
+    }
     let _ = writeln!(
         s,
         "add rule {t} {filter} oifname \"{bridge}\" ip daddr {ip} ct state established,related accept"
@@ -245,6 +262,9 @@ pub fn parse_state(json: &str) -> Result<NftState, NetError> {
         if let Some(name) = item.pointer("/chain/name").and_then(Value::as_str) {
             st.chains.push(name.to_string());
         }
+        if let Some(name) = item.pointer("/set/name").and_then(Value::as_str) {
+            st.sets.push(name.to_string());
+        }
         let Some(map) = item.get("map") else { continue };
         let list = match map.get("name").and_then(Value::as_str) {
             Some("nat_vms") => &mut st.nat_elems,
@@ -311,6 +331,30 @@ impl NftNat {
         Ok(!script.is_empty())
     }
 
+    /// Enables the VM's rules, open or restricted to its allowlist set.
+    fn enable_with(
+        &self,
+        vm_key: &str,
+        guest_ip: Ipv4Addr,
+        out_iface: Option<&str>,
+        allowlist: bool,
+    ) -> Result<(), NetError> {
+        validate_key(vm_key)?;
+        if let Some(o) = out_iface {
+            validate_ifname(o)?;
+        }
+        let st = self.state()?;
+        self.apply(&enable_script(
+            &self.bridge,
+            self.allow_vm_to_vm,
+            &st,
+            vm_key,
+            guest_ip,
+            out_iface,
+            allowlist,
+        ))
+    }
+
     /// Applies one transaction.
     fn apply(&self, script: &str) -> Result<(), NetError> {
         apply_script(&*self.runner, script)
@@ -354,19 +398,39 @@ impl NatBackend for NftNat {
         _tap: &str,
         out_iface: Option<&str>,
     ) -> Result<(), NetError> {
+        self.enable_with(vm_key, guest_ip, out_iface, false)
+    }
+
+    fn supports_allowlist(&self) -> bool {
+        true
+    }
+
+    fn enable_allowlist(
+        &self,
+        vm_key: &str,
+        guest_ip: Ipv4Addr,
+        _tap: &str,
+        out_iface: Option<&str>,
+    ) -> Result<(), NetError> {
+        self.enable_with(vm_key, guest_ip, out_iface, true)
+    }
+
+    fn allow_addrs(&self, vm_key: &str, addrs: &[(Ipv4Addr, u32)]) -> Result<(), NetError> {
         validate_key(vm_key)?;
-        if let Some(o) = out_iface {
-            validate_ifname(o)?;
+        let addrs: Vec<(Ipv4Addr, u32)> = addrs
+            .iter()
+            .copied()
+            .filter(|(ip, _)| allowable(*ip))
+            .collect();
+        self.apply(&allow_addrs_script(vm_key, &addrs))
+    }
+
+    fn flush_allowed(&self, vm_key: &str) -> Result<(), NetError> {
+        validate_key(vm_key)?;
+        if !self.state()?.sets.contains(&allow_set(vm_key)) {
+            return Ok(());
         }
-        let st = self.state()?;
-        self.apply(&enable_script(
-            &self.bridge,
-            self.allow_vm_to_vm,
-            &st,
-            vm_key,
-            guest_ip,
-            out_iface,
-        ))
+        self.apply(&flush_script(vm_key))
     }
 
     fn disable(&self, vm_key: &str, _guest_ip: Ipv4Addr, _tap: &str) -> Result<(), NetError> {
@@ -396,6 +460,7 @@ impl NatBackend for NftNat {
                 .map(String::as_str)
                 .chain(st.nat_elems.iter().map(|(_, t)| t.as_str()))
                 .chain(st.fwd_elems.iter().map(|(_, t)| t.as_str()))
+                .chain(st.sets.iter().map(String::as_str))
                 .filter_map(key_of_chain)
                 .map(str::to_string),
         );
@@ -588,6 +653,68 @@ add rule inet wick input iifname "wick0" drop
         assert_eq!(
             r.stdins(),
             ["delete table bridge wick\n", "delete table inet wick\n"]
+        );
+    }
+
+    #[test]
+    fn golden_allowlist_enable_fill_and_remove() {
+        let (r, n) = fake();
+        r.respond(
+            "nft -j list table",
+            1,
+            "",
+            "Error: No such file or directory",
+        );
+        n.enable_allowlist("0123456789ab", ip("172.30.0.5"), "wk-0123456789ab", None)
+            .unwrap();
+        let want = format!(
+            "{BASE}{}",
+            r#"add chain inet wick vm-0123456789ab-nat
+add rule inet wick vm-0123456789ab-nat ip saddr 172.30.0.5 oifname != "wick0" masquerade
+add set inet wick vm-0123456789ab-allow { type ipv4_addr; flags timeout; }
+add chain inet wick vm-0123456789ab-filter
+add rule inet wick vm-0123456789ab-filter iifname "wick0" ip saddr 172.30.0.5 oifname != "wick0" ip daddr @vm-0123456789ab-allow accept
+add rule inet wick vm-0123456789ab-filter iifname "wick0" ip saddr 172.30.0.5 oifname != "wick0" ct state established,related accept
+add rule inet wick vm-0123456789ab-filter oifname "wick0" ip daddr 172.30.0.5 ct state established,related accept
+add element inet wick nat_vms { 172.30.0.5 : jump vm-0123456789ab-nat }
+add element inet wick fwd_vms { 172.30.0.5 : jump vm-0123456789ab-filter }
+"#
+        );
+        assert_eq!(r.stdins(), [want]);
+
+        // Filling: loopback/multicast answers never reach the set; nothing left, no transaction.
+        r.clear();
+        n.allow_addrs(
+            "0123456789ab",
+            &[(ip("127.0.0.1"), 60), (ip("198.51.100.10"), 60)],
+        )
+        .unwrap();
+        assert_eq!(r.lines(), ["nft -f -"]);
+        assert!(r.stdins()[0].contains("{ 198.51.100.10 timeout 60s }"));
+        assert!(!r.stdins()[0].contains("127.0.0.1"));
+        r.clear();
+        n.allow_addrs("0123456789ab", &[(ip("224.0.0.1"), 60)])
+            .unwrap();
+        assert!(r.lines().is_empty());
+        assert!(n.allow_addrs("a;b", &[(ip("198.51.100.10"), 60)]).is_err());
+
+        // The set belongs to the VM: listed by key, removed (after its chains) with it.
+        let state = r#"{"nftables": [{"table": {"family": "inet", "name": "wick", "handle": 1}},
+          {"set": {"family": "inet", "name": "vm-d-allow", "table": "wick", "type": "ipv4_addr",
+            "flags": ["timeout"], "elem": [{"elem": {"val": "198.51.100.10", "timeout": 60, "expires": 59}}]}},
+          {"chain": {"family": "inet", "table": "wick", "name": "vm-d-filter", "handle": 2}}]}"#;
+        let (r, n) = fake();
+        r.respond("nft -j list table", 0, state, "");
+        assert_eq!(n.list_vm_keys().unwrap(), ["d"]);
+        n.flush_allowed("d").unwrap();
+        n.flush_allowed("e").unwrap(); // no set: nothing to do
+        assert!(n.remove_vm("d").unwrap());
+        assert_eq!(
+            r.stdins(),
+            [
+                "flush set inet wick vm-d-allow\n",
+                "delete chain inet wick vm-d-filter\ndelete set inet wick vm-d-allow\n"
+            ]
         );
     }
 
