@@ -16,6 +16,8 @@ use wick_testkit::wickd::WickdEnv;
 const A_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const B_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 const PORT: u16 = 8080;
+/// A server that keeps a connection open and echoes every line (B_IP only).
+const ECHO_PORT: u16 = 8081;
 /// The guests' resolver: wickd on the bridge address.
 const GUEST_DNS: &str = "172.30.0.1:53";
 
@@ -44,6 +46,31 @@ fn echo_peer_server(ns: &TestNetns, addr: SocketAddr) {
             let _ = std::io::Write::write_all(&mut s, peer.as_bytes());
         }
     });
+}
+
+/// Serves connections in `ns` on `addr`, each echoing what it receives until it is closed.
+fn line_echo_server(ns: &TestNetns, addr: SocketAddr) {
+    let l = ns.listen(addr).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                if let Ok(mut r) = s.try_clone() {
+                    let mut w = s;
+                    let _ = std::io::copy(&mut r, &mut w);
+                }
+            });
+        }
+    });
+}
+
+/// Sends one line on `s` and whether it came back within two seconds.
+fn echoes(s: &mut TcpStream, line: &str) -> bool {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if std::io::Write::write_all(s, line.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; line.len()];
+    s.read_exact(&mut buf).is_ok() && buf == line.as_bytes()
 }
 
 /// Connects from `ns` to `ip:PORT` and returns what the server said (our address as it saw it).
@@ -77,7 +104,7 @@ fn vm_rule_lines(env: &WickdEnv) -> Vec<String> {
     all.lines()
         .map(str::to_string)
         .chain(ipsets(env))
-        .filter(|l| l.contains("vm-") || l.contains("wick:vm") || l.starts_with("wick-"))
+        .filter(|l| l.contains("vm-") || l.contains("wick:vm") || l.starts_with("wick-vm-"))
         .collect()
 }
 
@@ -86,7 +113,7 @@ fn ipsets(env: &WickdEnv) -> Vec<String> {
     let ns = env.netns.as_ref().unwrap();
     let out = ns.run("ipset", &["list", "-n"]).unwrap_or_default();
     out.lines()
-        .filter(|l| l.starts_with("wick-"))
+        .filter(|l| l.starts_with("wick-vm-"))
         .map(str::to_string)
         .collect()
 }
@@ -95,7 +122,16 @@ fn ipsets(env: &WickdEnv) -> Vec<String> {
 fn has_allow_set(env: &WickdEnv) -> bool {
     vm_rule_lines(env)
         .iter()
-        .any(|l| l.contains("-allow") || l.starts_with("wick-"))
+        .any(|l| l.contains("-allow") || l.starts_with("wick-vm-"))
+}
+
+/// Whether VM `name`'s own allowlist set (nft) or ipset exists.
+fn has_allow_set_of(env: &WickdEnv, name: &str) -> bool {
+    let id = vm(env, name)["id"].as_str().unwrap().to_string();
+    let key = &id[..12];
+    vm_rule_lines(env)
+        .iter()
+        .any(|l| l.contains(&format!("vm-{key}-allow")) || l.starts_with(&format!("wick-vm-{key}")))
 }
 
 /// Whether `ipset` works in the daemon's namespace (the iptables backend needs it).
@@ -111,6 +147,7 @@ fn upstream(env: &WickdEnv) -> (TestNetns, FakeUpstream) {
             .unwrap();
         echo_peer_server(&up, SocketAddr::from((ip, PORT)));
     }
+    line_echo_server(&up, SocketAddr::from((B_IP, ECHO_PORT)));
     let dns = FakeUpstream::start(
         &up,
         "198.51.100.2:53".parse().unwrap(),
@@ -163,7 +200,7 @@ fn allowlist_scenario(backend: &str) {
     let (_up, _dns) = upstream(&env);
 
     env.wick_ok(&["vm", "create", "--name", "e1", "--allow-host", "A.test"]);
-    env.wick_ok(&["vm", "create", "--name", "n1"]);
+    env.wick_ok(&["vm", "create", "--name", "n1", "--nat"]);
     let e1 = vm(&env, "e1");
     assert_eq!(
         e1["spec"]["allow_hosts"],
@@ -189,21 +226,40 @@ fn allowlist_scenario(backend: &str) {
         Ok(vec![ip.parse::<Ipv4Addr>().unwrap()])
     );
 
-    // Another VM is not restricted by e1's list (it resolves b.test; it has no egress at all).
+    // Another VM is not restricted by e1's list: n1 (full NAT) resolves b.test and holds a
+    // connection open to it.
     let n1_ip = vm(&env, "n1")["runtime"]["ip"]
         .as_str()
         .unwrap()
         .to_string();
     let gn = guest(&env, "n1", &n1_ip);
     assert_eq!(resolve(&gn, "b.test"), Ok(vec![B_IP]));
-    assert!(reach(&gn, B_IP).is_none(), "n1 has no NAT");
+    let mut tunnel = (0..4)
+        .find_map(|_| {
+            gn.connect(SocketAddr::from((B_IP, ECHO_PORT)), Duration::from_secs(2))
+                .ok()
+        })
+        .expect("n1 (NAT) connects to b.test");
+    assert!(echoes(&mut tunnel, "before\n"));
+    // Switched live to an allowlist of a.test: the connection opened under NAT is cut, b.test
+    // is closed, and a.test opens only once n1 itself resolves it.
+    env.wick_ok(&["vm", "set", "n1", "--nat", "off", "--allow-host", "a.test"]);
+    assert!(
+        !echoes(&mut tunnel, "after\n"),
+        "a connection opened under --nat must not survive the switch to an allowlist"
+    );
+    assert_eq!(resolve(&gn, "b.test"), Err("NXDomain".into()));
+    assert!(reach(&gn, B_IP).is_none());
+    assert!(reach(&gn, A_IP).is_none(), "n1 has not resolved a.test");
+    assert_eq!(resolve(&gn, "a.test"), Ok(vec![A_IP]));
+    assert_eq!(reach_ok(&gn, A_IP).as_deref(), Some("198.51.100.1"));
 
     // Live: allow b.test.
     let out = env.wick_ok(&["vm", "set", "e1", "--allow-host", "b.test"]);
     assert!(out.contains("allow a.test, b.test"), "{out}");
     assert_eq!(resolve(&g, "b.test"), Ok(vec![B_IP]));
     assert_eq!(reach_ok(&g, B_IP).as_deref(), Some("198.51.100.1"));
-    // e1's opened addresses are e1's alone: n1 (no egress) still reaches nothing.
+    // e1's opened addresses are e1's alone: n1 (allowlist a.test) still cannot reach b.test.
     assert!(reach(&gn, B_IP).is_none(), "n1 does not use e1's set");
 
     // Live: deny it again; its address is closed at once.
@@ -237,9 +293,9 @@ fn allowlist_scenario(backend: &str) {
 
     // Stop removes the set with the chains; start brings it back (empty).
     env.wick_ok(&["vm", "stop", "e1"]);
-    assert!(!has_allow_set(&env), "{:?}", vm_rule_lines(&env));
+    assert!(!has_allow_set_of(&env, "e1"), "{:?}", vm_rule_lines(&env));
     env.wick_ok(&["vm", "start", "e1"]);
-    assert!(has_allow_set(&env));
+    assert!(has_allow_set_of(&env, "e1"));
     assert!(
         reach(&g, A_IP).is_none(),
         "a fresh set is empty until resolved"

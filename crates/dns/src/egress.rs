@@ -188,16 +188,23 @@ impl Policy {
             let fresh_enough = opened
                 .get(&ip)
                 .is_some_and(|u| *u >= now + Duration::from_secs(ttl.into()));
-            if fresh_enough || out.iter().any(|(o, _)| *o == ip) {
+            if fresh_enough || out.iter().any(|(o, _, _)| *o == ip) {
                 continue;
             }
-            if !opened.contains_key(&ip) && opened.len() >= MAX_ALLOWED_ADDRS {
-                return Err(());
-            }
-            opened.insert(ip, until);
-            out.push((ip, hold));
+            out.push((ip, hold, until));
         }
-        Ok(out)
+        // All or nothing: nothing is recorded as open when the answer does not fit.
+        let new = out
+            .iter()
+            .filter(|(ip, ..)| !opened.contains_key(ip))
+            .count();
+        if opened.len() + new > MAX_ALLOWED_ADDRS {
+            return Err(());
+        }
+        for (ip, _, until) in &out {
+            opened.insert(*ip, *until);
+        }
+        Ok(out.into_iter().map(|(ip, hold, _)| (ip, hold)).collect())
     }
 
     /// The lock serialising this client's openings with the replacement of its policy.
@@ -451,7 +458,17 @@ mod tests {
         assert_eq!(pol.to_open(&many).unwrap().len(), MAX_ALLOWED_ADDRS - 1);
         assert!(pol.to_open(&[("192.0.2.1".parse().unwrap(), 60)]).is_err());
         pol.forget(&[(a, 0)]);
-        assert!(pol.to_open(&[("192.0.2.1".parse().unwrap(), 60)]).is_ok());
+        let (c, d): (Ipv4Addr, Ipv4Addr) =
+            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        assert!(
+            pol.to_open(&[(c, 60), (d, 60)]).is_err(),
+            "two do not fit in one slot"
+        );
+        assert_eq!(
+            pol.to_open(&[(d, 60)]).unwrap(),
+            [(d, 120)],
+            "a refused answer records nothing as open"
+        );
         e.remove(src);
         assert!(e.policy(src).is_none() && e.is_empty());
     }

@@ -9,7 +9,7 @@
 //!
 //! Egress: `spec.nat` is NAT to anywhere; a non-empty `spec.allow_hosts` is NAT restricted to
 //! the VM's allowlist set (same chains, same `runtime.nat` record, plus the set
-//! `vm-<key>-allow`, or ipset `wick-<key>` with iptables, so cleanup and the sweep remove it
+//! `vm-<key>-allow`, or ipset `wick-vm-<key>` with iptables, so cleanup and the sweep remove it
 //! with them), which the `vm dns`
 //! capability's resolver fills through [`Network::egress_sink`]. The two are exclusive
 //! (`vm create`/`vm set` refuse both).

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use wick_model::api::{ErrorCode, SetVmRequest};
-use wick_model::VmRecord;
+use wick_model::{VmRecord, VmSpec};
 use wick_store::now;
 
 use super::checks::check_vcpu;
 use super::{Caller, Daemon};
-use crate::capability::HookCtx;
+use crate::capability::{Capability, HookCtx};
 use crate::error::{Error, Result};
 
 impl Daemon {
@@ -57,18 +57,40 @@ impl Daemon {
             self.check_limits(vm.owner, Some((&vm.id, &old)), &vm.spec)?;
             vm = self.store.save_vm(&vm)?;
         }
-        for cap in &self.caps {
+        for (i, cap) in self.caps.iter().enumerate() {
             if let Err(e) = cap
                 .apply_config_change(&mut HookCtx::new(&mut vm, &self.store), &old)
                 .await
             {
-                // Roll the spec back so the record matches the host.
-                vm.spec = old.clone();
+                // Roll the spec back, and the capabilities that already applied it, so the
+                // record matches the host (a half-applied change could leave full NAT on while
+                // the record says allowlist).
+                let new = std::mem::replace(&mut vm.spec, old.clone());
+                self.undo_config_change(&mut vm, &new, &self.caps[..i])
+                    .await;
                 self.store.save_vm(&vm)?;
                 return Err(e);
             }
         }
         Ok(self.store.save_vm(&vm)?)
+    }
+
+    /// Re-applies `vm.spec` (the old spec) through `applied`, in reverse order, after a later
+    /// capability refused the change to `new`.
+    async fn undo_config_change(
+        &self,
+        vm: &mut VmRecord,
+        new: &VmSpec,
+        applied: &[Arc<dyn Capability>],
+    ) {
+        for cap in applied.iter().rev() {
+            if let Err(e) = cap
+                .apply_config_change(&mut HookCtx::new(vm, &self.store), new)
+                .await
+            {
+                tracing::error!(vm = %vm.name, capability = cap.name(), "cannot undo a configuration change: {e}");
+            }
+        }
     }
 
     /// Unpublishes `publish_remove`, then publishes `publish_add` (checked like at create).

@@ -5,11 +5,14 @@
 //! ```text
 //! set vm-<key>-allow { type ipv4_addr; flags timeout; }
 //! chain vm-<key>-filter {
-//!   iifname BR ip saddr GUEST OUT ip daddr @vm-<key>-allow accept
-//!   iifname BR ip saddr GUEST OUT ct state established,related accept
+//!   iifname BR ip saddr GUEST OUT ip daddr @vm-<key>-allow ct mark set ct mark | MARK accept
+//!   iifname BR ip saddr GUEST OUT ct state established,related ct mark & MARK == MARK accept
 //!   oifname BR ip daddr GUEST ct state established,related accept }
 //! ```
-//! Everything else the guest sends out falls through to the base chain's drop. Elements carry
+//! Everything else the guest sends out falls through to the base chain's drop. The guest's
+//! established connections pass only when they were opened through the set ([`ALLOWED_CT_MARK`]
+//! on their conntrack entry): a connection opened while the VM had `--nat` (or before a live
+//! switch) does not survive the switch to an allowlist. Elements carry
 //! the timeout the resolver asks for (twice the DNS record's TTL, clamped here to
 //! [`ALLOW_TIMEOUT_MIN`]..=[`ALLOW_TIMEOUT_MAX`]), so the kernel forgets them by itself.
 
@@ -23,6 +26,11 @@ use super::nft::{vm_chains, TABLE, VM_CHAIN_PREFIX};
 pub const ALLOW_TIMEOUT_MIN: u32 = 30;
 /// Longest element timeout, in seconds (one day), whatever TTL the upstream gave.
 pub const ALLOW_TIMEOUT_MAX: u32 = 86_400;
+
+/// The conntrack mark bit set on connections a guest opened to an address of its allowlist set;
+/// only such connections' later packets are accepted as established (one bit, kept with `|` so
+/// other users of the conntrack mark keep theirs).
+pub const ALLOWED_CT_MARK: u32 = 0x0100_0000;
 
 /// The allowlist set of a VM: `vm-<key>-allow`.
 pub fn allow_set(key: &str) -> String {
@@ -40,11 +48,13 @@ pub(super) fn allowlist_rules(bridge: &str, key: &str, ip: Ipv4Addr, out: &str) 
     let _ = writeln!(s, "add chain {t} {filter}");
     let _ = writeln!(
         s,
-        "add rule {t} {filter} iifname \"{bridge}\" ip saddr {ip} {out} ip daddr @{set} accept"
+        "add rule {t} {filter} iifname \"{bridge}\" ip saddr {ip} {out} ip daddr @{set} \
+         ct mark set ct mark | {ALLOWED_CT_MARK:#010x} accept"
     );
     let _ = writeln!(
         s,
-        "add rule {t} {filter} iifname \"{bridge}\" ip saddr {ip} {out} ct state established,related accept"
+        "add rule {t} {filter} iifname \"{bridge}\" ip saddr {ip} {out} ct state established,related \
+         ct mark & {ALLOWED_CT_MARK:#010x} == {ALLOWED_CT_MARK:#010x} accept"
     );
     s
 }
@@ -71,9 +81,12 @@ pub fn flush_script(key: &str) -> String {
 }
 
 /// Whether `ip` may go into an allowlist set: a unicast address outside loopback, "this
-/// network", multicast and broadcast (those are never a legitimate destination to forward to).
+/// network", multicast and broadcast (never a legitimate destination to forward to) and
+/// link-local 169.254/16 (cloud metadata services hand out the host's credentials there; an
+/// allowed name whose zone encodes addresses, such as `*.nip.io`, must not open it).
 pub fn allowable(ip: Ipv4Addr) -> bool {
     !(ip.is_loopback()
+        || ip.is_link_local()
         || ip.is_unspecified()
         || ip.is_multicast()
         || ip.is_broadcast()
@@ -113,6 +126,7 @@ add element inet wick vm-0123456789ab-allow { 198.51.100.12 timeout 86400s }
     #[test]
     fn only_unicast_destinations_are_allowable() {
         for bad in [
+            "169.254.169.254",
             "127.0.0.1",
             "0.0.0.0",
             "0.1.2.3",

@@ -1,5 +1,5 @@
-//! The iptables backend's egress allowlist: one ipset per VM, `wick-<key>` (`hash:ip`, elements
-//! with timeouts), matched by the VM's forward accept (`-m set --match-set wick-<key> dst`).
+//! The iptables backend's egress allowlist: one ipset per VM, `wick-vm-<key>` (`hash:ip`, elements
+//! with timeouts), matched by the VM's forward accept (`-m set --match-set wick-vm-<key> dst`).
 //! Like the nft set it is named after the VM key, so `remove_vm`, `list_vm_keys` and hence the
 //! sweep cover it. Without a working `ipset` binary the backend refuses allowlists.
 
@@ -10,13 +10,13 @@ use crate::net::error::NetError;
 use crate::net::link::validate_key;
 use crate::net::runner::{run, run_ok, Runner};
 
-use super::egress::{ALLOW_TIMEOUT_MAX, ALLOW_TIMEOUT_MIN};
+use super::egress::{ALLOWED_CT_MARK, ALLOW_TIMEOUT_MAX, ALLOW_TIMEOUT_MIN};
 use super::iptables::vm_rules;
 
 /// Prefix of wick's ipsets.
-pub const IPSET_PREFIX: &str = "wick-";
+pub const IPSET_PREFIX: &str = "wick-vm-";
 
-/// The allowlist ipset of a VM: `wick-<key>` (at most 31 characters, as ipset requires).
+/// The allowlist ipset of a VM: `wick-vm-<key>` (at most 31 characters, as ipset requires).
 pub fn ipset_name(key: &str) -> String {
     format!("{IPSET_PREFIX}{key}")
 }
@@ -28,8 +28,9 @@ pub fn key_of_ipset(name: &str) -> Option<&str> {
 }
 
 /// The per-VM rules of an allowlist VM: [`vm_rules`], with the guest's forward accept limited
-/// to destinations in its ipset, plus an accept of its established connections (so they
-/// outlive the element that opened them).
+/// to destinations in its ipset (and marking the connection with [`ALLOWED_CT_MARK`]), plus an
+/// accept of its established connections carrying that mark (so they outlive the element that
+/// opened them, while connections opened before the allowlist applied do not pass).
 pub fn allowlist_rules(
     bridge: &str,
     key: &str,
@@ -46,12 +47,32 @@ pub fn allowlist_rules(
         r
     };
     let set = ipset_name(key);
+    let mark = format!("{ALLOWED_CT_MARK:#x}/{ALLOWED_CT_MARK:#x}");
     rules[1] = with(&["-m", "set", "--match-set", &set, "dst"]);
+    // Inserted at the top after the accept, so it runs first: marks the connection as opened
+    // through the set (the established accept below requires the mark).
+    let mut marking = rules[1].clone();
+    let target = marking.len() - 2;
+    marking.splice(
+        target..,
+        [
+            "-j",
+            "CONNMARK",
+            "--or-mark",
+            &format!("{ALLOWED_CT_MARK:#x}"),
+        ]
+        .map(String::from),
+    );
+    rules.insert(2, marking);
     rules.push(with(&[
         "-m",
         "conntrack",
         "--ctstate",
         "RELATED,ESTABLISHED",
+        "-m",
+        "connmark",
+        "--mark",
+        &mark,
     ]));
     rules
 }
@@ -146,9 +167,10 @@ mod tests {
             rules,
             [
                 "-w -t nat -A WICK-POSTROUTING -s 172.30.0.5/32 ! -o wick0 -m comment --comment wick:vm-ab -j MASQUERADE",
-                "-w -t filter -I WICK-FORWARD 1 -i wick0 -s 172.30.0.5/32 ! -o wick0 -m set --match-set wick-ab dst -m comment --comment wick:vm-ab -j ACCEPT",
+                "-w -t filter -I WICK-FORWARD 1 -i wick0 -s 172.30.0.5/32 ! -o wick0 -m set --match-set wick-vm-ab dst -m comment --comment wick:vm-ab -j ACCEPT",
+                "-w -t filter -I WICK-FORWARD 1 -i wick0 -s 172.30.0.5/32 ! -o wick0 -m set --match-set wick-vm-ab dst -m comment --comment wick:vm-ab -j CONNMARK --or-mark 0x1000000",
                 "-w -t filter -I WICK-FORWARD 1 -o wick0 -d 172.30.0.5/32 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment wick:vm-ab -j ACCEPT",
-                "-w -t filter -I WICK-FORWARD 1 -i wick0 -s 172.30.0.5/32 ! -o wick0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment wick:vm-ab -j ACCEPT",
+                "-w -t filter -I WICK-FORWARD 1 -i wick0 -s 172.30.0.5/32 ! -o wick0 -m conntrack --ctstate RELATED,ESTABLISHED -m connmark --mark 0x1000000/0x1000000 -m comment --comment wick:vm-ab -j ACCEPT",
             ]
         );
         assert_eq!(
@@ -159,17 +181,17 @@ mod tests {
                     ("198.51.100.11".parse().unwrap(), 600)
                 ]
             ),
-            "add wick-ab 198.51.100.10 timeout 30\nadd wick-ab 198.51.100.11 timeout 600\n"
+            "add wick-vm-ab 198.51.100.10 timeout 30\nadd wick-vm-ab 198.51.100.11 timeout 600\n"
         );
-        assert_eq!(key_of_ipset("wick-0123456789ab"), Some("0123456789ab"));
-        assert_eq!(key_of_ipset("wick-a;b"), None);
+        assert_eq!(key_of_ipset("wick-vm-0123456789ab"), Some("0123456789ab"));
+        assert_eq!(key_of_ipset("wick-vm-a;b"), None);
         assert_eq!(key_of_ipset("other"), None);
     }
 
     #[test]
     fn golden_lifecycle() {
         let r = RecordingRunner::new();
-        r.respond("ipset list -n", 0, "other\nwick-ab\n", "");
+        r.respond("ipset list -n", 0, "other\nwick-ab\nwick-vm-ab\n", "");
         create(&r, "ab").unwrap();
         add(&r, "ab", &[("198.51.100.10".parse().unwrap(), 60)]).unwrap();
         add(&r, "ab", &[]).unwrap();
@@ -179,17 +201,17 @@ mod tests {
         assert_eq!(
             r.lines(),
             [
-                "ipset create wick-ab hash:ip family inet timeout 0 -exist",
-                "ipset flush wick-ab",
+                "ipset create wick-vm-ab hash:ip family inet timeout 0 -exist",
+                "ipset flush wick-vm-ab",
                 "ipset restore -exist",
                 "ipset list -n",
-                "ipset flush wick-ab",
+                "ipset flush wick-vm-ab",
                 "ipset list -n",
-                "ipset destroy wick-ab",
+                "ipset destroy wick-vm-ab",
                 "ipset list -n",
             ]
         );
-        assert_eq!(list(&r).unwrap(), ["wick-ab"]);
+        assert_eq!(list(&r).unwrap(), ["wick-vm-ab"]);
         let broken = RecordingRunner::new();
         broken.respond(
             "ipset",

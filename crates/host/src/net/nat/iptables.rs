@@ -13,7 +13,7 @@
 //! `WICK-FORWARD` (drop everything to or from the bridge). Without them a guest reaches host
 //! services listening on `[::]` through the bridge's link-local address.
 //!
-//! Egress allowlist VMs: their forward accept matches an ipset `wick-<key>` (see
+//! Egress allowlist VMs: their forward accept matches an ipset `wick-vm-<key>` (see
 //! [`super::ipset`]), created after their old rules are gone and destroyed with them.
 //!
 //! The port guard (anti-spoofing) uses nftables' bridge family ([`super::PortGuard`]); without a
@@ -414,13 +414,11 @@ impl IptablesNat {
     fn remove_nat(&self, vm_key: &str) -> Result<bool, NetError> {
         validate_key(vm_key)?;
         let mut removed = false;
-        let mut used_set = false;
         for (table, chain) in [("nat", CHAIN_POSTROUTING), ("filter", CHAIN_FORWARD)] {
             for rule in self.rules(table, chain)?.unwrap_or_default() {
                 if rule_key(&rule) != Some(vm_key) {
                     continue;
                 }
-                used_set |= rule.iter().any(|a| a == "--match-set");
                 // "-A CHAIN rest..." -> "-D CHAIN rest..."
                 let mut args = vec!["-w", "-t", table, "-D"];
                 args.extend(rule.iter().skip(1).map(String::as_str));
@@ -428,9 +426,9 @@ impl IptablesNat {
                 removed = true;
             }
         }
-        if used_set {
-            ipset::destroy(&*self.runner, vm_key)?;
-        }
+        // Whether or not a rule still used it: a crash between the rules' removal and the
+        // destroy must not leave the set behind (a no-op where ipset does not work).
+        ipset::destroy(&*self.runner, vm_key)?;
         Ok(removed)
     }
 
@@ -668,6 +666,7 @@ mod tests {
                 "iptables -w -t filter -A WICK-FORWARD -i wick0 -o wick0 -m comment --comment wick:base -j DROP",
                 "iptables -w -t nat -S",
                 "iptables -w -t filter -S",
+                "ipset list -n",
                 "iptables -w -t nat -A WICK-POSTROUTING -s 172.30.0.5/32 ! -o wick0 -m comment --comment wick:vm-0123456789ab -j MASQUERADE",
                 "iptables -w -t filter -I WICK-FORWARD 1 -i wick0 -s 172.30.0.5/32 ! -o wick0 -m comment --comment wick:vm-0123456789ab -j ACCEPT",
                 "iptables -w -t filter -I WICK-FORWARD 1 -o wick0 -d 172.30.0.5/32 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment wick:vm-0123456789ab -j ACCEPT",
@@ -742,6 +741,7 @@ mod tests {
                 "iptables -w -t filter -S",
                 "iptables -w -t filter -D WICK-FORWARD -o wick0 -d 172.30.0.5/32 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment wick:vm-a -j ACCEPT",
                 "iptables -w -t filter -D WICK-FORWARD -i wick0 -s 172.30.0.5/32 ! -o wick0 -m comment --comment wick:vm-a -j ACCEPT",
+                "ipset list -n",
             ]
         );
         r.clear();

@@ -23,7 +23,7 @@
 //! forward accept matches only destinations in its own address set (nft set `vm-<key>-allow`,
 //! elements with timeouts), which wickd's DNS resolver fills with the answers to allowed names
 //! ([`NatBackend::allow_addrs`]). The iptables backend does the same with an ipset per VM
-//! (`wick-<key>`) when `ipset` works, and refuses otherwise ([`NetError::Unsupported`]).
+//! (`wick-vm-<key>`) when `ipset` works, and refuses otherwise ([`NetError::Unsupported`]).
 //!
 //! Every VM port also gets an anti-spoofing guard ([`PortGuard`], nftables' `bridge` family, for
 //! both backends): the guest may send only from its own MAC and leased IP. Its state is derived

@@ -673,8 +673,8 @@ add rule inet wick input iifname "wick0" drop
 add rule inet wick vm-0123456789ab-nat ip saddr 172.30.0.5 oifname != "wick0" masquerade
 add set inet wick vm-0123456789ab-allow { type ipv4_addr; flags timeout; }
 add chain inet wick vm-0123456789ab-filter
-add rule inet wick vm-0123456789ab-filter iifname "wick0" ip saddr 172.30.0.5 oifname != "wick0" ip daddr @vm-0123456789ab-allow accept
-add rule inet wick vm-0123456789ab-filter iifname "wick0" ip saddr 172.30.0.5 oifname != "wick0" ct state established,related accept
+add rule inet wick vm-0123456789ab-filter iifname "wick0" ip saddr 172.30.0.5 oifname != "wick0" ip daddr @vm-0123456789ab-allow ct mark set ct mark | 0x01000000 accept
+add rule inet wick vm-0123456789ab-filter iifname "wick0" ip saddr 172.30.0.5 oifname != "wick0" ct state established,related ct mark & 0x01000000 == 0x01000000 accept
 add rule inet wick vm-0123456789ab-filter oifname "wick0" ip daddr 172.30.0.5 ct state established,related accept
 add element inet wick nat_vms { 172.30.0.5 : jump vm-0123456789ab-nat }
 add element inet wick fwd_vms { 172.30.0.5 : jump vm-0123456789ab-filter }
