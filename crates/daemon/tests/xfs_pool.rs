@@ -202,9 +202,18 @@ fn pool_made_on_first_use_cloned_restarted_and_swept() {
         "{doctor}"
     );
 
+    // `contain`: the running VM's disk in the pool belongs to its VMM uid, and to root again
+    // once it stopped.
+    use std::os::unix::fs::MetadataExt;
+    let uid = a1["runtime"]["jail"]["uid"]
+        .as_u64()
+        .expect("contained VMM") as u32;
+    assert_eq!(std::fs::metadata(e.in_daemon(&disk)).unwrap().uid(), uid);
+
     // Restart: wickd's mount namespace (and with it the mount) is gone, as after a reboot; the
     // pool is mounted again and the VMs start.
     e.env.wick_ok(&["vm", "stop", "a1"]);
+    assert_eq!(std::fs::metadata(e.in_daemon(&disk)).unwrap().uid(), 0);
     e.env.stop();
     e.env.start();
     assert!(e.pool_mounted(), "re-established at start");

@@ -69,6 +69,10 @@ pub fn reconcile_xfs_pool(d: &Daemon, plans: &[DiskPlan]) -> Result<Vec<String>>
     let fail = |e: wick_storage::StorageError| Error::internal(format!("XFS pool: {e}"));
     let rec = d.pool_record()?;
     if rec.is_none() && !in_use {
+        // Without its directory nothing of a pool can be left: the file goes last.
+        if !pool.file().parent().is_some_and(|p| p.exists()) {
+            return Ok(Vec::new());
+        }
         return pool.release_pool().map_err(fail);
     }
     if !selected && !in_use {
