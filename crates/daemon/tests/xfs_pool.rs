@@ -285,3 +285,50 @@ fn crash_drill_xfs_pool() {
         );
     }
 }
+
+/// Switching backends: VMs keep the backend their plan names; a pool in use by a VM stays
+/// (mounted again at start) after the config moved away from it, and is released, record and
+/// all, once nothing uses it.
+#[test]
+fn backend_switches_keep_vms_and_release_an_unused_pool() {
+    if !usable() {
+        return;
+    }
+    let mut e = Env::new("storage_backend = \"copy\"");
+    let config = e.env.root().join("config.toml");
+    let set_backend = |from: &str, to: &str| {
+        let c = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, c.replace(from, to)).unwrap();
+    };
+    e.env.start();
+    e.env
+        .wick_ok(&["vm", "create", "--name", "a1", "--no-start"]);
+    e.env.stop();
+    set_backend("\"copy\"", "\"pool\"");
+    e.env.start();
+    e.env.wick_ok(&["vm", "start", "a1"]);
+    assert_eq!(e.vm("a1")["runtime"]["root_disk_plan"]["backend"], "copy");
+    e.env.wick_ok(&["vm", "create", "--name", "a2"]);
+    let a2 = e.vm("a2");
+    assert_eq!(a2["runtime"]["root_disk_plan"]["backend"], "xfs-pool");
+
+    // Back to copy: a2's pool stays and is mounted again; a2 still starts.
+    e.env.wick_ok(&["vm", "stop", "a2"]);
+    e.env.stop();
+    set_backend("\"pool\"", "\"copy\"");
+    e.env.start();
+    assert!(e.pool_mounted() && e.meta().is_some());
+    e.env.wick_ok(&["vm", "start", "a2"]);
+    e.env
+        .wick_ok(&["vm", "create", "--name", "a3", "--no-start"]);
+    assert_eq!(e.vm("a3")["runtime"]["root_disk_plan"]["backend"], "copy");
+
+    // Once no VM uses it, the next start releases it and clears its record.
+    e.env.wick_ok(&["vm", "delete", "a2"]);
+    e.env.stop();
+    e.env.start();
+    assert!(!e.pool_file().exists(), "unused pool released");
+    assert_eq!(e.meta(), None);
+    assert!(e.settled_loops(0).is_empty(), "{:?}", e.loops());
+    e.env.wick_ok(&["vm", "start", "a1"]);
+}
