@@ -169,4 +169,20 @@ fn pool_grows_before_it_fills() {
     assert!(total > 600 * MIB, "XFS grew: {st:?}");
     assert!(free >= 200 * MIB, "{st:?}");
     assert!(same_content(&image, &plan.disk_path()));
+
+    // A host that cannot back more: a clear error naming the host's free space, no disk, and
+    // the pool (and the disk in it) unharmed.
+    let full = d.pool(Sizing {
+        initial: 600 * MIB,
+        min_free: 64 << 30,
+        host_margin: u64::MAX / 4,
+    });
+    sparse_image(&image, 1024, 600); // a new image copy, bigger than the pool's free space
+    let plan2 = full.plan(&id(2), &d.state, &image).unwrap();
+    let e = full.create(&plan2).unwrap_err().to_string();
+    assert!(e.contains("the host filesystem holding it has only"), "{e}");
+    assert!(!plan2.disk_path().exists());
+    let st = full.status().unwrap();
+    assert!(st.mounted && st.space.unwrap().0 == total, "{st:?}");
+    assert!(plan.disk_path().is_file());
 }
