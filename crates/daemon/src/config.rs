@@ -103,7 +103,8 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_integration: Option<bool>,
     /// Root disk backend: `auto` (reflink if the state dir can, else dm-snapshot where
-    /// device-mapper exists, else copy), `reflink`, `dm-snapshot`, `copy`.
+    /// device-mapper exists, else the XFS pool where XFS and loop devices work, else copy),
+    /// `reflink`, `dm-snapshot`, `pool` (the XFS pool), `copy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_backend: Option<String>,
     /// Stop VMs untouched (no user action, no agent session) for this long (`0` = never).
@@ -415,7 +416,7 @@ impl Config {
         match &self.storage_backend {
             None => Ok(wick_storage::BackendChoice::Auto),
             Some(s) => s.parse().map_err(|_| {
-                format!("storage_backend = {s:?}: use auto, reflink, dm-snapshot or copy")
+                format!("storage_backend = {s:?}: use auto, reflink, dm-snapshot, pool or copy")
             }),
         }
     }

@@ -37,9 +37,11 @@ mod set;
 mod start;
 mod stop;
 mod watch;
+mod xfs_pool;
 
 pub use boot_files::BootFiles;
 pub use release::disk_plan;
+pub use xfs_pool::reconcile_xfs_pool;
 
 /// The daemon: shared by every request handler and background task.
 pub struct Daemon {
@@ -113,8 +115,11 @@ impl Daemon {
         let host = HostFacts::probe();
         let defaults = config.resolve_defaults(&host);
         let choice = config.storage_choice().map_err(|e| anyhow::anyhow!(e))?;
-        let storage: Arc<dyn wick_storage::CowBackend> =
-            Arc::from(wick_storage::select(choice, &paths.state)?);
+        let storage: Arc<dyn wick_storage::CowBackend> = Arc::from(wick_storage::select(
+            choice,
+            &paths.state,
+            config.jailer_bin.is_some(),
+        )?);
         tracing::info!(backend = storage.name(), "root disk backend");
         let artifacts = crate::artifacts::Artifacts::new(&paths)?;
         Ok(Arc::new(Daemon {

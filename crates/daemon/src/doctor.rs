@@ -33,7 +33,11 @@ pub async fn run(d: &Arc<Daemon>) -> DoctorReport {
 
     // Storage backends.
     if let Ok(choice) = d.config.storage_choice() {
-        checks.extend(wick_storage::doctor(choice, &d.paths.state));
+        checks.extend(wick_storage::doctor(
+            choice,
+            &d.paths.state,
+            d.config.jailer_bin.is_some(),
+        ));
     }
 
     checks.extend(config_checks(d));

@@ -96,6 +96,11 @@ async fn sweep(d: &Arc<Daemon>, report: &mut Report) -> anyhow::Result<()> {
         .iter()
         .filter_map(|v| crate::daemon::disk_plan(v).ok())
         .collect();
+    let (d2, p2) = (d.clone(), plans.clone());
+    match tokio::task::spawn_blocking(move || crate::daemon::reconcile_xfs_pool(&d2, &p2)).await? {
+        Ok(lines) => report.swept.extend(lines),
+        Err(e) => tracing::error!(error = %e, "XFS pool reconcile failed"),
+    }
     let storage = d.storage.clone();
     match tokio::task::spawn_blocking(move || storage.sweep(&plans)).await? {
         Ok(lines) => report.swept.extend(lines),

@@ -259,8 +259,11 @@ impl DmSnapshotBackend {
         Ok(())
     }
 
+    /// A loop over a file under our state dir, other than the XFS pool's (its own sweep).
     fn under_state(&self, l: &LoopInfo) -> bool {
-        Path::new(l.back_path()).starts_with(&self.state_dir)
+        let back = Path::new(l.back_path());
+        back.starts_with(&self.state_dir)
+            && !crate::xfs_pool::XfsPool::is_pool_file(&self.state_dir, back)
     }
 }
 
@@ -425,7 +428,7 @@ impl LoopInfo {
 
     /// Whether this loop's backing file is `file`: same inode when the file exists, else the
     /// same path.
-    fn backs(&self, file: &Path) -> bool {
+    pub(crate) fn backs(&self, file: &Path) -> bool {
         use std::os::unix::fs::MetadataExt;
         if Path::new(self.back_path()) == file {
             return true;
@@ -445,7 +448,7 @@ pub(crate) const LOSETUP_LIST: [&str; 5] = [
     "--noheadings",
 ];
 
-fn list_loops(r: &dyn Runner) -> Result<Vec<LoopInfo>> {
+pub(crate) fn list_loops(r: &dyn Runner) -> Result<Vec<LoopInfo>> {
     let out = run_ok(r, "losetup", &LOSETUP_LIST)?;
     parse_loops(&out)
 }

@@ -80,6 +80,7 @@ pub(crate) fn spawn_hint(program: &str) -> Option<String> {
     let pkg = match program {
         "losetup" => "util-linux",
         "dmsetup" => "dmsetup",
+        "mkfs.xfs" | "xfs_growfs" => "xfsprogs",
         "mkfs.ext4" | "resize2fs" | "e2fsck" | "tune2fs" | "debugfs" => "e2fsprogs",
         _ => return None,
     };

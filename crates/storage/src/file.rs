@@ -108,19 +108,48 @@ fn copy_extents(s: &File, d: &File) -> io::Result<u64> {
 fn copy_range(s: &File, d: &File, off: i64, mut len: i64) -> io::Result<()> {
     let (mut off_in, mut off_out) = (off, off);
     while len > 0 {
-        let n = nix::fcntl::copy_file_range(
+        let n = match nix::fcntl::copy_file_range(
             s.as_fd(),
             Some(&mut off_in),
             d.as_fd(),
             Some(&mut off_out),
             len as usize,
-        )?;
+        ) {
+            Ok(n) => n,
+            // Across filesystems of different types (host ext4 → XFS pool) newer kernels
+            // refuse copy_file_range: copy through a buffer instead.
+            Err(nix::errno::Errno::EXDEV)
+            | Err(nix::errno::Errno::EINVAL)
+            | Err(nix::errno::Errno::EOPNOTSUPP) => {
+                return copy_buffered(s, d, off_in, len);
+            }
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "source shrank during copy",
             ));
         }
+        len -= n as i64;
+    }
+    Ok(())
+}
+
+fn copy_buffered(s: &File, d: &File, mut off: i64, mut len: i64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    while len > 0 {
+        let want = buf.len().min(len as usize);
+        let n = s.read_at(&mut buf[..want], off as u64)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "source shrank during copy",
+            ));
+        }
+        d.write_all_at(&buf[..n], off as u64)?;
+        off += n as i64;
         len -= n as i64;
     }
     Ok(())

@@ -2,8 +2,9 @@
 //! `rootfs.ext4`, and the ext4 **work disk** mounted at `/root`.
 //!
 //! Root disks go through a [`CowBackend`]: `reflink` ([`FileBackend::reflink`], FICLONE),
-//! `copy` ([`FileBackend::copy`], sparse copy) or `dm-snapshot` ([`DmSnapshotBackend`], loop
-//! devices + a device-mapper snapshot). [`select`] picks one (`auto` probes the state dir).
+//! `copy` ([`FileBackend::copy`], sparse copy), `dm-snapshot` ([`DmSnapshotBackend`], loop
+//! devices + a device-mapper snapshot) or the XFS pool ([`XfsPool`], FICLONE inside a
+//! loop-mounted XFS file under the state dir). [`select`] picks one (`auto` probes the state dir).
 //!
 //! The durability rule: [`CowBackend::plan`] computes a serializable [`DiskPlan`] holding every
 //! name the disk will ever have, before anything exists. The daemon persists it, then calls
@@ -16,6 +17,7 @@
 //! - [`plan`]: the record types and deterministic names;
 //! - [`file`]: FICLONE and sparse copy, the file backends;
 //! - [`dm`]: the dm-snapshot backend;
+//! - [`xfs_pool`]: the XFS pool (its own durable record, made and swept by the daemon);
 //! - [`work_disk`]: create, seed and grow the work disk;
 //! - [`runner`]: how `losetup`/`dmsetup`/e2fsprogs are run.
 
@@ -34,12 +36,14 @@ pub mod file;
 pub mod plan;
 pub mod runner;
 pub mod work_disk;
+pub mod xfs_pool;
 
 pub use dm::DmSnapshotBackend;
 pub use error::{Result, StorageError};
 pub use file::FileBackend;
 pub use plan::{dm_name, DiskPlan, LoopDevice, RootDisk};
 pub use runner::{Runner, SystemRunner};
+pub use xfs_pool::{PoolRecord, XfsPool};
 
 /// A concrete root-disk backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -48,6 +52,7 @@ pub enum BackendKind {
     Reflink,
     DmSnapshot,
     Copy,
+    XfsPool,
 }
 
 impl BackendKind {
@@ -56,6 +61,7 @@ impl BackendKind {
             BackendKind::Reflink => "reflink",
             BackendKind::DmSnapshot => "dm-snapshot",
             BackendKind::Copy => "copy",
+            BackendKind::XfsPool => "xfs-pool",
         }
     }
 }
@@ -75,6 +81,8 @@ pub enum BackendChoice {
     Reflink,
     DmSnapshot,
     Copy,
+    /// The XFS pool (config value `pool`).
+    Pool,
 }
 
 impl FromStr for BackendChoice {
@@ -85,9 +93,11 @@ impl FromStr for BackendChoice {
             "reflink" => BackendChoice::Reflink,
             "dm-snapshot" => BackendChoice::DmSnapshot,
             "copy" => BackendChoice::Copy,
+            "pool" | "xfs-pool" => BackendChoice::Pool,
             other => {
                 return Err(format!(
-                    "unknown storage backend {other:?}: use auto, reflink, dm-snapshot or copy"
+                    "unknown storage backend {other:?}: use auto, reflink, dm-snapshot, pool or \
+                     copy"
                 ))
             }
         })
@@ -101,6 +111,7 @@ impl fmt::Display for BackendChoice {
             BackendChoice::Reflink => "reflink",
             BackendChoice::DmSnapshot => "dm-snapshot",
             BackendChoice::Copy => "copy",
+            BackendChoice::Pool => "pool",
         })
     }
 }
@@ -110,7 +121,7 @@ pub trait CowBackend: Send + Sync {
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
 
-    /// `reflink`, `dm-snapshot` or `copy`.
+    /// `reflink`, `dm-snapshot`, `copy` or `xfs-pool`.
     fn name(&self) -> &'static str {
         self.kind().as_str()
     }
@@ -145,6 +156,7 @@ pub fn backend(kind: BackendKind, state_dir: &Path) -> Box<dyn CowBackend> {
             Arc::new(SystemRunner::new()),
             state_dir,
         )),
+        BackendKind::XfsPool => Box::new(XfsPool::system(state_dir)),
     }
 }
 
@@ -160,6 +172,9 @@ pub struct Probe {
     pub reflink: Result<(), String>,
     /// `Ok` when `/dev/mapper/control` exists and `dmsetup version` works, else why not.
     pub dm_snapshot: Result<(), String>,
+    /// `Ok` when an XFS pool can be made and mounted here (root, xfsprogs, XFS in the kernel,
+    /// no Firecracker jailer), else why not.
+    pub xfs_pool: Result<(), String>,
 }
 
 impl Probe {
@@ -169,6 +184,8 @@ impl Probe {
             BackendKind::Reflink
         } else if self.dm_snapshot.is_ok() {
             BackendKind::DmSnapshot
+        } else if self.xfs_pool.is_ok() {
+            BackendKind::XfsPool
         } else {
             BackendKind::Copy
         }
@@ -195,15 +212,33 @@ impl Probe {
                      \"auto\" or \"copy\""
                 ))),
             },
+            BackendChoice::Pool => match &self.xfs_pool {
+                Ok(()) => Ok(BackendKind::XfsPool),
+                Err(why) => Err(StorageError::Unsupported(format!(
+                    "storage_backend = \"pool\", but an XFS pool cannot work here ({why}); use \
+                     \"auto\" or \"copy\""
+                ))),
+            },
         }
     }
 }
 
-/// Probes reflink support in `state_dir` (clones a small temporary file) and device-mapper.
-pub fn probe(state_dir: &Path) -> Probe {
+/// Probes reflink support in `state_dir` (clones a small temporary file), device-mapper and
+/// the XFS pool. `jailer`: the Firecracker jailer is configured; it hard-links each VM's disks
+/// into a chroot on the state dir's filesystem, which cannot reach files in the pool.
+pub fn probe(state_dir: &Path, jailer: bool) -> Probe {
     Probe {
         reflink: probe_reflink(state_dir),
         dm_snapshot: probe_dm(&SystemRunner::new()),
+        xfs_pool: if jailer {
+            Err(
+                "jailer_bin is set: the jailer hard-links disks into its chroot, and hard links \
+                 cannot cross from the state dir into the pool's filesystem"
+                    .into(),
+            )
+        } else {
+            xfs_pool::probe()
+        },
     }
 }
 
@@ -234,15 +269,19 @@ fn probe_dm(r: &dyn Runner) -> Result<(), String> {
 
 /// Probes the host and returns the backend for `choice`; fails when an explicitly chosen
 /// backend cannot work here.
-pub fn select(choice: BackendChoice, state_dir: &Path) -> Result<Box<dyn CowBackend>> {
-    let kind = probe(state_dir).resolve(choice, state_dir)?;
+pub fn select(
+    choice: BackendChoice,
+    state_dir: &Path,
+    jailer: bool,
+) -> Result<Box<dyn CowBackend>> {
+    let kind = probe(state_dir, jailer).resolve(choice, state_dir)?;
     Ok(backend(kind, state_dir))
 }
 
 /// `wick doctor` lines for storage: the resolved backend, what each backend needs, and the
 /// work-disk tools.
-pub fn doctor(choice: BackendChoice, state_dir: &Path) -> Vec<Check> {
-    let p = probe(state_dir);
+pub fn doctor(choice: BackendChoice, state_dir: &Path, jailer: bool) -> Vec<Check> {
+    let p = probe(state_dir, jailer);
     let check = |name: &str, status, detail: String, hint: Option<&str>| Check {
         area: "storage".into(),
         name: name.into(),
@@ -262,7 +301,7 @@ pub fn doctor(choice: BackendChoice, state_dir: &Path) -> Vec<Check> {
             format!("auto → {kind}"),
             (kind == BackendKind::Copy).then_some(
                 "copy works but every VM costs a full copy of the image; put the state dir on \
-                 XFS (reflink=1) or btrfs for instant clones",
+                 XFS (reflink=1) or btrfs, or make XFS available (xfsprogs) for the XFS pool",
             ),
         ),
         Ok(kind) => check(
@@ -296,6 +335,7 @@ pub fn doctor(choice: BackendChoice, state_dir: &Path) -> Vec<Check> {
         ),
         Err(why) => check("dm-snapshot", CheckStatus::Warn, why.clone(), None),
     });
+    out.push(xfs_pool::doctor(&p.xfs_pool, state_dir));
     let missing: Vec<&str> = work_disk::TOOLS
         .iter()
         .copied()
@@ -319,7 +359,7 @@ pub fn doctor(choice: BackendChoice, state_dir: &Path) -> Vec<Check> {
     out
 }
 
-fn in_path(program: &str) -> bool {
+pub(crate) fn in_path(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/sbin".into(), "/usr/sbin".into()])
@@ -332,7 +372,7 @@ mod tests {
 
     #[test]
     fn choices_parse_and_resolve() {
-        for s in ["auto", "reflink", "dm-snapshot", "copy"] {
+        for s in ["auto", "reflink", "dm-snapshot", "copy", "pool"] {
             assert_eq!(s.parse::<BackendChoice>().unwrap().to_string(), s);
         }
         assert!("zfs"
@@ -342,6 +382,7 @@ mod tests {
         let none = Probe {
             reflink: Err("no".into()),
             dm_snapshot: Err("no dm".into()),
+            xfs_pool: Err("no xfs".into()),
         };
         let dir = Path::new("/s");
         assert_eq!(
@@ -351,11 +392,22 @@ mod tests {
         let e = none.resolve(BackendChoice::DmSnapshot, dir).unwrap_err();
         assert!(e.to_string().contains("no dm"), "{e}");
         assert!(none.resolve(BackendChoice::Reflink, dir).is_err());
-        let dm = Probe {
-            dm_snapshot: Ok(()),
+        let e = none.resolve(BackendChoice::Pool, dir).unwrap_err();
+        assert!(e.to_string().contains("no xfs"), "{e}");
+        let pool = Probe {
+            xfs_pool: Ok(()),
             ..none.clone()
         };
-        assert_eq!(dm.auto(), BackendKind::DmSnapshot);
+        assert_eq!(pool.auto(), BackendKind::XfsPool, "pool before copy");
+        let dm = Probe {
+            dm_snapshot: Ok(()),
+            ..pool.clone()
+        };
+        assert_eq!(
+            dm.auto(),
+            BackendKind::DmSnapshot,
+            "dm-snapshot before the pool"
+        );
         let all = Probe {
             reflink: Ok(()),
             ..dm
@@ -366,10 +418,14 @@ mod tests {
     #[test]
     fn probe_and_doctor_on_this_host() {
         let dir = tempfile::tempdir().unwrap();
-        let p = probe(dir.path());
+        let p = probe(dir.path(), false);
         println!("probe of {}: {p:?}", dir.path().display());
-        let checks = doctor(BackendChoice::Auto, dir.path());
-        assert_eq!(checks.len(), 4);
+        assert!(
+            probe(dir.path(), true).xfs_pool.is_err(),
+            "never with the jailer"
+        );
+        let checks = doctor(BackendChoice::Auto, dir.path(), false);
+        assert_eq!(checks.len(), 5);
         assert!(checks.iter().all(|c| c.area == "storage"));
         assert!(checks[0].detail.starts_with("auto → "));
         assert_eq!(

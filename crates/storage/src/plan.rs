@@ -41,6 +41,16 @@ pub enum DiskPlan {
         #[schema(value_type = String)]
         file: PathBuf,
     },
+    /// `file` is a FICLONE clone of `base`, the copy of `image` in the XFS pool
+    /// (`<state>/xfs-pool/mnt`); both live in the pool.
+    XfsPool {
+        #[schema(value_type = String)]
+        image: PathBuf,
+        #[schema(value_type = String)]
+        base: PathBuf,
+        #[schema(value_type = String)]
+        file: PathBuf,
+    },
     /// `/dev/mapper/<name>`: a persistent dm snapshot of a read-only loop over `image`, with
     /// its exceptions in the sparse file `cow` (attached through its own loop device).
     DmSnapshot {
@@ -66,6 +76,7 @@ impl DiskPlan {
             DiskPlan::Reflink { .. } => BackendKind::Reflink,
             DiskPlan::Copy { .. } => BackendKind::Copy,
             DiskPlan::DmSnapshot { .. } => BackendKind::DmSnapshot,
+            DiskPlan::XfsPool { .. } => BackendKind::XfsPool,
         }
     }
 
@@ -74,14 +85,17 @@ impl DiskPlan {
         match self {
             DiskPlan::Reflink { image, .. }
             | DiskPlan::Copy { image, .. }
-            | DiskPlan::DmSnapshot { image, .. } => image,
+            | DiskPlan::DmSnapshot { image, .. }
+            | DiskPlan::XfsPool { image, .. } => image,
         }
     }
 
     /// The path the VMM opens as the root drive.
     pub fn disk_path(&self) -> PathBuf {
         match self {
-            DiskPlan::Reflink { file, .. } | DiskPlan::Copy { file, .. } => file.clone(),
+            DiskPlan::Reflink { file, .. }
+            | DiskPlan::Copy { file, .. }
+            | DiskPlan::XfsPool { file, .. } => file.clone(),
             DiskPlan::DmSnapshot { name, .. } => Path::new("/dev/mapper").join(name),
         }
     }

@@ -18,9 +18,9 @@ fn reflink_roundtrip(state: &Path) {
     let image = state.join("images/rootfs.ext4");
     std::fs::create_dir_all(image.parent().unwrap()).unwrap();
     sparse_image(&image, 256, 16);
-    let p = probe(state);
+    let p = probe(state, false);
     assert_eq!(p.reflink, Ok(()), "{} should reflink", state.display());
-    let b = select(BackendChoice::Auto, state).unwrap();
+    let b = select(BackendChoice::Auto, state, false).unwrap();
     assert_eq!(b.kind(), BackendKind::Reflink);
     let plan = b.plan(ID, &state.join("vms").join(ID), &image).unwrap();
     assert!(matches!(plan, DiskPlan::Reflink { .. }));
@@ -62,14 +62,14 @@ fn reflink_refused_clearly() {
     // The host filesystem here is ext4: no reflink.
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
-    if probe(state).reflink.is_ok() {
+    if probe(state, false).reflink.is_ok() {
         wick_testkit::skip(format_args!(
             "{} can reflink: no filesystem here to see the refusal on",
             state.display()
         ));
         return;
     }
-    let e = select(BackendChoice::Reflink, state).err().unwrap();
+    let e = select(BackendChoice::Reflink, state, false).err().unwrap();
     assert!(matches!(e, StorageError::Unsupported(_)));
     assert!(e.to_string().contains("cannot reflink"), "{e}");
     let image = state.join("rootfs.ext4");

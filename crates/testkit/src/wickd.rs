@@ -50,8 +50,15 @@ impl WickdEnv {
         let f = std::fs::File::create(&rootfs).unwrap();
         f.set_len(64 << 20).unwrap();
         std::fs::write(img.join("vmlinux"), b"\x7fELF fake kernel for tests").unwrap();
+        // Tests that choose no backend get `copy`: `auto` may pick the XFS pool, whose mount
+        // lives in wickd's private mount namespace (`ip netns exec`), out of the test's sight.
+        let storage = if extra_config.contains("storage_backend") {
+            ""
+        } else {
+            "storage_backend = \"copy\"\n"
+        };
         let config = format!(
-            "vmm = \"firecracker\"\nfirecracker_bin = {fc:?}\nboot_timeout = \"10s\"\nstop_timeout = \"2s\"\n{extra_config}\n\n[images.default]\nrootfs = {rootfs:?}\nkernel = {kernel:?}\n{image_extra}\n",
+            "vmm = \"firecracker\"\nfirecracker_bin = {fc:?}\nboot_timeout = \"10s\"\nstop_timeout = \"2s\"\n{storage}{extra_config}\n\n[images.default]\nrootfs = {rootfs:?}\nkernel = {kernel:?}\n{image_extra}\n",
             fc = cargo_bin("fake-firecracker"),
             rootfs = rootfs,
             kernel = img.join("vmlinux"),

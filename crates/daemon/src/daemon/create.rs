@@ -152,6 +152,9 @@ impl Daemon {
         vm.runtime.root_disk_plan = Some(plan_json(&plan)?);
         vm.runtime.work_disk = Some(work.clone());
         *vm = self.store.save_vm(vm)?; // identities recorded before anything is made
+        if self.storage.kind() == wick_storage::BackendKind::XfsPool {
+            tokio::task::block_in_place(|| self.establish_xfs_pool())?;
+        }
         let storage = self.storage.clone();
         let size = vm.spec.disk_mib;
         tokio::task::spawn_blocking(move || -> Result<()> {
