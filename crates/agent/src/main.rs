@@ -13,6 +13,7 @@
 mod configure;
 mod exec;
 mod files;
+mod hostkeys;
 mod server;
 mod sysinfo;
 mod vsock;

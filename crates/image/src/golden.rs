@@ -1,5 +1,5 @@
 //! The default "golden" image: Debian from packages with debootstrap, configured for wick
-//! (sshd with per-VM host keys, serial console, `/root` on the work disk, wick-agent), packed into
+//! (sshd with per-VM host keys from wickd, serial console, `/root` on the work disk, wick-agent), packed into
 //! ext4 without mounting.
 
 use std::fs;
@@ -33,7 +33,7 @@ pub const GOLDEN_PACKAGES: &[&str] = &[
 ];
 
 /// Bumped whenever the build recipe changes what ends up in the image (keys test caches).
-pub(crate) const RECIPE_VERSION: u32 = 2;
+pub(crate) const RECIPE_VERSION: u32 = 3;
 
 const MIB: u64 = 1 << 20;
 
@@ -110,10 +110,13 @@ impl GoldenOptions {
 }
 
 const SSH_HOST_KEYS_DROPIN: &str = "\
-# wick: images ship without SSH host keys; each VM makes its own on first start.
+# wick: images ship without SSH host keys. wick-agent installs the ones wickd made for the VM
+# and then starts sshd: no sshd at first boot (no key yet, so no start and restart), a normal
+# start on later boots of the same VM.
+[Unit]
+ConditionPathExists=/etc/ssh/ssh_host_ed25519_key
 [Service]
 ExecStartPre=
-ExecStartPre=/usr/bin/ssh-keygen -A
 ExecStartPre=/usr/sbin/sshd -t
 ";
 
@@ -310,7 +313,7 @@ fn configure(root: &Path) -> Result<()> {
             ssh_unit.display()
         )));
     }
-    // SSH host keys: none in the image; ssh.service makes them on the VM's first start.
+    // SSH host keys: none in the image; wick-agent installs the VM's own (made by wickd).
     let ssh_dir = root.join("etc/ssh");
     for entry in fs::read_dir(&ssh_dir).ctx("read", &ssh_dir)? {
         let entry = entry.ctx("read", &ssh_dir)?;
@@ -427,6 +430,14 @@ mod tests {
         assert_eq!(a.content_key().unwrap(), b.content_key().unwrap());
         b.extra_packages.push("vim".into());
         assert_ne!(a.content_key().unwrap(), b.content_key().unwrap());
+    }
+
+    #[test]
+    fn sshd_waits_for_the_host_keys_wickd_sends() {
+        assert!(!SSH_HOST_KEYS_DROPIN.contains("ssh-keygen"));
+        assert!(
+            SSH_HOST_KEYS_DROPIN.contains("ConditionPathExists=/etc/ssh/ssh_host_ed25519_key\n")
+        );
     }
 
     #[test]
