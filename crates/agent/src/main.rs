@@ -17,6 +17,7 @@ mod hostkeys;
 mod server;
 mod sysinfo;
 mod vsock;
+mod workdisk;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -62,6 +63,14 @@ fn main() {
         live: args.root_prefix.is_none(),
         poweroff: !args.no_poweroff,
     });
+    if ctx.live {
+        // Before serving: Configure writes below /root.
+        match workdisk::mount() {
+            Ok(Some(done)) => tracing::info!("{done}"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
