@@ -116,6 +116,12 @@ async fn run(args: Args, ctx: Arc<server::Ctx>) -> Result<(), String> {
         )
     })?;
     tracing::info!("wick-agent {version} listening on vsock port {}", args.port);
+    std::thread::spawn(|| {
+        vsock::nudge(
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_millis(500),
+        )
+    });
     loop {
         match listener.accept().await {
             Ok(stream) => {
