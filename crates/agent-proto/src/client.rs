@@ -22,6 +22,10 @@ use crate::{AgentError, PROTOCOL_VERSION};
 
 /// Pause between attempts while the guest boots.
 const RETRY_INTERVAL: Duration = Duration::from_millis(50);
+/// The first `Hello` attempt of [`AgentClient::connect`] is bounded by this; each one that times
+/// out doubles the bound, up to [`MAX_ATTEMPT_TIMEOUT`].
+const FIRST_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(16);
 /// Bound on the hybrid-vsock handshake of one connection once the agent is known to be up.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes [`ExecSession::output`] collects per stream.
@@ -145,9 +149,13 @@ impl AgentClient {
         let channel = AgentChannel::new(connector);
         let start = Instant::now();
         let deadline = start + timeout;
+        // A connection made while the guest's vsock driver is still coming up can hang rather
+        // than fail: bound each attempt, and give a slow guest longer on every timed-out one.
+        let mut attempt_timeout = FIRST_ATTEMPT_TIMEOUT;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let attempt = tokio::time::timeout(remaining, async {
+            let this_attempt = remaining.min(attempt_timeout);
+            let attempt = tokio::time::timeout(this_attempt, async {
                 let (mut rd, _wr) = channel.open(Request::Hello, "say hello").await?;
                 read_reply::<HelloReply>(&mut rd, "say hello", remaining).await
             })
@@ -164,7 +172,10 @@ impl AgentClient {
                     return Ok(AgentClient { channel, hello });
                 }
                 Ok(Err(e)) => e.to_string(),
-                Err(_) => "the attempt in progress timed out".to_string(),
+                Err(_) => {
+                    attempt_timeout = (attempt_timeout * 2).min(MAX_ATTEMPT_TIMEOUT);
+                    format!("an attempt got no answer within {this_attempt:?}")
+                }
             };
             if Instant::now() + RETRY_INTERVAL >= deadline {
                 return Err(AgentError::NotReady {
@@ -752,10 +763,11 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A connector over in-memory pipes; the "agent" answers `Hello` and `Health`, and refuses
-    /// the first `refuse` connections by closing them.
+    /// A connector over in-memory pipes; the "agent" answers `Hello` and `Health`, refuses
+    /// the first `refuse` connections by closing them, and leaves the next `hang` unanswered.
     struct Pipes {
         refuse: usize,
+        hang: usize,
         opened: AtomicUsize,
     }
 
@@ -766,6 +778,13 @@ mod tests {
                 let (host, mut agent) = tokio::io::duplex(64 * 1024);
                 if n < self.refuse {
                     drop(agent);
+                    return Ok(Box::new(host) as BoxAgentStream);
+                }
+                if n < self.refuse + self.hang {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        drop(agent);
+                    });
                     return Ok(Box::new(host) as BoxAgentStream);
                 }
                 tokio::spawn(async move {
@@ -801,6 +820,7 @@ mod tests {
     async fn any_stream_works_and_connect_retries() {
         let c = Arc::new(Pipes {
             refuse: 2,
+            hang: 0,
             opened: AtomicUsize::new(0),
         });
         let client = AgentClient::with_connector(c.clone(), Duration::from_secs(5))
@@ -823,6 +843,7 @@ mod tests {
     async fn not_ready_names_the_connector() {
         let c = Arc::new(Pipes {
             refuse: usize::MAX,
+            hang: 0,
             opened: AtomicUsize::new(0),
         });
         let e = AgentClient::with_connector(c, Duration::from_millis(120))
@@ -837,5 +858,22 @@ mod tests {
         )));
         let e = ch.ports().await.unwrap_err();
         assert!(e.to_string().contains("/nonexistent/vsock.sock"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_hung_attempt_is_abandoned_and_retried() {
+        // A connection made while the guest's vsock comes up may never be answered.
+        let c = Arc::new(Pipes {
+            refuse: 0,
+            hang: 1,
+            opened: AtomicUsize::new(0),
+        });
+        let t = Instant::now();
+        let client = AgentClient::with_connector(c.clone(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(client.agent_info().hostname, "h");
+        assert_eq!(c.opened.load(Ordering::SeqCst), 2);
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
     }
 }

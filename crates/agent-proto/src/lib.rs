@@ -108,10 +108,10 @@ pub const SYSTEMD_UNIT: &str = "\
 [Unit]
 Description=wick guest agent (vsock)
 DefaultDependencies=no
-# The work disk is mounted at /root with `nofail`, so local-fs.target does not wait for it:
-# order after it explicitly, or Configure writes authorized_keys into the root filesystem's
-# /root and the mount then hides them (and `/root` data looks lost after a restart).
-Wants=root.mount
+# Configure writes below /root, so /root must be mounted first. An image whose fstab marks the
+# /root line `x-wick-agent` (the golden image: `noauto`) has the agent mount it at start, with
+# no wait for udev. Any other /root mount that local-fs.target pulls in (even `nofail`) is
+# ordered before the agent by `After=root.mount` (ordering only: nothing more is started).
 After=systemd-remount-fs.service local-fs.target root.mount
 Before=shutdown.target
 Conflicts=shutdown.target

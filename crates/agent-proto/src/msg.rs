@@ -79,8 +79,35 @@ pub struct Configure {
     pub git_email: Option<String>,
     /// Files copied into the guest (paths under `/root` only).
     pub files: Vec<SyncFile>,
-    /// Replace existing SSH host keys. Missing host keys are always generated.
+    /// Ignored by this agent (it never generates host keys: wickd sends them in `host_keys`).
+    /// Kept, and sent as `false`, so agents from before `host_keys` still parse the message.
     pub regenerate_host_keys: bool,
+    /// The guest's SSH host keys, made by wickd (unique per VM). When set, the agent installs
+    /// exactly these (removing any other `ssh_host_*` file) and (re)starts sshd; `None` keeps
+    /// the guest's current keys and starts sshd if it is not running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_keys: Option<Vec<HostKey>>,
+}
+
+/// One SSH host key pair in OpenSSH's file formats. `Debug` never shows the private key.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostKey {
+    /// The key type as sshd names its files: `ed25519` is `/etc/ssh/ssh_host_ed25519_key`.
+    pub kind: String,
+    /// The private key file (`-----BEGIN OPENSSH PRIVATE KEY-----` …), written mode 0600.
+    pub private: String,
+    /// The public key line (`ssh-ed25519 AAAA… comment`), written mode 0644.
+    pub public: String,
+}
+
+impl std::fmt::Debug for HostKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostKey")
+            .field("kind", &self.kind)
+            .field("private", &"<redacted>")
+            .field("public", &self.public)
+            .finish()
+    }
 }
 
 /// Address, default route and resolvers of the guest's first non-loopback interface.
@@ -328,6 +355,33 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
             r#"{"Err":{"message":"boom"}}"#
+        );
+    }
+
+    #[test]
+    fn host_keys_are_an_optional_field_and_never_debug_printed() {
+        // A message from a host before `host_keys` parses (the field defaults to None) ...
+        let old = r#"{"hostname":null,"network":null,"authorized_keys":null,"git_name":null,"git_email":null,"files":[],"regenerate_host_keys":false}"#;
+        let c: Configure = serde_json::from_str(old).unwrap();
+        assert!(c.host_keys.is_none());
+        // ... and an agent before it ignores the new field (serde's default for unknown fields).
+        let key = HostKey {
+            kind: "ed25519".into(),
+            private: "-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n".into(),
+            public: "ssh-ed25519 AAAA wick".into(),
+        };
+        let c = Configure {
+            host_keys: Some(vec![key.clone()]),
+            ..Default::default()
+        };
+        let j = serde_json::to_string(&c).unwrap();
+        assert!(j.contains(r#""regenerate_host_keys":false"#), "{j}");
+        let back: Configure = serde_json::from_str(&j).unwrap();
+        assert_eq!(back.host_keys, Some(vec![key]));
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("secret") && dbg.contains("<redacted>"),
+            "{dbg}"
         );
     }
 }

@@ -1,8 +1,9 @@
 //! `Configure`: hostname, network, resolvers, authorized keys, git identity, synced files and SSH
-//! host keys, applied idempotently (unchanged things are left untouched and not reported).
+//! host keys (`hostkeys`), applied idempotently (unchanged things are left untouched and not
+//! reported).
 //!
 //! Files are written below [`Ctx::root`] (`/` in a guest). Changes to the running system —
-//! `sethostname`, `ip` commands, restarting sshd — happen only when [`Ctx::live`] is set; tests
+//! `sethostname`, `ip` commands, starting sshd — happen only when [`Ctx::live`] is set; tests
 //! run with a temporary root and `live = false`, so they never touch the host.
 
 use std::fs;
@@ -29,6 +30,14 @@ pub fn apply(ctx: &Ctx, cfg: &Configure) -> Reply<ConfigureReply> {
             failures.push(format!("{name}: {e}"));
         }
     };
+    // First, so sshd starts while the other steps run; awaited at the end.
+    let sshd = match crate::hostkeys::apply(ctx, cfg.host_keys.as_deref(), &mut out) {
+        Ok(sshd) => Some(sshd),
+        Err(e) => {
+            step("ssh host keys", Err(e));
+            None
+        }
+    };
     if let Some(h) = &cfg.hostname {
         step("hostname", hostname(ctx, h, &mut out));
     }
@@ -52,10 +61,9 @@ pub fn apply(ctx: &Ctx, cfg: &Configure) -> Reply<ConfigureReply> {
             ),
         );
     }
-    step(
-        "ssh host keys",
-        host_keys(ctx, cfg.regenerate_host_keys, &mut out),
-    );
+    if let Some(sshd) = sshd {
+        sshd.wait(&mut out);
+    }
     for c in &out.changed {
         tracing::info!("configure: {c}");
     }
@@ -106,6 +114,9 @@ fn validate(cfg: &Configure) -> Result<(), String> {
             return Err(format!("git identity {v:?} spans several lines"));
         }
     }
+    if let Some(keys) = &cfg.host_keys {
+        crate::hostkeys::validate(keys)?;
+    }
     Ok(())
 }
 
@@ -143,7 +154,7 @@ fn root_relative(path: &str) -> Result<PathBuf, String> {
 
 /// Writes `contents` with `mode` unless the file already is exactly that. Replaces (never
 /// writes through) an existing symlink. Returns whether anything changed.
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> io::Result<bool> {
+pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> io::Result<bool> {
     if let Ok(meta) = fs::symlink_metadata(path) {
         if meta.is_file()
             && meta.permissions().mode() & 0o7777 == mode
@@ -432,100 +443,6 @@ fn git_identity(
         out.changed.push(format!("git {key} set"));
     }
     Ok(())
-}
-
-const HOST_KEY_TYPES: [&str; 3] = ["rsa", "ecdsa", "ed25519"];
-
-fn host_keys(ctx: &Ctx, regenerate: bool, out: &mut ConfigureReply) -> Result<(), String> {
-    let dir = ctx.path("/etc/ssh");
-    if !dir.is_dir() {
-        out.warnings.push(
-            "no /etc/ssh in the guest (openssh-server not installed): host keys skipped".into(),
-        );
-        return Ok(());
-    }
-    let key = |t: &str| dir.join(format!("ssh_host_{t}_key"));
-    if regenerate {
-        for t in HOST_KEY_TYPES {
-            for p in [key(t), key(t).with_extension("pub")] {
-                match fs::remove_file(&p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(format!("removing {}: {e}", p.display())),
-                }
-            }
-        }
-    }
-    let missing = HOST_KEY_TYPES.iter().any(|t| !key(t).exists());
-    if missing {
-        let mut cmd = Command::new("ssh-keygen");
-        cmd.arg("-A");
-        if ctx.root() != Path::new("/") {
-            cmd.arg("-f").arg(ctx.root());
-        }
-        let o = match cmd.output() {
-            Ok(o) => o,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                out.warnings
-                    .push("ssh-keygen is not installed in the guest: host keys skipped".into());
-                return Ok(());
-            }
-            Err(e) => return Err(format!("cannot run ssh-keygen: {e}")),
-        };
-        if !o.status.success() {
-            return Err(format!(
-                "ssh-keygen -A failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
-        out.changed.push("ssh host keys generated".into());
-        if ctx.live {
-            restart_sshd(out);
-        } else {
-            out.warnings
-                .push("ssh: not live, sshd not restarted".into());
-        }
-    }
-    let mut pubs: Vec<PathBuf> = fs::read_dir(&dir)
-        .map_err(err("listing", &dir))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            let n = p.file_name().unwrap_or_default().to_string_lossy();
-            n.starts_with("ssh_host_") && n.ends_with("_key.pub")
-        })
-        .collect();
-    pubs.sort();
-    for p in pubs {
-        if let Ok(s) = fs::read_to_string(&p) {
-            out.host_keys.push(s.trim().to_string());
-        }
-    }
-    Ok(())
-}
-
-/// (Re)starts sshd after new host keys, when systemd runs the guest.
-fn restart_sshd(out: &mut ConfigureReply) {
-    if !Path::new("/run/systemd/system").exists() {
-        out.warnings
-            .push("systemd is not running: restart sshd yourself to use the new host keys".into());
-        return;
-    }
-    for unit in ["ssh.service", "sshd.service"] {
-        match Command::new("systemctl").args(["restart", unit]).output() {
-            Ok(o) if o.status.success() => {
-                out.changed.push(format!("{unit} restarted"));
-                return;
-            }
-            Ok(_) => continue,
-            Err(e) => {
-                out.warnings.push(format!("cannot run systemctl: {e}"));
-                return;
-            }
-        }
-    }
-    out.warnings
-        .push("could not restart sshd (neither ssh.service nor sshd.service restarted)".into());
 }
 
 #[cfg(test)]

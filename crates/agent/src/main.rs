@@ -13,9 +13,11 @@
 mod configure;
 mod exec;
 mod files;
+mod hostkeys;
 mod server;
 mod sysinfo;
 mod vsock;
+mod workdisk;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -61,6 +63,14 @@ fn main() {
         live: args.root_prefix.is_none(),
         poweroff: !args.no_poweroff,
     });
+    if ctx.live {
+        // Before serving: Configure writes below /root.
+        match workdisk::mount() {
+            Ok(Some(done)) => tracing::info!("{done}"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -106,6 +116,12 @@ async fn run(args: Args, ctx: Arc<server::Ctx>) -> Result<(), String> {
         )
     })?;
     tracing::info!("wick-agent {version} listening on vsock port {}", args.port);
+    std::thread::spawn(|| {
+        vsock::nudge(
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_millis(500),
+        )
+    });
     loop {
         match listener.accept().await {
             Ok(stream) => {

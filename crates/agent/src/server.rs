@@ -1,6 +1,6 @@
 //! One connection = one request: read the envelope, check the protocol version, dispatch.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,10 +26,6 @@ impl Ctx {
     /// `guest_path` (absolute) below the configured root.
     pub fn path(&self, guest_path: &str) -> PathBuf {
         self.root.join(guest_path.trim_start_matches('/'))
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use wick_agent_proto::testing::FakeVsockMuxer;
 use wick_agent_proto::{
-    AgentClient, AgentError, Configure, ExecEvent, ExecRequest, NetworkConfig, SyncFile,
+    AgentClient, AgentError, Configure, ExecEvent, ExecRequest, HostKey, NetworkConfig, SyncFile,
     WindowSize, AGENT_PORT, PROTOCOL_VERSION,
 };
 use wick_testkit::agent::{have, is_root};
@@ -550,6 +550,17 @@ async fn health_fields_present() {
     assert!(hl.load.iter().all(|l| *l >= 0.0));
 }
 
+/// A host key pair as wickd sends it (the agent does not parse key material).
+fn host_key(n: u8) -> HostKey {
+    HostKey {
+        kind: "ed25519".into(),
+        private: format!(
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nkey{n}\n-----END OPENSSH PRIVATE KEY-----\n"
+        ),
+        public: format!("ssh-ed25519 AAAAkey{n} root@wick-test-vm"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configure_writes_below_the_root_prefix() {
     let h = support::start().await;
@@ -578,6 +589,7 @@ async fn configure_writes_below_the_root_prefix() {
             contents: b"secret\x00\xff".to_vec(),
         }],
         regenerate_host_keys: false,
+        host_keys: Some(vec![host_key(1)]),
     };
     let r = h.client.configure(&cfg).await.unwrap();
     assert_eq!(
@@ -615,17 +627,13 @@ async fn configure_writes_below_the_root_prefix() {
         ));
         assert!(r.warnings.iter().any(|w| w.contains("git")));
     }
-    if have("ssh-keygen") {
-        assert!(root.join("etc/ssh/ssh_host_ed25519_key").exists());
-        assert!(
-            r.host_keys.iter().any(|k| k.starts_with("ssh-ed25519 ")),
-            "{r:?}"
-        );
-    } else {
-        wick_testkit::skip(format_args!(
-            "ssh-keygen not installed: skipping the host key check"
-        ));
-    }
+    // The host keys sent are installed (the agent never generates any) and reported.
+    assert_eq!(
+        fs::read_to_string(root.join("etc/ssh/ssh_host_ed25519_key")).unwrap(),
+        host_key(1).private
+    );
+    assert_eq!(mode("etc/ssh/ssh_host_ed25519_key"), 0o600);
+    assert_eq!(r.host_keys, [host_key(1).public]);
     assert!(r.warnings.iter().any(|w| w.contains("not live")), "{r:?}");
 
     // Idempotent: nothing changes the second time.
@@ -633,15 +641,15 @@ async fn configure_writes_below_the_root_prefix() {
     assert!(again.changed.is_empty(), "{:?}", again.changed);
     assert_eq!(again.host_keys, r.host_keys);
 
-    // Regenerating replaces the host keys.
-    if have("ssh-keygen") {
-        let regen = Configure {
-            regenerate_host_keys: true,
-            ..Default::default()
-        };
-        let r2 = h.client.configure(&regen).await.unwrap();
-        assert_ne!(r2.host_keys, r.host_keys);
-    }
+    // New host keys replace the old ones; a Configure without keys keeps them.
+    let next = Configure {
+        host_keys: Some(vec![host_key(2)]),
+        ..Default::default()
+    };
+    let r2 = h.client.configure(&next).await.unwrap();
+    assert_eq!(r2.host_keys, [host_key(2).public]);
+    let keep = h.client.configure(&Configure::default()).await.unwrap();
+    assert_eq!(keep.host_keys, [host_key(2).public]);
 
     // Refusals: outside /root, `..`, through a symlink leading out.
     for path in ["/etc/passwd", "/root/../etc/passwd"] {

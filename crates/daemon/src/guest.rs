@@ -1,5 +1,6 @@
-//! Talking to a VM's wick-agent: waiting for it at boot, configuring the guest, asking it to
-//! power off, and opening raw agent connections for `POST /v1/vms/{vm}/agent`.
+//! Talking to a VM's wick-agent: waiting for it at boot, configuring the guest (its identity,
+//! including SSH host keys made here), asking it to power off, and opening raw agent
+//! connections for `POST /v1/vms/{vm}/agent`.
 //!
 //! The host side of vsock is the VMM's hybrid Unix socket (`CONNECT <port>\n` → `OK …\n`), the
 //! same for Firecracker and for QEMU's vhost-device-vsock sidecar. wickd never opens AF_VSOCK.
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use wick_agent_proto::{AgentClient, Configure, NetworkConfig, AGENT_PORT};
+use wick_agent_proto::{AgentClient, Configure, HostKey, NetworkConfig, AGENT_PORT};
 use wick_model::{VmRecord, VmmHandle};
 
 use crate::daemon::Daemon;
@@ -51,6 +52,52 @@ pub async fn hybrid_connect(
         ));
     }
     Ok(s)
+}
+
+/// A fresh SSH host key set for one VM: ed25519 only (sshd is told to use just that key; RSA
+/// generation is slow and adds nothing for wick's clients). The comment names the VM.
+pub(crate) fn new_host_keys(vm_name: &str) -> Result<Vec<HostKey>> {
+    use ssh_key::rand_core::OsRng;
+    use ssh_key::{Algorithm, LineEnding, PrivateKey};
+    let fail = |e: ssh_key::Error| Error::internal(format!("generating SSH host keys: {e}"));
+    let mut key = PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(fail)?;
+    key.set_comment(format!("root@{vm_name}"));
+    let private = key.to_openssh(LineEnding::LF).map_err(fail)?;
+    let public = key.public_key().to_openssh().map_err(fail)?;
+    Ok(vec![HostKey {
+        kind: "ed25519".into(),
+        private: private.to_string(),
+        public,
+    }])
+}
+
+/// Whether every key in `pinned` is among the guest's `reported` keys (type and key material;
+/// comments may differ).
+fn reports_all(reported: &[String], pinned: &[String]) -> bool {
+    let id = |line: &str| -> Option<(String, String)> {
+        let mut w = line.split_whitespace();
+        Some((w.next()?.to_string(), w.next()?.to_string()))
+    };
+    let have: Vec<_> = reported.iter().filter_map(|l| id(l)).collect();
+    pinned
+        .iter()
+        .all(|p| id(p).is_some_and(|k| have.contains(&k)))
+}
+
+/// One Configure round trip; the guest's warnings go to the log.
+async fn configure(
+    vm: &VmRecord,
+    client: &AgentClient,
+    cfg: &Configure,
+) -> Result<wick_agent_proto::ConfigureReply> {
+    let reply = client
+        .configure(cfg)
+        .await
+        .map_err(|e| Error::precondition(format!("configuring the guest failed: {e}")))?;
+    for w in &reply.warnings {
+        tracing::warn!(vm = %vm.name, warning = %w, "guest configuration");
+    }
+    Ok(reply)
 }
 
 impl Daemon {
@@ -116,8 +163,57 @@ impl Daemon {
             git_email: vm.spec.git_email.clone(),
             files,
             regenerate_host_keys: false,
+            host_keys: None,
         };
         (cfg, refused)
+    }
+
+    /// Configures this VM's guest identity now (hostname, network, keys, git, files, SSH host
+    /// keys) over `client`, and records the host keys `wick vm ssh` pins.
+    ///
+    /// SSH host keys are made here, never by the guest: with `fresh_host_keys` (a new VM, or a
+    /// pooled one being handed out) or when none are recorded yet, new ones are sent and pinned;
+    /// otherwise the guest keeps its keys, and gets new ones only if it no longer reports the
+    /// recorded ones. What the guest reports is a check, never what is pinned. Private keys are
+    /// only in the Configure message: not stored, not logged.
+    pub(crate) async fn configure_identity(
+        &self,
+        op: &OpEntry,
+        vm: &mut VmRecord,
+        client: &AgentClient,
+        fresh_host_keys: bool,
+    ) -> Result<()> {
+        let (mut cfg, refused) = self.guest_config(vm).await;
+        for why in refused {
+            op.stage(&format!("warning: {why}")); // the user sees what was not copied
+        }
+        let mut pinned = vm.runtime.host_keys.clone();
+        if fresh_host_keys || pinned.is_empty() {
+            let keys = new_host_keys(&vm.name)?;
+            pinned = keys.iter().map(|k| k.public.clone()).collect();
+            cfg.host_keys = Some(keys);
+        }
+        let mut reply = configure(vm, client, &cfg).await?;
+        if cfg.host_keys.is_none() && !reports_all(&reply.host_keys, &pinned) {
+            // The guest lost (or replaced) the keys pinned for it: give it new ones.
+            let keys = new_host_keys(&vm.name)?;
+            pinned = keys.iter().map(|k| k.public.clone()).collect();
+            let again = Configure {
+                host_keys: Some(keys),
+                ..Default::default()
+            };
+            reply = configure(vm, client, &again).await?;
+        }
+        if !reports_all(&reply.host_keys, &pinned) {
+            let why = "the guest did not install the SSH host keys wickd made for it (is its \
+                       wick-agent older than wickd? rebuild or re-import the image): `wick vm \
+                       ssh` pins wickd's keys and will refuse the guest's";
+            tracing::warn!(vm = %vm.name, "{why}");
+            op.stage(&format!("warning: {why}"));
+        }
+        vm.runtime.host_keys = pinned;
+        *vm = self.store.save_vm(vm)?;
+        Ok(())
     }
 
     /// Asks the guest to sync and power off (best effort: the caller still stops the VMM).
@@ -139,5 +235,45 @@ impl Daemon {
             }
             Err(_) => tracing::warn!(vm = %vm.name, "guest shutdown request timed out"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_keys_are_fresh_valid_ed25519_pairs() {
+        let a = new_host_keys("a1").unwrap();
+        let b = new_host_keys("a1").unwrap();
+        assert_eq!(a.len(), 1);
+        let k = &a[0];
+        assert_eq!(k.kind, "ed25519");
+        assert!(k.public.starts_with("ssh-ed25519 ") && k.public.ends_with(" root@a1"));
+        assert!(!k.public.contains('\n'));
+        // The private key parses and is the public key's pair.
+        let private = ssh_key::PrivateKey::from_openssh(&k.private).unwrap();
+        assert!(!private.is_encrypted());
+        let public = ssh_key::PublicKey::from_openssh(&k.public).unwrap();
+        assert_eq!(private.public_key().key_data(), public.key_data());
+        // Unique per call (per VM), and never in Debug output.
+        assert_ne!(a[0].public, b[0].public);
+        assert_ne!(a[0].private, b[0].private);
+        assert!(!format!("{a:?}").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn reported_keys_are_compared_by_key_not_comment() {
+        let pinned = vec!["ssh-ed25519 AAAA1 root@a1".to_string()];
+        assert!(reports_all(
+            &["ssh-rsa BBBB x".into(), "ssh-ed25519 AAAA1 other".into()],
+            &pinned
+        ));
+        assert!(!reports_all(&["ssh-ed25519 AAAA2 root@a1".into()], &pinned));
+        assert!(!reports_all(&[], &pinned));
+        assert!(!reports_all(
+            &["ssh-ed25519".into()],
+            &["ssh-ed25519".into()]
+        ));
     }
 }

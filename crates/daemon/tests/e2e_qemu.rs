@@ -102,6 +102,47 @@ fn assert_contained(env: &WickdEnv, vm: &Value) -> (u32, String) {
     (uid, cgroup)
 }
 
+/// `runtime.host_keys` as (type, base64) pairs, sorted.
+fn recorded_host_keys(vm: &Value) -> Vec<(String, String)> {
+    let mut keys: Vec<(String, String)> = vm["runtime"]["host_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            let mut w = k.as_str().unwrap().split_whitespace();
+            (w.next().unwrap().into(), w.next().unwrap().into())
+        })
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// The host keys sshd serves on `ip:22` (`ssh-keyscan` from the daemon's namespace; sshd is
+/// started without waiting for it, so this retries for a while), as (type, base64), sorted.
+fn served_host_keys(env: &WickdEnv, ip: &str) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = env
+            .in_netns("ssh-keyscan".into())
+            .args(["-T", "5", ip])
+            .output()
+            .unwrap();
+        let mut keys: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w.len() >= 3).then(|| (w[1].to_string(), w[2].to_string()))
+            })
+            .collect();
+        if !keys.is_empty() || Instant::now() > deadline {
+            keys.sort();
+            return keys;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 #[test]
 fn real_guest_end_to_end() {
     let assets = match guest_assets() {
@@ -174,6 +215,21 @@ fn real_guest_end_to_end() {
         out.status.success(),
         "vm ssh: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The host key sshd serves is the one wickd made and recorded (not one the guest chose),
+    // and it is the guest's only host key.
+    let ip = g1["runtime"]["ip"].as_str().unwrap().to_string();
+    let recorded = recorded_host_keys(&g1);
+    assert_eq!(
+        served_host_keys(&env, &ip),
+        recorded,
+        "ssh-keyscan vs runtime.host_keys"
+    );
+    let (_, files) = exec(&env, "g1", &["sh", "-c", "ls /etc/ssh | grep ^ssh_host_"]);
+    assert_eq!(
+        files.split_whitespace().collect::<Vec<_>>(),
+        ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
     );
 
     // `ssh g1.vm` after `wick ssh-config --install`, with no host DNS for `.vm` (this netns
@@ -270,6 +326,16 @@ fn real_guest_end_to_end() {
         (code, proof.trim()),
         (0, "kept"),
         "data in /root survives stop/start"
+    );
+    // The host key is kept across stop/start, pinned and served.
+    assert_eq!(
+        recorded_host_keys(&env.wick_json(&["vm", "show", "g1"])),
+        recorded
+    );
+    assert_eq!(
+        served_host_keys(&env, &ip),
+        recorded,
+        "host key after restart"
     );
 
     // Delete leaves no process, TAP, rule, socket or file behind.

@@ -188,7 +188,8 @@ impl Daemon {
         Ok(handle)
     }
 
-    /// Waits for the guest's agent and configures the guest; records its SSH host keys.
+    /// Waits for the guest's agent and configures the guest; records the SSH host keys wickd
+    /// made for it (see `configure_identity`).
     async fn configure_guest(
         &self,
         op: &OpEntry,
@@ -198,19 +199,6 @@ impl Daemon {
         op.stage("wait for agent");
         let client = self.wait_agent(handle, op).await?;
         op.stage("configure guest");
-        let (cfg, refused) = self.guest_config(vm).await;
-        for why in refused {
-            op.stage(&format!("warning: {why}")); // the user sees what was not copied
-        }
-        let reply = client
-            .configure(&cfg)
-            .await
-            .map_err(|e| Error::precondition(format!("configuring the guest failed: {e}")))?;
-        for w in &reply.warnings {
-            tracing::warn!(vm = %vm.name, warning = %w, "guest configuration");
-        }
-        vm.runtime.host_keys = reply.host_keys;
-        *vm = self.store.save_vm(vm)?;
-        Ok(())
+        self.configure_identity(op, vm, &client, false).await
     }
 }
