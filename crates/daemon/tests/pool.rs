@@ -367,3 +367,69 @@ fn socket_users_cannot_see_or_name_pool_vms_but_their_creates_use_them() {
     let out = env.wick_as_user(&["vm", "delete", "mine"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn max_memory_caps_the_pool_and_creates_must_match_its_memory() {
+    if !root() {
+        return;
+    }
+    let mut env = pool_env(3, "", false);
+    let cfg = env.root().join("config.toml");
+    let config = fs::read_to_string(&cfg).unwrap().replace(
+        "size = 3\n",
+        "size = 3\nmemory = \"256M\"\nmax_memory = \"512M\"\n",
+    );
+    fs::write(&cfg, config).unwrap();
+    env.start();
+    let ids = wait_pool(&env, 2);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        pool_vms(&env).len(),
+        2,
+        "max_memory holds the pool at 2 x 256M"
+    );
+    // The default memory differs from the pool's: cold. `--memory 256M` matches.
+    let out = env.wick(&["vm", "create", "--name", "cold"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("warm pool"));
+    let out = env.wick(&["vm", "create", "--name", "warm", "--memory", "256M"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("warm pool"));
+    let warm = env.wick_json(&["vm", "show", "warm"]);
+    assert!(ids.contains(warm["id"].as_str().unwrap()));
+}
+
+#[test]
+fn fill_failures_back_off_and_show_in_doctor() {
+    if !root() {
+        return;
+    }
+    // An image without the agent cannot serve the pool: every fill fails.
+    let mut env = WickdEnv::new("[pool]\nsize = 2\n");
+    env.start();
+    std::thread::sleep(Duration::from_secs(6));
+    let fails = env.daemon_log().matches("warm pool: fill failed").count();
+    assert!(fails >= 1, "{}", env.daemon_log());
+    // 2 fills at once, then backoff 2 s, 4 s, ...: a handful in 6 s, never a hot loop.
+    assert!(
+        fails <= 8,
+        "{fails} fill failures in 6 s:\n{}",
+        env.daemon_log()
+    );
+    let doctor = env.wick_json(&["doctor"]);
+    let check = doctor["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["area"] == "pool")
+        .cloned()
+        .unwrap();
+    assert_eq!(check["status"], "warn", "{check}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("does not run wick-agent"),
+        "{check}"
+    );
+}

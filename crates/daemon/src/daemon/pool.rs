@@ -11,7 +11,7 @@
 //! post-start hooks (DNS name, published ports), and clears the marker. A taken VM never goes
 //! back to the pool: a failure leaves it the user's VM in `error`.
 //!
-//! The manager (`run`) refills in the background, never faster than the backoff after
+//! The manager (`run`) refills in the background (woken when an assignment ends), never faster than the backoff after
 //! failures, within `max_memory`, and reaps pool VMs that are stale: booting ones from before a
 //! restart, dead ones, ones whose spec no longer matches `[pool]`, and any beyond `size`.
 //! Reconcile settles `assigning` VMs after a crash (`fail_assign`).
@@ -315,7 +315,6 @@ impl Daemon {
         )?;
         if let Some(vm) = &taken {
             tracing::info!(vm = %vm.name, id = %vm.id, owner, "warm pool: taken");
-            self.pool.wake(); // refill in the background
         }
         Ok(taken)
     }
@@ -348,7 +347,11 @@ impl Daemon {
     async fn assign_flow(self: &Arc<Self>, op: &OpEntry, mut vm: VmRecord) -> Result<VmRecord> {
         op.stage("take a ready VM from the warm pool");
         crate::failpoint::hit("pool-assign");
-        match self.assign_inner(op, &mut vm).await {
+        let out = self.assign_inner(op, &mut vm).await;
+        // Refill once the guest is configured: on a small host a boot started now would take
+        // the CPU the configure step needs.
+        self.pool.wake();
+        match out {
             Ok(()) => {
                 vm.runtime.pool = None;
                 Ok(self.store.save_vm(&vm)?)
