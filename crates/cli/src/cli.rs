@@ -26,6 +26,17 @@ pub struct Cli {
     pub command: Command,
 }
 
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print the daemon's answer as pretty JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Also list the warm pool's unassigned VMs (wickd's, shown to root; state `pool:ready` or
+    /// `pool:booting`).
+    #[arg(long)]
+    pub all: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create, run and manage VMs.
@@ -115,7 +126,7 @@ pub enum VmCommand {
     Kill(KillArgs),
     /// List VMs (yours; root sees all).
     #[command(visible_alias = "ps")]
-    List(JsonArgs),
+    List(ListArgs),
     /// Print a VM's full record as JSON.
     Show(ShowArgs),
     /// Print a VM's VMM log (serial console and VMM output).
@@ -607,7 +618,15 @@ mod tests {
         let cli = parse(&["vm", "ps", "--json"]).unwrap();
         assert!(matches!(
             cli.command,
-            Command::Vm(VmCommand::List(JsonArgs { json: true }))
+            Command::Vm(VmCommand::List(ListArgs {
+                json: true,
+                all: false
+            }))
+        ));
+        let cli = parse(&["vm", "list", "--all"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Vm(VmCommand::List(ListArgs { all: true, .. }))
         ));
     }
 

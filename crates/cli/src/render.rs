@@ -96,6 +96,15 @@ pub fn vm_summary(vm: &VmRecord) -> String {
 }
 
 /// The `vm list` table. `now` is Unix seconds (for the CREATED age).
+/// A VM's state, or `pool:ready` / `pool:booting` for the warm pool's unassigned VMs.
+fn state_cell(vm: &VmRecord) -> String {
+    match vm.runtime.pool {
+        Some(wick_model::PoolSlot::Ready) if vm.is_pooled() => "pool:ready".into(),
+        Some(wick_model::PoolSlot::Filling) => "pool:booting".into(),
+        _ => vm.state.to_string(),
+    }
+}
+
 pub fn vm_table(vms: &[VmRecord], now: i64) -> String {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING)
@@ -117,7 +126,7 @@ pub fn vm_table(vms: &[VmRecord], now: i64) -> String {
         t.add_row([
             vm.short_id().to_string(),
             vm.name.clone(),
-            vm.state.to_string(),
+            state_cell(vm),
             vm.spec.image.clone(),
             vm.runtime.ip.clone().unwrap_or_else(|| "-".into()),
             vm.spec.vcpu.to_string(),
@@ -609,6 +618,22 @@ pub(crate) mod tests {
         let col = lines[0].find("NAME").unwrap();
         assert_eq!(lines[1].find("calm-otter"), Some(col));
         assert_eq!(lines[2].find("b2"), Some(col));
+    }
+
+    #[test]
+    fn pool_vms_are_marked_in_the_table() {
+        let mut v = vm(
+            "pool-1a2b3c4d",
+            "1a2b3c4d0d4e5f60718293a4b5c6d7e8",
+            VmState::Running,
+            None,
+        );
+        v.runtime.pool = Some(wick_model::PoolSlot::Ready);
+        let out = vm_table(&[v.clone()], 1_714_564_800);
+        assert!(out.contains("pool:ready"), "{out}");
+        v.runtime.pool = Some(wick_model::PoolSlot::Assigning);
+        let out = vm_table(&[v], 1_714_564_800);
+        assert!(out.contains("running") && !out.contains("pool:"), "{out}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Real-guest benchmark (QEMU TCG on this host; prints a table, asserts nothing):
 //! create→agent-ready and create→ssh-ready, the same create broken down per stage (host side
-//! vs the guest's boot), exec round trip over the agent, and tar upload throughput.
+//! vs the guest's boot), exec round trip over the agent, and tar upload throughput; then, side
+//! by side, cold vs warm-pool create → agent configured and `wick vm run --rm REPO -- true`
+//! wall time without and with a pool (`[pool] size = 1`, the next run waits for the refill).
 //!
 //! `cargo bench -p wick-daemon --bench guest` as root; skipped (with the reason) where QEMU,
 //! vhost-device-vsock or the golden image's prerequisites are missing.
@@ -20,6 +22,108 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// `POST /v1/vms` (1 GiB, 2 GiB disk) and its events until the end; panics unless it succeeded.
+fn create(env: &WickdEnv, name: &str) -> Vec<Value> {
+    let body = format!(r#"{{"name": "{name}", "memory": "1G", "disk_size": "2G"}}"#);
+    let (st, text) = http(&env.socket(), "POST", "/v1/vms", Some(body.as_bytes()));
+    assert_eq!(st, 202, "{text}");
+    let op: Value = serde_json::from_str(&text).unwrap();
+    let (_, events) = http(
+        &env.socket(),
+        "GET",
+        &format!("/v1/operations/{}/events", op["id"].as_str().unwrap()),
+        None,
+    );
+    let evs: Vec<Value> = events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.is_object())
+        .collect();
+    assert_eq!(evs.last().unwrap()["state"], "succeeded", "{events}");
+    evs
+}
+
+/// Waits until the warm pool holds one ready VM and boots no other.
+fn wait_pool_ready(env: &WickdEnv) {
+    let t = Instant::now();
+    loop {
+        let list = env.wick_json(&["vm", "list", "--all"]);
+        let slots: Vec<&str> = list["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["runtime"]["pool"].as_str())
+            .collect();
+        if slots == ["ready"] {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "pool never ready: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `wick vm run --rm REPO -- true` (1 GiB, 2 GiB disk): its wall time.
+fn vm_run_rm(env: &WickdEnv, repo: &std::path::Path) -> Duration {
+    let t = Instant::now();
+    let out = env
+        .wick_cmd()
+        .args(["vm", "run", "--rm", "--memory", "1G", "--disk-size", "2G"])
+        .arg(repo)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    let wall = t.elapsed();
+    assert!(
+        out.status.success(),
+        "vm run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wall
+}
+
+/// Cold and pooled samples of one measure.
+type Pair = (Vec<Duration>, Vec<Duration>);
+
+/// Cold vs pooled, on one daemon each (the cold one has no `[pool]`): create → configured
+/// and `vm run --rm` wall: ((cold, pooled) create, (cold, pooled) run).
+fn cold_vs_pooled(config: &str, runs: usize) -> (Pair, Pair) {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let (mut cold_create, mut cold_run) = (Vec::new(), Vec::new());
+    {
+        let mut env = WickdEnv::with_config(config);
+        env.start();
+        for i in 0..runs {
+            let t = Instant::now();
+            create(&env, &format!("c{i}"));
+            cold_create.push(t.elapsed());
+            env.wick_ok(&["vm", "delete", &format!("c{i}")]);
+            cold_run.push(vm_run_rm(&env, &repo));
+        }
+    }
+    let (mut pool_create, mut pool_run) = (Vec::new(), Vec::new());
+    let pooled = format!("{config}\n[pool]\nsize = 1\nmemory = \"1G\"\ndisk = \"2G\"\n");
+    let mut env = WickdEnv::with_config(&pooled);
+    env.start();
+    for i in 0..runs {
+        wait_pool_ready(&env);
+        let t = Instant::now();
+        let evs = create(&env, &format!("p{i}"));
+        pool_create.push(t.elapsed());
+        assert!(
+            evs.iter()
+                .any(|e| e["stage"].as_str().is_some_and(|s| s.contains("warm pool"))),
+            "served from the pool: {evs:?}"
+        );
+        env.wick_ok(&["vm", "delete", &format!("p{i}")]);
+        wait_pool_ready(&env);
+        pool_run.push(vm_run_rm(&env, &repo));
+    }
+    ((cold_create, pool_create), (cold_run, pool_run))
 }
 
 fn main() {
@@ -46,23 +150,8 @@ fn main() {
     for i in 0..runs {
         let name = format!("b{i}");
         let t = Instant::now();
-        let body = format!(r#"{{"name": "{name}", "memory": "1G", "disk_size": "2G"}}"#);
-        let (st, text) = http(&env.socket(), "POST", "/v1/vms", Some(body.as_bytes()));
-        assert_eq!(st, 202, "{text}");
-        let op: Value = serde_json::from_str(&text).unwrap();
-        let (_, events) = http(
-            &env.socket(),
-            "GET",
-            &format!("/v1/operations/{}/events", op["id"].as_str().unwrap()),
-            None,
-        );
+        let evs = create(&env, &name);
         ready.push(t.elapsed());
-        let evs: Vec<Value> = events
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v.is_object())
-            .collect();
-        assert_eq!(evs.last().unwrap()["state"], "succeeded", "{events}");
         for w in evs.windows(2) {
             let d = w[1]["elapsed_ms"].as_u64().unwrap() - w[0]["elapsed_ms"].as_u64().unwrap();
             stages.push((w[0]["stage"].as_str().unwrap_or("?").to_string(), d));
@@ -175,5 +264,24 @@ fn main() {
         "{:<44} {:>10}",
         "tar upload 64 MiB (agent over vsock)",
         format!("{:.1} MiB/s", 64.0 / put.as_secs_f64())
+    );
+    drop(client);
+    drop(env); // its VMs die with it: the next part measures on an idle host
+
+    let ((mut cc, mut pc), (mut cr, mut pr)) = cold_vs_pooled(&config, runs);
+    println!();
+    println!("warm pool, side by side ({runs} runs each; the pool refilled before each)");
+    println!("{:<44} {:>10} {:>10}", "measure (p50)", "cold", "pooled");
+    println!(
+        "{:<44} {:>10} {:>10}",
+        "create → agent configured",
+        ms(pct(&mut cc, 0.5)),
+        ms(pct(&mut pc, 0.5))
+    );
+    println!(
+        "{:<44} {:>10} {:>10}",
+        "wick vm run --rm REPO -- true (wall)",
+        ms(pct(&mut cr, 0.5)),
+        ms(pct(&mut pr, 0.5))
     );
 }

@@ -23,7 +23,7 @@ use utoipa::{IntoParams, OpenApi};
 use wick_model::api::*;
 use wick_model::vm::LifecycleOp;
 use wick_model::{
-    PortMapping, Sidecar, VmRecord, VmRuntime, VmSpec, VmState, VmmHandle, WorkspaceInfo,
+    PoolSlot, PortMapping, Sidecar, VmRecord, VmRuntime, VmSpec, VmState, VmmHandle, WorkspaceInfo,
 };
 
 use crate::daemon::{Caller, Daemon};
@@ -133,10 +133,24 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .with_state(d)
 }
 
-#[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = VmList)))]
-async fn list_vms(State(d): D, c: ConnectInfo<PeerCred>) -> Result<Json<VmList>> {
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ListQuery {
+    /// Also list wickd's unassigned warm-pool VMs (root only: they belong to root).
+    all: Option<bool>,
+}
+
+#[utoipa::path(get, path = "/v1/vms", params(ListQuery), responses((status = 200, body = VmList),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed query", body = ApiError)))]
+async fn list_vms(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Valid(Query(q)): Valid<Query<ListQuery>>,
+) -> Result<Json<VmList>> {
+    let all = q.all.unwrap_or(false);
+    let vms = d.store.list_vms(caller(c).filter())?;
     Ok(Json(VmList {
-        vms: d.store.list_vms(caller(c).filter())?,
+        vms: vms.into_iter().filter(|v| all || !v.is_pooled()).collect(),
     }))
 }
 
@@ -651,6 +665,7 @@ impl utoipa::Modify for InternalErrors {
         VmRecord,
         VmSpec,
         VmRuntime,
+        PoolSlot,
         VmState,
         VmmHandle,
         WorkspaceInfo,

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use wick_model::api::{Provenance, Resolved, ResolvedDefaults};
 use wick_model::parse_size_mib;
 
+mod pool;
+pub use pool::PoolConfig;
+
 /// Largest vCPU count a VM may ask for (Firecracker's limit).
 pub const MAX_VCPU: u64 = 32;
 /// Default `vmm_uid_range`: far above any login or system uid, below 2^31.
@@ -136,6 +139,9 @@ pub struct Config {
     /// Registered images by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub images: BTreeMap<String, ImageConfig>,
+    /// `[pool]`: the warm pool (off when absent or `size = 0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolConfig>,
 }
 
 /// A byte size: `65536`, `512K`, `8M`, `1G` (binary units; a bare number means bytes).
@@ -345,6 +351,9 @@ impl Config {
                     "nat_backend = {b:?}: use auto, nft, iptables or iptables-legacy"
                 ));
             }
+        }
+        if let Some(p) = &self.pool {
+            p.validate()?;
         }
         self.vmm_log_limit()?;
         self.network_settings()?;

@@ -32,6 +32,7 @@ mod checks;
 mod create;
 mod delete;
 mod logs;
+mod pool;
 mod release;
 mod set;
 mod start;
@@ -40,6 +41,7 @@ mod watch;
 mod xfs_pool;
 
 pub use boot_files::BootFiles;
+pub use pool::{pool_key, run as run_pool, Pool};
 pub use release::disk_plan;
 pub use xfs_pool::reconcile_xfs_pool;
 
@@ -64,6 +66,8 @@ pub struct Daemon {
     pub shutdown: CancellationToken,
     /// Held while a `[limits]` check and the record it admits are saved.
     quota: std::sync::Mutex<()>,
+    /// The warm pool's fills in flight and backoff (`daemon/pool.rs`).
+    pub pool: Pool,
 }
 
 /// Who is asking: the peer uid of the API connection.
@@ -137,6 +141,7 @@ impl Daemon {
             started: Instant::now(),
             shutdown: CancellationToken::new(),
             quota: std::sync::Mutex::new(()),
+            pool: Pool::default(),
         }))
     }
 
@@ -144,9 +149,13 @@ impl Daemon {
         self.config.boot_timeout()
     }
 
-    /// A VM visible to the caller.
+    /// A VM visible to the caller. Unassigned warm-pool VMs are wickd's: no lookup finds them.
     pub fn find(&self, reference: &str, caller: Caller) -> Result<VmRecord> {
-        Ok(self.store.find_vm(reference, caller.filter())?)
+        let vm = self.store.find_vm(reference, caller.filter())?;
+        if vm.is_pooled() {
+            return Err(wick_store::StoreError::NotFound(reference.to_string()).into());
+        }
+        Ok(vm)
     }
 
     /// The one spawner of VM operations: registers the `kind` operation on `vm`, takes the

@@ -49,6 +49,7 @@ pub async fn run(d: &Arc<Daemon>) -> DoctorReport {
         checks.extend(cap.doctor(&vms).await);
     }
 
+    checks.push(d.pool_check());
     checks.push(leftovers_check(d, &vms));
     DoctorReport { checks }
 }

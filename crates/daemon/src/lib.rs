@@ -98,6 +98,7 @@ pub async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
     }
     tokio::spawn(stats::run_poller(d.clone()));
     tokio::spawn(vmmlog::run_log_keeper(d.clone()));
+    tokio::spawn(daemon::run_pool(d.clone()));
 
     let shutdown = d.shutdown.clone();
     // Handlers exist before the socket does: a SIGTERM sent as soon as it accepts is a clean

@@ -2,6 +2,7 @@
 //!
 //! From the durable records alone: VMs whose VMM is alive are re-adopted (watched again);
 //! VMs whose VMM died, and VMs caught mid-operation by a crash, are released and settled;
+//! a VM caught being handed out of the warm pool ends as its new owner's, in `error`;
 //! then leftovers that belong to no VM (VMM processes serving a socket in our state dir, VM
 //! directories without a record, capability resources) are swept.
 
@@ -28,6 +29,14 @@ pub async fn reconcile(d: &Arc<Daemon>) -> anyhow::Result<Report> {
     for vm in d.store.list_vms(None)? {
         let _g = d.ops.lock_vm(&vm.id).await;
         let mut vm = d.store.get_vm(&vm.id)?;
+        if vm.runtime.pool == Some(wick_model::PoolSlot::Assigning) {
+            // Taken from the warm pool, identity half applied: the user's VM, never the pool's.
+            d.fail_assign(&mut vm, "being given its identity (taken from the warm pool) was interrupted by a wickd restart; delete this VM and create it again").await;
+            report
+                .settled
+                .push(format!("{} (pool assignment -> {})", vm.name, vm.state));
+            continue;
+        }
         let live = vm.runtime.vmm.as_ref().and_then(|h| d.vmm.find(h));
         match (vm.state, live) {
             (VmState::Running, Some(pid)) => {

@@ -153,6 +153,9 @@ pub async fn run_poller(d: Arc<Daemon>) {
         };
         for vm in vms.into_iter().filter(|v| v.state == VmState::Running) {
             d.stats.sample(&vm);
+            if vm.is_pooled() {
+                continue; // the warm pool's: kept running on purpose
+            }
             if let (Some(limit), Some(idle)) = (stale_after, age(&vm.touched_at)) {
                 if idle > limit {
                     tracing::info!(vm = %vm.name, idle = ?idle, "auto-stop: untouched for too long");

@@ -531,3 +531,122 @@ fn vm_run_and_workspace_round_trip_on_a_real_guest() {
     assert!(env.vmm_processes().is_empty());
     assert!(links(&env).is_empty());
 }
+
+/// Waits until the warm pool holds `n` ready VMs and nothing else (`vm list --all`): their ids.
+fn wait_pool_ready(env: &WickdEnv, n: usize) -> Vec<String> {
+    let t = Instant::now();
+    loop {
+        let list = env.wick_json(&["vm", "list", "--all"]);
+        let pool: Vec<&Value> = list["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["runtime"]["pool"].is_string())
+            .collect();
+        if pool.len() == n && pool.iter().all(|v| v["runtime"]["pool"] == "ready") {
+            return pool
+                .iter()
+                .map(|v| v["id"].as_str().unwrap().to_string())
+                .collect();
+        }
+        // Generous: on a loaded 2-core host a TCG boot may miss boot_timeout and be retried.
+        assert!(
+            t.elapsed() < Duration::from_secs(900),
+            "the pool never became ready: {list}\n{}",
+            env.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A VM taken from the warm pool on a real guest: its hostname, `NAME.vm`, SSH host key
+/// (pinned after the assignment) and `/root` are its own, and nothing of one pooled VM's
+/// identity reaches the next.
+#[test]
+fn a_pooled_vm_gets_its_own_identity_on_a_real_guest() {
+    let assets = match guest_assets() {
+        Ok(a) => a,
+        Err(why) => {
+            wick_testkit::skip(format_args!("{why}"));
+            return;
+        }
+    };
+    let config = format!(
+        "{}\n[pool]\nsize = 2\nmemory = \"1G\"\ndisk = \"2G\"\n",
+        config(&assets)
+    );
+    let mut env = WickdEnv::with_config(&config);
+    env.start();
+    // Both taken from the first fill: nothing waits for a refill booting meanwhile.
+    let pooled = wait_pool_ready(&env, 2);
+    let mut seen = Vec::new();
+    for name in ["p1", "p2"] {
+        let t = Instant::now();
+        let out = env.wick(&[
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--memory",
+            "1G",
+            "--disk-size",
+            "2G",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}\n{}", env.daemon_log());
+        eprintln!("pooled create → configured: {:?}", t.elapsed());
+        assert!(stderr.contains("warm pool"), "{stderr}");
+        let vm = env.wick_json(&["vm", "show", name]);
+        let id = vm["id"].as_str().unwrap().to_string();
+        assert!(pooled.contains(&id), "a pooled VM: {id} of {pooled:?}");
+        assert!(
+            seen.iter().all(|(i, _, _)| *i != id),
+            "not handed out twice"
+        );
+        assert_eq!(vm["state"], "running");
+
+        assert_eq!(exec(&env, name, &["hostname"]).1.trim(), name);
+        let ip = vm["runtime"]["ip"].as_str().unwrap();
+        let (code, hosts) = exec(&env, name, &["getent", "hosts", &format!("{name}.vm")]);
+        assert_eq!(code, 0, "{name}.vm resolves in the guest");
+        assert!(hosts.contains(ip), "{name}.vm is {ip}: {hosts}");
+
+        // Host keys: made for this VM, recorded at assignment and pinned by `vm ssh`.
+        let keys: Vec<String> = vm["runtime"]["host_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect();
+        let (_, guest_key) = exec(&env, name, &["cat", "/etc/ssh/ssh_host_ed25519_key.pub"]);
+        let blob = guest_key.split_whitespace().nth(1).unwrap().to_string();
+        assert!(
+            keys.iter().any(|k| k.contains(&blob)),
+            "{keys:?} vs {guest_key}"
+        );
+        let out = env.wick(&["vm", "ssh", name, "--", "hostname"]);
+        assert!(
+            out.status.success(),
+            "vm ssh with the pinned key: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), name);
+
+        // /root holds nothing of an earlier VM; leave a trace for the next one to look for.
+        let (_, secret) = exec(
+            &env,
+            name,
+            &["sh", "-c", "ls -A /root; cat /etc/machine-id"],
+        );
+        assert!(!secret.contains("from-p1"), "{secret}");
+        assert_eq!(
+            exec(&env, name, &["sh", "-c", "echo x > /root/from-p1 && sync"]).0,
+            0
+        );
+        let machine_id = secret.lines().last().unwrap_or_default().to_string();
+        seen.push((id, blob, machine_id));
+        env.wick_ok(&["vm", "delete", name]);
+    }
+    assert_ne!(seen[0].1, seen[1].1, "host keys differ");
+    assert_ne!(seen[0].2, seen[1].2, "machine ids differ");
+}

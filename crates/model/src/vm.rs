@@ -251,6 +251,23 @@ pub struct VmRuntime {
     /// Set while the guest runs without hardware isolation (`accel = tcg`): what that means.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation_warning: Option<String>,
+    /// Set while the VM belongs to wickd's warm pool (`[pool]`), or is being handed out of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolSlot>,
+}
+
+/// Where a warm-pool VM is: booting for the pool, ready to be taken, or taken and being given
+/// its owner's identity. A pool VM is never returned to the pool once taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolSlot {
+    /// Being created and booted for the pool (wickd's, no identity).
+    Filling,
+    /// Booted to agent-ready, unconfigured, waiting for a matching create.
+    Ready,
+    /// Taken by a create (owner, name and spec already the user's); its identity is being
+    /// applied. A restart during this ends it as the user's VM in `error`.
+    Assigning,
 }
 
 /// [`VmRuntime::isolation_warning`] of a VM under TCG.
@@ -307,6 +324,12 @@ pub struct VmRecord {
 }
 
 impl VmRecord {
+    /// An unassigned warm-pool VM (filling or ready): wickd's, hidden from `vm list` (shown by
+    /// `vm list --all`) and from every lookup by name or id.
+    pub fn is_pooled(&self) -> bool {
+        matches!(self.runtime.pool, Some(PoolSlot::Filling | PoolSlot::Ready))
+    }
+
     /// First 12 hex digits of the id: used in host resource names (`wk-<short>`).
     pub fn short_id(&self) -> &str {
         short_id(&self.id)

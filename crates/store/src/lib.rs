@@ -243,6 +243,75 @@ impl Store {
         Ok(out)
     }
 
+    /// Takes one ready warm-pool VM for a create, atomically: in one write transaction, the
+    /// first ready pool VM (oldest first) that `pick` accepts is rewritten by `assign` (new
+    /// name, owner, spec, pool slot) — only if it is still ready, so concurrent takers can never
+    /// get the same VM. `Ok(None)`: no match. `NameTaken`: the new name is in use (nothing
+    /// changed).
+    pub fn take_pooled(
+        &self,
+        pick: impl Fn(&VmRecord) -> bool,
+        assign: impl FnOnce(VmRecord) -> VmRecord,
+    ) -> Result<Option<VmRecord>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let found = {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT {VM_COLUMNS} FROM vms WHERE json_extract(runtime, '$.pool') = 'ready'
+                 ORDER BY created_at, name"
+            ))?;
+            let rows = stmt.query_map([], row_to_vm)?;
+            let mut found = None;
+            for r in rows {
+                let vm = r??;
+                if pick(&vm) {
+                    found = Some(vm);
+                    break;
+                }
+            }
+            found
+        };
+        let Some(old) = found else {
+            return Ok(None);
+        };
+        let mut vm = assign(old.clone());
+        vm.id = old.id.clone();
+        vm.updated_at = now();
+        // The new name must be free: also of the pool VM itself, whose own name is wickd's.
+        if vm.name != old.name || vm.owner != old.owner {
+            let taken = tx
+                .query_row("SELECT 1 FROM vms WHERE name = ?1", [&vm.name], |_| Ok(()))
+                .optional()?
+                .is_some();
+            if taken {
+                return Err(StoreError::NameTaken(vm.name));
+            }
+        }
+        let n = tx
+            .execute(
+                "UPDATE vms SET name = ?2, owner = ?3, state = ?4, spec = ?5, runtime = ?6,
+                 created_at = ?7, updated_at = ?8, touched_at = ?9
+                 WHERE id = ?1 AND json_extract(runtime, '$.pool') = 'ready'",
+                params![
+                    vm.id,
+                    vm.name,
+                    vm.owner,
+                    vm.state.as_str(),
+                    to_json(&vm.spec)?,
+                    to_json(&vm.runtime)?,
+                    vm.created_at,
+                    vm.updated_at,
+                    vm.touched_at
+                ],
+            )
+            .map_err(|e| map_unique(e, &vm.name))?;
+        if n != 1 {
+            return Ok(None);
+        }
+        tx.commit()?;
+        Ok(Some(vm))
+    }
+
     /// Marks the VM as used now (a user action or an agent session): only `touched_at`
     /// changes, so it never races with a lifecycle operation's writes of the rest.
     pub fn touch_vm(&self, id: &str) -> Result<()> {

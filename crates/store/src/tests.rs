@@ -210,3 +210,95 @@ fn vmm_uids_are_unique_sticky_and_freed_with_the_vm() {
         "freed by delete"
     );
 }
+
+#[test]
+fn pooled_vms_are_taken_once_each_under_concurrent_takers() {
+    use std::sync::Arc;
+    use wick_model::PoolSlot;
+    let s = Arc::new(Store::open_in_memory().unwrap());
+    for (name, slot) in [
+        ("pool-a", PoolSlot::Ready),
+        ("pool-b", PoolSlot::Ready),
+        ("pool-c", PoolSlot::Filling),
+    ] {
+        let mut v = vm(name, 0);
+        v.state = VmState::Running;
+        v.runtime.pool = Some(slot);
+        s.create_vm(v).unwrap();
+    }
+    let takers: Vec<_> = (0..6)
+        .map(|i| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                s.take_pooled(
+                    |v| v.spec.memory_mib == 512,
+                    |mut v| {
+                        v.name = format!("user-{i}");
+                        v.owner = 1000;
+                        v.runtime.pool = Some(PoolSlot::Assigning);
+                        v
+                    },
+                )
+                .unwrap()
+            })
+        })
+        .collect();
+    let taken: Vec<VmRecord> = takers
+        .into_iter()
+        .filter_map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(taken.len(), 2, "two ready VMs, two takers served");
+    assert_ne!(taken[0].id, taken[1].id, "never the same VM twice");
+    for t in &taken {
+        let stored = s.get_vm(&t.id).unwrap();
+        assert_eq!(stored.owner, 1000);
+        assert_eq!(stored.runtime.pool, Some(PoolSlot::Assigning));
+        assert!(stored.name.starts_with("user-"));
+    }
+    // The filling one is never handed out; nothing is left to take.
+    let none = s.take_pooled(|_| true, |v| v).unwrap();
+    assert!(none.is_none());
+}
+
+#[test]
+fn taking_a_pooled_vm_under_a_taken_name_changes_nothing() {
+    use wick_model::PoolSlot;
+    let s = Store::open_in_memory().unwrap();
+    s.create_vm(vm("mine", 1000)).unwrap();
+    let mut p = vm("pool-a", 0);
+    p.runtime.pool = Some(PoolSlot::Ready);
+    let p = s.create_vm(p).unwrap();
+    let err = s
+        .take_pooled(
+            |_| true,
+            |mut v| {
+                v.name = "mine".into();
+                v.runtime.pool = Some(PoolSlot::Assigning);
+                v
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::NameTaken(ref n) if n == "mine"),
+        "{err}"
+    );
+    let still = s.get_vm(&p.id).unwrap();
+    assert_eq!(still.runtime.pool, Some(PoolSlot::Ready));
+    assert_eq!(still.name, "pool-a");
+    // Nor under the pool VM's own name.
+    let err = s
+        .take_pooled(
+            |_| true,
+            |mut v| {
+                v.owner = 1000;
+                v
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::NameTaken(ref n) if n == "pool-a"),
+        "{err}"
+    );
+    // A pick that refuses every VM takes nothing.
+    assert!(s.take_pooled(|_| false, |v| v).unwrap().is_none());
+}

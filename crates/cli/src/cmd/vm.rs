@@ -31,7 +31,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
         VmCommand::Restart(a) => lifecycle(ctx, LifecycleOp::Restart, a).await,
         VmCommand::Delete(a) => lifecycle(ctx, LifecycleOp::Delete, a).await,
         VmCommand::Kill(a) => kill(ctx, a).await,
-        VmCommand::List(a) => list(ctx, a.json).await,
+        VmCommand::List(a) => list(ctx, a.json, a.all).await,
         VmCommand::Show(a) => {
             let vm: VmRecord = ctx.client().get(&vm_path(&a.vm, "")).await?;
             if let Some(w) = &vm.runtime.isolation_warning {
@@ -338,8 +338,9 @@ async fn kill(ctx: &Ctx, args: KillArgs) -> Result<()> {
     })
 }
 
-async fn list(ctx: &Ctx, json: bool) -> Result<()> {
-    let list: VmList = ctx.client().get("/v1/vms").await?;
+async fn list(ctx: &Ctx, json: bool, all: bool) -> Result<()> {
+    let path = if all { "/v1/vms?all=true" } else { "/v1/vms" };
+    let list: VmList = ctx.client().get(path).await?;
     if json {
         return out_json(&list);
     }

@@ -60,7 +60,9 @@ impl Daemon {
         Ok(spec)
     }
 
-    /// Registers the VM (durable record first) and starts the create operation.
+    /// Registers the VM (durable record first) and starts the create operation. A started
+    /// create whose spec matches the warm pool's takes a ready pool VM instead (never waiting
+    /// for one: no match or an empty pool is the cold path).
     pub fn create(self: &Arc<Self>, req: CreateVmRequest, caller: Caller) -> Result<Arc<OpEntry>> {
         if let Some(name) = &req.name {
             validate_vm_name(name).map_err(|e| Error::invalid(e.to_string()))?;
@@ -76,38 +78,54 @@ impl Daemon {
                 None if attempt < 20 => wick_model::generate_name(),
                 None => format!("{}-{}", wick_model::generate_name(), &new_vm_id()[..4]),
             };
-            let id = new_vm_id();
-            let t = now();
-            let record = VmRecord {
-                runtime: VmRuntime {
-                    dir: self.paths.vm_dir(&id),
-                    ..Default::default()
-                },
-                id,
-                name,
-                owner: caller.uid,
-                state: VmState::Creating,
-                spec: spec.clone(),
-                created_at: t.clone(),
-                updated_at: t.clone(),
-                touched_at: t,
+            let pooled = match req.no_start {
+                true => Ok(None), // a stopped VM: nothing to gain from a booted one
+                false => self.take_pooled(&spec, &name, caller.uid),
             };
-            match self.store.create_vm(record) {
+            let made = match pooled {
+                Ok(Some(vm)) => Ok(vm),
+                Ok(None) => self.store.create_vm(self.new_record(name, caller, &spec)),
+                Err(e) => Err(e),
+            };
+            match made {
                 Ok(vm) => break vm,
                 Err(StoreError::NameTaken(_)) if req.name.is_none() => attempt += 1,
                 Err(e) => return Err(e.into()),
             }
         };
         drop(quota);
+        if vm.runtime.pool.is_some() {
+            return self.assign(vm);
+        }
         let no_start = req.no_start;
         self.spawn_op(OpKind::Create, vm, move |d, op, vm| async move {
             d.create_flow(&op, vm, no_start).await.map(Some)
         })
     }
 
+    /// A new VM's record: `creating`, its own directory.
+    fn new_record(&self, name: String, caller: Caller, spec: &VmSpec) -> VmRecord {
+        let id = new_vm_id();
+        let t = now();
+        VmRecord {
+            runtime: VmRuntime {
+                dir: self.paths.vm_dir(&id),
+                ..Default::default()
+            },
+            id,
+            name,
+            owner: caller.uid,
+            state: VmState::Creating,
+            spec: spec.clone(),
+            created_at: t.clone(),
+            updated_at: t.clone(),
+            touched_at: t,
+        }
+    }
+
     /// The create operation: the disks (`stopped`), then the start unless `no_start`. A VM
     /// whose disks could not be made is removed again, leaving no trace.
-    async fn create_flow(
+    pub(super) async fn create_flow(
         self: &Arc<Self>,
         op: &OpEntry,
         mut vm: VmRecord,

@@ -49,7 +49,7 @@ impl Daemon {
             failed: Vec::new(),
         };
         for vm in self.store.list_vms(caller.filter())? {
-            if vm.check(VmAction::Prune).is_err() {
+            if vm.is_pooled() || vm.check(VmAction::Prune).is_err() {
                 continue; // something may run it
             }
             let name = vm.name.clone();

@@ -130,6 +130,10 @@ impl Daemon {
             r = self.vmm.boot(&handle, &cfg, self.boot_timeout()) => r?,
             _ = op.cancel.cancelled() => return Err(Error::cancelled()),
         }
+        if vm.runtime.pool == Some(wick_model::PoolSlot::Filling) {
+            // A warm-pool VM stops at agent-ready: no identity until it is taken (pool.rs).
+            return self.pool_vm_ready(op, vm, &handle).await;
+        }
         if vm.spec.agent {
             self.configure_guest(op, vm, &handle).await?;
         }
@@ -190,7 +194,7 @@ impl Daemon {
 
     /// Waits for the guest's agent and configures the guest; records the SSH host keys wickd
     /// made for it (see `configure_identity`).
-    async fn configure_guest(
+    pub(super) async fn configure_guest(
         &self,
         op: &OpEntry,
         vm: &mut VmRecord,
