@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use wick_testkit::cargo_bin;
+use wick_testkit::dns::query_a;
 use wick_testkit::wickd::{WickdEnv, FAKE_AGENT_CONFIG};
 
 fn root() -> bool {
@@ -73,6 +74,24 @@ fn wait_pool(env: &WickdEnv, n: usize) -> HashSet<String> {
             env.daemon_log()
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Unassigned pool VMs have no identity: no `<name>.vm` (the daemon's `dns_port` is 10053).
+fn assert_pool_names_do_not_resolve(env: &WickdEnv) {
+    let ns = env.netns.as_ref().unwrap();
+    for v in pool_vms(env) {
+        assert!(
+            v["runtime"]["ip"].is_string(),
+            "pool VMs have an address: {v}"
+        );
+        let name = format!("{}.vm", v["name"].as_str().unwrap());
+        let got = query_a(ns, "127.0.0.1:10053".parse().unwrap(), &name);
+        assert_eq!(
+            got.map_err(|c| format!("{c:?}")),
+            Err("NXDomain".into()),
+            "{name}"
+        );
     }
 }
 
@@ -209,7 +228,7 @@ fn kill9_with_pooled_vms_and_during_an_assignment_leaves_the_pool_consistent() {
     if !root() {
         return;
     }
-    let mut env = pool_env(2, "", false);
+    let mut env = pool_env(2, "dns_port = 10053", false);
     env.start();
     let before = wait_pool(&env, 2);
     let pids = env.vmm_processes();
@@ -225,6 +244,7 @@ fn kill9_with_pooled_vms_and_during_an_assignment_leaves_the_pool_consistent() {
     let mut was = pids.clone();
     was.sort();
     assert_eq!(now, was, "same VMMs, none leaked, none restarted");
+    assert_pool_names_do_not_resolve(&env);
 
     // kill -9 right after a create took a pool VM, before its identity was applied.
     env.kill9();
@@ -308,6 +328,18 @@ fn kill9_with_pooled_vms_and_during_an_assignment_leaves_the_pool_consistent() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // After the restart, users' VMs resolve as `<name>.vm`; the pool's (no identity yet) do not.
+    let ns = env.netns.as_ref().unwrap();
+    let dns = "127.0.0.1:10053".parse().unwrap();
+    for u in &users {
+        let name = format!("{}.vm", u["name"].as_str().unwrap());
+        assert!(
+            query_a(ns, dns, &name).is_ok_and(|a| !a.is_empty()),
+            "{name}"
+        );
+    }
+    assert_pool_names_do_not_resolve(&env);
 }
 
 #[test]

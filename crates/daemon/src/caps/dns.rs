@@ -211,7 +211,8 @@ impl Capability for VmDns {
     async fn started(&self, vms: &[VmRecord]) -> Result<()> {
         self.records.replace_all(
             vms.iter()
-                .filter(|v| v.state == VmState::Running)
+                // Unassigned warm-pool VMs have no identity yet: no `<name>.vm`.
+                .filter(|v| v.state == VmState::Running && !v.is_pooled())
                 .filter_map(|v| Self::record_of(v).map(|ip| (v.name.clone(), ip))),
         );
         for vm in vms.iter().filter(|v| v.runtime.tap.is_some()) {
