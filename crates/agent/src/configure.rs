@@ -30,14 +30,11 @@ pub fn apply(ctx: &Ctx, cfg: &Configure) -> Reply<ConfigureReply> {
             failures.push(format!("{name}: {e}"));
         }
     };
-    // First, so sshd starts while the other steps run; awaited at the end.
-    let sshd = match crate::hostkeys::apply(ctx, cfg.host_keys.as_deref(), &mut out) {
-        Ok(sshd) => Some(sshd),
-        Err(e) => {
-            step("ssh host keys", Err(e));
-            None
-        }
-    };
+    // sshd's start is only queued: it comes up while the other steps and the user's work run.
+    step(
+        "ssh host keys",
+        crate::hostkeys::apply(ctx, cfg.host_keys.as_deref(), &mut out),
+    );
     if let Some(h) = &cfg.hostname {
         step("hostname", hostname(ctx, h, &mut out));
     }
@@ -60,9 +57,6 @@ pub fn apply(ctx: &Ctx, cfg: &Configure) -> Reply<ConfigureReply> {
                 &mut out,
             ),
         );
-    }
-    if let Some(sshd) = sshd {
-        sshd.wait(&mut out);
     }
     for c in &out.changed {
         tracing::info!("configure: {c}");

@@ -1,14 +1,13 @@
 //! SSH host keys and sshd: the agent installs the host keys wickd made for this VM (it never
 //! generates any), removes every other `ssh_host_*` file, and starts sshd once they are in place
-//! (queued first, awaited at the end of Configure, so it starts while the other steps run).
+//! (queued without waiting: `wick vm ssh` and `wick vm ssh-proxy` wait for its port instead).
 //!
 //! Files are written below [`Ctx::root`]; sshd is started only when [`Ctx::live`] is set.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use wick_agent_proto::{ConfigureReply, HostKey};
 
@@ -58,70 +57,21 @@ fn key_path(dir: &Path, kind: &str) -> PathBuf {
     dir.join(format!("ssh_host_{kind}_key"))
 }
 
-/// sshd's start, queued by [`apply`] and awaited by [`Sshd::wait`] once the rest of Configure
-/// is done, so sshd starts while the other steps run.
-#[must_use]
-pub(crate) struct Sshd(Option<&'static str>);
-
-/// How long Configure waits for sshd's start job.
-const SSHD_WAIT: Duration = Duration::from_secs(60);
-
-impl Sshd {
-    /// Waits until the queued start (or restart) of sshd has finished: `systemctl start` joins
-    /// the queued job. Afterwards `wick vm ssh` finds sshd listening.
-    pub(crate) fn wait(self, out: &mut ConfigureReply) {
-        let Some(unit) = self.0 else { return };
-        let child = Command::new("systemctl")
-            .args(["start", unit])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match child {
-            Ok(c) => c,
-            Err(e) => return out.warnings.push(format!("cannot run systemctl: {e}")),
-        };
-        let deadline = Instant::now() + SSHD_WAIT;
-        loop {
-            match child.try_wait() {
-                Ok(Some(st)) if st.success() => return,
-                Ok(Some(_)) => {
-                    let mut err = String::new();
-                    if let Some(mut e) = child.stderr.take() {
-                        let _ = io::Read::read_to_string(&mut e, &mut err);
-                    }
-                    return out
-                        .warnings
-                        .push(format!("{unit} did not start: {}", err.trim()));
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return out.warnings.push(format!(
-                        "{unit} did not start within {SSHD_WAIT:?}; it may still come up"
-                    ));
-                }
-            }
-        }
-    }
-}
-
 /// Applies the host-key part of `Configure`: installs `keys` when given, reports the public
-/// keys now in `/etc/ssh`, and (live) queues sshd's start or restart, to be awaited with
-/// [`Sshd::wait`].
+/// keys now in `/etc/ssh`, and (live) queues sshd's start or restart without waiting for it:
+/// sshd comes up while the guest is already in use (`wick vm ssh` and `wick vm ssh-proxy`
+/// wait for its port), so no create pays for it.
 pub(crate) fn apply(
     ctx: &Ctx,
     keys: Option<&[HostKey]>,
     out: &mut ConfigureReply,
-) -> Result<Sshd, String> {
+) -> Result<(), String> {
     let dir = ctx.path("/etc/ssh");
     if !dir.is_dir() {
         out.warnings.push(
             "no /etc/ssh in the guest (openssh-server not installed): host keys skipped".into(),
         );
-        return Ok(Sshd(None));
+        return Ok(());
     }
     let changed = match keys {
         Some(keys) => install(ctx, &dir, keys, out)?,
@@ -131,14 +81,14 @@ pub(crate) fn apply(
     if out.host_keys.is_empty() {
         out.warnings
             .push("the guest has no SSH host keys: sshd not started".into());
-        return Ok(Sshd(None));
+        return Ok(());
     }
     if ctx.live {
-        Ok(Sshd(start_sshd(changed, out)))
+        start_sshd(changed, out);
     } else {
         out.warnings.push("ssh: not live, sshd not started".into());
-        Ok(Sshd(None))
     }
+    Ok(())
 }
 
 /// Writes `keys` (private 0600, public 0644), removes every other `ssh_host_*` file and names
@@ -212,36 +162,43 @@ fn public_keys(dir: &Path) -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// Queues sshd's start (a restart when its keys changed) without waiting: `--no-block` only
-/// queues the job. Returns the unit that took it.
-fn start_sshd(keys_changed: bool, out: &mut ConfigureReply) -> Option<&'static str> {
+/// Queues sshd's start (a restart when it runs and its keys changed) without waiting:
+/// `--no-block` only queues the job.
+fn start_sshd(keys_changed: bool, out: &mut ConfigureReply) {
     if !Path::new("/run/systemd/system").exists() {
-        out.warnings.push(
+        return out.warnings.push(
             "systemd is not running: start sshd yourself (its host keys are in /etc/ssh)".into(),
         );
-        return None;
     }
-    let verb = if keys_changed { "restart" } else { "start" };
     for unit in ["ssh.service", "sshd.service"] {
+        // A restart only when sshd already runs with other keys: a restart of a start job in
+        // progress (the boot's own, whose condition the new key just met) kills its
+        // `sshd -t` and starts over.
+        let verb = match keys_changed && is_active(unit) {
+            true => "restart",
+            false => "start",
+        };
         match Command::new("systemctl")
             .args([verb, "--no-block", unit])
             .output()
         {
             Ok(o) if o.status.success() => {
-                out.changed.push(format!("{unit}: {verb} queued"));
-                return Some(unit);
+                return out.changed.push(format!("{unit}: {verb} queued"));
             }
             Ok(_) => continue,
-            Err(e) => {
-                out.warnings.push(format!("cannot run systemctl: {e}"));
-                return None;
-            }
+            Err(e) => return out.warnings.push(format!("cannot run systemctl: {e}")),
         }
     }
-    out.warnings.push(format!(
-        "could not {verb} sshd (neither ssh.service nor sshd.service)"
-    ));
-    None
+    out.warnings
+        .push("could not start sshd (neither ssh.service nor sshd.service)".into());
+}
+
+/// Whether systemd reports `unit` active.
+fn is_active(unit: &str) -> bool {
+    Command::new("systemctl")
+        .args(["is-active", "--quiet", unit])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 #[cfg(test)]
@@ -287,7 +244,7 @@ mod tests {
         let ctx = ctx(d.path());
         let keys = [key("ed25519", 1)];
         let mut out = ConfigureReply::default();
-        let _ = apply(&ctx, Some(&keys), &mut out).unwrap();
+        apply(&ctx, Some(&keys), &mut out).unwrap();
         let private = ssh.join("ssh_host_ed25519_key");
         assert_eq!(fs::read_to_string(&private).unwrap(), keys[0].private);
         assert_eq!(mode(&private), 0o600);
@@ -323,10 +280,10 @@ mod tests {
 
         // The same keys again: nothing changes. New keys replace the old ones.
         let mut again = ConfigureReply::default();
-        let _ = apply(&ctx, Some(&keys), &mut again).unwrap();
+        apply(&ctx, Some(&keys), &mut again).unwrap();
         assert!(again.changed.is_empty(), "{again:?}");
         let mut next = ConfigureReply::default();
-        let _ = apply(&ctx, Some(&[key("ed25519", 2)]), &mut next).unwrap();
+        apply(&ctx, Some(&[key("ed25519", 2)]), &mut next).unwrap();
         assert_eq!(next.host_keys, ["ssh-ed25519 AAAA2 wick"]);
         assert!(fs::read_to_string(&private).unwrap().contains("private2"));
     }
@@ -342,7 +299,7 @@ mod tests {
         )
         .unwrap();
         let mut out = ConfigureReply::default();
-        let _ = apply(&ctx(d.path()), None, &mut out).unwrap();
+        apply(&ctx(d.path()), None, &mut out).unwrap();
         assert_eq!(out.host_keys, ["ssh-ed25519 AAAAx old"]);
         assert!(out.changed.is_empty());
     }
@@ -356,7 +313,7 @@ mod tests {
         fs::write(&target, "untouched").unwrap();
         std::os::unix::fs::symlink(&target, ssh.join("ssh_host_ed25519_key")).unwrap();
         let mut out = ConfigureReply::default();
-        let _ = apply(&ctx(d.path()), Some(&[key("ed25519", 1)]), &mut out).unwrap();
+        apply(&ctx(d.path()), Some(&[key("ed25519", 1)]), &mut out).unwrap();
         assert_eq!(fs::read_to_string(&target).unwrap(), "untouched");
         assert_eq!(mode(&ssh.join("ssh_host_ed25519_key")), 0o600);
     }
@@ -365,7 +322,7 @@ mod tests {
     fn no_openssh_is_a_warning() {
         let d = tempfile::tempdir().unwrap();
         let mut out = ConfigureReply::default();
-        let _ = apply(&ctx(d.path()), Some(&[key("ed25519", 1)]), &mut out).unwrap();
+        apply(&ctx(d.path()), Some(&[key("ed25519", 1)]), &mut out).unwrap();
         assert!(out.warnings.iter().any(|w| w.contains("openssh-server")));
     }
 

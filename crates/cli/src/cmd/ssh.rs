@@ -11,9 +11,11 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use wick_model::{Paths, VmRecord, VmState};
@@ -60,9 +62,42 @@ pub async fn proxy(ctx: &Ctx, a: SshProxyArgs) -> Result<()> {
         .parse()
         .with_context(|| format!("VM {} has a malformed IP {:?}", vm.name, target.ip))?;
     let addr = std::net::SocketAddr::new(ip, a.port);
-    let stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))
-        .with_context(|| format!("cannot connect to {addr} (VM {})", vm.name))?;
+    let stream = wait_for_port(addr, &vm.name)?;
     relay_stdio(stream).with_context(|| format!("relay to {addr}"))
+}
+
+/// How long `vm ssh` and `vm ssh-proxy` wait for a VM's port: sshd is started when the guest is
+/// configured, without the create waiting for it, so right after a create it may not listen yet.
+const SSHD_WAIT: Duration = Duration::from_secs(60);
+
+/// Connects to `addr` in VM `vm`, retrying while nothing listens there yet (up to
+/// [`SSHD_WAIT`]; says once on stderr that it waits).
+fn wait_for_port(addr: SocketAddr, vm: &str) -> Result<TcpStream> {
+    let deadline = Instant::now() + SSHD_WAIT;
+    let mut said = false;
+    loop {
+        let err = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
+        };
+        let retry = matches!(
+            err.kind(),
+            io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut
+        );
+        if !retry || Instant::now() >= deadline {
+            return Err(
+                anyhow::Error::new(err).context(format!("cannot connect to {addr} (VM {vm})"))
+            );
+        }
+        if !said {
+            eprintln!(
+                "waiting for VM {vm} to accept connections on port {}…",
+                addr.port()
+            );
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Copies stdin to `stream` (then half-closes it) and `stream` to stdout, until the server
@@ -150,6 +185,11 @@ impl Target {
 /// The ssh command line into `vm` (running, with an IP), after pinning its host keys.
 fn command(ctx: &Ctx, vm: &VmRecord, remote: &[String]) -> Result<Command> {
     let t = Target::prepare(ctx, vm)?;
+    if let Ok(ip) = t.ip.parse::<IpAddr>() {
+        // sshd may still be starting right after a create. When the port stays unreachable,
+        // ssh itself runs and reports it (its exit code, 255, is the command's).
+        let _ = wait_for_port(SocketAddr::new(ip, 22), &vm.name);
+    }
     let args = ssh_args(&t.paths, &t.alias, &t.ip, t.strict, remote);
     let mut cmd = Command::new("ssh");
     cmd.args(&args);

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
+use wick_agent_proto::{AgentClient, ExecRequest};
 use wick_model::api::{Check, CheckStatus, OpKind};
 use wick_model::vm::{LifecycleOp, VmAction};
 use wick_model::{new_vm_id, PoolSlot, VmRecord, VmRuntime, VmSpec, VmState, VmmHandle};
@@ -262,7 +263,10 @@ impl Daemon {
             )));
         }
         op.stage("wait for agent");
-        self.wait_agent(h, op).await.map(drop)
+        let client = self.wait_agent(h, op).await?;
+        op.stage("wait for the guest's boot to settle");
+        settle(&client).await;
+        Ok(())
     }
 
     /// Deletes a pool VM in the background: first made untakeable (if it was ready), then the
@@ -440,6 +444,19 @@ impl Daemon {
             _ => check(CheckStatus::Pass, detail, None),
         }
     }
+}
+
+/// How long a pool VM's boot may take to settle before it counts as ready anyway.
+const SETTLE_WAIT: Duration = Duration::from_secs(20);
+
+/// Lets a pool VM's guest finish booting before it counts as ready, so a taken VM does not
+/// share its first seconds with the rest of its own boot (units still starting after the
+/// agent): `systemctl is-system-running --wait` through the agent, at most [`SETTLE_WAIT`]. A
+/// guest without systemd, or one that does not settle, is ready all the same.
+async fn settle(client: &AgentClient) {
+    let req = ExecRequest::new(["systemctl", "is-system-running", "--wait"]);
+    let wait = async { client.exec(req).await?.output_limited(4096).await };
+    let _ = tokio::time::timeout(SETTLE_WAIT, wait).await;
 }
 
 fn check(status: CheckStatus, detail: String, hint: Option<&str>) -> Check {
