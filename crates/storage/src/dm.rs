@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Result, StorageError};
-use crate::file::{ensure_dir, image_path, remove_if_exists, vm_dir_path, wrong_backend};
+use crate::file::{
+    ensure_dir, image_path, lock_exclusive, remove_if_exists, vm_dir_path, wrong_backend,
+};
 use crate::plan::{dm_name, DiskPlan, LoopDevice, RootDisk, COW_FILE, DM_PREFIX};
 use crate::runner::{command_error, run, run_ok, Runner};
 use crate::{BackendKind, CowBackend};
@@ -78,17 +80,7 @@ impl DmSnapshotBackend {
     }
 
     fn lock(&self) -> Result<nix::fcntl::Flock<File>> {
-        ensure_dir(&self.state_dir)?;
-        let path = self.state_dir.join(LOCK_FILE);
-        let f = OpenOptions::new()
-            .mode(0o600) // owner only (state dir files are private)
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| StorageError::io("cannot open lock file", &path, e))?;
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| StorageError::io("cannot lock", &path, e.into()))
+        lock_exclusive(&self.state_dir, LOCK_FILE)
     }
 
     fn parts<'a>(&self, plan: &'a DiskPlan) -> Result<DmParts<'a>> {

@@ -173,6 +173,21 @@ pub(crate) fn vm_dir_path(vm_dir: &Path) -> Result<PathBuf> {
     std::path::absolute(vm_dir).map_err(|e| StorageError::io("bad VM dir", vm_dir, e))
 }
 
+/// Takes the exclusive lock file `dir/name` (created owner-only), held until the guard drops.
+pub(crate) fn lock_exclusive(dir: &Path, name: &str) -> Result<nix::fcntl::Flock<File>> {
+    ensure_dir(dir)?;
+    let path = dir.join(name);
+    let f = OpenOptions::new()
+        .mode(0o600) // owner only (state dir files are private)
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StorageError::io("cannot open lock file", &path, e))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| StorageError::io("cannot lock", &path, e.into()))
+}
+
 pub(crate) fn ensure_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| StorageError::io("cannot create", dir, e))
 }

@@ -30,7 +30,7 @@ use wick_model::api::{Check, CheckStatus};
 
 use crate::dm::list_loops;
 use crate::error::{Result, StorageError};
-use crate::file::{ensure_dir, remove_if_exists};
+use crate::file::{ensure_dir, lock_exclusive, remove_if_exists};
 use crate::runner::{run, run_ok, Runner, SystemRunner};
 
 pub use backend::image_key;
@@ -153,18 +153,7 @@ impl XfsPool {
     }
 
     fn lock(&self) -> Result<nix::fcntl::Flock<File>> {
-        let state = self.dir.parent().unwrap_or(&self.dir);
-        ensure_dir(state)?;
-        let path = state.join(LOCK_FILE);
-        let f = OpenOptions::new()
-            .mode(0o600) // owner only (state dir files are private)
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| StorageError::io("cannot open lock file", &path, e))?;
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| StorageError::io("cannot lock", &path, e.into()))
+        lock_exclusive(self.dir.parent().unwrap_or(&self.dir), LOCK_FILE)
     }
 
     /// Makes the pool usable: creates it when missing (only if `create`), attaches and mounts
