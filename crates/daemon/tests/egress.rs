@@ -477,3 +477,59 @@ fn allowlist_ipset_leftovers_are_swept_after_a_crash() {
     env.wick_ok(&["vm", "delete", "keep"]);
     assert!(vm_rule_lines(&env).is_empty(), "{:?}", vm_rule_lines(&env));
 }
+
+/// A `vm set` that a later capability refuses (its host port is taken) leaves the allowlist VM
+/// as it was: not switched to full NAT with the record still saying allowlist.
+#[test]
+fn a_refused_vm_set_undoes_what_it_had_applied() {
+    if skip() {
+        return;
+    }
+    let mut env = WickdEnv::new("upstream_dns = [\"198.51.100.2\"]");
+    env.start();
+    let (_up, _dns) = upstream(&env);
+    env.wick_ok(&["vm", "create", "--name", "e1", "--allow-host", "a.test"]);
+    let ip = vm(&env, "e1")["runtime"]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let g = guest(&env, "e1", &ip);
+    // The host port the change wants to publish is held by someone else.
+    let _taken = env
+        .netns
+        .as_ref()
+        .unwrap()
+        .listen("127.0.0.1:18080".parse().unwrap())
+        .unwrap();
+    let out = env.wick(&[
+        "vm",
+        "set",
+        "e1",
+        "--nat",
+        "on",
+        "--deny-host",
+        "a.test",
+        "--publish",
+        "18080:80",
+    ]);
+    assert!(
+        !out.status.success(),
+        "the port bind must fail: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let e1 = vm(&env, "e1");
+    assert_eq!(
+        e1["spec"]["allow_hosts"],
+        serde_json::json!(["a.test"]),
+        "{e1}"
+    );
+    assert_eq!(e1["spec"]["nat"], false, "{e1}");
+    // The host matches the record: still the allowlist's set and resolver policy.
+    assert!(has_allow_set_of(&env, "e1"), "{:?}", vm_rule_lines(&env));
+    assert_eq!(resolve(&g, "b.test"), Err("NXDomain".into()));
+    assert!(reach(&g, B_IP).is_none(), "no full NAT");
+    assert_eq!(resolve(&g, "a.test"), Ok(vec![A_IP]));
+    assert_eq!(reach_ok(&g, A_IP).as_deref(), Some("198.51.100.1"));
+    env.wick_ok(&["vm", "delete", "e1"]);
+    assert!(vm_rule_lines(&env).is_empty(), "{:?}", vm_rule_lines(&env));
+}
