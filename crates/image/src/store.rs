@@ -535,12 +535,21 @@ fn disk_usage(path: &Path) -> u64 {
     total
 }
 
+/// Removes a file or a tree; already gone is fine (a job may remove its own staging dir while
+/// `prune` looks at it: the job's lock goes before its directory).
 fn remove_any(path: &Path) -> Result<()> {
-    let m = fs::symlink_metadata(path).ctx("stat", path)?;
-    if m.is_dir() {
-        fs::remove_dir_all(path).ctx("remove", path)
-    } else {
-        fs::remove_file(path).ctx("remove", path)
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let m = match fs::symlink_metadata(path) {
+        Err(e) if gone(&e) => return Ok(()),
+        m => m.ctx("stat", path)?,
+    };
+    let r = match m.is_dir() {
+        true => fs::remove_dir_all(path),
+        false => fs::remove_file(path),
+    };
+    match r {
+        Err(e) if gone(&e) => Ok(()),
+        r => r.ctx("remove", path),
     }
 }
 
