@@ -483,6 +483,36 @@ impl IptablesNat {
     }
 }
 
+impl IptablesNat {
+    /// `enable` (all destinations) or `enable_allowlist` (only the VM's ipset): the VM's old
+    /// rules go first, so switching between the two is one call.
+    fn enable_with(
+        &self,
+        vm_key: &str,
+        guest_ip: Ipv4Addr,
+        out_iface: Option<&str>,
+        allowlist: bool,
+    ) -> Result<(), NetError> {
+        validate_key(vm_key)?;
+        if let Some(o) = out_iface {
+            validate_ifname(o)?;
+        }
+        self.ensure_base()?;
+        self.remove_nat(vm_key)?;
+        let rules = if allowlist {
+            ipset::create(&*self.runner, vm_key)?;
+            ipset::allowlist_rules(&self.bridge, vm_key, guest_ip, out_iface)
+        } else {
+            vm_rules(&self.bridge, vm_key, guest_ip, out_iface)
+        };
+        for rule in rules {
+            let r: Vec<&str> = rule.iter().map(String::as_str).collect();
+            self.ipt(&r)?;
+        }
+        Ok(())
+    }
+}
+
 impl NatBackend for IptablesNat {
     fn name(&self) -> &str {
         &self.binary
@@ -495,17 +525,7 @@ impl NatBackend for IptablesNat {
         _tap: &str,
         out_iface: Option<&str>,
     ) -> Result<(), NetError> {
-        validate_key(vm_key)?;
-        if let Some(o) = out_iface {
-            validate_ifname(o)?;
-        }
-        self.ensure_base()?;
-        self.remove_nat(vm_key)?;
-        for rule in vm_rules(&self.bridge, vm_key, guest_ip, out_iface) {
-            let r: Vec<&str> = rule.iter().map(String::as_str).collect();
-            self.ipt(&r)?;
-        }
-        Ok(())
+        self.enable_with(vm_key, guest_ip, out_iface, false)
     }
 
     fn supports_allowlist(&self) -> bool {
@@ -521,21 +541,10 @@ impl NatBackend for IptablesNat {
         _tap: &str,
         out_iface: Option<&str>,
     ) -> Result<(), NetError> {
-        validate_key(vm_key)?;
-        if let Some(o) = out_iface {
-            validate_ifname(o)?;
-        }
         if !self.supports_allowlist() {
             return Err(super::unsupported(self.name()));
         }
-        self.ensure_base()?;
-        self.remove_nat(vm_key)?;
-        ipset::create(&*self.runner, vm_key)?;
-        for rule in ipset::allowlist_rules(&self.bridge, vm_key, guest_ip, out_iface) {
-            let r: Vec<&str> = rule.iter().map(String::as_str).collect();
-            self.ipt(&r)?;
-        }
-        Ok(())
+        self.enable_with(vm_key, guest_ip, out_iface, true)
     }
 
     fn allow_addrs(&self, vm_key: &str, addrs: &[(Ipv4Addr, u32)]) -> Result<(), NetError> {
