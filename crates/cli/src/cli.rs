@@ -174,6 +174,10 @@ pub struct CreateArgs {
     /// Create the VM but leave it stopped.
     #[arg(long)]
     pub no_start: bool,
+    /// Take the VM's image, size, network, ports and setup from the project definition in DIR
+    /// (`wick.toml`, else `.devcontainer/devcontainer.json`); flags win over the file.
+    #[arg(long, value_name = "DIR")]
+    pub from_dir: Option<PathBuf>,
     /// Print the created VM as JSON.
     #[arg(long)]
     pub json: bool,
@@ -231,6 +235,9 @@ pub struct RunArgs {
     /// Print the spec and what would be copied; create nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Ignore the repository's wick.toml / devcontainer.json.
+    #[arg(long)]
+    pub no_project: bool,
     /// Where the repository goes in the guest (for tests whose guest is the host).
     #[arg(long, value_name = "DIR", hide = true)]
     pub guest_path: Option<String>,

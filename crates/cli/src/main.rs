@@ -20,6 +20,7 @@ mod cli;
 mod client;
 mod cmd;
 mod progress;
+mod project;
 mod render;
 mod validate;
 

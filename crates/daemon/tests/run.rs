@@ -741,3 +741,163 @@ fn run_rm_exit_codes_hold_under_load() {
         .is_empty());
     assert!(env.vmm_processes().is_empty(), "a VMM survived --rm");
 }
+
+/// A one-commit repository `dir/NAME` holding `files` (path, content).
+fn repo_with(dir: &Path, name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+    let r = dir.join(name);
+    fs::create_dir_all(&r).unwrap();
+    git(&r, &["init", "-q", "-b", "main"]);
+    for (path, content) in files {
+        let p = r.join(path);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, content).unwrap();
+    }
+    git(&r, &["add", "-A"]);
+    git(&r, &["commit", "-q", "-m", "project"]);
+    r
+}
+
+#[test]
+fn project_files_shape_the_vm_and_what_runs() {
+    if !prerequisites() {
+        return;
+    }
+    let env = env();
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = r#"
+vcpu = 2
+memory = "300M"
+ports = ["127.0.0.1:18089:80"]
+
+[env]
+GREETING = "hello from wick.toml"
+
+[run]
+commands = ["echo \"$GREETING\" >> runs.txt"]
+default = "cat runs.txt"
+"#;
+    let src = repo_with(tmp.path(), "t", &[("wick.toml", toml)]);
+    let s = src.to_str().unwrap();
+    let g = tmp.path().join("gt").join("repo").display().to_string();
+
+    // The file's spec, its run command, then its default command.
+    let out = env.wick(&["vm", "run", "--name", "p1", "--guest-path", &g, s]);
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), Some(0), "{err}");
+    assert!(
+        err.starts_with("project: wick.toml: publish 127.0.0.1:18089:80; 1 run command(s)"),
+        "{err}"
+    );
+    assert_eq!(text(&out.stdout), "hello from wick.toml\n");
+    let vm = env.wick_json(&["vm", "show", "p1"]);
+    assert_eq!(vm["spec"]["vcpu"], 2, "{vm}");
+    assert_eq!(vm["spec"]["memory_mib"], 300, "{vm}");
+    env.wick_ok(&["vm", "delete", "p1"]);
+
+    // Every run runs the run commands again (a new VM each time with --rm; here the same guest
+    // dir keeps the file); the command line wins over the file's default and its flags.
+    let out = env.wick(&[
+        "vm",
+        "run",
+        "--rm",
+        "--vcpu",
+        "1",
+        "--guest-path",
+        &g,
+        s,
+        "--",
+        "wc",
+        "-l",
+        "runs.txt",
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).split_whitespace().next(), Some("2"));
+
+    // A failing run command ends the run with its status; --no-project skips the file.
+    let bad = repo_with(
+        tmp.path(),
+        "b",
+        &[("wick.toml", "[run]\ncommands = [\"exit 7\"]\n")],
+    );
+    let gb = tmp.path().join("gb").join("repo").display().to_string();
+    let out = env.wick(&[
+        "vm",
+        "run",
+        "--rm",
+        "--guest-path",
+        &gb,
+        bad.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert_eq!(code(&out), Some(7), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("run command `exit 7` failed with status 7"));
+    let out = env.wick(&[
+        "vm",
+        "run",
+        "--rm",
+        "--no-project",
+        "--guest-path",
+        &gb,
+        bad.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("project:"));
+
+    // Errors name the file, line and column, before any VM exists.
+    let broken = repo_with(
+        tmp.path(),
+        "x",
+        &[("wick.toml", "vcpu = 1\nmemory = \"lots\"\n")],
+    );
+    fails_with(
+        &env,
+        &["vm", "run", broken.to_str().unwrap(), "--", "true"],
+        "wick.toml:2:10: memory",
+    );
+
+    // devcontainer.json: what maps is used, every other field is named.
+    let dc = r#"{
+  // comments are fine
+  "name": "dc",
+  "features": {},
+  "remoteEnv": { "DC": "from devcontainer" },
+}"#;
+    let d = repo_with(tmp.path(), "d", &[(".devcontainer/devcontainer.json", dc)]);
+    let gd = tmp.path().join("gd").join("repo").display().to_string();
+    let out = env.wick(&[
+        "vm",
+        "run",
+        "--rm",
+        "--guest-path",
+        &gd,
+        d.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo $DC",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), Some(0), "{err}");
+    assert_eq!(text(&out.stdout), "from devcontainer\n");
+    assert!(
+        err.contains("devcontainer.json:3:3: `name` is not supported"),
+        "{err}"
+    );
+    assert!(
+        err.contains("devcontainer.json:4:3: `features` is not supported"),
+        "{err}"
+    );
+
+    // vm create --from-dir reads the same files.
+    let out = env.wick(&["vm", "create", "--name", "p2", "--from-dir", s]);
+    assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+    assert_eq!(env.wick_json(&["vm", "show", "p2"])["spec"]["vcpu"], 2);
+    fails_with(
+        &env,
+        &["vm", "create", "--from-dir", tmp.path().to_str().unwrap()],
+        "no wick.toml or devcontainer.json",
+    );
+}

@@ -10,6 +10,7 @@ mod guest;
 pub(crate) mod image;
 pub(crate) mod kernel;
 mod mcp;
+mod project;
 mod run;
 mod service;
 mod ssh;

@@ -13,10 +13,11 @@ use wick_model::api::Operation;
 use wick_model::{VmRecord, VmState};
 use wick_workspace::RepoPlan;
 
-use super::{vm, workspace, Ctx};
+use super::{project, vm, workspace, Ctx};
 use crate::cli::RunArgs;
 use crate::client::vm_path;
 use crate::progress::{outcome, Interrupt};
+use crate::project::Project;
 use crate::{agent, render, Exit};
 
 /// Create stages in which a failure means the guest did not come up: its VM is kept, even with
@@ -26,46 +27,37 @@ const GUEST_STAGES: [&str; 3] = ["boot", "wait for agent", "configure guest"];
 /// Where a command runs without a repository.
 const HOME: &str = "/root";
 
-pub async fn run(ctx: &Ctx, a: RunArgs) -> Result<()> {
+pub async fn run(ctx: &Ctx, mut a: RunArgs) -> Result<()> {
     // 1. Everything checkable on the host, before the VM exists.
-    if a.path.is_none() {
-        let w = &a.workspace;
-        for (given, flag) in [
-            (w.branch.is_some(), "--branch"),
-            (w.from.is_some(), "--from"),
-            (w.include_untracked, "--include-untracked"),
-            (w.mode.is_some(), "--mode"),
-            (a.guest_path.is_some(), "--guest-path"),
-        ] {
-            if given {
-                bail!(
-                    "{flag} needs a repository: pass its PATH, e.g. `wick vm run ./repo {flag} ...`"
-                );
-            }
-        }
-    }
+    check_flags(&a)?;
     let opts = a.workspace.to_options()?;
     let guest_path = a
         .guest_path
         .clone()
         .unwrap_or_else(|| wick_workspace::DEFAULT_GUEST_PATH.to_string());
     workspace::check_guest_path(&guest_path)?;
-    if a.command.first().is_some_and(String::is_empty) {
-        bail!("the command after `--` is empty");
-    }
-    let req = vm::create_request(ctx, &a.vm, false)?;
+    vm::create_request(ctx, &a.vm, false)?;
     let plan = match &a.path {
         Some(p) => Some(workspace::inspect(p, opts).await?),
         None => None,
     };
+    let client = ctx.client();
+    let project = match &plan {
+        Some(plan) => {
+            let resolve = !a.dry_run;
+            project::apply(&client, plan.root(), a.no_project || !resolve, &mut a.vm).await?
+        }
+        None => None,
+    };
+    let req = vm::create_request(ctx, &a.vm, false)?;
+    let job = Job::new(plan, guest_path, a.command, project);
 
     // 2. The spec, then (for real) the VM.
-    let client = ctx.client();
     eprintln!("{}", vm::spec_line(&client, &req).await?);
     if a.dry_run {
         let name = req.name.as_deref().unwrap_or("<new VM>");
-        return match &plan {
-            Some(plan) => workspace::print_dry_run(plan, name, &guest_path),
+        return match &job.plan {
+            Some(plan) => workspace::print_dry_run(plan, name, &job.guest_path),
             None => {
                 eprintln!("dry run: would create {name}; no repository to copy");
                 Ok(())
@@ -81,7 +73,7 @@ pub async fn run(ctx: &Ctx, a: RunArgs) -> Result<()> {
     interrupt.disarm();
 
     // 3. The work, then the clean-up.
-    let result = work(ctx, &vm, plan.as_ref(), &guest_path, &a.command).await;
+    let result = job.work(ctx, &vm).await;
     if a.rm {
         match vm::delete_vm(ctx, &vm.id).await {
             Ok(()) => eprintln!("deleted VM {}", vm.name),
@@ -93,7 +85,7 @@ pub async fn run(ctx: &Ctx, a: RunArgs) -> Result<()> {
                 ))
             ),
         }
-    } else if a.command.is_empty() {
+    } else if job.command.is_empty() {
         let now: Result<VmRecord> = client.get(&vm_path(&vm.id, "")).await;
         if now.is_ok_and(|v| v.state == VmState::Running) {
             eprintln!(
@@ -108,37 +100,113 @@ pub async fn run(ctx: &Ctx, a: RunArgs) -> Result<()> {
     }
 }
 
-/// Prepare (with PATH), then run the command or the ssh session; returns its exit code.
-async fn work(
-    ctx: &Ctx,
-    vm: &VmRecord,
-    plan: Option<&RepoPlan>,
-    guest_path: &str,
-    command: &[String],
-) -> Result<i32> {
-    if let Some(plan) = plan {
-        let report = workspace::prepare_into(ctx, vm, plan, guest_path).await?;
-        eprintln!("{}", workspace::summary(&report, &vm.name));
-    }
-    if command.is_empty() {
-        if plan.is_some() {
-            eprintln!("the repository is in {guest_path}");
+/// Workspace flags need a repository; the command must not be empty.
+fn check_flags(a: &RunArgs) -> Result<()> {
+    if a.path.is_none() {
+        let w = &a.workspace;
+        for (given, flag) in [
+            (w.branch.is_some(), "--branch"),
+            (w.from.is_some(), "--from"),
+            (w.include_untracked, "--include-untracked"),
+            (w.mode.is_some(), "--mode"),
+            (a.guest_path.is_some(), "--guest-path"),
+            (a.no_project, "--no-project"),
+        ] {
+            if given {
+                bail!(
+                    "{flag} needs a repository: pass its PATH, e.g. `wick vm run ./repo {flag} ...`"
+                );
+            }
         }
-        return tokio::task::block_in_place(|| super::ssh::session(ctx, vm, &[]));
     }
-    let cwd = if plan.is_some() { guest_path } else { HOME };
-    // Like `ssh host CMD`: stdin is forwarded, no terminal is allocated.
-    let req = super::exec::request(
-        command.to_vec(),
-        &[],
-        Some(cwd.to_string()),
-        None,
-        true,
-        false,
-        |k| std::env::var(k).ok(),
-    )?;
-    let chan = agent::channel(ctx.client(), &vm.id);
-    super::exec::stream(&chan, req).await
+    if a.command.first().is_some_and(String::is_empty) {
+        bail!("the command after `--` is empty");
+    }
+    Ok(())
+}
+
+/// What runs in the new VM: the repository copied in, the project's run commands, then the
+/// command (or the project's default one, or an ssh session).
+struct Job {
+    plan: Option<RepoPlan>,
+    guest_path: String,
+    command: Vec<String>,
+    /// The project's `run` commands (shell lines), before the command.
+    before: Vec<String>,
+    env: Vec<(String, String)>,
+    user: Option<String>,
+}
+
+impl Job {
+    fn new(
+        plan: Option<RepoPlan>,
+        guest_path: String,
+        mut command: Vec<String>,
+        project: Option<Project>,
+    ) -> Job {
+        let project = project.unwrap_or_default();
+        if command.is_empty() {
+            if let Some(c) = project.default_command {
+                command = vec!["sh".into(), "-c".into(), c];
+            }
+        }
+        Job {
+            plan,
+            guest_path,
+            command,
+            before: project.run,
+            env: project.env,
+            user: project.user,
+        }
+    }
+
+    /// Prepare (with PATH), then the run commands and the command or the ssh session; returns
+    /// the exit code (a failing run command's, which ends the job).
+    async fn work(&self, ctx: &Ctx, vm: &VmRecord) -> Result<i32> {
+        if let Some(plan) = &self.plan {
+            let report = workspace::prepare_into(ctx, vm, plan, &self.guest_path).await?;
+            eprintln!("{}", workspace::summary(&report, &vm.name));
+        }
+        for line in &self.before {
+            eprintln!("{}", render::escape(&format!("run: {line}")));
+            let argv = vec!["sh".into(), "-c".into(), line.clone()];
+            let code = self.exec(ctx, vm, argv, false).await?;
+            if code != 0 {
+                eprintln!(
+                    "{}",
+                    render::escape(&format!("run command `{line}` failed with status {code}"))
+                );
+                return Ok(code);
+            }
+        }
+        if self.command.is_empty() {
+            if self.plan.is_some() {
+                eprintln!("the repository is in {}", self.guest_path);
+            }
+            return tokio::task::block_in_place(|| super::ssh::session(ctx, vm, &[]));
+        }
+        self.exec(ctx, vm, self.command.clone(), true).await
+    }
+
+    async fn exec(&self, ctx: &Ctx, vm: &VmRecord, argv: Vec<String>, stdin: bool) -> Result<i32> {
+        let cwd = match self.plan {
+            Some(_) => self.guest_path.as_str(),
+            None => HOME,
+        };
+        // Like `ssh host CMD`: stdin is forwarded, no terminal is allocated.
+        let mut req = super::exec::request(
+            argv,
+            &[],
+            Some(cwd.to_string()),
+            self.user.clone(),
+            stdin,
+            false,
+            |k| std::env::var(k).ok(),
+        )?;
+        req.env.extend(self.env.iter().cloned());
+        let chan = agent::channel(ctx.client(), &vm.id);
+        super::exec::stream(&chan, req).await
+    }
 }
 
 /// A create that did not succeed: its error, after deleting the VM with `--rm` unless the guest

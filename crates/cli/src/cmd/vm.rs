@@ -69,9 +69,24 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
     }
 }
 
-async fn create(ctx: &Ctx, args: CreateArgs) -> Result<()> {
-    let req = create_request(ctx, &args.vm, args.no_start)?;
+async fn create(ctx: &Ctx, mut args: CreateArgs) -> Result<()> {
+    create_request(ctx, &args.vm, args.no_start)?;
     let client = ctx.client();
+    if let Some(dir) = &args.from_dir {
+        if !dir.is_dir() {
+            anyhow::bail!("--from-dir {}: not a directory", dir.display());
+        }
+        if super::project::apply(&client, dir, false, &mut args.vm)
+            .await?
+            .is_none()
+        {
+            anyhow::bail!(
+                "--from-dir {}: no wick.toml or devcontainer.json there",
+                dir.display()
+            );
+        }
+    }
+    let req = create_request(ctx, &args.vm, args.no_start)?;
     let spec = spec_line(&client, &req).await?;
     if args.json {
         eprintln!("{spec}");
