@@ -727,7 +727,24 @@ fn pause_stops_the_guest_and_resume_continues_it_on_a_real_guest() {
         counter(&env, "p1") > a,
         "the counter continues after resume"
     );
+    // Paused across a wickd crash: re-adopted as paused (QMP query-status), then stopped
+    // cleanly (resumed first, so the guest powers off).
     env.wick_ok(&["vm", "pause", "p1"]);
+    let qemu = env.wick_json(&["vm", "show", "p1"])["runtime"]["vmm"]["pid"].clone();
+    env.kill9();
+    env.start();
+    let p1 = env.wick_json(&["vm", "show", "p1"]);
+    assert_eq!(p1["state"], "paused", "{p1}");
+    assert_eq!(p1["runtime"]["vmm"]["pid"], qemu, "the same QEMU");
+    let t = Instant::now();
+    env.wick_ok(&["vm", "stop", "p1"]);
+    eprintln!("stop of a paused guest: {:?}", t.elapsed());
+    let log = env.wick_ok(&["vm", "logs", "p1"]);
+    assert!(
+        log.contains("reboot: Power down") || log.contains("Power-Off"),
+        "a clean poweroff: {}",
+        &log[log.len().saturating_sub(2000)..]
+    );
     env.wick_ok(&["vm", "delete", "p1"]);
     assert!(links(&env).is_empty(), "no TAP left");
 }

@@ -251,3 +251,42 @@ fn a_socket_user_pauses_only_their_own_vms() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(vm(&env, "mine")["state"], "running");
 }
+
+#[test]
+fn auto_stop_stops_an_untouched_paused_vm_cleanly() {
+    if !root() {
+        return;
+    }
+    let mut env = WickdEnv::new_with_image_extra(
+        &format!(
+            "{FAKE_AGENT_CONFIG}\nauto_stop_stale_after = \"3s\"\nstats_poll_interval = \"200ms\""
+        ),
+        "agent = true",
+    );
+    env.env.push((
+        "FAKE_FC_AGENT_BIN".into(),
+        cargo_bin("wick-agent").display().to_string(),
+    ));
+    env.start();
+    env.wick_ok(&["vm", "create", "--name", "a1"]);
+    env.wick_ok(&["vm", "pause", "a1"]);
+    // Sampled while paused: the VMM still holds its memory.
+    let stats = env.wick_json(&["vm", "stats", "a1"]);
+    assert_eq!(stats["state"], "paused", "{stats}");
+    assert!(stats["rss_kib"].as_u64().unwrap_or(0) > 0, "{stats}");
+    let mut state = String::new();
+    for _ in 0..150 {
+        state = vm(&env, "a1")["state"].as_str().unwrap().to_string();
+        if state == "stopped" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(state, "stopped", "auto-stopped after 3 s untouched");
+    assert!(env.vmm_processes().is_empty());
+    let log = env.wick_ok(&["vm", "logs", "a1"]);
+    assert!(
+        log.contains("Ctrl+Alt+Del received, powering off"),
+        "resumed, then a clean poweroff: {log}"
+    );
+}
