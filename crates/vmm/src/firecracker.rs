@@ -115,6 +115,27 @@ impl Firecracker {
             .map(drop)
     }
 
+    /// `PUT /snapshot/create`: the paused microVM's state and memory into files (paths as
+    /// Firecracker sees them).
+    pub async fn create_snapshot(
+        &self,
+        handle: &VmmHandle,
+        req: request::SnapshotCreate,
+    ) -> Result<(), VmmError> {
+        self.send(handle, &request::Action::CreateSnapshot(req))
+            .await
+    }
+
+    /// `PUT /snapshot/load`: a fresh Firecracker process (no boot configuration yet) becomes
+    /// the snapshot's microVM, paused unless `resume_vm`.
+    pub async fn load_snapshot(
+        &self,
+        handle: &VmmHandle,
+        req: request::SnapshotLoad,
+    ) -> Result<(), VmmError> {
+        self.send(handle, &request::Action::LoadSnapshot(req)).await
+    }
+
     /// `PATCH /vm` to `state`, bounded by `timeout`.
     async fn set_state(
         &self,

@@ -788,7 +788,10 @@ mod snapshot {
             vm.fc.run_state(&vm.handle, T).await.unwrap(),
             RunState::Paused
         );
-        vm.fc.send(&vm.handle, &create(&snap)).await.unwrap();
+        let Action::CreateSnapshot(req) = create(&snap) else {
+            unreachable!()
+        };
+        vm.fc.create_snapshot(&vm.handle, req).await.unwrap();
         let mem = std::fs::metadata(snap.join("vm.mem")).unwrap();
         assert_eq!(mem.len(), 256 << 20, "memory file of mem_size_mib");
         assert!(snap.join("vm.snap").exists());
@@ -796,10 +799,10 @@ mod snapshot {
         // A fresh process elsewhere: the snapshot with the new TAP and vsock socket.
         let new = Vm::spawned("fake", &bin).await;
         let vsock = new.handle.vsock_socket.clone();
-        new.fc
-            .send(&new.handle, &load(&snap, &vsock, "wk-dst"))
-            .await
-            .unwrap();
+        let Action::LoadSnapshot(req) = load(&snap, &vsock, "wk-dst") else {
+            unreachable!()
+        };
+        new.fc.load_snapshot(&new.handle, req).await.unwrap();
         assert_eq!(
             new.fc.run_state(&new.handle, T).await.unwrap(),
             RunState::Paused

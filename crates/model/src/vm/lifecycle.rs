@@ -12,7 +12,8 @@
 //! (each a no-op in its own target state); `stop` and `restart` resume the guest first so it
 //! powers off cleanly; `kill`, `delete` and a VMM exit work as from `running`; `start` and
 //! `prune` are refused, and guest sessions (exec, ssh, cp, agent upgrade) are refused by the
-//! daemon with the way out, `wick vm resume`.
+//! daemon with the way out, `wick vm resume`. `vm set` applies to a paused VM live, as to a
+//! running one (its DNS name, published ports and network rules stay while it is paused).
 
 use std::fmt;
 
