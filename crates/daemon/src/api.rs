@@ -633,6 +633,7 @@ impl utoipa::Modify for InternalErrors {
         images::import_image,
         images::pull_image,
         images::build_image,
+        images::commit_vm,
         kernels::list_kernels,
         kernels::show_kernel,
         kernels::delete_kernel,

@@ -8,6 +8,8 @@
 //!   ([`kernels`]). Everything slow runs on the blocking pool.
 //! - [`jobs`]: import, pull and build as operations (the same records, event streams and
 //!   cancel as VM operations), removing what a cancelled or failed job left behind.
+//! - [`build`]: derived builds (`image build --from`: a builder VM, a cache keyed by the
+//!   inputs) and `vm commit`, as operations.
 //! - [`Artifacts::resolve`]: an image name to the files a VM boots ([`BootArtifacts`]): the
 //!   image's rootfs and work-seed, and its default kernel (else the kernel named `default`).
 //! - [`Artifacts::ensure_default`] ([`first_use`]): on first use, downloads the Debian cloud
@@ -18,6 +20,8 @@
 //! initrd) path lies inside that kernel's store directory (kernel directories are
 //! content-addressed, so the path identifies the kernel even if it is renamed).
 
+pub mod build;
+mod builder;
 pub mod first_use;
 pub mod images;
 pub mod jobs;
@@ -198,6 +202,20 @@ pub fn image_view(image: ImageRecord, vms: &[VmRecord]) -> ImageView {
                 digest,
                 layers,
             },
+            S::Derived {
+                base,
+                base_id,
+                packages,
+                run,
+                copied,
+            } => V::Derived {
+                base,
+                base_id,
+                packages,
+                run,
+                copied,
+            },
+            S::Commit { vm, base } => V::Commit { vm, base },
         },
         name: image.name,
         id: image.id,
@@ -207,6 +225,7 @@ pub fn image_view(image: ImageRecord, vms: &[VmRecord]) -> ImageView {
         size: image.size,
         default_kernel: image.default_kernel,
         agent_injected: image.agent_injected,
+        build_key: image.build_key,
         used_by,
     }
 }

@@ -57,6 +57,10 @@ impl Daemon {
                     && !self.artifacts.default_ready() => {}
             Err(e) => return Err(e),
         }
+        if let Some(k) = &req.kernel {
+            let (kernel, initrd) = self.artifacts.kernel_boot(k, self.vmm.name() == "qemu")?;
+            (spec.kernel, spec.initrd) = (kernel, initrd);
+        }
         Ok(spec)
     }
 

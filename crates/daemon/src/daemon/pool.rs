@@ -305,7 +305,12 @@ impl Daemon {
         }
         let key = pool_key(spec);
         let taken = self.store.take_pooled(
-            |v| v.state == VmState::Running && pool_key(&v.spec) == key,
+            // pool_key keeps the kernel: a VM booted with another kernel never serves.
+            |v| {
+                v.state == VmState::Running
+                    && v.spec.kernel == spec.kernel
+                    && pool_key(&v.spec) == key
+            },
             |mut v| {
                 let t = now();
                 v.name = name.to_string();
