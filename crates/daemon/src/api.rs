@@ -634,6 +634,7 @@ impl utoipa::Modify for InternalErrors {
         images::pull_image,
         images::build_image,
         images::commit_vm,
+        images::set_image,
         kernels::list_kernels,
         kernels::show_kernel,
         kernels::delete_kernel,

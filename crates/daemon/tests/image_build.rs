@@ -485,4 +485,36 @@ fn kernel_choice() {
     );
     let used = e.env.wick_json(&["kernel", "show", "k2"]);
     assert_eq!(used["used_by"][0], "k", "{used}");
+    // Imported without modules: every driver is reported, as unknown (assumed built in).
+    let features = used["features"].as_array().unwrap();
+    assert!(features.iter().any(|f| f["feature"] == "vsock"), "{used}");
+    assert!(features.iter().all(|f| f["state"] == "unknown"), "{used}");
+    let table = e.env.wick_ok(&["kernel", "list"]);
+    assert!(
+        table.contains("ENTRY") && table.contains("vsock:?"),
+        "{table}"
+    );
+
+    // The image's default kernel: validated, then used by new VMs, and cleared again.
+    let out = e.env.wick(&["image", "set", "base", "--kernel", "nope"]);
+    assert!(
+        !out.status.success() && text(&out).contains("nope"),
+        "{}",
+        text(&out)
+    );
+    let line = e.env.wick_ok(&["image", "set", "base", "--kernel", "k2"]);
+    assert!(line.contains("boots kernel k2"), "{line}");
+    e.env.wick_ok(&[
+        "vm",
+        "create",
+        "--image",
+        "base",
+        "--name",
+        "k3",
+        "--no-start",
+    ]);
+    let vm = e.env.wick_json(&["vm", "show", "k3"]);
+    assert_eq!(vm["spec"]["kernel"], k2_rec["vmlinux"], "{vm}");
+    e.env.wick_ok(&["image", "set", "base", "--default-kernel"]);
+    assert!(e.image("base")["default_kernel"].is_null());
 }

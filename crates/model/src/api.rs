@@ -590,8 +590,41 @@ pub struct KernelView {
     pub warnings: Vec<String>,
     /// Import time, seconds since the Unix epoch.
     pub imported_at: u64,
+    /// Per guest device wick uses: is its driver built in, a module, or missing.
+    #[serde(default)]
+    pub features: Vec<KernelFeature>,
     #[serde(default)]
     pub used_by: Vec<String>,
+}
+
+/// One guest device of a kernel (`wick kernel list`): `feature` (virtio-mmio, virtio-blk,
+/// virtio-net, vsock, virtio-console), its `driver`, and `state`: `builtin`, `module`,
+/// `missing`, or `unknown` (a kernel imported without modules: assumed built in).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KernelFeature {
+    pub feature: String,
+    pub driver: String,
+    pub state: DriverState,
+}
+
+/// Where a kernel's driver is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverState {
+    Builtin,
+    Module,
+    Missing,
+    Unknown,
+}
+
+/// `PATCH /v1/images/{name}` (`wick image set`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetImageRequest {
+    /// The managed kernel VMs of this image boot by default; `""` clears it (the kernel named
+    /// `default` is used then).
+    #[serde(default)]
+    pub kernel: Option<String>,
 }
 
 /// `GET /v1/images`.

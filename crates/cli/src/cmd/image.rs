@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use wick_model::api::{
     ApiError, BuildImageRequest, CommitVmRequest, ConfigView, CopyFile, ErrorCode, ImageList,
-    ImageSource, ImageView, ImportRequest, PruneImagesResult, PullImageRequest,
+    ImageSource, ImageView, ImportRequest, PruneImagesResult, PullImageRequest, SetImageRequest,
 };
 use wick_model::size::format_mib;
 
@@ -38,6 +38,8 @@ pub enum ImageCommand {
     /// cached by its inputs); without, the golden Debian image from packages (debootstrap;
     /// about a minute with a warm package cache; root).
     Build(BuildArgs),
+    /// Change an image: its default kernel (root).
+    Set(SetArgs),
     /// Delete images (refused while a VM uses them).
     #[command(visible_alias = "rm")]
     Delete(DeleteArgs),
@@ -179,6 +181,21 @@ fn parse_copy(spec: &str) -> Result<CopyFile> {
 }
 
 #[derive(Debug, Args)]
+pub struct SetArgs {
+    /// The image.
+    pub name: String,
+    /// The managed kernel its VMs boot by default (`wick kernel list`).
+    #[arg(long, value_name = "KERNEL", conflicts_with = "default_kernel")]
+    pub kernel: Option<String>,
+    /// Go back to the kernel named `default`.
+    #[arg(long)]
+    pub default_kernel: bool,
+    /// Print the changed image as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct DeleteArgs {
     /// Names to delete.
     #[arg(required = true)]
@@ -232,6 +249,20 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> Result<()> {
             let req = a.request()?;
             let made = run_artifact_job(&client, "/v1/images/build", &req).await?;
             print_image(made.image, json)
+        }
+        ImageCommand::Set(a) => {
+            if a.kernel.is_none() && !a.default_kernel {
+                anyhow::bail!("nothing to change: give --kernel KERNEL or --default-kernel");
+            }
+            let req = SetImageRequest {
+                kernel: Some(a.kernel.unwrap_or_default()),
+            };
+            let image: ImageView = client.patch(&image_path(&a.name), &req).await?;
+            if a.json {
+                return out_json_sorted(&image);
+            }
+            let kernel = image.default_kernel.as_deref().unwrap_or("default");
+            outln(&format!("{}: boots kernel {kernel}", image.name))
         }
         ImageCommand::Delete(a) => delete_all::<ImageView>(ctx, &a.names, a.json, image_path).await,
         ImageCommand::Prune(a) => {

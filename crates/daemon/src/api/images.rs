@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use wick_model::api::{
     ApiError, BuildImageRequest, CommitVmRequest, ErrorCode, ImageList, ImageView, ImportRequest,
-    Operation, PruneImagesResult, PullImageRequest,
+    Operation, PruneImagesResult, PullImageRequest, SetImageRequest,
 };
 use wick_model::VmRecord;
 
@@ -31,7 +31,10 @@ pub(super) fn routes() -> Router<Arc<Daemon>> {
         .route("/v1/images/pull", post(pull_image))
         .route("/v1/images/build", post(build_image))
         .route("/v1/images/prune", post(prune_images))
-        .route("/v1/images/{name}", get(show_image).delete(delete_image))
+        .route(
+            "/v1/images/{name}",
+            get(show_image).delete(delete_image).patch(set_image),
+        )
         .route("/v1/vms/{vm}/commit", post(commit_vm))
 }
 
@@ -102,6 +105,27 @@ pub(super) async fn delete_image(
     let vms = d.store.list_vms(None)?;
     let rec = d.artifacts.delete_image(&name, &vms).await?;
     Ok(Json(image_view(rec, &[])))
+}
+
+/// Sets the image's default kernel (root only: images are shared).
+#[utoipa::path(patch, path = "/v1/images/{name}", request_body = SetImageRequest,
+    params(("name" = String, Path, description = "image name")),
+    responses((status = 200, body = ImageView, description = "the changed image"),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, a bad image name, or no managed kernel of that name", body = ApiError),
+        (status = 403, description = "only root can change images (`permission_denied`)", body = ApiError),
+        (status = 404, description = "no such image (`not_found`)", body = ApiError),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
+pub(super) async fn set_image(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Valid(Path(name)): Valid<Path<String>>,
+    Body(req): Body<SetImageRequest>,
+) -> Result<Json<ImageView>> {
+    require_root(&c, "change images")?;
+    let kernel = req.kernel.filter(|k| !k.is_empty());
+    let rec = d.artifacts.set_image_kernel(&name, kernel).await?;
+    let vms = visible_vms(&d, &c)?;
+    Ok(Json(image_view(rec, &vms)))
 }
 
 #[utoipa::path(post, path = "/v1/images/prune",
@@ -233,6 +257,12 @@ mod tests {
             ("/v1/images", "get", &["200", "500"], None),
             ("/v1/images/{name}", "get", read, None),
             ("/v1/images/{name}", "delete", delete, None),
+            (
+                "/v1/images/{name}",
+                "patch",
+                &["200", "400", "403", "404", "500"],
+                Some("SetImageRequest"),
+            ),
             ("/v1/images/prune", "post", &["200", "403", "500"], None),
             ("/v1/images/import", "post", job, Some("ImportRequest")),
             ("/v1/images/pull", "post", job, Some("PullImageRequest")),

@@ -109,6 +109,21 @@ impl Artifacts {
         blocking(move || Ok(store.delete(&name)?)).await
     }
 
+    /// Sets image `name`'s default kernel (`None`: the kernel named `default`), which must be a
+    /// managed kernel.
+    pub async fn set_image_kernel(
+        &self,
+        name: &str,
+        kernel: Option<String>,
+    ) -> Result<ImageRecord> {
+        if let Some(k) = &kernel {
+            self.kernel_boot(k, false)?; // exists, or the error lists the kernels there are
+        }
+        let store = self.images.clone();
+        let name = name.to_string();
+        blocking(move || Ok(store.set_default_kernel(&name, kernel.as_deref())?)).await
+    }
+
     /// Removes image files no name points at, dead builds' staging directories and unused
     /// cached OCI layers.
     pub async fn prune_images(&self) -> Result<PruneImagesResult> {

@@ -236,6 +236,19 @@ pub fn kernel_view(kernel: KernelRecord, vms: &[VmRecord]) -> KernelView {
     use wick_kernel::KernelFormat as F;
     use wick_model::api::{KernelCompression as VC, KernelFormat as VF};
     let used_by = kernel_users(&kernel, vms);
+    let features = wick_kernel::caps::features(&kernel)
+        .into_iter()
+        .map(|f| wick_model::api::KernelFeature {
+            feature: f.feature,
+            driver: f.driver,
+            state: match f.state {
+                wick_kernel::caps::DriverState::Builtin => wick_model::api::DriverState::Builtin,
+                wick_kernel::caps::DriverState::Module => wick_model::api::DriverState::Module,
+                wick_kernel::caps::DriverState::Missing => wick_model::api::DriverState::Missing,
+                wick_kernel::caps::DriverState::Unknown => wick_model::api::DriverState::Unknown,
+            },
+        })
+        .collect();
     KernelView {
         source_format: match kernel.source_format {
             F::Elf => VF::Elf,
@@ -263,6 +276,7 @@ pub fn kernel_view(kernel: KernelRecord, vms: &[VmRecord]) -> KernelView {
         builtin_drivers: kernel.builtin_drivers,
         warnings: kernel.warnings,
         imported_at: kernel.imported_at,
+        features,
         used_by,
     }
 }
@@ -509,6 +523,12 @@ mod tests {
         // The wire type is the record's JSON plus `used_by`, field for field.
         let mut want = serde_json::to_value(&k).unwrap();
         want["used_by"] = serde_json::json!(["a1"]);
+        // Plus what it can do: no modules, so every driver is assumed built in.
+        let features: Vec<_> = wick_kernel::caps::FEATURES
+            .iter()
+            .map(|(f, d)| serde_json::json!({"feature": f, "driver": d, "state": "unknown"}))
+            .collect();
+        want["features"] = serde_json::json!(features);
         let got = serde_json::to_value(kernel_view(k, &vms)).unwrap();
         assert_eq!(got, want);
 
