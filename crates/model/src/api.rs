@@ -672,7 +672,7 @@ pub struct PullImageRequest {
 
 /// `POST /v1/images/build`. Without `from`, the golden Debian image (debootstrap, `suite`
 /// and extra `packages`); with `from`, an image derived from `from` by a builder VM:
-/// `packages` installed with apt-get, `copy` files put in, each `run` step run with `sh -c`.
+/// `copy` files put in, `packages` installed with apt-get, each `run` step run with `sh -c`.
 /// A derived build whose inputs match an existing image's `build_key` is a cache hit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -1,5 +1,5 @@
 //! The builder VM of a derived build: created through the normal create path (root's, NAT on,
-//! named `build-<hex>`), packages installed, files copied, steps run with their output as
+//! named `build-<hex>`), files copied, packages installed, steps run with their output as
 //! progress lines (escaped and bounded: it is guest output), powered off, its root disk made
 //! into the image, and deleted in every outcome.
 
@@ -74,13 +74,14 @@ async fn build(
     crate::failpoint::hit("build-vm-running");
     let client = connect(&vm).await?;
     let mut out = Output::default();
-    if !plan.packages.is_empty() {
-        install_packages(op, &client, plan, &mut out).await?;
-    }
+    // Files first: they may configure apt (sources, proxies, keys) for the packages.
     for (i, c) in plan.copies.iter().enumerate() {
         check(op)?;
         op.stage(&format!("copy {}/{}: {}", i + 1, plan.copies.len(), c.dst));
         put_file(&client, &c.dst, c.mode, &c.contents).await?;
+    }
+    if !plan.packages.is_empty() {
+        install_packages(op, &client, plan, &mut out).await?;
     }
     for (i, step) in plan.run.iter().enumerate() {
         check(op)?;

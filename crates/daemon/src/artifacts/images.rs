@@ -326,6 +326,10 @@ mod tests {
         assert!(e.err().unwrap().message().contains("invalid image name"));
         let e = a.image_build("prune".into(), None, Vec::new());
         assert_eq!(e.err().unwrap().code(), ErrorCode::InvalidArgument);
+        let e = a.image_build("g".into(), Some("Book worm".into()), Vec::new());
+        assert!(e.err().unwrap().message().contains("suite"));
+        let e = a.image_build("g".into(), None, vec!["--force-yes".into()]);
+        assert!(e.err().unwrap().message().contains("package"));
         let job = a.image_pull("r:5000/x".into(), "x".into(), false).unwrap();
         assert_eq!((job.kind(), job.name()), (OpKind::ImagePull, "x"));
         assert!(job.interruptible());
