@@ -473,3 +473,26 @@ fn check(status: CheckStatus, detail: String, hint: Option<&str>) -> Check {
         hint: hint.map(str::to_string),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_booting_another_kernel_never_matches() {
+        let a = VmSpec {
+            kernel: "/kernels/a/vmlinux".into(),
+            ..Default::default()
+        };
+        let other_kernel = VmSpec {
+            kernel: "/kernels/b/vmlinux".into(),
+            ..a.clone()
+        };
+        assert_ne!(pool_key(&a), pool_key(&other_kernel));
+        let other_identity = VmSpec {
+            ssh_keys: vec!["ssh-ed25519 AAAA".into()],
+            ..a.clone()
+        };
+        assert_eq!(pool_key(&a), pool_key(&other_identity));
+    }
+}
