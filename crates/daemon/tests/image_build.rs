@@ -440,6 +440,13 @@ fn a_socket_user_cannot_copy_a_root_only_file() {
     );
     assert_eq!(e.image_names(), ["base"]);
     e.assert_nothing_left("after a refused copy");
+    // A socket user may build under a new name (the builder VM is root's, and goes).
+    let out = e.env.wick_as_user(&[
+        "image", "build", "--from", "base", "--run", "true", "--name", "u2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(e.image_names(), ["base", "u2"]);
+    e.assert_nothing_left("after a user's build");
     // Replacing an image is root's.
     let out = e.env.wick_as_user(&[
         "image", "build", "--from", "base", "--run", "true", "--name", "base", "--force",
