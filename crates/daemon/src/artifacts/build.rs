@@ -333,8 +333,9 @@ impl Daemon {
         let op = self
             .ops
             .begin_artifact(OpKind::ImageBuild, &plan.name, caller.uid);
-        op.stage(&format!(
-            "cache hit: image {} has the same inputs (key {}), no VM needed",
+        op.stage("cache hit: an image with the same inputs exists, no VM needed");
+        op.output(&format!(
+            "cache hit: image {} (key {})",
             image.name,
             &plan.key[..12]
         ));
@@ -387,7 +388,7 @@ impl Daemon {
                 let mut progress = |s: &str| op3.stage(s);
                 let img = store.import_disk(&disk, &name, what, &mut progress)?;
                 let size = img.size;
-                op3.stage(&format!("image {} made: {} bytes", img.name, size));
+                op3.output(&format!("image {} made: {} bytes", img.name, size));
                 let mut out = ArtifactOp::named(name);
                 out.image = Some(image_view(img, &[]));
                 Ok(out)

@@ -35,7 +35,7 @@ pub(super) async fn run(d: &Arc<Daemon>, op: &Arc<OpEntry>, plan: BuildPlan) -> 
     record(d, &rec)?; // before the VM exists: a crash from here on is swept at restart
     crate::failpoint::hit("build-recorded");
     let out = build(d, op, &plan, &rec.vm_name).await;
-    op.stage(&format!("delete the builder VM {}", rec.vm_name));
+    op.stage("delete the builder VM");
     let cleanup = delete_builder(d, &rec.vm_name)
         .await
         .and_then(|()| forget(d, &id));
@@ -77,7 +77,8 @@ async fn build(
     // Files first: they may configure apt (sources, proxies, keys) for the packages.
     for (i, c) in plan.copies.iter().enumerate() {
         check(op)?;
-        op.stage(&format!("copy {}/{}: {}", i + 1, plan.copies.len(), c.dst));
+        op.stage("copy files");
+        op.output(&format!("copy {}/{}: {}", i + 1, plan.copies.len(), c.dst));
         put_file(&client, &c.dst, c.mode, &c.contents).await?;
     }
     if !plan.packages.is_empty() {
@@ -86,7 +87,8 @@ async fn build(
     for (i, step) in plan.run.iter().enumerate() {
         check(op)?;
         let label = format!("run {}/{}", i + 1, plan.run.len());
-        op.stage(&format!("{label}: {}", escape(step)));
+        op.stage("run a step");
+        op.output(&format!("{label}: {}", escape(step)));
         let argv = vec!["sh".to_string(), "-c".to_string(), step.clone()];
         let code = exec_streamed(op, &client, ExecRequest::new(argv), &label, &mut out).await?;
         if code != 0 {
@@ -111,8 +113,9 @@ async fn create_builder(
     plan: &BuildPlan,
     vm_name: &str,
 ) -> Result<VmRecord> {
-    op.stage(&format!(
-        "create the builder VM {vm_name} from image {}",
+    op.stage("create the builder VM");
+    op.output(&format!(
+        "builder VM {vm_name} from image {}",
         plan.base.name
     ));
     let req = CreateVmRequest {
@@ -191,7 +194,11 @@ async fn install_packages(
             plan.packages.join(", ")
         )));
     }
-    op.stage(&format!("packages: install {}", plan.packages.join(" ")));
+    op.stage("packages: install");
+    op.output(&format!(
+        "packages: apt-get install {}",
+        plan.packages.join(" ")
+    ));
     let script = "apt-get update -q && apt-get install -y -q --no-install-recommends -- \"$@\"";
     let mut argv = vec!["sh".into(), "-c".into(), script.into(), "sh".into()];
     argv.extend(plan.packages.iter().cloned());
@@ -254,9 +261,9 @@ impl Output {
         if self.lines <= MAX_LINES {
             let text = String::from_utf8_lossy(line);
             let cut: String = text.chars().take(MAX_LINE).collect();
-            op.stage(&format!("{label}: {}", escape(&cut)));
+            op.output(&format!("{label}: {}", escape(&cut)));
         } else if self.lines == MAX_LINES + 1 {
-            op.stage(&format!("{label}: (more output not shown)"));
+            op.output(&format!("{label}: (more output not shown)"));
         }
     }
 }
@@ -378,7 +385,7 @@ async fn commit_disk(
     .await
     .map_err(|e| Error::internal(e.to_string()))??;
     crate::failpoint::hit("build-committed");
-    op.stage(&format!("image {} made: {} bytes", img.name, img.size));
+    op.output(&format!("image {} made: {} bytes", img.name, img.size));
     let mut out = ArtifactOp::named(plan.name.clone());
     out.image = Some(image_view(img, &[]));
     Ok(out)
