@@ -170,6 +170,8 @@ pub enum VmCommand {
     Health(VmJsonArgs),
     /// Show CPU and memory use of a VM's VMM as sampled by wickd.
     Stats(VmJsonArgs),
+    /// Make an image from a stopped VM's root disk (`wick vm create --image NAME` boots it).
+    Commit(crate::cmd::image::CommitArgs),
 }
 
 #[derive(Debug, Args)]
@@ -197,6 +199,9 @@ pub struct VmSpecArgs {
     /// Image to clone the root disk from [default: from config].
     #[arg(long, value_name = "IMAGE")]
     pub image: Option<String>,
+    /// Managed kernel to boot (`wick kernel list`) [default: the image's, else `default`].
+    #[arg(long, value_name = "KERNEL")]
+    pub kernel: Option<String>,
     /// Number of virtual CPUs [default: from [vm_defaults]].
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub vcpu: Option<i64>,

@@ -120,6 +120,7 @@ pub fn op_label(kind: OpKind, name: &str) -> String {
         OpKind::ImageImport => "import image",
         OpKind::ImagePull => "pull image",
         OpKind::ImageBuild => "build image",
+        OpKind::ImageCommit => "commit image",
         OpKind::KernelImport => "import kernel",
         OpKind::KernelPull => "pull kernel",
     };
@@ -384,9 +385,10 @@ pub async fn follow(
         if lost_streams > 5 {
             display.finish();
             let check = match op.kind {
-                OpKind::ImageImport | OpKind::ImagePull | OpKind::ImageBuild => {
-                    "wick image list".to_string()
-                }
+                OpKind::ImageImport
+                | OpKind::ImagePull
+                | OpKind::ImageBuild
+                | OpKind::ImageCommit => "wick image list".to_string(),
                 OpKind::KernelImport | OpKind::KernelPull => "wick kernel list".to_string(),
                 _ => format!("wick vm show {}", op.vm_name),
             };
@@ -441,6 +443,10 @@ pub async fn run_artifact_job<B: Serialize>(
 ) -> Result<ArtifactOp> {
     let interrupt = Interrupt::install();
     let op: Operation = client.post(path, body).await?;
+    if let (true, Some(stage)) = (op.state.is_terminal(), &op.stage) {
+        // Over before it was followed (a build's cache hit): say how it ended.
+        eprintln!("{}", render::escape(&format!("[{}] {stage}", label(&op))));
+    }
     let op = follow(client, op, View::auto(), &interrupt).await?;
     if interrupt.fired() {
         match outcome(op) {

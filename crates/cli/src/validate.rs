@@ -58,6 +58,7 @@ impl VmSpecArgs {
         Ok(CreateVmRequest {
             name: self.name.clone(),
             image: self.image.clone(),
+            kernel: self.kernel.clone(),
             vcpu: self.vcpu,
             memory: self.memory.clone(),
             disk_size: self.disk_size.clone(),

@@ -671,6 +671,8 @@ impl utoipa::Modify for InternalErrors {
         images::import_image,
         images::pull_image,
         images::build_image,
+        images::commit_vm,
+        images::set_image,
         kernels::list_kernels,
         kernels::show_kernel,
         kernels::delete_kernel,

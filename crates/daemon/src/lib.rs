@@ -80,6 +80,10 @@ pub async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
         swept = ?report.swept,
         "reconciled"
     );
+    let builds = artifacts::build::sweep(&d).await; // after reconcile settled builder VMs
+    if !builds.is_empty() {
+        tracing::info!(swept = ?builds, "interrupted image builds swept");
+    }
 
     let vms = d.store.list_vms(None)?;
     for cap in &d.caps {

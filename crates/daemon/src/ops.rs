@@ -90,6 +90,16 @@ impl OpEntry {
         tracing::debug!(op = %inner.op.id, vm = %inner.op.vm_name, stage = name, "stage");
     }
 
+    /// Shows a line of the operation's output (e.g. a build step's) as an event, without
+    /// entering a stage: the metrics' stage labels stay a fixed set, whatever the line says.
+    pub fn output(&self, line: &str) {
+        let mut inner = self.lock();
+        if inner.op.state.is_terminal() {
+            return;
+        }
+        self.push(&mut inner, OpState::Running, Some(line.to_string()));
+    }
+
     /// Records the duration of the stage that just ended, if any.
     fn stage_ended(&self, inner: &mut OpInner) {
         if let Some(stage) = &inner.op.stage {
@@ -380,6 +390,23 @@ mod tests {
         let s = op2.snapshot();
         assert_eq!(s.state, OpState::Failed);
         assert_eq!(s.error.unwrap().op_id.as_deref(), Some(s.id.as_str()));
+    }
+
+    /// Output lines are events, not stages: the operation's stage (and so the metrics' stage
+    /// labels, fed only by `stage`) stays what the code named, whatever a guest prints.
+    #[test]
+    fn output_lines_are_events_not_stages() {
+        let ops = Ops::default();
+        let op = ops.begin_artifact(OpKind::ImageBuild, "b", 0);
+        op.stage("run a step");
+        op.output("guest says \\x1b hi");
+        let (evs, _) = op.events_since(0);
+        assert_eq!(evs.len(), 2);
+        assert_eq!(evs[1].stage.as_deref(), Some("guest says \\x1b hi"));
+        assert_eq!(op.snapshot().stage.as_deref(), Some("run a step"));
+        op.finish_artifact(Ok(ArtifactOp::named("b")));
+        op.output("after the end: dropped");
+        assert_eq!(op.events_since(0).0.len(), 3);
     }
 
     #[tokio::test]

@@ -748,3 +748,187 @@ fn pause_stops_the_guest_and_resume_continues_it_on_a_real_guest() {
     env.wick_ok(&["vm", "delete", "p1"]);
     assert!(links(&env).is_empty(), "no TAP left");
 }
+
+/// A forward HTTP proxy for the builder VM's apt, listening in the test's upstream namespace
+/// and connecting out from the host's: only to `allowed` (the Debian mirror of the machine's
+/// apt sources), every other host gets 403. Plain requests (absolute-form) and CONNECT.
+fn mirror_proxy(listener: std::net::TcpListener, allowed: String) {
+    fn one(mut c: std::net::TcpStream, allowed: &str) -> std::io::Result<()> {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+            if c.read(&mut b)? == 0 {
+                return Ok(());
+            }
+            head.push(b[0]);
+        }
+        let line = String::from_utf8_lossy(&head)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let mut w = line.split_whitespace();
+        let (method, target) = (w.next().unwrap_or(""), w.next().unwrap_or(""));
+        let connect = method == "CONNECT";
+        let authority = match connect {
+            true => target.to_string(),
+            false => target
+                .trim_start_matches("http://")
+                .split('/')
+                .next()
+                .unwrap_or("")
+                .into(),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse().unwrap_or(80)),
+            None => (authority.clone(), 80u16),
+        };
+        if host != allowed {
+            return c.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
+        }
+        let mut up = std::net::TcpStream::connect((host.as_str(), port))?;
+        match connect {
+            true => c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?,
+            false => up.write_all(&head)?,
+        }
+        let (mut c2, mut up2) = (c.try_clone()?, up.try_clone()?);
+        let t = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut c2, &mut up2);
+            let _ = up2.shutdown(std::net::Shutdown::Write);
+        });
+        let _ = std::io::copy(&mut up, &mut c);
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let _ = t.join();
+        Ok(())
+    }
+    for c in listener.incoming().flatten() {
+        let allowed = allowed.clone();
+        std::thread::spawn(move || one(c, &allowed));
+    }
+}
+
+/// `image build --from` on a real guest: the builder VM (QEMU TCG, NAT to a proxy that reaches
+/// only the Debian mirror) installs jq and runs a step; VMs of the new image have its file; the
+/// identical build is a cache hit in under a second.
+#[test]
+fn derived_image_build_on_a_real_guest() {
+    let assets = match guest_assets() {
+        Ok(a) => a,
+        Err(why) => return wick_testkit::skip(format_args!("{why}")),
+    };
+    let mirror = match wick_image::debian_mirror(None, wick_image::DEFAULT_SUITE) {
+        Ok(m) => m,
+        Err(e) => return wick_testkit::skip(format_args!("no Debian mirror: {e}")),
+    };
+    let host = mirror
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let online = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), 80))
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)).is_ok());
+    if !online {
+        return wick_testkit::skip(format_args!("the Debian mirror {host} is not reachable"));
+    }
+    let deb = std::fs::read_dir(wick_image::testcache::cache_root().join("debian-kernel"))
+        .ok()
+        .and_then(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        });
+    let (Some(deb), Ok(init)) = (deb, wick_testkit::guest::static_wick_init()) else {
+        return wick_testkit::skip(format_args!("no cached kernel .deb or static wick-init"));
+    };
+    let mut env = WickdEnv::with_config(&config(&assets));
+    env.env
+        .push(("WICK_INIT_BIN".into(), init.display().to_string()));
+    env.start();
+    let up = env.upstream();
+    let listener = up.listen("198.51.100.2:3128".parse().unwrap()).unwrap();
+    std::thread::spawn(move || mirror_proxy(listener, host));
+    let work = tempfile::tempdir().unwrap();
+    let proxy = work.path().join("proxy.conf");
+    std::fs::write(&proxy, "Acquire::http::Proxy \"http://198.51.100.2:3128\";\nAcquire::https::Proxy \"http://198.51.100.2:3128\";\n").unwrap();
+    env.wick_ok(&[
+        "kernel",
+        "import",
+        deb.to_str().unwrap(),
+        "--name",
+        "default",
+    ]);
+    env.wick_ok(&[
+        "image",
+        "import",
+        assets.rootfs.to_str().unwrap(),
+        "--name",
+        "base",
+    ]);
+
+    let copy = format!("{}:/etc/apt/apt.conf.d/99wick-test-proxy", proxy.display());
+    let args = [
+        "image",
+        "build",
+        "--from",
+        "base",
+        "--copy",
+        &copy,
+        "--packages",
+        "jq",
+        "--run",
+        "jq --version > /etc/jq-version",
+        "--run",
+        "rm /etc/apt/apt.conf.d/99wick-test-proxy",
+        "--name",
+        "jq",
+    ];
+    let t = Instant::now();
+    let out = env.wick(&args);
+    let built = t.elapsed();
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    assert!(out.status.success(), "{}\n{}", text(&out), env.daemon_log());
+    eprintln!("bench: image build --from base --packages jq --run … (TCG): {built:?}");
+
+    env.wick_ok(&[
+        "vm", "create", "--image", "jq", "--name", "j1", "--memory", "1G",
+    ]);
+    let (code, version) = exec(&env, "j1", &["cat", "/etc/jq-version"]);
+    assert_eq!(code, 0, "{version}");
+    assert!(version.starts_with("jq-"), "{version}");
+    assert_eq!(
+        exec(
+            &env,
+            "j1",
+            &["test", "-e", "/etc/apt/apt.conf.d/99wick-test-proxy"]
+        )
+        .0,
+        1
+    );
+    env.wick_ok(&["vm", "delete", "j1"]);
+
+    let t = Instant::now();
+    let out = env.wick(&args);
+    let hit = t.elapsed();
+    eprintln!("bench: identical image build (cache hit): {hit:?} (first build {built:?})");
+    assert!(
+        out.status.success() && text(&out).contains("cache hit"),
+        "{}",
+        text(&out)
+    );
+    assert!(hit < Duration::from_secs(1), "cache hit took {hit:?}");
+    let vms = env.wick_json(&["vm", "list"]);
+    assert!(
+        !vms.to_string().contains("build-"),
+        "builder VM left: {vms}"
+    );
+}

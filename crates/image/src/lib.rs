@@ -8,6 +8,8 @@
 //!
 //! - [`ImageStore`]: list, get, delete, prune; [`ImageStore::import`] of a rootfs tarball or an
 //!   ext4 file; [`ImageStore::build_golden`] of the default Debian image (debootstrap).
+//! - [`ImageStore::import_disk`]: an image from a VM's root disk (derived builds, `vm commit`),
+//!   with [`ImageStore::find_by_key`] and [`ImageStore::alias`] for the build cache.
 //! - [`oci::pull`]: an image from an OCI registry (linux/amd64, digest-verified, cached layers,
 //!   whiteouts, traversal and symlink escapes refused).
 //! - `testcache` (feature `testing`): a golden image built once and shared by the tests of every crate.
@@ -16,6 +18,7 @@
 //! `spawn_blocking`. They need root: ownership inside an image is real ownership on the host while
 //! it is staged.
 
+mod derive;
 mod error;
 mod ext4;
 mod extract;
@@ -29,6 +32,7 @@ mod store;
 pub mod testcache;
 mod util;
 
+pub use derive::{build_key, DiskImage, KeyedFile};
 pub use error::{ImageError, Result};
 pub use ext4::shrink_ext4;
 pub use golden::{GoldenOptions, DEFAULT_SUITE, GOLDEN_PACKAGES};

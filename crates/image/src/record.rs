@@ -22,6 +22,9 @@ pub struct ImageRecord {
     pub default_kernel: Option<String>,
     /// Whether `/usr/local/bin/wick-agent` and its systemd unit are in the image.
     pub agent_injected: bool,
+    /// The input hash of a derived build (`image build --from`): its cache key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_key: Option<String>,
 }
 
 /// Where an image came from.
@@ -42,4 +45,14 @@ pub enum ImageSource {
         digest: String,
         layers: Vec<String>,
     },
+    /// Derived from image `base` (id `base_id`) by a builder VM (`crate::derive`).
+    Derived {
+        base: String,
+        base_id: String,
+        packages: Vec<String>,
+        run: Vec<String>,
+        copied: Vec<String>,
+    },
+    /// A stopped VM's root disk (`wick vm commit`); `base` is the VM's image.
+    Commit { vm: String, base: String },
 }

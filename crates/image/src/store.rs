@@ -44,6 +44,16 @@ pub struct ImportOptions {
     pub shrink: bool,
 }
 
+/// Record fields and flags of [`ImageStore::commit_with`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CommitExtra {
+    pub agent_injected: bool,
+    pub default_kernel: Option<String>,
+    pub build_key: Option<String>,
+    /// Point an existing name at the new image (its old files go when no name is left).
+    pub replace: bool,
+}
+
 /// What [`ImageStore::prune`] removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PruneReport {
@@ -173,6 +183,56 @@ impl ImageStore {
             remove_dir_atomically(&self.dir, &self.dir.join(&id))?;
         }
         Ok(record)
+    }
+
+    /// The image whose record carries `build_key` (the first by name), if any.
+    pub fn find_by_key(&self, build_key: &str) -> Result<Option<ImageRecord>> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .find(|r| r.build_key.as_deref() == Some(build_key)))
+    }
+
+    /// Gives image `existing` a second name `name` (the same files: no copy). With `replace`,
+    /// an image already called `name` loses the name (and its files when no name is left).
+    pub fn alias(&self, existing: &str, name: &str, replace: bool) -> Result<ImageRecord> {
+        validate_image_name(name)?;
+        let _lock = self.lock()?;
+        let mut index = self.read_index()?;
+        let id = index
+            .images
+            .get(existing)
+            .cloned()
+            .ok_or_else(|| ImageError::NotFound(existing.to_string()))?;
+        let old = match index.images.get(name) {
+            Some(old) if replace => Some(old.clone()),
+            Some(_) => return Err(ImageError::Exists(name.to_string())),
+            None => None,
+        };
+        index.images.insert(name.to_string(), id.clone());
+        self.write_index(&index)?;
+        if let Some(old) = old.filter(|old| *old != id) {
+            if !index.images.values().any(|v| *v == old) {
+                remove_dir_atomically(&self.dir, &self.dir.join(&old))?;
+            }
+        }
+        self.load(name, &id)
+    }
+
+    /// Removes staging directories of builds that died (their lock is free), and nothing else:
+    /// the start-up sweep (`prune` also drops unused images' files and cached layers).
+    pub fn sweep_staging(&self) -> Result<Vec<PathBuf>> {
+        let _lock = self.lock()?;
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).ctx("read", &self.dir)? {
+            let entry = entry.ctx("read", &self.dir)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(STAGING_PREFIX) && staging_is_abandoned(&entry.path()) {
+                remove_any(&entry.path())?;
+                out.push(entry.path());
+            }
+        }
+        Ok(out)
     }
 
     /// Sets (or clears) the image's default kernel name.
@@ -339,12 +399,29 @@ impl ImageStore {
     /// Hashes the staged rootfs and moves the staging directory into place as image `name`.
     pub(crate) fn commit(
         &self,
-        mut staging: Staging,
+        staging: Staging,
         name: &str,
         source: ImageSource,
         agent_injected: bool,
         progress: crate::Progress<'_>,
     ) -> Result<ImageRecord> {
+        let extra = CommitExtra {
+            agent_injected,
+            ..CommitExtra::default()
+        };
+        self.commit_with(staging, name, source, extra, progress)
+    }
+
+    /// [`ImageStore::commit`] with the record's extra fields, optionally replacing the name.
+    pub(crate) fn commit_with(
+        &self,
+        mut staging: Staging,
+        name: &str,
+        source: ImageSource,
+        extra: CommitExtra,
+        progress: crate::Progress<'_>,
+    ) -> Result<ImageRecord> {
+        let agent_injected = extra.agent_injected;
         let scratch = staging.path().join("scratch");
         if scratch.exists() {
             fs::remove_dir_all(&scratch).ctx("remove", &scratch)?;
@@ -355,9 +432,11 @@ impl ImageStore {
         let size = fs::metadata(&rootfs).ctx("stat", &rootfs)?.len();
         let _lock = self.lock()?;
         let mut index = self.read_index()?;
-        if index.images.contains_key(name) {
-            return Err(ImageError::Exists(name.to_string()));
-        }
+        let replaced = match index.images.get(name) {
+            Some(old) if extra.replace => Some(old.clone()),
+            Some(_) => return Err(ImageError::Exists(name.to_string())),
+            None => None,
+        };
         let target = self.dir.join(&id);
         if !target.join(MANIFEST).is_file() {
             let work_seed = staging.work_seed_img();
@@ -369,8 +448,9 @@ impl ImageStore {
                 rootfs: target.join(ROOTFS),
                 work_seed: work_seed.is_file().then(|| target.join(WORK_SEED)),
                 size,
-                default_kernel: None,
+                default_kernel: extra.default_kernel,
                 agent_injected,
+                build_key: extra.build_key,
             };
             let spath = staging.path().to_path_buf();
             fs::write(spath.join(MANIFEST), manifest_bytes(&record)?)
@@ -393,6 +473,11 @@ impl ImageStore {
         }
         index.images.insert(name.to_string(), id.clone());
         self.write_index(&index)?;
+        if let Some(old) = replaced.filter(|old| *old != id) {
+            if !index.images.values().any(|v| *v == old) {
+                remove_dir_atomically(&self.dir, &self.dir.join(&old))?;
+            }
+        }
         progress("done");
         self.load(name, &id)
     }

@@ -146,14 +146,24 @@ pub(crate) fn sparse_copy(src: &Path, dst: &Path) -> Result<u64> {
             .map_err(|e| ImageError::io(format!("seek {}", src.display()), e.into()))?;
         let (mut off_in, mut off_out, mut left) = (data, data, hole - data);
         while left > 0 {
-            let n = nix::fcntl::copy_file_range(
+            let n = match nix::fcntl::copy_file_range(
                 s.as_fd(),
                 Some(&mut off_in),
                 d.as_fd(),
                 Some(&mut off_out),
                 left as usize,
-            )
-            .map_err(|e| ImageError::io(format!("copy {}", src.display()), e.into()))?;
+            ) {
+                // Across filesystems (e.g. out of the XFS pool) older kernels refuse:
+                // copy the extent through a buffer instead.
+                Err(nix::errno::Errno::EXDEV | nix::errno::Errno::EOPNOTSUPP) => {
+                    let n = copy_range(&s, &d, off_in, left as usize)
+                        .map_err(|e| ImageError::io(format!("copy {}", src.display()), e))?;
+                    off_in += n as i64;
+                    off_out += n as i64;
+                    n
+                }
+                r => r.map_err(|e| ImageError::io(format!("copy {}", src.display()), e.into()))?,
+            };
             if n == 0 {
                 return Err(ImageError::io(
                     format!("copy {}", src.display()),
@@ -166,6 +176,16 @@ pub(crate) fn sparse_copy(src: &Path, dst: &Path) -> Result<u64> {
     }
     d.sync_all().ctx("sync", dst)?;
     Ok(len)
+}
+
+/// Copies up to `len` bytes at `off` from `s` to the same offset of `d` through a buffer;
+/// returns how many (0 at the end of `s`).
+fn copy_range(s: &File, d: &File, off: i64, len: usize) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len.min(1 << 20)];
+    let n = s.read_at(&mut buf, off as u64)?;
+    d.write_all_at(&buf[..n], off as u64)?;
+    Ok(n)
 }
 
 /// fsyncs a directory so renames inside it are durable.
@@ -203,6 +223,24 @@ pub(crate) fn is_root() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Across filesystems (tmpfs to the temp dir's) the copy still keeps data and holes.
+    #[test]
+    fn sparse_copy_across_filesystems() {
+        let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("SKIP: sparse_copy_across_filesystems: no /dev/shm");
+            return;
+        };
+        let d = tempfile::tempdir().unwrap();
+        let src = shm.path().join("src");
+        let f = File::create(&src).unwrap();
+        f.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"head", 0).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![7u8; 3 << 20], 4 << 20).unwrap();
+        let dst = d.path().join("dst");
+        assert_eq!(sparse_copy(&src, &dst).unwrap(), 8 << 20);
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    }
 
     /// Hex sha256 of everything `r` yields.
     fn sha256_reader(mut r: impl Read) -> io::Result<String> {

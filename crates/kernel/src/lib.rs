@@ -8,6 +8,8 @@
 //! - [`modules`]: which virtio/vsock drivers are built in or modules, and their load order
 //!   (from `modules.dep`, or from each module's own `.modinfo` when the package has no
 //!   `modules.dep`).
+//! - [`caps`]: what a kernel can do (PVH entry; virtio/vsock/console built in, modules or
+//!   missing), for `wick kernel list`.
 //! - [`initramfs`]: newc cpio writer/reader and the wick-init initramfs builder.
 //! - [`deb`]: unpack a kernel `.deb` (kernel image + modules).
 //! - [`store`]: the managed, content-addressed kernel store (`import`, `pull`, `list`, `get`,
@@ -15,6 +17,7 @@
 //! - [`debian`]: download the Debian cloud kernel package (the first-use path).
 
 pub mod bzimage;
+pub mod caps;
 pub mod deb;
 pub mod debian;
 pub mod elf;

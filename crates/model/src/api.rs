@@ -91,6 +91,9 @@ pub struct CreateVmRequest {
     pub name: Option<String>,
     #[serde(default)]
     pub image: Option<String>,
+    /// A managed kernel to boot instead of the image's default (`wick kernel list`).
+    #[serde(default)]
+    pub kernel: Option<String>,
     #[serde(default)]
     #[schema(minimum = 1, maximum = 32)]
     pub vcpu: Option<i64>,
@@ -265,6 +268,7 @@ pub enum OpKind {
     ImageImport,
     ImagePull,
     ImageBuild,
+    ImageCommit,
     KernelImport,
     KernelPull,
 }
@@ -497,6 +501,18 @@ pub enum ImageSource {
         digest: String,
         layers: Vec<String>,
     },
+    /// Built from another image by a builder VM (`wick image build --from`).
+    Derived {
+        /// The base image's name and id (rootfs sha256) at build time.
+        base: String,
+        base_id: String,
+        packages: Vec<String>,
+        run: Vec<String>,
+        /// Guest paths of the copied files.
+        copied: Vec<String>,
+    },
+    /// Made from a stopped VM's root disk (`wick vm commit`).
+    Commit { vm: String, base: String },
 }
 
 /// A managed image as the API shows it: its record plus the VMs (visible to the caller) using
@@ -519,6 +535,9 @@ pub struct ImageView {
     pub default_kernel: Option<String>,
     /// Whether wick-agent and its systemd unit are in the image.
     pub agent_injected: bool,
+    /// The cache key of a derived build (`image build --from`): a hash of its inputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_key: Option<String>,
     #[serde(default)]
     pub used_by: Vec<String>,
 }
@@ -573,8 +592,41 @@ pub struct KernelView {
     pub warnings: Vec<String>,
     /// Import time, seconds since the Unix epoch.
     pub imported_at: u64,
+    /// Per guest device wick uses: is its driver built in, a module, or missing.
+    #[serde(default)]
+    pub features: Vec<KernelFeature>,
     #[serde(default)]
     pub used_by: Vec<String>,
+}
+
+/// One guest device of a kernel (`wick kernel list`): `feature` (virtio-mmio, virtio-blk,
+/// virtio-net, vsock, virtio-console), its `driver`, and `state`: `builtin`, `module`,
+/// `missing`, or `unknown` (a kernel imported without modules: assumed built in).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KernelFeature {
+    pub feature: String,
+    pub driver: String,
+    pub state: DriverState,
+}
+
+/// Where a kernel's driver is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverState {
+    Builtin,
+    Module,
+    Missing,
+    Unknown,
+}
+
+/// `PATCH /v1/images/{name}` (`wick image set`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetImageRequest {
+    /// The managed kernel VMs of this image boot by default; `""` clears it (the kernel named
+    /// `default` is used then).
+    #[serde(default)]
+    pub kernel: Option<String>,
 }
 
 /// `GET /v1/images`.
@@ -620,13 +672,69 @@ pub struct PullImageRequest {
     pub insecure: bool,
 }
 
-/// `POST /v1/images/build`.
+/// `POST /v1/images/build`. Without `from`, the golden Debian image (debootstrap, `suite`
+/// and extra `packages`); with `from`, an image derived from `from` by a builder VM:
+/// `copy` files put in, `packages` installed with apt-get, each `run` step run with `sh -c`.
+/// A derived build whose inputs match an existing image's `build_key` is a cache hit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BuildImageRequest {
-    /// Image name (default `default`).
+    /// Image name (default `default`; required with `from`).
     #[serde(default)]
     pub name: Option<String>,
+    /// The base image of a derived build.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Debian packages to install (golden: added to its list).
+    #[serde(default)]
+    #[schema(schema_with = package_list_schema)]
+    pub packages: Vec<String>,
+    /// Shell commands run in the builder VM (`sh -c`), in order (derived builds only).
+    #[serde(default)]
+    pub run: Vec<String>,
+    /// Host files copied into the builder VM, read with the caller's rights.
+    #[serde(default)]
+    pub copy: Vec<CopyFile>,
+    /// Debian suite of a golden build (default bookworm).
+    #[serde(default)]
+    #[schema(pattern = r"^[a-z][a-z0-9-]{0,31}$")]
+    pub suite: Option<String>,
+    /// Replace an existing image of that name built from other inputs (root only).
+    #[serde(default)]
+    pub force: bool,
+}
+
+fn package_list_schema() -> utoipa::openapi::schema::Array {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(
+            utoipa::openapi::ObjectBuilder::new()
+                .schema_type(utoipa::openapi::schema::Type::String)
+                .pattern(Some(r"^[a-z0-9][a-z0-9+.-]{0,127}$")),
+        )
+        .max_items(Some(256))
+        .build()
+}
+
+/// A host file copied into a derived image: `src` (absolute, on the daemon's host, read with
+/// the requesting user's rights) to the guest path `dst` with `mode` (default 0644).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CopyFile {
+    #[schema(value_type = String)]
+    pub src: PathBuf,
+    pub dst: String,
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+/// `POST /v1/vms/{vm}/commit`: an image from a stopped VM's root disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommitVmRequest {
+    pub name: String,
+    /// Replace an existing image of that name (root only).
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// `POST /v1/kernels/pull`.

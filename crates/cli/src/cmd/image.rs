@@ -9,8 +9,8 @@ use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use wick_model::api::{
-    ApiError, BuildImageRequest, ConfigView, ErrorCode, ImageList, ImageSource, ImageView,
-    ImportRequest, PruneImagesResult, PullImageRequest,
+    ApiError, BuildImageRequest, CommitVmRequest, ConfigView, CopyFile, ErrorCode, ImageList,
+    ImageSource, ImageView, ImportRequest, PruneImagesResult, PullImageRequest, SetImageRequest,
 };
 use wick_model::size::format_mib;
 
@@ -34,9 +34,12 @@ pub enum ImageCommand {
     Import(ImportArgs),
     /// Pull an image from an OCI registry (linux/amd64) and convert it to ext4.
     Pull(PullArgs),
-    /// Build the golden Debian image from packages (debootstrap; about a minute with a warm
-    /// package cache). Needs root.
+    /// Build an image: with --from, derive it from another image in a builder VM (any user;
+    /// cached by its inputs); without, the golden Debian image from packages (debootstrap;
+    /// about a minute with a warm package cache; root).
     Build(BuildArgs),
+    /// Change an image: its default kernel (root).
+    Set(SetArgs),
     /// Delete images (refused while a VM uses them).
     #[command(visible_alias = "rm")]
     Delete(DeleteArgs),
@@ -89,10 +92,105 @@ pub struct PullArgs {
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Name of the new image.
-    #[arg(long, default_value = "default")]
-    pub name: String,
+    /// Name of the new image [default without --from: default].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Derive the image from this one: a builder VM (NAT on) installs --packages, copies the
+    /// --copy files and runs each --run step, then its disk becomes the image. An identical
+    /// build (same base, packages, steps and files) is a cache hit.
+    #[arg(long, value_name = "IMAGE")]
+    pub from: Option<String>,
+    /// Debian packages to install, comma-separated (apt-get in the builder VM; with no
+    /// --from, added to the golden image's list).
+    #[arg(long, value_delimiter = ',', value_name = "A,B")]
+    pub packages: Vec<String>,
+    /// A shell command (`sh -c`) to run in the builder VM as root; repeat for more steps.
+    #[arg(long = "run", value_name = "CMD")]
+    pub run: Vec<String>,
+    /// Copy a host file (read with your rights) into the image: SRC:DST[:MODE], e.g.
+    /// `./app.conf:/etc/app.conf:0600` (at most 256 KiB per file).
+    #[arg(long = "copy", value_name = "SRC:DST[:MODE]")]
+    pub copy: Vec<String>,
+    /// Debian suite of the golden build (default bookworm).
+    #[arg(long)]
+    pub suite: Option<String>,
+    /// Replace an existing image of that name made from other inputs (root only).
+    #[arg(long)]
+    pub force: bool,
     /// Print the new image as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BuildArgs {
+    /// The request: `--copy` sources made absolute, the CLI's checks for good messages.
+    pub fn request(self) -> Result<BuildImageRequest> {
+        if self.from.is_none() && (!self.run.is_empty() || !self.copy.is_empty() || self.force) {
+            anyhow::bail!("--run, --copy and --force need --from IMAGE (a derived build)");
+        }
+        if self.from.is_some() && self.name.is_none() {
+            anyhow::bail!("a build --from needs --name for the new image");
+        }
+        if self.from.is_some() && self.suite.is_some() {
+            anyhow::bail!("--suite is for the golden build (no --from)");
+        }
+        let copy = self
+            .copy
+            .iter()
+            .map(|c| parse_copy(c))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BuildImageRequest {
+            name: Some(self.name.unwrap_or_else(|| "default".into())),
+            from: self.from,
+            packages: self
+                .packages
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .collect(),
+            run: self.run,
+            copy,
+            suite: self.suite,
+            force: self.force,
+        })
+    }
+}
+
+/// `SRC:DST[:MODE]` (MODE octal).
+fn parse_copy(spec: &str) -> Result<CopyFile> {
+    let mut parts = spec.splitn(3, ':');
+    let (Some(src), Some(dst)) = (parts.next(), parts.next()) else {
+        anyhow::bail!("--copy {spec:?}: expected SRC:DST[:MODE]");
+    };
+    if src.is_empty() || !dst.starts_with('/') {
+        anyhow::bail!("--copy {spec:?}: SRC must not be empty and DST must be an absolute path");
+    }
+    let mode = match parts.next() {
+        None => None,
+        Some(m) => Some(
+            u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .with_context(|| format!("--copy {spec:?}: MODE {m:?} is not an octal mode"))?,
+        ),
+    };
+    Ok(CopyFile {
+        src: absolute(Path::new(src))?,
+        dst: dst.to_string(),
+        mode,
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// The image.
+    pub name: String,
+    /// The managed kernel its VMs boot by default (`wick kernel list`).
+    #[arg(long, value_name = "KERNEL", conflicts_with = "default_kernel")]
+    pub kernel: Option<String>,
+    /// Go back to the kernel named `default`.
+    #[arg(long)]
+    pub default_kernel: bool,
+    /// Print the changed image as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -147,9 +245,24 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> Result<()> {
             print_image(made.image, a.json)
         }
         ImageCommand::Build(a) => {
-            let req = BuildImageRequest { name: Some(a.name) };
+            let json = a.json;
+            let req = a.request()?;
             let made = run_artifact_job(&client, "/v1/images/build", &req).await?;
-            print_image(made.image, a.json)
+            print_image(made.image, json)
+        }
+        ImageCommand::Set(a) => {
+            if a.kernel.is_none() && !a.default_kernel {
+                anyhow::bail!("nothing to change: give --kernel KERNEL or --default-kernel");
+            }
+            let req = SetImageRequest {
+                kernel: Some(a.kernel.unwrap_or_default()),
+            };
+            let image: ImageView = client.patch(&image_path(&a.name), &req).await?;
+            if a.json {
+                return out_json_sorted(&image);
+            }
+            let kernel = image.default_kernel.as_deref().unwrap_or("default");
+            outln(&format!("{}: boots kernel {kernel}", image.name))
         }
         ImageCommand::Delete(a) => delete_all::<ImageView>(ctx, &a.names, a.json, image_path).await,
         ImageCommand::Prune(a) => {
@@ -164,6 +277,33 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> Result<()> {
             ))
         }
     }
+}
+
+/// `wick vm commit VM --name N`: an image from a stopped VM's root disk.
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// The VM (stopped) whose root disk becomes the image.
+    pub vm: String,
+    /// Name of the new image.
+    #[arg(long)]
+    pub name: String,
+    /// Replace an existing image of that name (root only).
+    #[arg(long)]
+    pub force: bool,
+    /// Print the new image as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `wick vm commit`: the daemon copies the disk as an operation, followed like a build.
+pub async fn commit(ctx: &Ctx, a: CommitArgs) -> Result<()> {
+    let req = CommitVmRequest {
+        name: a.name,
+        force: a.force,
+    };
+    let path = format!("/v1/vms/{}/commit", encode_segment(&a.vm));
+    let made = run_artifact_job(&ctx.client(), &path, &req).await?;
+    print_image(made.image, a.json)
 }
 
 fn image_path(name: &str) -> String {
@@ -213,6 +353,8 @@ fn source_text(source: &ImageSource) -> String {
         ImageSource::Build { suite, .. } => format!("build {suite}"),
         ImageSource::Import { path } => format!("import {}", path.display()),
         ImageSource::Oci { reference, .. } => format!("oci {reference}"),
+        ImageSource::Derived { base, .. } => format!("from {base}"),
+        ImageSource::Commit { vm, .. } => format!("commit of {vm}"),
     }
 }
 

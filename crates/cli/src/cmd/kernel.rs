@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use wick_model::api::{
-    ConfigView, ImportRequest, KernelFormat, KernelList, KernelView, PullKernelRequest,
+    ConfigView, DriverState, ImportRequest, KernelFeature, KernelFormat, KernelList, KernelView,
+    PullKernelRequest,
 };
 
 use super::image::{absolute, delete_all, out_json_sorted, ListArgs, NameArg};
@@ -145,6 +146,8 @@ fn kernel_table(kernels: &[KernelView], now: i64) -> String {
             "VERSION",
             "FROM",
             "INITRAMFS",
+            "ENTRY",
+            "DRIVERS",
             "USED BY",
             "IMPORTED",
         ],
@@ -156,12 +159,36 @@ fn kernel_table(kernels: &[KernelView], now: i64) -> String {
                     r.version.clone(),
                     format_text(r.source_format).into(),
                     if r.needs_initramfs { "yes" } else { "no" }.into(),
+                    if r.has_pvh_note { "pvh" } else { "elf" }.into(),
+                    drivers_text(&r.features),
                     render::names_or_dash(&r.used_by),
                     render::relative_age(now - r.imported_at as i64),
                 ]
             })
             .collect(),
     )
+}
+
+/// `blk:M net:M vsock:M console:B …`: B built in, M module, - missing, ? unknown (a kernel
+/// imported without modules, assumed built in).
+fn drivers_text(features: &[KernelFeature]) -> String {
+    if features.is_empty() {
+        return "-".into();
+    }
+    features
+        .iter()
+        .map(|f| {
+            let short = f.feature.trim_start_matches("virtio-");
+            let mark = match f.state {
+                DriverState::Builtin => "B",
+                DriverState::Module => "M",
+                DriverState::Missing => "-",
+                DriverState::Unknown => "?",
+            };
+            format!("{short}:{mark}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -175,7 +202,9 @@ mod tests {
             "source_format": "deb", "vmlinux": "/k/vmlinux", "bzimage": null,
             "compression": null, "initrd": null, "modules_dir": null, "has_pvh_note": true,
             "needs_initramfs": true, "initrd_modules": [], "builtin_drivers": [],
-            "warnings": [], "imported_at": 1000, "used_by": []
+            "warnings": [], "imported_at": 1000, "used_by": [],
+            "features": [{"feature": "virtio-blk", "driver": "virtio_blk", "state": "module"},
+                         {"feature": "vsock", "driver": "v", "state": "builtin"}]
         }]))
         .unwrap();
         let t = kernel_table(&rows, 1000 + 7200);
@@ -183,7 +212,7 @@ mod tests {
             t.lines()
                 .nth(1)
                 .unwrap()
-                .contains("default   6.1.0-28-cloud-amd64   deb    yes         -         2h ago"),
+                .contains("default   6.1.0-28-cloud-amd64   deb    yes         pvh     blk:M vsock:B   -         2h ago"),
             "{t}"
         );
         assert_eq!(kernel_path("k"), "/v1/kernels/k");

@@ -33,6 +33,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
         VmCommand::Resume(a) => lifecycle(ctx, LifecycleOp::Resume, a).await,
         VmCommand::Delete(a) => lifecycle(ctx, LifecycleOp::Delete, a).await,
         VmCommand::Kill(a) => kill(ctx, a).await,
+        VmCommand::Commit(a) => super::image::commit(ctx, a).await,
         VmCommand::List(a) => list(ctx, a.json, a.all).await,
         VmCommand::Show(a) => {
             let vm: VmRecord = ctx.client().get(&vm_path(&a.vm, "")).await?;

@@ -10,15 +10,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use wick_model::api::{
-    ApiError, BuildImageRequest, ErrorCode, ImageList, ImageView, ImportRequest, Operation,
-    PruneImagesResult, PullImageRequest,
+    ApiError, BuildImageRequest, CommitVmRequest, ErrorCode, ImageList, ImageView, ImportRequest,
+    Operation, PruneImagesResult, PullImageRequest, SetImageRequest,
 };
 use wick_model::VmRecord;
 
 use super::{Body, PeerCred, Valid};
 use crate::artifacts::jobs::Job;
 use crate::artifacts::{image_view, DEFAULT_IMAGE};
-use crate::daemon::Daemon;
+use crate::daemon::{Caller, Daemon};
 use crate::error::{Error, Result};
 
 type D = State<Arc<Daemon>>;
@@ -31,7 +31,11 @@ pub(super) fn routes() -> Router<Arc<Daemon>> {
         .route("/v1/images/pull", post(pull_image))
         .route("/v1/images/build", post(build_image))
         .route("/v1/images/prune", post(prune_images))
-        .route("/v1/images/{name}", get(show_image).delete(delete_image))
+        .route(
+            "/v1/images/{name}",
+            get(show_image).delete(delete_image).patch(set_image),
+        )
+        .route("/v1/vms/{vm}/commit", post(commit_vm))
 }
 
 /// Refuses non-root callers: images and kernels are shared by every user's VMs.
@@ -103,6 +107,27 @@ pub(super) async fn delete_image(
     Ok(Json(image_view(rec, &[])))
 }
 
+/// Sets the image's default kernel (root only: images are shared).
+#[utoipa::path(patch, path = "/v1/images/{name}", request_body = SetImageRequest,
+    params(("name" = String, Path, description = "image name")),
+    responses((status = 200, body = ImageView, description = "the changed image"),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, a bad image name, or no managed kernel of that name", body = ApiError),
+        (status = 403, description = "only root can change images (`permission_denied`)", body = ApiError),
+        (status = 404, description = "no such image (`not_found`)", body = ApiError),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
+pub(super) async fn set_image(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Valid(Path(name)): Valid<Path<String>>,
+    Body(req): Body<SetImageRequest>,
+) -> Result<Json<ImageView>> {
+    require_root(&c, "change images")?;
+    let kernel = req.kernel.filter(|k| !k.is_empty());
+    let rec = d.artifacts.set_image_kernel(&name, kernel).await?;
+    let vms = visible_vms(&d, &c)?;
+    Ok(Json(image_view(rec, &vms)))
+}
+
 #[utoipa::path(post, path = "/v1/images/prune",
     responses((status = 200, body = PruneImagesResult),
         (status = 403, description = "only root can prune images (`permission_denied`)", body = ApiError),
@@ -151,12 +176,16 @@ pub(super) async fn pull_image(
     accepted(&d, &c, job.into())
 }
 
-/// Builds the golden Debian image (wick-agent injected) as an operation.
+/// Builds an image as an operation: without `from`, the golden Debian image (root only);
+/// with `from`, an image derived from `from` by a builder VM (any socket user; replacing an
+/// existing name with `force` is root's). A derived build whose inputs match an image's
+/// `build_key` is a cache hit: its operation has already succeeded.
 #[utoipa::path(post, path = "/v1/images/build", request_body = BuildImageRequest,
     responses((status = 202, body = Operation),
-        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, or a bad or reserved name", body = ApiError),
-        (status = 403, description = "only root can build images (`permission_denied`)", body = ApiError),
-        (status = 409, description = "the name is taken, or another operation is making it (`conflict`)", body = ApiError),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, a bad or reserved name, a bad package or suite name, `from` without `name`, a bad `copy` path or mode", body = ApiError),
+        (status = 403, description = "only root can build the golden image or replace an image (`permission_denied`), or the caller cannot read a `copy` source", body = ApiError),
+        (status = 404, description = "no such base image (`not_found`)", body = ApiError),
+        (status = 409, description = "the name is taken, used by a VM, or another operation is making it (`conflict`)", body = ApiError),
         (status = 412, description = "no wick-agent binary to inject (`failed_precondition`)", body = ApiError),
         (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
 pub(super) async fn build_image(
@@ -164,10 +193,40 @@ pub(super) async fn build_image(
     c: ConnectInfo<PeerCred>,
     Body(req): Body<BuildImageRequest>,
 ) -> Result<Response> {
-    require_root(&c, "build images")?;
+    if req.from.is_some() {
+        let op = d.build_image(req, Caller { uid: c.0.uid }).await?;
+        return Ok((StatusCode::ACCEPTED, Json(op)).into_response());
+    }
+    require_root(&c, "build the golden image")?;
+    if !req.run.is_empty() || !req.copy.is_empty() || req.force {
+        return Err(Error::invalid(
+            "run, copy and force need `from` (a derived build); the golden build takes suite \
+             and packages",
+        ));
+    }
     let name = req.name.unwrap_or_else(|| DEFAULT_IMAGE.to_string());
-    let job = d.artifacts.image_build(name)?;
+    let job = d.artifacts.image_build(name, req.suite, req.packages)?;
     accepted(&d, &c, job.into())
+}
+
+/// Makes an image from a stopped VM's root disk, as an operation.
+#[utoipa::path(post, path = "/v1/vms/{vm}/commit", request_body = CommitVmRequest,
+    params(("vm" = String, Path, description = "VM name or id")),
+    responses((status = 202, body = Operation),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed body, a bad or reserved name", body = ApiError),
+        (status = 403, description = "only root can replace an image (`permission_denied`)", body = ApiError),
+        (status = 404, description = "no such VM (`not_found`)", body = ApiError),
+        (status = 409, description = "the VM is not stopped or is busy, the name is taken or used, or another operation is making it (`conflict`)", body = ApiError),
+        (status = 412, description = "the VM has no root disk (`failed_precondition`)", body = ApiError),
+        (status = 500, description = "internal error, e.g. reading the store (`internal`)", body = ApiError)))]
+pub(super) async fn commit_vm(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Valid(Path(vm)): Valid<Path<String>>,
+    Body(req): Body<CommitVmRequest>,
+) -> Result<Response> {
+    let op = d.commit_vm(&vm, req, Caller { uid: c.0.uid })?;
+    Ok((StatusCode::ACCEPTED, Json(op)).into_response())
 }
 
 #[cfg(test)]
@@ -198,14 +257,26 @@ mod tests {
             ("/v1/images", "get", &["200", "500"], None),
             ("/v1/images/{name}", "get", read, None),
             ("/v1/images/{name}", "delete", delete, None),
+            (
+                "/v1/images/{name}",
+                "patch",
+                &["200", "400", "403", "404", "500"],
+                Some("SetImageRequest"),
+            ),
             ("/v1/images/prune", "post", &["200", "403", "500"], None),
             ("/v1/images/import", "post", job, Some("ImportRequest")),
             ("/v1/images/pull", "post", job, Some("PullImageRequest")),
             (
                 "/v1/images/build",
                 "post",
-                &["202", "400", "403", "409", "412", "500"],
+                &["202", "400", "403", "404", "409", "412", "500"],
                 Some("BuildImageRequest"),
+            ),
+            (
+                "/v1/vms/{vm}/commit",
+                "post",
+                &["202", "400", "403", "404", "409", "412", "500"],
+                Some("CommitVmRequest"),
             ),
             ("/v1/kernels", "get", &["200", "500"], None),
             ("/v1/kernels/{name}", "get", read, None),

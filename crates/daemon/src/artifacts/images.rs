@@ -109,6 +109,21 @@ impl Artifacts {
         blocking(move || Ok(store.delete(&name)?)).await
     }
 
+    /// Sets image `name`'s default kernel (`None`: the kernel named `default`), which must be a
+    /// managed kernel.
+    pub async fn set_image_kernel(
+        &self,
+        name: &str,
+        kernel: Option<String>,
+    ) -> Result<ImageRecord> {
+        if let Some(k) = &kernel {
+            self.kernel_boot(k, false)?; // exists, or the error lists the kernels there are
+        }
+        let store = self.images.clone();
+        let name = name.to_string();
+        blocking(move || Ok(store.set_default_kernel(&name, kernel.as_deref())?)).await
+    }
+
     /// Removes image files no name points at, dead builds' staging directories and unused
     /// cached OCI layers.
     pub async fn prune_images(&self) -> Result<PruneImagesResult> {
@@ -187,12 +202,33 @@ impl Artifacts {
     }
 
     /// The job building the golden Debian image as `name` with wick-agent injected (which
-    /// must be found).
-    pub fn image_build(&self, name: String) -> Result<ImageJob> {
+    /// must be found), from `suite` (default: the configured one) with extra `packages`.
+    pub fn image_build(
+        &self,
+        name: String,
+        suite: Option<String>,
+        packages: Vec<String>,
+    ) -> Result<ImageJob> {
         self.check_new_image(&name)?;
+        super::build::check_packages(&packages)?;
+        if let Some(s) = &suite {
+            let ok = s.len() <= 32
+                && s.starts_with(|c: char| c.is_ascii_lowercase())
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !ok {
+                return Err(Error::invalid(format!(
+                    "{s:?} is not a Debian suite name (e.g. bookworm, trixie)"
+                )));
+            }
+        }
+        let mut extra_packages = self.golden.extra_packages.clone();
+        extra_packages.extend(packages);
         let opts = GoldenOptions {
             name: name.clone(),
             agent_bin: Some(self.agent_binary()?),
+            suite: suite.unwrap_or_else(|| self.golden.suite.clone()),
+            extra_packages,
             ..self.golden.clone()
         };
         Ok(self.image_job(name, Vec::new(), Work::Build { opts }))
@@ -288,8 +324,12 @@ mod tests {
         assert_eq!(e.err().unwrap().code(), ErrorCode::InvalidArgument);
         let e = a.image_pull("r:5000/x".into(), "Bad/Name".into(), false);
         assert!(e.err().unwrap().message().contains("invalid image name"));
-        let e = a.image_build("prune".into());
+        let e = a.image_build("prune".into(), None, Vec::new());
         assert_eq!(e.err().unwrap().code(), ErrorCode::InvalidArgument);
+        let e = a.image_build("g".into(), Some("Book worm".into()), Vec::new());
+        assert!(e.err().unwrap().message().contains("suite"));
+        let e = a.image_build("g".into(), None, vec!["--force-yes".into()]);
+        assert!(e.err().unwrap().message().contains("package"));
         let job = a.image_pull("r:5000/x".into(), "x".into(), false).unwrap();
         assert_eq!((job.kind(), job.name()), (OpKind::ImagePull, "x"));
         assert!(job.interruptible());

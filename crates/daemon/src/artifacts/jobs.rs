@@ -132,13 +132,13 @@ struct Cancelled;
 pub(super) struct Names(Arc<Mutex<HashSet<String>>>);
 
 /// A reserved name, released on drop.
-struct Reserved {
+pub(crate) struct Reserved {
     names: Names,
     key: String,
 }
 
 impl Names {
-    fn reserve(&self, key: String) -> Result<Reserved> {
+    pub(super) fn reserve(&self, key: String) -> Result<Reserved> {
         let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if !set.insert(key.clone()) {
             let (what, name) = key.split_once(':').unwrap_or(("artifact", &key));
@@ -161,6 +161,12 @@ impl Drop for Reserved {
 }
 
 impl Artifacts {
+    /// Reserves image name `name` for a job that makes it outside [`Artifacts::start`] (a
+    /// derived build, a commit) until the returned guard drops.
+    pub(crate) fn reserve_image(&self, name: &str) -> Result<Reserved> {
+        self.jobs.reserve(format!("image:{name}"))
+    }
+
     /// Starts `job` as an operation of `owner` and returns it (running). The job runs to its
     /// end in its own task, also when nobody follows the operation.
     pub fn start(&self, ops: &Ops, owner: u32, job: impl Into<Job>) -> Result<Arc<OpEntry>> {

@@ -64,6 +64,32 @@ impl Artifacts {
         Ok(self.kernels.list()?)
     }
 
+    /// The boot files of managed kernel `name` (`vm create --kernel`): the bzImage for QEMU
+    /// when there is one, else the ELF vmlinux, and its initramfs. An unknown name is an
+    /// `invalid_argument` listing the kernels there are.
+    pub fn kernel_boot(&self, name: &str, qemu: bool) -> Result<(PathBuf, Option<PathBuf>)> {
+        let k = match self.kernels.get(name) {
+            Ok(k) => k,
+            Err(KernelError::NotFound(_)) => {
+                let names: Vec<String> = self.list_kernels()?.into_iter().map(|k| k.name).collect();
+                return Err(Error::invalid(format!(
+                    "no kernel named {name:?}; managed kernels: {} (`wick kernel list`)",
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let kernel = match (qemu, k.bzimage) {
+            (true, Some(bz)) => bz,
+            _ => k.vmlinux,
+        };
+        Ok((kernel, k.initrd))
+    }
+
     /// The kernel called `name`.
     pub fn get_kernel(&self, name: &str) -> Result<KernelRecord> {
         Ok(self.kernels.get(name)?)

@@ -8,6 +8,8 @@
 //!   ([`kernels`]). Everything slow runs on the blocking pool.
 //! - [`jobs`]: import, pull and build as operations (the same records, event streams and
 //!   cancel as VM operations), removing what a cancelled or failed job left behind.
+//! - [`build`]: derived builds (`image build --from`: a builder VM, a cache keyed by the
+//!   inputs) and `vm commit`, as operations.
 //! - [`Artifacts::resolve`]: an image name to the files a VM boots ([`BootArtifacts`]): the
 //!   image's rootfs and work-seed, and its default kernel (else the kernel named `default`).
 //! - [`Artifacts::ensure_default`] ([`first_use`]): on first use, downloads the Debian cloud
@@ -18,6 +20,8 @@
 //! initrd) path lies inside that kernel's store directory (kernel directories are
 //! content-addressed, so the path identifies the kernel even if it is renamed).
 
+pub mod build;
+mod builder;
 pub mod first_use;
 pub mod images;
 pub mod jobs;
@@ -198,6 +202,20 @@ pub fn image_view(image: ImageRecord, vms: &[VmRecord]) -> ImageView {
                 digest,
                 layers,
             },
+            S::Derived {
+                base,
+                base_id,
+                packages,
+                run,
+                copied,
+            } => V::Derived {
+                base,
+                base_id,
+                packages,
+                run,
+                copied,
+            },
+            S::Commit { vm, base } => V::Commit { vm, base },
         },
         name: image.name,
         id: image.id,
@@ -207,6 +225,7 @@ pub fn image_view(image: ImageRecord, vms: &[VmRecord]) -> ImageView {
         size: image.size,
         default_kernel: image.default_kernel,
         agent_injected: image.agent_injected,
+        build_key: image.build_key,
         used_by,
     }
 }
@@ -217,6 +236,19 @@ pub fn kernel_view(kernel: KernelRecord, vms: &[VmRecord]) -> KernelView {
     use wick_kernel::KernelFormat as F;
     use wick_model::api::{KernelCompression as VC, KernelFormat as VF};
     let used_by = kernel_users(&kernel, vms);
+    let features = wick_kernel::caps::features(&kernel)
+        .into_iter()
+        .map(|f| wick_model::api::KernelFeature {
+            feature: f.feature,
+            driver: f.driver,
+            state: match f.state {
+                wick_kernel::caps::DriverState::Builtin => wick_model::api::DriverState::Builtin,
+                wick_kernel::caps::DriverState::Module => wick_model::api::DriverState::Module,
+                wick_kernel::caps::DriverState::Missing => wick_model::api::DriverState::Missing,
+                wick_kernel::caps::DriverState::Unknown => wick_model::api::DriverState::Unknown,
+            },
+        })
+        .collect();
     KernelView {
         source_format: match kernel.source_format {
             F::Elf => VF::Elf,
@@ -244,6 +276,7 @@ pub fn kernel_view(kernel: KernelRecord, vms: &[VmRecord]) -> KernelView {
         builtin_drivers: kernel.builtin_drivers,
         warnings: kernel.warnings,
         imported_at: kernel.imported_at,
+        features,
         used_by,
     }
 }
@@ -490,6 +523,12 @@ mod tests {
         // The wire type is the record's JSON plus `used_by`, field for field.
         let mut want = serde_json::to_value(&k).unwrap();
         want["used_by"] = serde_json::json!(["a1"]);
+        // Plus what it can do: no modules, so every driver is assumed built in.
+        let features: Vec<_> = wick_kernel::caps::FEATURES
+            .iter()
+            .map(|(f, d)| serde_json::json!({"feature": f, "driver": d, "state": "unknown"}))
+            .collect();
+        want["features"] = serde_json::json!(features);
         let got = serde_json::to_value(kernel_view(k, &vms)).unwrap();
         assert_eq!(got, want);
 

@@ -57,6 +57,16 @@ impl Daemon {
                     && !self.artifacts.default_ready() => {}
             Err(e) => return Err(e),
         }
+        if let Some(k) = &req.kernel {
+            if spec.kernel.as_os_str().is_empty() {
+                return Err(Error::precondition(
+                    "--kernel needs the image ready, and the default image is prepared on first \
+                     use: create one VM without --kernel first",
+                ));
+            }
+            let (kernel, initrd) = self.artifacts.kernel_boot(k, self.vmm.name() == "qemu")?;
+            (spec.kernel, spec.initrd) = (kernel, initrd);
+        }
         Ok(spec)
     }
 

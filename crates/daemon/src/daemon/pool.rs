@@ -305,7 +305,12 @@ impl Daemon {
         }
         let key = pool_key(spec);
         let taken = self.store.take_pooled(
-            |v| v.state == VmState::Running && pool_key(&v.spec) == key,
+            // pool_key keeps the kernel: a VM booted with another kernel never serves.
+            |v| {
+                v.state == VmState::Running
+                    && v.spec.kernel == spec.kernel
+                    && pool_key(&v.spec) == key
+            },
             |mut v| {
                 let t = now();
                 v.name = name.to_string();
@@ -466,5 +471,28 @@ fn check(status: CheckStatus, detail: String, hint: Option<&str>) -> Check {
         status,
         detail,
         hint: hint.map(str::to_string),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_booting_another_kernel_never_matches() {
+        let a = VmSpec {
+            kernel: "/kernels/a/vmlinux".into(),
+            ..Default::default()
+        };
+        let other_kernel = VmSpec {
+            kernel: "/kernels/b/vmlinux".into(),
+            ..a.clone()
+        };
+        assert_ne!(pool_key(&a), pool_key(&other_kernel));
+        let other_identity = VmSpec {
+            ssh_keys: vec!["ssh-ed25519 AAAA".into()],
+            ..a.clone()
+        };
+        assert_eq!(pool_key(&a), pool_key(&other_identity));
     }
 }

@@ -167,6 +167,7 @@ impl WickMcp {
         let args = VmSpecArgs {
             name: spec.name,
             image: spec.image,
+            kernel: None,
             vcpu: spec.vcpu,
             memory: spec.memory,
             disk_size: spec.disk,
