@@ -29,6 +29,8 @@ pub struct Project {
     /// The file this came from.
     pub source: PathBuf,
     pub image: Option<String>,
+    /// A managed kernel (`wick kernel list`), as `--kernel`.
+    pub kernel: Option<String>,
     pub vcpu: Option<i64>,
     pub memory: Option<String>,
     pub disk: Option<String>,
@@ -91,6 +93,7 @@ impl Project {
     /// file's allowlist (they contradict each other).
     pub fn fill(&self, args: &mut VmSpecArgs) {
         fill(&mut args.image, &self.image);
+        fill(&mut args.kernel, &self.kernel);
         fill(&mut args.vcpu, &self.vcpu);
         fill(&mut args.memory, &self.memory);
         fill(&mut args.disk_size, &self.disk);
@@ -109,6 +112,9 @@ impl Project {
         let mut parts = Vec::new();
         if let Some(i) = &self.image {
             parts.push(format!("image {i}"));
+        }
+        if let Some(k) = &self.kernel {
+            parts.push(format!("kernel {k}"));
         }
         if !self.setup.is_empty() {
             parts.push(format!(

@@ -522,3 +522,106 @@ fn kernel_choice() {
     e.env.wick_ok(&["image", "set", "base", "--default-kernel"]);
     assert!(e.image("base")["default_kernel"].is_null());
 }
+
+/// A one-commit git repository at `dir` holding `files`; `None` (skipped) without git.
+fn git_repo(dir: &Path, files: &[(&str, &str)]) -> Option<()> {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    for (path, content) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    let ok =
+        git(&["init", "-q", "-b", "main"]) && git(&["add", "-A"]) && git(&["commit", "-qm", "p"]);
+    if !ok {
+        wick_testkit::skip(format_args!("git is missing"));
+        return None;
+    }
+    Some(())
+}
+
+/// A repository's setup steps (wick.toml `[setup]`, devcontainer.json `postCreateCommand`) are
+/// baked into an image once; later runs use that image, and the run commands run every time.
+#[test]
+fn project_setup_runs_once_per_image() {
+    if !root() {
+        return;
+    }
+    let Some(e) = Env::new(false, None) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("r");
+    let toml = "image = \"base\"\n[setup]\ncommands = [\"echo setup-step-ran\"]\n";
+    if git_repo(&repo, &[("wick.toml", toml)]).is_none() {
+        return;
+    }
+    let g = tmp.path().join("g/repo");
+    let run = |what: &str| {
+        let out = e.env.wick(&[
+            "vm",
+            "run",
+            "--rm",
+            "--guest-path",
+            g.to_str().unwrap(),
+            repo.to_str().unwrap(),
+            "--",
+            "true",
+        ]);
+        assert!(out.status.success(), "{what}: {}", text(&out));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let first = run("first run");
+    assert!(
+        first.contains("setup: building image base-setup-"),
+        "{first}"
+    );
+    assert!(
+        first.contains("setup-step-ran"),
+        "the step's output is shown: {first}"
+    );
+    let built: Vec<_> = e
+        .image_names()
+        .into_iter()
+        .filter(|n| n.starts_with("base-setup-"))
+        .collect();
+    assert_eq!(built.len(), 1, "{built:?}");
+    assert!(e.image(&built[0])["build_key"].is_string());
+
+    let second = run("second run");
+    assert!(second.contains("(built before)"), "{second}");
+    assert!(
+        !second.contains("setup-step-ran"),
+        "setup ran again: {second}"
+    );
+
+    // devcontainer.json's postCreateCommand is the same kind of setup.
+    let dc = tmp.path().join("d");
+    let json = r#"{"image": "base", "postCreateCommand": ["echo", "dc setup"]}"#;
+    git_repo(&dc, &[(".devcontainer/devcontainer.json", json)]).unwrap();
+    let gd = tmp.path().join("gd/repo");
+    let out = e.env.wick(&[
+        "vm",
+        "run",
+        "--rm",
+        "--guest-path",
+        gd.to_str().unwrap(),
+        dc.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("setup: building image base-setup-"), "{err}");
+    assert!(err.contains("dc setup"), "{err}");
+    e.assert_nothing_left("after the project runs");
+}

@@ -8,19 +8,23 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
-use wick_model::api::{ApiError, ErrorCode, ImageView, PullImageRequest};
+use wick_model::api::{
+    ApiError, BuildImageRequest, ConfigView, ErrorCode, ImageView, PullImageRequest,
+};
 
 use crate::cli::VmSpecArgs;
 use crate::client::{encode_segment, Client};
 use crate::progress::run_artifact_job;
-use crate::project::Project;
+use crate::project::{Project, Setup};
 use crate::render;
 
 /// Reads the project definition at `dir` (unless `skip`), prints it, and applies it to `args`.
+/// With `resolve` false (a dry run) nothing is pulled or built: `args.image` stays as written.
 pub(super) async fn apply(
     client: &Client,
     dir: &Path,
     skip: bool,
+    resolve: bool,
     args: &mut VmSpecArgs,
 ) -> Result<Option<Project>> {
     if skip {
@@ -34,17 +38,83 @@ pub(super) async fn apply(
     for note in &project.notes {
         eprintln!("{}", render::escape(&format!("warning: {file}:{note}")));
     }
-    if !project.setup.is_empty() {
-        anyhow::bail!(
-            "{}: setup steps need `wick image build --from`, which this wick does not have yet",
-            project.source.display()
-        );
-    }
     project.fill(args);
+    if !resolve {
+        return Ok(Some(project));
+    }
     if let Some(image) = args.image.clone() {
         args.image = Some(managed_image(client, &image).await?);
     }
+    if !project.setup.is_empty() {
+        let base = match args.image.clone() {
+            Some(image) => image,
+            None => default_image(client).await?,
+        };
+        args.image = Some(setup_image(client, &base, &project.setup).await?);
+    }
     Ok(Some(project))
+}
+
+/// The image a create without `--image` uses (config `default_image_name`).
+async fn default_image(client: &Client) -> Result<String> {
+    let cfg: ConfigView = client.get("/v1/config").await?;
+    Ok(cfg
+        .config
+        .get("default_image_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("default")
+        .to_string())
+}
+
+/// The image with the project's setup baked in: `image build --from BASE` with its packages and
+/// commands, named after the base image's id and the steps. A later run finds it by name, and a
+/// repeated build is answered by the daemon's input-keyed cache without a VM: the setup runs
+/// once per image, not once per VM.
+async fn setup_image(client: &Client, base: &str, setup: &Setup) -> Result<String> {
+    let base_view: ImageView = client
+        .get(&format!("/v1/images/{}", encode_segment(base)))
+        .await
+        .with_context(|| format!("the project's base image {base}"))?;
+    let name = setup_name(base, &base_view.id, setup);
+    if exists(client, &name).await? {
+        eprintln!(
+            "{}",
+            render::escape(&format!("setup: image {name} (built before)"))
+        );
+        return Ok(name);
+    }
+    eprintln!(
+        "{}",
+        render::escape(&format!("setup: building image {name} from {base}"))
+    );
+    let req = BuildImageRequest {
+        name: Some(name.clone()),
+        from: Some(base.to_string()),
+        packages: setup.packages.clone(),
+        run: setup.commands.clone(),
+        ..Default::default()
+    };
+    run_artifact_job(client, "/v1/images/build", &req)
+        .await
+        .context("building the project's setup image")?;
+    Ok(name)
+}
+
+/// `BASE-setup-<8 hex>`, the hash over the base image's id and the steps.
+fn setup_name(base: &str, base_id: &str, setup: &Setup) -> String {
+    let mut h = Sha256::new();
+    h.update(base_id.as_bytes());
+    for (tag, items) in [(b"p", &setup.packages), (b"c", &setup.commands)] {
+        for item in items {
+            h.update([0u8]);
+            h.update(tag);
+            h.update(item.as_bytes());
+        }
+    }
+    let hash = hex::encode(&h.finalize()[..4]);
+    let mut stem = base.to_string();
+    stem.truncate(40);
+    format!("{}-setup-{hash}", stem.trim_end_matches('-'))
 }
 
 /// The managed image for `image`: itself when it is an image name, else (an OCI reference such
@@ -135,6 +205,23 @@ mod tests {
         let long = pulled_name(&format!("{}:1", "x".repeat(200)));
         assert!(wick_model::validate_name(&long).is_ok(), "{long}");
         assert!(pulled_name("::").starts_with("oci-"));
+    }
+
+    #[test]
+    fn setup_names_follow_base_and_steps() {
+        let setup = |p: &[&str], c: &[&str]| Setup {
+            packages: p.iter().map(|s| s.to_string()).collect(),
+            commands: c.iter().map(|s| s.to_string()).collect(),
+        };
+        let a = setup_name("default", "id1", &setup(&["jq"], &["true"]));
+        assert!(a.starts_with("default-setup-"), "{a}");
+        assert!(wick_model::validate_name(&a).is_ok(), "{a}");
+        assert_eq!(a, setup_name("default", "id1", &setup(&["jq"], &["true"])));
+        assert_ne!(a, setup_name("default", "id2", &setup(&["jq"], &["true"])));
+        assert_ne!(
+            a,
+            setup_name("default", "id1", &setup(&[], &["jq", "true"]))
+        );
     }
 
     #[test]

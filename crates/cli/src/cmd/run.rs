@@ -44,8 +44,7 @@ pub async fn run(ctx: &Ctx, mut a: RunArgs) -> Result<()> {
     let client = ctx.client();
     let project = match &plan {
         Some(plan) => {
-            let resolve = !a.dry_run;
-            project::apply(&client, plan.root(), a.no_project || !resolve, &mut a.vm).await?
+            project::apply(&client, plan.root(), a.no_project, !a.dry_run, &mut a.vm).await?
         }
         None => None,
     };

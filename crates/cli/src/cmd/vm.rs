@@ -79,7 +79,7 @@ async fn create(ctx: &Ctx, mut args: CreateArgs) -> Result<()> {
         if !dir.is_dir() {
             anyhow::bail!("--from-dir {}: not a directory", dir.display());
         }
-        if super::project::apply(&client, dir, false, &mut args.vm)
+        if super::project::apply(&client, dir, false, true, &mut args.vm)
             .await?
             .is_none()
         {

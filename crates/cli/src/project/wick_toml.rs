@@ -13,6 +13,7 @@ use super::{at, check_env_name, check_port, check_size, Project, Setup};
 #[serde(deny_unknown_fields)]
 struct File {
     image: Option<Spanned<String>>,
+    kernel: Option<String>,
     vcpu: Option<Spanned<i64>>,
     memory: Option<Spanned<String>>,
     disk: Option<Spanned<String>>,
@@ -58,6 +59,7 @@ pub(super) fn parse(text: &str) -> Result<Project> {
     check(text, &file)?;
     Ok(Project {
         image: file.image.map(Spanned::into_inner),
+        kernel: file.kernel.filter(|k| !k.is_empty()),
         vcpu: file.vcpu.map(Spanned::into_inner),
         memory: file.memory.map(Spanned::into_inner),
         disk: file.disk.map(Spanned::into_inner),
@@ -108,10 +110,13 @@ fn check(text: &str, f: &File) -> Result<()> {
         check_env_name(text, name.span().start, "env", name.get_ref())?;
     }
     for p in &f.setup.packages {
-        let ok = !p.get_ref().is_empty()
-            && p.get_ref()
+        // The daemon's rule for Debian package names.
+        let name = p.get_ref();
+        let ok = name.len() <= 128
+            && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && name
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "+-.:=~".contains(c));
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+.-".contains(c));
         if !ok {
             return Err(at(
                 text,
@@ -134,6 +139,7 @@ mod tests {
 
     const FULL: &str = r#"
 image = "python"
+kernel = "k2"
 vcpu = 2
 memory = "2G"
 disk = "8G"
@@ -157,6 +163,7 @@ default = "make test"
     fn the_whole_schema() {
         let p = parse(FULL).unwrap();
         assert_eq!(p.image.as_deref(), Some("python"));
+        assert_eq!(p.kernel.as_deref(), Some("k2"));
         assert_eq!(p.vcpu, Some(2));
         assert_eq!(p.memory.as_deref(), Some("2G"));
         assert_eq!(p.disk.as_deref(), Some("8G"));
