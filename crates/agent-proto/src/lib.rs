@@ -72,6 +72,7 @@
 mod client;
 mod frame;
 mod msg;
+pub mod mux;
 pub mod pipe;
 mod relay;
 pub mod tarfs;
