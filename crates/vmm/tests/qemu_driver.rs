@@ -1022,11 +1022,39 @@ async fn real_agent_survives_a_migration_to_a_file() {
         "RAM came back"
     );
     let rtt_after = exec_rtt(&client, 9).await;
+    drop(client);
+
+    // The sidecar dies and a new one takes over: the agent sees its host end close (EOF) and
+    // serves the next session.
+    let old_sidecar = vm.sidecar_pid();
+    let _ = proc::signal(
+        old_sidecar,
+        vm.handle.sidecars[0].start_time,
+        Signal::SIGKILL,
+    );
+    let tn = Instant::now();
+    let sidecar = vm
+        .qemu
+        .respawn_sidecar(&vm.handle, &vm.cfg, SPAWN_TIMEOUT)
+        .await
+        .expect("respawn the sidecar");
+    assert_ne!(sidecar.pid, Some(old_sidecar));
+    vm.handle.sidecars = vec![sidecar];
+    let client = wick_agent_proto::AgentClient::connect(
+        &vm.handle.vsock_socket,
+        wick_agent_proto::AGENT_PORT,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("agent after a new sidecar: {e}\n{}", vm.console()));
+    let (code, out) = guest_exec(&client, &["cat", "/dev/shm/wick-marker"]).await;
+    assert_eq!((code, out.trim()), (Some(0), marker.as_str()));
+    let new_sidecar = tn.elapsed();
     eprintln!(
         "serial agent channel (TCG, 1 GiB guest): spawn->agent ready {cold:?}; exec rtt p50 \
          {rtt:?} before, {rtt_after:?} after restore; save (mapped-ram) {save_time:?} \
          (QEMU total {} ms, {} MiB RAM sent); file {} MiB long, {} MiB allocated; restore \
-         spawn+load {loaded:?}, ->agent answers {restored:?}",
+         spawn+load {loaded:?}, ->agent answers {restored:?}; new sidecar -> exec {new_sidecar:?}",
         saved.total_ms,
         saved.ram_bytes >> 20,
         len >> 20,

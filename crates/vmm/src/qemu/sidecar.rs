@@ -12,7 +12,9 @@ use wick_model::{Sidecar, VmmHandle};
 
 use super::cmdline::sidecar_args;
 use super::{Qemu, SIDECAR, SIDECAR_HOW};
-use crate::common::{find_process, open_log, trusted_start_time, vm_dir, with_tail};
+use crate::common::{
+    find_process, open_log, remove_vsock_sockets, trusted_start_time, vm_dir, with_tail,
+};
 use crate::{VmmConfig, VmmError};
 
 impl Qemu {
@@ -48,6 +50,25 @@ impl Qemu {
             }
         }
         Ok(())
+    }
+
+    /// Replaces the sidecar of a running QEMU (one that died, or any previous one): kills what
+    /// is left of it, starts a new one and returns its record, for the caller to persist. The
+    /// guest's agent sees the old host end close and serves the new sidecar's session.
+    pub async fn respawn_sidecar(
+        &self,
+        handle: &VmmHandle,
+        cfg: &VmmConfig,
+        timeout: Duration,
+    ) -> Result<Sidecar, VmmError> {
+        self.kill_sidecars(handle)?;
+        remove_vsock_sockets(&handle.vsock_socket);
+        let (child, sidecar) = self
+            .spawn_sidecar(handle, cfg, Instant::now() + timeout, timeout)
+            .await?;
+        // Dropping the Child leaves it running; tokio reaps it when it exits.
+        drop(child);
+        Ok(sidecar)
     }
 
     /// Spawns the sidecar (QEMU already serves the agent socket) and waits until it serves the

@@ -112,3 +112,29 @@ async fn a_new_host_gets_a_fresh_session_past_torn_and_stale_frames() {
     host.abort();
     guest.abort();
 }
+
+/// A hostile guest: megabytes without a frame boundary, corrupt frames, a flood of `Reset`s and
+/// acks for nonces it guessed. The host stays bounded, opens nothing meanwhile, and serves a
+/// well-behaved agent that comes after.
+#[tokio::test]
+async fn a_hostile_guest_cannot_wedge_the_host() {
+    // Room for every Hello the host answers the Resets with (nobody reads them yet).
+    let (h2g_w, mut h2g_r) = tokio::io::duplex(1 << 20);
+    let (mut g2h_w, g2h_r) = tokio::io::duplex(1 << 16);
+    let opener = Opener::default();
+    let host = tokio::spawn(host_link(g2h_r, h2g_w, opener.clone()));
+    g2h_w.write_all(&vec![0x41; 8 << 20]).await.unwrap();
+    let mut bad = encode(&Frame::Data(vec![9; 100]));
+    bad[10] ^= 1;
+    for i in 0..2000u64 {
+        g2h_w.write_all(&bad).await.unwrap();
+        g2h_w.write_all(&encode(&Frame::Reset)).await.unwrap();
+        g2h_w.write_all(&encode(&Frame::HelloAck(i))).await.unwrap();
+    }
+    assert!(!opener.connected(), "no session from guessed acks");
+    // Now a real agent on the same port.
+    let guest = tokio::spawn(async move { guest_link(&mut h2g_r, g2h_w, echo).await });
+    assert_eq!(round_trip(&opener, b"still works").await, b"still works");
+    host.abort();
+    guest.abort();
+}
