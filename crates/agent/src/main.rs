@@ -1,7 +1,8 @@
 //! `wick-agent`: the guest companion of wick.
 //!
 //! Runs inside every guest (a systemd unit in wick images), listens on AF_VSOCK port
-//! [`wick_agent_proto::AGENT_PORT`] and serves the protocol of `wick-agent-proto`: hello, boot-time
+//! [`wick_agent_proto::AGENT_PORT`] (Firecracker) and on the virtio-serial port `wick.agent`
+//! when the VM has one (QEMU; streams multiplexed, see `serial`), and serves the protocol of `wick-agent-proto`: hello, boot-time
 //! configuration, exec (pipes or a PTY), tar put/get, listening ports, health and poweroff. Each
 //! connection carries one request; connections are served concurrently. Logs go to stderr
 //! (journald collects them).
@@ -14,6 +15,7 @@ mod configure;
 mod exec;
 mod files;
 mod hostkeys;
+mod serial;
 mod server;
 mod sysinfo;
 mod vsock;
@@ -108,20 +110,31 @@ async fn run(args: Args, ctx: Arc<server::Ctx>) -> Result<(), String> {
             }
         }
     }
-    let listener = vsock::VsockListener::bind(args.port).map_err(|e| {
-        format!(
-            "cannot listen on vsock port {}: {e} (is the vsock transport module loaded in the \
-             guest?)",
-            args.port
-        )
-    })?;
+    // QEMU guests: the agent channel is a virtio-serial port (it may still be probing).
+    let serial = serial::find_port(std::path::Path::new(serial::SYS_PORTS));
+    {
+        let (ctx, port) = (ctx.clone(), args.port);
+        tokio::spawn(async move {
+            let dev = serial::wait_for_port(std::path::Path::new(serial::SYS_PORTS)).await;
+            serial::serve(dev, port, ctx).await
+        });
+    }
+    let listener = match vsock::VsockListener::bind(args.port) {
+        Ok(l) => l,
+        Err(e) if serial.is_some() => {
+            tracing::info!("wick-agent {version}: no vsock ({e}); serving the virtio-serial port");
+            return std::future::pending().await;
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot listen on vsock port {}: {e} (is the vsock transport module loaded in \
+                 the guest?), and there is no virtio-serial port named {}",
+                args.port,
+                wick_agent_proto::mux::PORT_NAME
+            ))
+        }
+    };
     tracing::info!("wick-agent {version} listening on vsock port {}", args.port);
-    std::thread::spawn(|| {
-        vsock::nudge(
-            std::time::Duration::from_secs(60),
-            std::time::Duration::from_millis(500),
-        )
-    });
     loop {
         match listener.accept().await {
             Ok(stream) => {

@@ -52,36 +52,6 @@ impl VsockListener {
     }
 }
 
-/// Port the agent's [`nudge`] connections go to on the host; nothing listens there.
-const NUDGE_PORT: u32 = wick_agent_proto::AGENT_PORT + 1;
-
-/// Works around a lost wakeup in the host's vhost-user vsock backend (seen with
-/// vhost-device-vsock 0.3 under TCG): when the guest is busy as the first host connection
-/// arrives, packets for the guest can stay queued in the backend until the guest next sends
-/// something, and the agent then never sees the host. For `period` after start, the agent
-/// opens (and drops) a connection to the host every `every`: each one makes the backend
-/// process its queues. The host refuses them (nobody listens on [`NUDGE_PORT`]).
-pub fn nudge(period: std::time::Duration, every: std::time::Duration) {
-    let end = std::time::Instant::now() + period;
-    while std::time::Instant::now() < end {
-        if let Ok(fd) = socket(
-            AddressFamily::Vsock,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            None,
-        ) {
-            let _ = nix::sys::socket::connect(
-                fd.as_raw_fd(),
-                &VsockAddr::new(libc::VMADDR_CID_HOST, NUDGE_PORT),
-            );
-            std::thread::sleep(every);
-            drop(fd);
-        } else {
-            std::thread::sleep(every);
-        }
-    }
-}
-
 fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd stays open and unchanged until the AsyncFd drops it.
     unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)

@@ -35,7 +35,8 @@ pub struct Config {
     /// QEMU binary (default `qemu-system-x86_64` on PATH).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_bin: Option<PathBuf>,
-    /// QEMU's vsock device sidecar (default `vhost-device-vsock` on PATH or in cargo's bin dir).
+    /// Ignored: QEMU's agent channel no longer uses `vhost-device-vsock` (its sidecar is wickd
+    /// itself, `wickd vsock-mux`). Accepted so that older config files still load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vhost_vsock_bin: Option<PathBuf>,
     /// QEMU acceleration: `auto` (probe KVM once, fall back to TCG), `kvm`, `tcg`.

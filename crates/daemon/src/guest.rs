@@ -3,7 +3,7 @@
 //! connections for `POST /v1/vms/{vm}/agent`.
 //!
 //! The host side of vsock is the VMM's hybrid Unix socket (`CONNECT <port>\n` → `OK …\n`), the
-//! same for Firecracker and for QEMU's vhost-device-vsock sidecar. wickd never opens AF_VSOCK.
+//! same for Firecracker and for QEMU's agent-channel sidecar (`wickd vsock-mux`). wickd never opens AF_VSOCK.
 
 use std::time::{Duration, Instant};
 

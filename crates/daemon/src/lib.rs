@@ -180,7 +180,8 @@ pub fn build_vmm(config: &config::Config, paths: &wick_model::Paths) -> Arc<dyn 
                 .as_deref()
                 .and_then(|a| a.parse().ok())
                 .unwrap_or(Accel::Auto),
-            vhost_vsock_bin: config.vhost_vsock_bin.clone(),
+            // The agent-channel sidecar is this binary (`wickd vsock-mux`).
+            sidecar_bin: None,
             accel_cache: Some(paths.state.join("accel-probe.json")),
             ..QemuOptions::default()
         })

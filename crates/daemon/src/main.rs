@@ -24,6 +24,11 @@ struct Args {
 fn main() {
     // Before anything is created: VM disks, consoles and the database are private.
     wick_daemon::perms::set_umask();
+    // Hidden mode: a QEMU VM's agent-channel sidecar, exec'ed confined by the QEMU driver.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).and_then(|a| a.to_str()) == Some(wick_vmm::qemu::mux::SUBCOMMAND) {
+        std::process::exit(wick_vmm::qemu::mux::main(&argv[2..]));
+    }
     let args = Args::parse();
     let root = args.root.filter(|p| !p.as_os_str().is_empty());
     let paths = Paths::new(root.as_deref());

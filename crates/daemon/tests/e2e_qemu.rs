@@ -1,7 +1,7 @@
 //! End to end with a real guest: QEMU (TCG) boots the Debian cloud kernel through wick-init
-//! into the golden image, wick-agent comes up over vsock, and the VM is used for real — inside a
-//! private network namespace. Skipped (with the reason) where QEMU, vhost-device-vsock, the
-//! Debian mirror or root are missing.
+//! into the golden image, wick-agent comes up over its virtio-serial channel (through the
+//! `wickd vsock-mux` sidecar), and the VM is used for real — inside a private network namespace.
+//! Skipped (with the reason) where QEMU, the Debian mirror or root are missing.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -338,6 +338,24 @@ fn real_guest_end_to_end() {
         "host key after restart"
     );
 
+    // wickd dies (kill -9) and comes back: QEMU and its agent-channel sidecar keep running, are
+    // re-adopted, and the agent answers through the same sidecar.
+    let sidecar = env.wick_json(&["vm", "show", "g1"])["runtime"]["vmm"]["sidecars"][0]["pid"]
+        .as_u64()
+        .unwrap();
+    env.kill9();
+    env.start();
+    let v = env.wick_json(&["vm", "show", "g1"]);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(
+        v["runtime"]["vmm"]["sidecars"][0]["pid"].as_u64(),
+        Some(sidecar)
+    );
+    assert_eq!(
+        exec(&env, "g1", &["echo", "re-adopted"]),
+        (0, "re-adopted\n".to_string())
+    );
+
     // Delete leaves no process, TAP, rule, socket or file behind.
     env.wick_ok(&["vm", "delete", "g1"]);
     assert!(env.vmm_processes().is_empty());
@@ -363,7 +381,10 @@ fn real_guest_end_to_end() {
         "no file of the VMM uid is left: {:?}",
         owned_by(env.root(), jail_uid)
     );
-    assert!(dn
+    assert!(env
+        .netns
+        .as_ref()
+        .unwrap()
         .connect(
             "127.0.0.1:18000".parse().unwrap(),
             Duration::from_millis(500)

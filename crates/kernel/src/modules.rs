@@ -13,13 +13,14 @@ use std::path::{Path, PathBuf};
 
 use crate::{io_err, KernelError, Result};
 
-/// Drivers a wick guest needs: virtio-mmio transport, root/work disks, network, vsock (agent),
-/// and the root filesystem.
+/// Drivers a wick guest needs: virtio-mmio transport, root/work disks, network, the agent
+/// channel (vsock under Firecracker, a virtio-serial port under QEMU) and the root filesystem.
 pub const REQUIRED_DRIVERS: &[&str] = &[
     "virtio_mmio",
     "virtio_blk",
     "virtio_net",
     "vmw_vsock_virtio_transport",
+    "virtio_console",
     "ext4",
 ];
 
@@ -369,6 +370,7 @@ mod tests {
             "kernel/net/vmw_vsock/vsock.ko",
             "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
             "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
+            "kernel/drivers/char/virtio_console.ko",
         ] {
             touch(d, m);
         }
@@ -385,7 +387,8 @@ mod tests {
              kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n\
              kernel/net/vmw_vsock/vsock.ko:\n\
              kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/vsock.ko\n\
-             kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko kernel/net/vmw_vsock/vsock.ko\n",
+             kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko kernel/net/vmw_vsock/vsock.ko\n\
+             kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n",
         )
         .unwrap();
         let check = needs_initramfs(d).unwrap();
@@ -405,7 +408,8 @@ mod tests {
                 .position(|x| *x == n)
                 .unwrap_or_else(|| panic!("{n} missing in {names:?}"))
         };
-        assert_eq!(names.len(), 10, "{names:?}");
+        assert_eq!(names.len(), 11, "{names:?}");
+        assert!(pos("virtio_ring") < pos("virtio_console"));
         assert!(pos("virtio") < pos("virtio_mmio") && pos("virtio_ring") < pos("virtio_mmio"));
         assert!(pos("virtio_mmio") < pos("virtio_blk"));
         assert!(pos("failover") < pos("net_failover") && pos("net_failover") < pos("virtio_net"));
@@ -423,7 +427,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("modules.builtin"),
-            "kernel/drivers/virtio/virtio_mmio.ko\nkernel/drivers/block/virtio_blk.ko\nkernel/drivers/net/virtio_net.ko\nkernel/fs/ext4/ext4.ko\n",
+            "kernel/drivers/virtio/virtio_mmio.ko\nkernel/drivers/block/virtio_blk.ko\nkernel/drivers/net/virtio_net.ko\nkernel/drivers/char/virtio_console.ko\nkernel/fs/ext4/ext4.ko\n",
         )
         .unwrap();
         let check = needs_initramfs(dir.path()).unwrap();

@@ -68,6 +68,7 @@ fn debian_cloud_kernel_imports_with_initramfs() {
         "virtio_blk",
         "virtio_net",
         "vmw_vsock_virtio_transport",
+        "virtio_console",
     ] {
         assert!(
             rec.initrd_modules.contains(&m.to_string()),
@@ -83,6 +84,7 @@ fn debian_cloud_kernel_imports_with_initramfs() {
     };
     assert!(pos("virtio") < pos("virtio_blk") && pos("virtio_ring") < pos("virtio_mmio"));
     assert!(pos("vsock") < pos("vmw_vsock_virtio_transport"));
+    assert!(pos("virtio_ring") < pos("virtio_console"));
 
     // The initrd reads back: a static /init, every module, the list in the same order.
     let gz = std::fs::read(rec.initrd.as_ref().unwrap()).unwrap();
@@ -176,6 +178,7 @@ fn debian_cloud_kernel_boots_through_wick_init_under_qemu_tcg() {
         "virtio_mmio",
         "virtio_net",
         "vmw_vsock_virtio_transport",
+        "virtio_console",
     ] {
         assert!(modules_line.contains(m), "{m} not loaded: {modules_line}");
     }

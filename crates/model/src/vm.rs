@@ -198,7 +198,7 @@ pub struct VmmHandle {
     pub pid: Option<u32>,
     /// `/proc/<pid>/stat` start time (clock ticks since boot): guards against pid reuse.
     pub start_time: Option<u64>,
-    /// Helper processes the VMM needs (e.g. QEMU's vhost-user vsock device).
+    /// Helper processes the VMM needs (e.g. QEMU's agent-channel sidecar).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sidecars: Vec<Sidecar>,
 }
@@ -207,7 +207,7 @@ pub struct VmmHandle {
 /// it can be found again by scanning `/proc` for that argument even if its pid was never saved.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Sidecar {
-    /// What it is (`vhost-device-vsock`).
+    /// What it is (`vsock-mux`; `vhost-device-vsock` in older records).
     pub name: String,
     /// A path that appears verbatim on its command line.
     #[schema(value_type = String)]

@@ -93,6 +93,13 @@ fn build_static_init() -> Result<(PathBuf, PathBuf), String> {
     Ok((init, probe))
 }
 
+/// 32-bit FNV-1a of `s` (a short, stable name suffix).
+fn fnv1a(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
 fn on_path(bin: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
@@ -106,15 +113,6 @@ pub fn qemu_unavailable() -> Option<String> {
     }
     if !on_path("qemu-system-x86_64") {
         return Some("qemu-system-x86_64 is not installed (scripts/install-host-deps)".into());
-    }
-    let cargo_bin_dir = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin"));
-    if !on_path("vhost-device-vsock")
-        && !cargo_bin_dir.is_some_and(|d| d.join("vhost-device-vsock").is_file())
-    {
-        return Some(
-            "vhost-device-vsock is not installed (cargo install --locked vhost-device-vsock)"
-                .into(),
-        );
     }
     wick_image::testcache::golden_unavailable()
 }
@@ -132,9 +130,14 @@ pub fn guest_assets() -> Result<GuestAssets, String> {
     let init = static_wick_init()?;
     let deb = wick_kernel::debian::download_cloud_kernel(&cache().join("debian-kernel"))
         .map_err(|e| format!("Debian cloud kernel: {e}"))?;
-    let store = wick_kernel::store::KernelStore::new(cache().join("e2e-kernels"))
-        .map_err(|e| e.to_string())?
-        .with_init_binary(init);
+    // One store per initramfs driver list: a kernel imported before a driver was added (say
+    // virtio_console, QEMU's agent channel) is not reused, nor removed under another worktree's
+    // running test.
+    let drivers = fnv1a(&wick_kernel::REQUIRED_DRIVERS.join(","));
+    let store =
+        wick_kernel::store::KernelStore::new(cache().join(format!("e2e-kernels-{drivers:08x}")))
+            .map_err(|e| e.to_string())?
+            .with_init_binary(init);
     let rec = match store.get("debian") {
         Ok(r) => r,
         Err(_) => store

@@ -47,6 +47,7 @@ async fn one(kernel: &std::path::Path) -> Result<Run, String> {
         .map_err(|e| e.to_string())?;
     let qemu = Qemu::new(QemuOptions {
         accel: Accel::Tcg,
+        sidecar_bin: Some(wick_testkit::cargo_bin("wickd")),
         ..QemuOptions::default()
     });
     let mut h = qemu.plan(dir.path());

@@ -1,23 +1,26 @@
 //! The QEMU driver: `qemu-system-x86_64 -M microvm` with virtio-mmio disks and NIC (the same
-//! guest-visible shape as Firecracker), vsock through a `vhost-device-vsock` sidecar that serves
-//! Firecracker's hybrid vsock protocol on the VM's `vsock.sock`, and QMP for status and stop.
+//! guest-visible shape as Firecracker), the agent channel on a virtio-serial port (migratable,
+//! unlike vhost-user vsock) whose sidecar ([`mux`], `wickd vsock-mux`) serves Firecracker's hybrid
+//! vsock protocol on the VM's `vsock.sock`, and QMP for status, stop and migration ([`qmp`]).
 //! For hosts without Firecracker or without a KVM that can boot guests (`accel = auto` probes,
 //! see [`accel`]).
 //!
 //! Files inside the VM dir: `qmp.sock` (QMP; its `-qmp` argument identifies QEMU in `/proc`),
-//! `vhu.sock` (the sidecar's vhost-user socket; identifies the sidecar), `vsock.sock` (hybrid
-//! vsock; guest-initiated connections to port N show up as `vsock.sock_N`), `vmm.log` (QEMU's
-//! stderr, the sidecar's output and the serial console) and `accel-probe.log` (the last KVM
-//! probe's console, when this VM ran one).
+//! `agent.sock` (QEMU's end of the agent port; the sidecar's `--chardev` argument identifies the
+//! sidecar), `vsock.sock` (hybrid vsock, served by the sidecar), `vmm.log` (QEMU's stderr, the
+//! sidecar's output and the serial console) and `accel-probe.log` (the last KVM probe's console,
+//! when this VM ran one).
 //!
 //! QEMU takes the whole machine on its command line, so [`Vmm::spawn`] (which gets the
-//! [`VmmConfig`]) starts the sidecar, then QEMU **paused** (`-S`), and returns once QMP answers;
+//! [`VmmConfig`]) starts QEMU **paused** (`-S`), then the sidecar, and returns once both answer;
 //! [`Vmm::boot`] resumes the guest (`cont`) and waits for `query-status` to say `running`.
 
 pub mod accel;
 mod cmdline;
 mod doctor;
 mod failure;
+pub mod migrate;
+pub mod mux;
 pub mod qmp;
 mod sidecar;
 mod spawn;
@@ -47,13 +50,12 @@ use sidecar::{planned_sidecar, sidecar_socket};
 
 /// Driver name as stored in VM specs.
 pub const DRIVER: &str = "qemu";
-/// Name of the vsock sidecar in [`VmmHandle::sidecars`].
-pub const SIDECAR: &str = "vhost-device-vsock";
+/// Name of the agent-channel sidecar in [`VmmHandle::sidecars`].
+pub const SIDECAR: &str = "vsock-mux";
 
 const QEMU_HOW: &str = "install QEMU (Debian 12: `apt-get install -t bookworm-backports \
                         qemu-system-x86`), or set `qemu_bin` in wick's config.toml to its full path";
-const SIDECAR_HOW: &str = "install it with `cargo install --locked vhost-device-vsock`, or set \
-                           `vhost_vsock_bin` in wick's config.toml to its full path";
+const SIDECAR_HOW: &str = "the sidecar is wickd itself (`wickd vsock-mux`): reinstall wickd";
 
 /// How a VM's CPU is run, as configured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,8 +115,9 @@ pub struct QemuOptions {
     /// QEMU binary (a path, or a name looked up on `PATH`); default `qemu-system-x86_64`.
     pub bin: Option<PathBuf>,
     pub accel: Accel,
-    /// The vsock sidecar; default `vhost-device-vsock` on `PATH`, else in cargo's bin dir.
-    pub vhost_vsock_bin: Option<PathBuf>,
+    /// The program run as the agent-channel sidecar (`<bin> vsock-mux …`): wickd; default the
+    /// running executable.
+    pub sidecar_bin: Option<PathBuf>,
     /// Where `accel = auto` caches its verdict (e.g. `<state>/accel-probe.json`); `None` keeps
     /// it in memory only (one probe per driver instance).
     pub accel_cache: Option<PathBuf>,
@@ -127,7 +130,7 @@ impl Default for QemuOptions {
         QemuOptions {
             bin: None,
             accel: Accel::Auto,
-            vhost_vsock_bin: None,
+            sidecar_bin: None,
             accel_cache: None,
             probe_timeout: Duration::from_secs(10),
         }
@@ -146,14 +149,13 @@ pub struct Qemu {
     verdict: tokio::sync::Mutex<Option<AccelVerdict>>,
 }
 
-/// Where `cargo install` puts binaries: `$CARGO_HOME/bin`, else `~/.cargo/bin`.
-fn cargo_bin_dir() -> Option<PathBuf> {
-    if let Some(h) = std::env::var_os("CARGO_HOME").filter(|h| !h.is_empty()) {
-        return Some(PathBuf::from(h).join("bin"));
+/// The running executable (wickd), also when it was replaced on disk since it started.
+fn own_exe() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(p) => PathBuf::from(p),
+        None => exe,
     }
-    std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(|h| PathBuf::from(h).join(".cargo/bin"))
 }
 
 impl Qemu {
@@ -171,26 +173,7 @@ impl Qemu {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
         });
-        let sidecar_bin = resolve_bin(
-            opts.vhost_vsock_bin.as_deref(),
-            SIDECAR,
-            "vhost_vsock_bin",
-            SIDECAR_HOW,
-        )
-        .ok()
-        .or_else(|| {
-            // Not on PATH (e.g. a root service's PATH): where `cargo install` put it.
-            opts.vhost_vsock_bin
-                .is_none()
-                .then(|| cargo_bin_dir().map(|d| d.join(SIDECAR)))
-                .flatten()
-                .filter(|p| is_executable(p))
-        })
-        .unwrap_or_else(|| {
-            opts.vhost_vsock_bin
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(SIDECAR))
-        });
+        let sidecar_bin = opts.sidecar_bin.clone().unwrap_or_else(own_exe);
         Qemu {
             bin,
             sidecar_bin,
@@ -206,7 +189,7 @@ impl Qemu {
         &self.bin
     }
 
-    /// The vsock sidecar binary this driver runs.
+    /// The binary this driver runs as the agent-channel sidecar.
     pub fn sidecar_bin(&self) -> &Path {
         &self.sidecar_bin
     }
@@ -528,12 +511,12 @@ impl Vmm for Qemu {
 
     fn preflight(&self) -> Result<(), VmmError> {
         resolve_bin(Some(&self.bin), "qemu-system-x86_64", "qemu_bin", QEMU_HOW)?;
-        resolve_bin(
-            Some(&self.sidecar_bin),
-            SIDECAR,
-            "vhost_vsock_bin",
-            SIDECAR_HOW,
-        )?;
+        if !is_executable(&self.sidecar_bin) {
+            return Err(VmmError::BinaryNotFound(format!(
+                "{}: not an executable file; {SIDECAR_HOW}",
+                self.sidecar_bin.display()
+            )));
+        }
         Ok(())
     }
 
@@ -561,8 +544,8 @@ mod tests {
         assert_eq!(
             h.sidecars,
             vec![Sidecar {
-                name: "vhost-device-vsock".into(),
-                socket: "/state/vms/abc/vhu.sock".into(),
+                name: "vsock-mux".into(),
+                socket: "/state/vms/abc/agent.sock".into(),
                 pid: None,
                 start_time: None
             }]
@@ -581,7 +564,7 @@ mod tests {
     fn preflight_says_what_to_install() {
         let q = Qemu::new(QemuOptions {
             bin: Some("/nonexistent/qemu".into()),
-            vhost_vsock_bin: Some("/nonexistent/vdv".into()),
+            sidecar_bin: Some("/nonexistent/wickd".into()),
             ..QemuOptions::default()
         });
         let e = q.preflight().unwrap_err().to_string();
@@ -591,12 +574,12 @@ mod tests {
         );
         let q = Qemu::new(QemuOptions {
             bin: Some("/bin/sh".into()),
-            vhost_vsock_bin: Some("/nonexistent/vdv".into()),
+            sidecar_bin: Some("/nonexistent/wickd".into()),
             ..QemuOptions::default()
         });
         let e = q.preflight().unwrap_err().to_string();
         assert!(
-            e.contains("cargo install --locked vhost-device-vsock"),
+            e.contains("/nonexistent/wickd") && e.contains("wickd vsock-mux"),
             "{e}"
         );
     }

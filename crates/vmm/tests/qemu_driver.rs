@@ -3,9 +3,12 @@
 //! - QMP handling and the stop/cleanup logic against a **fake QMP server** (in this file) and
 //!   stand-in processes (`sleep` carrying the socket arguments): always run.
 //! - The real thing: QEMU under TCG boots Debian's cloud kernel (from the test cache) with the
-//!   `vhost-device-vsock` sidecar. Skipped, with the reason on stderr, when QEMU, the sidecar or
+//!   agent-channel sidecar (`wickd vsock-mux`). Skipped, with the reason on stderr, when QEMU or
 //!   the kernel is unavailable. Without an initramfs that kernel cannot mount a virtio root, which
 //!   is fine here: the driver's job ends at "the kernel runs".
+//! - With the golden image and the real agent (`real_agent_survives_a_migration_to_a_file`):
+//!   exec over the virtio-serial channel, save the VM to a file, restore it into a new QEMU and
+//!   sidecar, exec again.
 
 mod qemu_support;
 
@@ -384,7 +387,14 @@ impl RealVm {
             .unwrap()
             .set_len(16 << 20)
             .unwrap();
-        let qemu = Qemu::new(opts);
+        let qemu = Qemu::new(QemuOptions {
+            // The agent-channel sidecar is a hidden mode of wickd.
+            sidecar_bin: opts
+                .sidecar_bin
+                .clone()
+                .or_else(|| Some(wick_testkit::cargo_bin("wickd"))),
+            ..opts
+        });
         let handle = qemu.plan(&vm_dir);
         let cfg = VmmConfig {
             vm_id: "qemutest".into(),
@@ -493,7 +503,7 @@ async fn real_boot_console_vsock_stop_cleanup() {
     );
     assert_eq!(
         vm.handle.sidecars[0].socket,
-        vm.handle.api_socket.with_file_name("vhu.sock")
+        vm.handle.api_socket.with_file_name("agent.sock")
     );
     // Paused until boot.
     assert_eq!(
@@ -847,4 +857,211 @@ async fn real_confined_qemu_and_sidecar_never_run_as_root() {
     vm.qemu.cleanup(&vm.handle);
     assert_eq!(vm.qemu.find(&vm.handle), None);
     assert!(cg.pids(&rel).is_empty(), "nothing left in the cgroup");
+}
+
+// ------------------------------------------------------------------ agent channel + migration
+
+/// A sparse copy of `src` at `dst` (the golden disks are shared by every test).
+fn sparse_copy(src: &Path, dst: &Path) {
+    let st = std::process::Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto"])
+        .arg(src)
+        .arg(dst)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp {} {}", src.display(), dst.display());
+}
+
+/// Runs `argv` in the guest: (exit code, stdout).
+async fn guest_exec(
+    client: &wick_agent_proto::AgentClient,
+    argv: &[&str],
+) -> (Option<i32>, String) {
+    let out = client
+        .exec(wick_agent_proto::ExecRequest::new(argv.iter().copied()))
+        .await
+        .expect("exec")
+        .output()
+        .await
+        .expect("exec output");
+    (
+        out.status.code,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Median of `n` exec round trips of `true`.
+async fn exec_rtt(client: &wick_agent_proto::AgentClient, n: usize) -> Duration {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        assert_eq!(guest_exec(client, &["true"]).await.0, Some(0));
+        v.push(t.elapsed());
+    }
+    v.sort();
+    v[n / 2]
+}
+
+/// The proof that QEMU VMs can be snapshotted with the agent channel: a real guest (golden
+/// image, real agent) answers an exec over virtio-serial; `stop` + `migrate` to a file; QEMU
+/// is killed; a new QEMU (`-incoming defer`, new sidecar) loads the file and continues; the
+/// agent answers over the new session and the guest's RAM (a tmpfs file) came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_agent_survives_a_migration_to_a_file() {
+    let t = "real_agent_survives_a_migration_to_a_file";
+    if let Some(why) = qemu_support::qemu_unavailable() {
+        return skip(t, &why);
+    }
+    let assets = match wick_testkit::guest::guest_assets() {
+        Ok(a) => a,
+        Err(why) => return skip(t, &why),
+    };
+    let mut vm = RealVm::tcg(&assets.kernel);
+    let dir = vm
+        .handle
+        .api_socket
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let (root, work) = (dir.join("root.img"), dir.join("work.img"));
+    sparse_copy(&assets.rootfs, &root);
+    sparse_copy(&assets.work_seed, &work);
+    vm.cfg.root_disk = root;
+    vm.cfg.extra_disks = vec![work];
+    vm.cfg.initrd = Some(assets.initrd.clone());
+    vm.cfg.memory_mib = 1024;
+    vm.cfg.boot_args = "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw".into();
+    let agent_timeout = Duration::from_secs(240);
+
+    let t0 = Instant::now();
+    vm.spawn().await.expect("spawn");
+    vm.qemu
+        .boot(&vm.handle, &vm.cfg, BOOT_TIMEOUT)
+        .await
+        .expect("boot");
+    let client = wick_agent_proto::AgentClient::connect(
+        &vm.handle.vsock_socket,
+        wick_agent_proto::AGENT_PORT,
+        agent_timeout,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("agent: {e}\n{}", vm.console()));
+    let cold = t0.elapsed();
+    let rtt = exec_rtt(&client, 9).await;
+    let marker = format!("{}", std::process::id());
+    let (code, _) = guest_exec(
+        &client,
+        &["sh", "-c", &format!("echo {marker} > /dev/shm/wick-marker")],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+
+    // Save: pause, migrate to a file (mapped-ram: fixed page offsets, sparse file).
+    let state = dir.join("state.bin");
+    vm.qemu
+        .qmp(&vm.handle, "stop", None, Duration::from_secs(10))
+        .await
+        .expect("stop");
+    let ts = Instant::now();
+    let saved = vm
+        .qemu
+        .save_state(&vm.handle, &state, true, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {e}\n{}", vm.console()));
+    let save_time = ts.elapsed();
+    let meta = std::fs::metadata(&state).unwrap();
+    let (len, allocated) = (
+        meta.len(),
+        std::os::unix::fs::MetadataExt::blocks(&meta) * 512,
+    );
+
+    // The old QEMU and sidecar go away entirely.
+    let old_pid = vm.handle.pid.unwrap();
+    let _ = proc::signal(old_pid, vm.handle.start_time, Signal::SIGKILL);
+    if let Some(mut c) = vm.child.take() {
+        let _ = c.wait().await;
+    }
+    vm.qemu.cleanup(&vm.handle);
+    drop(client);
+
+    // Restore: same command line plus -incoming defer, a new sidecar; load, cont.
+    let tr = Instant::now();
+    let s = vm
+        .qemu
+        .spawn_incoming(&vm.handle, &vm.cfg, SPAWN_TIMEOUT)
+        .await
+        .expect("spawn -incoming");
+    vm.handle.pid = Some(s.pid);
+    vm.handle.start_time = Some(s.start_time);
+    vm.handle.sidecars = s.sidecars;
+    vm.child = s.child;
+    assert_ne!(vm.handle.pid, Some(old_pid));
+    vm.qemu
+        .load_state(&vm.handle, &state, true, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("migrate-incoming: {e}\n{}", vm.console()));
+    let loaded = tr.elapsed();
+    vm.qemu
+        .boot(&vm.handle, &vm.cfg, BOOT_TIMEOUT)
+        .await
+        .expect("cont after restore");
+    let client = wick_agent_proto::AgentClient::connect(
+        &vm.handle.vsock_socket,
+        wick_agent_proto::AGENT_PORT,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("agent after restore: {e}\n{}", vm.console()));
+    let restored = tr.elapsed();
+    let (code, out) = guest_exec(&client, &["cat", "/dev/shm/wick-marker"]).await;
+    assert_eq!(
+        (code, out.trim()),
+        (Some(0), marker.as_str()),
+        "RAM came back"
+    );
+    let rtt_after = exec_rtt(&client, 9).await;
+    drop(client);
+
+    // The sidecar dies and a new one takes over: the agent sees its host end close (EOF) and
+    // serves the next session.
+    let old_sidecar = vm.sidecar_pid();
+    let _ = proc::signal(
+        old_sidecar,
+        vm.handle.sidecars[0].start_time,
+        Signal::SIGKILL,
+    );
+    let tn = Instant::now();
+    let sidecar = vm
+        .qemu
+        .respawn_sidecar(&vm.handle, &vm.cfg, SPAWN_TIMEOUT)
+        .await
+        .expect("respawn the sidecar");
+    assert_ne!(sidecar.pid, Some(old_sidecar));
+    vm.handle.sidecars = vec![sidecar];
+    let client = wick_agent_proto::AgentClient::connect(
+        &vm.handle.vsock_socket,
+        wick_agent_proto::AGENT_PORT,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("agent after a new sidecar: {e}\n{}", vm.console()));
+    let (code, out) = guest_exec(&client, &["cat", "/dev/shm/wick-marker"]).await;
+    assert_eq!((code, out.trim()), (Some(0), marker.as_str()));
+    let new_sidecar = tn.elapsed();
+    eprintln!(
+        "serial agent channel (TCG, 1 GiB guest): spawn->agent ready {cold:?}; exec rtt p50 \
+         {rtt:?} before, {rtt_after:?} after restore; save (mapped-ram) {save_time:?} \
+         (QEMU total {} ms, {} MiB RAM sent); file {} MiB long, {} MiB allocated; restore \
+         spawn+load {loaded:?}, ->agent answers {restored:?}; new sidecar -> exec {new_sidecar:?}",
+        saved.total_ms,
+        saved.ram_bytes >> 20,
+        len >> 20,
+        allocated >> 20
+    );
+    vm.qemu
+        .stop(&vm.handle, Duration::from_secs(10))
+        .await
+        .expect("stop");
 }

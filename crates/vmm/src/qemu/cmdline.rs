@@ -1,6 +1,6 @@
 //! The command lines of QEMU (`-M microvm`, virtio-mmio devices like Firecracker's) and of its
-//! `vhost-device-vsock` sidecar. Pure functions of the handle and the VM config, so they are
-//! tested as goldens.
+//! agent-channel sidecar (`wickd vsock-mux`). Pure functions of the handle and the VM config, so
+//! they are tested as goldens.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -49,14 +49,15 @@ pub(crate) const SANDBOX: &str =
     "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// QEMU's arguments (without the binary). The machine starts paused (`-S`); `boot` resumes it
-/// over QMP. `vhost_socket` is the sidecar's vhost-user socket. `tap_fd`: the TAP as an
+/// over QMP. `agent_socket` is the Unix socket QEMU serves the agent's virtio-serial port on
+/// (the sidecar connects to it). `tap_fd`: the TAP as an
 /// inherited descriptor (confined QEMU), else QEMU opens `cfg.tap` by name. A confined VM
 /// (`cfg.jail`) also gets QEMU's seccomp [`SANDBOX`].
 pub(crate) fn qemu_args(
     handle: &VmmHandle,
     cfg: &VmmConfig,
     engine: Engine,
-    vhost_socket: &Path,
+    agent_socket: &Path,
     tap_fd: Option<i32>,
 ) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
@@ -74,7 +75,9 @@ pub(crate) fn qemu_args(
             &"-m",
             &mem.to_string(),
             &"-object",
-            &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            // Private anonymous RAM: migrates (snapshots), and a restore may swap in another
+            // backend with the same id (e.g. a file mapped privately for forks).
+            &format!("memory-backend-ram,id=mem,size={mem}M"),
             &"-nodefaults",
             &"-no-user-config",
             &"-display",
@@ -106,10 +109,17 @@ pub(crate) fn qemu_args(
     push_all(
         &mut a,
         &[
+            // The agent channel: a virtio-serial port (migratable, unlike vhost-user vsock)
+            // whose host end is a Unix socket the sidecar connects to.
             &"-chardev",
-            &opt("socket,id=vsk,path=", vhost_socket, ""),
+            &opt("socket,id=agent,server=on,wait=off,path=", agent_socket, ""),
             &"-device",
-            &"vhost-user-vsock-device,chardev=vsk",
+            &"virtio-serial-device,max_ports=2",
+            &"-device",
+            &format!(
+                "virtserialport,chardev=agent,nr=1,name={}",
+                wick_agent_proto::mux::PORT_NAME
+            ),
             &"-qmp",
             &qmp_arg(&handle.api_socket),
         ],
@@ -175,16 +185,16 @@ fn push_devices(a: &mut Vec<OsString>, cfg: &VmmConfig, tap_fd: Option<i32>) {
     }
 }
 
-/// `vhost-device-vsock`'s arguments: it serves the vhost-user socket `vhost_socket` (QEMU
-/// connects to it) and the hybrid vsock UDS `uds` (Firecracker's `CONNECT <port>` protocol).
-/// `vhost_socket` is a whole argument, so the sidecar is found by scanning `/proc` for it.
-pub(crate) fn sidecar_args(vhost_socket: &Path, uds: &Path, guest_cid: u32) -> Vec<OsString> {
+/// The sidecar's arguments (after its binary): it connects to QEMU's agent socket
+/// `agent_socket` and serves the hybrid vsock UDS `uds` (Firecracker's `CONNECT <port>`
+/// protocol). `agent_socket` is a whole argument, so the sidecar is found by scanning `/proc`
+/// for it.
+pub(crate) fn sidecar_args(agent_socket: &Path, uds: &Path) -> Vec<OsString> {
     vec![
-        "--guest-cid".into(),
-        guest_cid.to_string().into(),
-        "--socket".into(),
-        vhost_socket.into(),
-        "--uds-path".into(),
+        super::mux::SUBCOMMAND.into(),
+        "--chardev".into(),
+        agent_socket.into(),
+        "--uds".into(),
         uds.into(),
     ]
 }
@@ -255,13 +265,13 @@ mod tests {
             &handle(),
             &cfg,
             Engine::Tcg,
-            Path::new("/s/vms/ab/vhu.sock"),
+            Path::new("/s/vms/ab/agent.sock"),
             None,
         );
         assert_eq!(
             joined(&args),
             "-M microvm,memory-backend=mem -accel tcg -cpu max -smp 2 -m 1024 \
-             -object memory-backend-memfd,id=mem,size=1024M,share=on \
+             -object memory-backend-ram,id=mem,size=1024M \
              -nodefaults -no-user-config -display none -no-reboot -S \
              -chardev file,id=con,append=on,path=/s/vms/ab/vmm.log -serial chardev:con \
              -kernel /k/vmlinuz -initrd /k/initrd.img \
@@ -272,8 +282,9 @@ mod tests {
              -device virtio-blk-device,drive=disk1 \
              -netdev tap,id=n0,script=no,downscript=no,ifname=wk-ab \
              -device virtio-net-device,netdev=n0,mac=06:00:ac:1e:00:02 \
-             -chardev socket,id=vsk,path=/s/vms/ab/vhu.sock \
-             -device vhost-user-vsock-device,chardev=vsk \
+             -chardev socket,id=agent,server=on,wait=off,path=/s/vms/ab/agent.sock \
+             -device virtio-serial-device,max_ports=2 \
+             -device virtserialport,chardev=agent,nr=1,name=wick.agent \
              -qmp unix:/s/vms/ab/qmp.sock,server=on,wait=off"
         );
     }
@@ -311,13 +322,15 @@ mod tests {
         assert_eq!(
             joined(&args),
             "-M microvm,memory-backend=mem -accel kvm -cpu host -smp 1 -m 256 \
-             -object memory-backend-memfd,id=mem,size=256M,share=on \
+             -object memory-backend-ram,id=mem,size=256M \
              -nodefaults -no-user-config -display none -no-reboot -S \
              -chardev file,id=con,append=on,path=/s/vms/ab/vmm.log -serial chardev:con \
              -kernel /k/vmlinuz -append console=ttyS0 reboot=k panic=-1 root=/dev/vda \
              -drive id=root,format=raw,if=none,file=/s/vms/ab/root,,1.ext4 \
              -device virtio-blk-device,drive=root \
-             -chardev socket,id=vsk,path=/v.sock -device vhost-user-vsock-device,chardev=vsk \
+             -chardev socket,id=agent,server=on,wait=off,path=/v.sock \
+             -device virtio-serial-device,max_ports=2 \
+             -device virtserialport,chardev=agent,nr=1,name=wick.agent \
              -qmp unix:/s/vms/ab/qmp.sock,server=on,wait=off"
         );
     }
@@ -350,7 +363,7 @@ mod tests {
         assert_eq!(
             joined(&args),
             "-M microvm,memory-backend=mem -accel kvm -cpu host -smp 2 -m 1024 \
-             -object memory-backend-memfd,id=mem,size=1024M,share=on \
+             -object memory-backend-ram,id=mem,size=1024M \
              -nodefaults -no-user-config -display none -no-reboot -S \
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
              -chardev file,id=con,append=on,path=/s/vms/ab/vmm.log -serial chardev:con \
@@ -359,17 +372,19 @@ mod tests {
              -drive id=root,format=raw,if=none,file=/s/vms/ab/root,,1.ext4 \
              -device virtio-blk-device,drive=root \
              -netdev tap,id=n0,fd=5 -device virtio-net-device,netdev=n0,mac=06:00:ac:1e:00:02 \
-             -chardev socket,id=vsk,path=/v.sock -device vhost-user-vsock-device,chardev=vsk \
+             -chardev socket,id=agent,server=on,wait=off,path=/v.sock \
+             -device virtio-serial-device,max_ports=2 \
+             -device virtserialport,chardev=agent,nr=1,name=wick.agent \
              -qmp unix:/s/vms/ab/qmp.sock,server=on,wait=off"
         );
     }
 
     #[test]
     fn golden_sidecar() {
-        let args = sidecar_args(Path::new("/d/vhu.sock"), Path::new("/d/vsock.sock"), 9);
+        let args = sidecar_args(Path::new("/d/agent.sock"), Path::new("/d/vsock.sock"));
         assert_eq!(
             joined(&args),
-            "--guest-cid 9 --socket /d/vhu.sock --uds-path /d/vsock.sock"
+            "vsock-mux --chardev /d/agent.sock --uds /d/vsock.sock"
         );
     }
 }

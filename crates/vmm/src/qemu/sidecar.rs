@@ -1,4 +1,6 @@
-//! The vsock sidecar (`vhost-device-vsock`): its socket, spawn, and kill.
+//! The agent-channel sidecar (`wickd vsock-mux`, see [`super::mux`]): its socket, spawn, and
+//! kill. Records of VMs started before it (the `vhost-device-vsock` sidecar, `vhu.sock`) are
+//! killed the same way: by their recorded pid or the socket on their command line.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -10,7 +12,9 @@ use wick_model::{Sidecar, VmmHandle};
 
 use super::cmdline::sidecar_args;
 use super::{Qemu, SIDECAR, SIDECAR_HOW};
-use crate::common::{find_process, open_log, trusted_start_time, vm_dir, with_tail};
+use crate::common::{
+    find_process, open_log, remove_vsock_sockets, trusted_start_time, vm_dir, with_tail,
+};
 use crate::{VmmConfig, VmmError};
 
 impl Qemu {
@@ -48,7 +52,27 @@ impl Qemu {
         Ok(())
     }
 
-    /// Spawns the sidecar and waits until its vhost-user socket listens.
+    /// Replaces the sidecar of a running QEMU (one that died, or any previous one): kills what
+    /// is left of it, starts a new one and returns its record, for the caller to persist. The
+    /// guest's agent sees the old host end close and serves the new sidecar's session.
+    pub async fn respawn_sidecar(
+        &self,
+        handle: &VmmHandle,
+        cfg: &VmmConfig,
+        timeout: Duration,
+    ) -> Result<Sidecar, VmmError> {
+        self.kill_sidecars(handle)?;
+        remove_vsock_sockets(&handle.vsock_socket);
+        let (child, sidecar) = self
+            .spawn_sidecar(handle, cfg, Instant::now() + timeout, timeout)
+            .await?;
+        // Dropping the Child leaves it running; tokio reaps it when it exits.
+        drop(child);
+        Ok(sidecar)
+    }
+
+    /// Spawns the sidecar (QEMU already serves the agent socket) and waits until it serves the
+    /// VM's hybrid vsock socket.
     pub(super) async fn spawn_sidecar(
         &self,
         handle: &VmmHandle,
@@ -59,7 +83,7 @@ impl Qemu {
         let socket = sidecar_socket(&handle.api_socket);
         let (out, err) = open_log(&handle.log_path)?;
         let (mut cmd, exe) = crate::confine::command(&self.sidecar_bin, cfg.jail.as_ref())?;
-        cmd.args(sidecar_args(&socket, &handle.vsock_socket, cfg.guest_cid))
+        cmd.args(sidecar_args(&socket, &handle.vsock_socket))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
@@ -87,12 +111,12 @@ impl Qemu {
                 return Err(VmmError::Exited(with_tail(
                     format!(
                         "{SIDECAR} exited with {status} before listening on {}",
-                        socket.display()
+                        handle.vsock_socket.display()
                     ),
                     &handle.log_path,
                 )));
             }
-            if unix_listening(&socket) && handle.vsock_socket.exists() {
+            if unix_listening(&handle.vsock_socket) {
                 break;
             }
             if Instant::now() >= deadline {
@@ -101,7 +125,7 @@ impl Qemu {
                 return Err(VmmError::Timeout(
                     timeout,
                     with_tail(
-                        format!("{SIDECAR} to listen on {}", socket.display()),
+                        format!("{SIDECAR} to listen on {}", handle.vsock_socket.display()),
                         &handle.log_path,
                     ),
                 ));
@@ -125,9 +149,9 @@ impl Qemu {
     }
 }
 
-/// The sidecar's vhost-user socket: `vhu.sock` in the VM dir.
+/// QEMU's end of the agent channel, which the sidecar connects to: `agent.sock` in the VM dir.
 pub(super) fn sidecar_socket(api_socket: &Path) -> PathBuf {
-    vm_dir(api_socket).join("vhu.sock")
+    vm_dir(api_socket).join("agent.sock")
 }
 
 pub(super) fn planned_sidecar(api_socket: &Path) -> Sidecar {
@@ -142,7 +166,7 @@ pub(super) fn planned_sidecar(api_socket: &Path) -> Sidecar {
 /// True when a listening Unix socket is bound at `path` (per `/proc/net/unix`: the `Flags`
 /// column has `__SO_ACCEPTCON`). Unlike a test connection, this does not disturb a server that
 /// takes one client at a time.
-fn unix_listening(path: &Path) -> bool {
+pub(super) fn unix_listening(path: &Path) -> bool {
     const ACCEPTCON: u32 = 0x0001_0000;
     let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
         return false;

@@ -1,4 +1,4 @@
-//! Starting a VM: the vsock sidecar, then QEMU paused, ready once QMP answers.
+//! Starting a VM: QEMU paused, ready once QMP answers, then the agent-channel sidecar.
 
 use std::io::Write;
 use std::process::Stdio;
@@ -16,13 +16,24 @@ use crate::{Spawned, Vmm, VmmConfig, VmmError};
 
 impl Qemu {
     /// [`Vmm::spawn`]: resolves the engine (probing KVM for `accel = auto`, outside `timeout`),
-    /// starts the vsock sidecar, then QEMU paused; returns once QMP answers. On failure nothing
-    /// is left running.
+    /// starts QEMU paused, then the sidecar (which connects to QEMU's agent socket); returns once
+    /// QMP answers and the sidecar serves `vsock.sock`. On failure nothing is left running.
     pub(super) async fn spawn_paused(
         &self,
         handle: &VmmHandle,
         cfg: &VmmConfig,
         timeout: Duration,
+    ) -> Result<Spawned, VmmError> {
+        self.spawn_with(handle, cfg, timeout, false).await
+    }
+
+    /// [`Qemu::spawn_paused`], with `-incoming defer` when `incoming` (a restore).
+    pub(super) async fn spawn_with(
+        &self,
+        handle: &VmmHandle,
+        cfg: &VmmConfig,
+        timeout: Duration,
+        incoming: bool,
     ) -> Result<Spawned, VmmError> {
         self.preflight()?;
         let engine = self.checked_engine(handle, cfg).await?;
@@ -36,13 +47,11 @@ impl Qemu {
             crate::confine::chown_to(&handle.log_path, jail)?;
         }
 
-        let (mut sidecar_child, sidecar) =
-            self.spawn_sidecar(handle, cfg, deadline, timeout).await?;
-        match self
-            .spawn_qemu(handle, cfg, engine, deadline, timeout)
-            .await
-        {
-            Ok((child, pid, start_time)) => {
+        let (mut child, pid, start_time) = self
+            .spawn_qemu(handle, cfg, engine, incoming, deadline, timeout)
+            .await?;
+        match self.spawn_sidecar(handle, cfg, deadline, timeout).await {
+            Ok((sidecar_child, sidecar)) => {
                 tracing::debug!(pid, start_time, socket = %handle.api_socket.display(), %engine, "qemu ready");
                 // Dropping the sidecar's Child leaves it running; tokio reaps it when it exits.
                 drop(sidecar_child);
@@ -55,12 +64,13 @@ impl Qemu {
                 })
             }
             Err(e) => {
-                let _ = sidecar_child.start_kill();
-                let _ = sidecar_child.wait().await;
+                let _ = child.start_kill();
+                let _ = child.wait().await;
                 Err(e)
             }
         }
     }
+
     /// The engine this VM runs on, refused when `require_kvm` and it is TCG.
     async fn checked_engine(
         &self,
@@ -88,8 +98,8 @@ impl Qemu {
 
     /// Removes stale sockets and any previous sidecar of this VM.
     fn clear_stale(&self, handle: &VmmHandle) -> Result<(), VmmError> {
-        let vhu = sidecar_socket(&handle.api_socket);
-        for sock in [&handle.api_socket, &vhu] {
+        let agent = sidecar_socket(&handle.api_socket);
+        for sock in [&handle.api_socket, &agent] {
             remove_if_exists(sock)
                 .map_err(|e| VmmError::Spawn(format!("removing stale {}: {e}", sock.display())))?;
         }
@@ -105,6 +115,7 @@ impl Qemu {
         handle: &VmmHandle,
         cfg: &VmmConfig,
         engine: Engine,
+        incoming: bool,
         deadline: Instant,
         timeout: Duration,
     ) -> Result<(tokio::process::Child, u32, u64), VmmError> {
@@ -116,10 +127,13 @@ impl Qemu {
             _ => None,
         };
         let tap_fd = tap.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
-        let vhost = sidecar_socket(&handle.api_socket);
+        let agent = sidecar_socket(&handle.api_socket);
         let (mut cmd, exe) = crate::confine::command(&self.bin, cfg.jail.as_ref())?;
-        cmd.args(qemu_args(handle, cfg, engine, &vhost, tap_fd))
-            .stdin(Stdio::null())
+        cmd.args(qemu_args(handle, cfg, engine, &agent, tap_fd));
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             // Own process group: a signal to the daemon's group (Ctrl+C, a killed service)
