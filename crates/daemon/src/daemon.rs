@@ -129,6 +129,7 @@ impl Daemon {
         )?);
         tracing::info!(backend = storage.name(), "root disk backend");
         let artifacts = crate::artifacts::Artifacts::new(&paths)?;
+        artifacts.refresh_initramfs();
         Ok(Arc::new(Daemon {
             paths,
             config,

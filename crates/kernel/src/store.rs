@@ -59,6 +59,11 @@ pub struct KernelRecord {
     pub warnings: Vec<String>,
     /// Import time, seconds since the Unix epoch.
     pub imported_at: u64,
+    /// sha256 over what the initramfs was built from (the wick-init binary and the module
+    /// list), so [`KernelStore::refresh_initramfs`] can tell when it is out of date. Absent
+    /// in records from before it existed: those are rebuilt once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_inputs: Option<String>,
 }
 
 impl KernelRecord {
@@ -269,6 +274,7 @@ impl KernelStore {
             initrd_modules: modules.initrd_modules,
             builtin_drivers: modules.builtin_drivers,
             warnings: staged.warnings,
+            initrd_inputs: modules.initrd_inputs,
             imported_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or(Duration::ZERO)
@@ -316,9 +322,47 @@ impl KernelStore {
             let built = initramfs::build(&init, &paths, &st.join("initrd.img"))?;
             staged.initrd_modules = built.modules;
             staged.needs_initramfs = true;
+            staged.initrd_inputs = Some(initrd_inputs(&init, &check.resolution.load_order)?);
         }
         staged.dir = Some(rel);
         Ok(staged)
+    }
+
+    /// Rebuilds the initramfs of every kernel whose inputs changed since it was built: the
+    /// wick-init binary, or the drivers wick needs (`virtio_console` joined them with QEMU's
+    /// serial agent channel). The initramfs is derived from the kernel's modules and wick-init,
+    /// so an upgraded wick must not boot the old one. Built atomically next to the old file,
+    /// then the manifest is replaced; the kernel itself is untouched. Returns the names rebuilt.
+    pub fn refresh_initramfs(&self) -> Result<Vec<String>> {
+        let _lock = self.lock()?;
+        let init = match &self.init_bin {
+            Some(p) => p.clone(),
+            None => initramfs::locate_init_binary()?,
+        };
+        let mut rebuilt = Vec::new();
+        for mut rec in self.list()? {
+            let (Some(modules), Some(initrd)) = (rec.modules_dir.clone(), rec.initrd.clone())
+            else {
+                continue;
+            };
+            let check = modules::needs_initramfs(&modules)?;
+            let inputs = initrd_inputs(&init, &check.resolution.load_order)?;
+            if rec.initrd_inputs.as_deref() == Some(inputs.as_str()) {
+                continue;
+            }
+            let paths: Vec<PathBuf> = check
+                .resolution
+                .load_order
+                .iter()
+                .map(|m| m.path.clone())
+                .collect();
+            let built = initramfs::build(&init, &paths, &initrd)?;
+            rec.initrd_modules = built.modules;
+            rec.initrd_inputs = Some(inputs);
+            rewrite_manifest(&rec)?;
+            rebuilt.push(rec.name);
+        }
+        Ok(rebuilt)
     }
 
     fn check_free(&self, name: &str, sha256: &str) -> Result<()> {
@@ -429,6 +473,37 @@ fn load_manifest(dir: &Path, bytes: &[u8]) -> Result<KernelRecord> {
     r.initrd = r.initrd.map(|p| dir.join(p));
     r.modules_dir = r.modules_dir.map(|p| dir.join(p));
     Ok(r)
+}
+
+/// sha256 over an initramfs's inputs: the wick-init binary and the modules, in load order.
+fn initrd_inputs(init: &Path, load_order: &[modules::ModuleFile]) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(sha256_file(init)?.as_bytes());
+    for m in load_order {
+        h.update(b"\0");
+        h.update(m.name.as_bytes());
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Replaces the manifest of a stored kernel (paths relative to its directory, as `install`
+/// writes them), atomically.
+fn rewrite_manifest(rec: &KernelRecord) -> Result<()> {
+    let dir = rec.dir().to_path_buf();
+    let rel = |p: &Path| {
+        p.strip_prefix(&dir)
+            .map(Path::to_path_buf)
+            .unwrap_or(p.to_path_buf())
+    };
+    let mut out = rec.clone();
+    out.vmlinux = rel(&rec.vmlinux);
+    out.bzimage = rec.bzimage.as_deref().map(rel);
+    out.initrd = rec.initrd.as_deref().map(rel);
+    out.modules_dir = rec.modules_dir.as_deref().map(rel);
+    let json = serde_json::to_vec_pretty(&out).expect("record serializes");
+    let tmp = dir.join(format!("{MANIFEST}.tmp"));
+    std::fs::write(&tmp, json).map_err(io_err("cannot write the manifest"))?;
+    std::fs::rename(&tmp, dir.join(MANIFEST)).map_err(io_err("cannot replace the manifest"))
 }
 
 /// Writes `record` as the staging dir's manifest and renames the dir to `final_dir` (removing
@@ -549,6 +624,7 @@ struct StagedModules {
     needs_initramfs: bool,
     initrd_modules: Vec<String>,
     builtin_drivers: Vec<String>,
+    initrd_inputs: Option<String>,
 }
 
 #[cfg(test)]

@@ -124,6 +124,55 @@ fn debian_cloud_kernel_imports_with_initramfs() {
     assert_eq!(store.get("debian-cloud").unwrap(), rec);
 }
 
+/// An initramfs built by an older wick (no record of its inputs, or another wick-init) is
+/// rebuilt once by `refresh_initramfs`; an up-to-date one is left alone.
+#[test]
+fn out_of_date_initramfs_is_rebuilt_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("kernels");
+    let Some(rec) = import_debian_kernel(&store_dir) else {
+        return;
+    };
+    let (init, other_static) = static_init_binaries().expect("static wick-init");
+    let store = KernelStore::new(&store_dir)
+        .unwrap()
+        .with_init_binary(&init);
+    assert!(
+        store.refresh_initramfs().unwrap().is_empty(),
+        "fresh import"
+    );
+
+    // A manifest as an older wick wrote it: no `initrd_inputs`.
+    let manifest = rec.dir().join("manifest.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    json.as_object_mut().unwrap().remove("initrd_inputs");
+    std::fs::write(&manifest, serde_json::to_vec(&json).unwrap()).unwrap();
+    assert_eq!(store.refresh_initramfs().unwrap(), ["debian-cloud"]);
+    assert!(
+        store.refresh_initramfs().unwrap().is_empty(),
+        "rebuilt only once"
+    );
+    assert_eq!(
+        store.get("debian-cloud").unwrap().initrd_modules,
+        rec.initrd_modules
+    );
+
+    // Another wick-init (here: any other static binary) means a new /init.
+    let store = KernelStore::new(&store_dir)
+        .unwrap()
+        .with_init_binary(&other_static);
+    assert_eq!(store.refresh_initramfs().unwrap(), ["debian-cloud"]);
+    let gz = std::fs::read(rec.initrd.as_ref().unwrap()).unwrap();
+    let mut cpio = Vec::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut cpio)
+        .unwrap();
+    let entries = initramfs::read_cpio(&cpio).unwrap();
+    let new_init = entries.iter().find(|e| e.name == "init").unwrap();
+    assert_eq!(new_init.data, std::fs::read(&other_static).unwrap());
+}
+
 #[test]
 fn debian_cloud_kernel_boots_through_wick_init_under_qemu_tcg() {
     if which("qemu-system-x86_64").is_none() {

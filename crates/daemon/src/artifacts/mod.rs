@@ -114,6 +114,17 @@ impl Artifacts {
         self
     }
 
+    /// Rebuilds the initramfs of kernels imported by an older wick (a changed wick-init or
+    /// driver list), so they boot this wick's guests; logged, never fatal (a kernel that cannot
+    /// be refreshed fails its own boots with the reason).
+    pub fn refresh_initramfs(&self) {
+        match self.kernels.refresh_initramfs() {
+            Ok(names) if names.is_empty() => {}
+            Ok(names) => tracing::info!(kernels = ?names, "rebuilt out-of-date initramfs"),
+            Err(e) => tracing::warn!(error = %e, "could not check the kernels' initramfs"),
+        }
+    }
+
     /// Options of golden builds (suite, mirror, sizes, package cache); the name and the agent
     /// are set per build.
     pub fn with_golden_options(mut self, opts: GoldenOptions) -> Artifacts {
