@@ -62,6 +62,8 @@ struct Index {
 pub(crate) struct Staging {
     dir: Option<tempfile::TempDir>,
     _lock: Flock<File>,
+    /// The OCI config to record with the image (pulls).
+    pub(crate) config: Option<crate::record::ImageConfig>,
 }
 
 impl Staging {
@@ -333,6 +335,7 @@ impl ImageStore {
         Ok(Staging {
             dir: Some(dir),
             _lock: lock,
+            config: None,
         })
     }
 
@@ -371,6 +374,7 @@ impl ImageStore {
                 size,
                 default_kernel: None,
                 agent_injected,
+                config: staging.config.take(),
             };
             let spath = staging.path().to_path_buf();
             fs::write(spath.join(MANIFEST), manifest_bytes(&record)?)

@@ -126,6 +126,9 @@ pub struct CreateVmRequest {
     #[serde(default)]
     #[schema(schema_with = port_spec_list_schema)]
     pub publish: Vec<String>,
+    /// Which init runs as PID 1: `auto` (default), `wick` or `image`.
+    #[serde(default)]
+    pub init: Option<crate::vm::InitMode>,
 }
 
 /// `PATCH /v1/vms/{vm}` (`wick vm set`). vcpu/memory apply at next start; NAT applies live.
@@ -517,6 +520,9 @@ pub struct ImageView {
     pub default_kernel: Option<String>,
     /// Whether wick-agent and its systemd unit are in the image.
     pub agent_injected: bool,
+    /// The OCI config's user, working dir, env, entrypoint and cmd (pulled images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<crate::vm::ImageConfig>,
     #[serde(default)]
     pub used_by: Vec<String>,
 }

@@ -120,23 +120,29 @@ async fn work(
         let report = workspace::prepare_into(ctx, vm, plan, guest_path).await?;
         eprintln!("{}", workspace::summary(&report, &vm.name));
     }
+    let image = vm.spec.image_config.clone().unwrap_or_default();
+    let default_command = image.default_command();
+    let command = match command.is_empty() {
+        true => default_command.as_slice(),
+        false => command,
+    };
     if command.is_empty() {
         if plan.is_some() {
             eprintln!("the repository is in {guest_path}");
         }
         return tokio::task::block_in_place(|| super::ssh::session(ctx, vm, &[]));
     }
-    let cwd = if plan.is_some() { guest_path } else { HOME };
+    // The repository stays the command's cwd; without one, the image's WorkingDir, else /root.
+    let cwd = match (plan.is_some(), &image.working_dir) {
+        (true, _) => guest_path.to_string(),
+        (false, Some(w)) if !w.is_empty() => w.clone(),
+        (false, _) => HOME.to_string(),
+    };
     // Like `ssh host CMD`: stdin is forwarded, no terminal is allocated.
-    let req = super::exec::request(
-        command.to_vec(),
-        &[],
-        Some(cwd.to_string()),
-        None,
-        true,
-        false,
-        |k| std::env::var(k).ok(),
-    )?;
+    let mut req = super::exec::request(command.to_vec(), &[], Some(cwd), None, true, false, |k| {
+        std::env::var(k).ok()
+    })?;
+    super::exec::image_defaults(&mut req, &image, false);
     let chan = agent::channel(ctx.client(), &vm.id);
     super::exec::stream(&chan, req).await
 }

@@ -55,6 +55,8 @@ pub struct BootArtifacts {
     pub work_seed: Option<PathBuf>,
     /// Whether wick-agent is installed in the image.
     pub agent: bool,
+    /// The image's OCI process config (pulled images).
+    pub config: Option<wick_model::ImageConfig>,
     /// The ELF vmlinux (Firecracker).
     pub kernel_vmlinux: PathBuf,
     /// The original bzImage (QEMU), when the kernel came with one.
@@ -157,6 +159,7 @@ impl Artifacts {
             rootfs: img.rootfs,
             work_seed: img.work_seed,
             agent: img.agent_injected,
+            config: img.config.map(model_config),
             kernel_vmlinux: k.vmlinux,
             kernel_bzimage: k.bzimage,
             initrd: k.initrd,
@@ -207,7 +210,19 @@ pub fn image_view(image: ImageRecord, vms: &[VmRecord]) -> ImageView {
         size: image.size,
         default_kernel: image.default_kernel,
         agent_injected: image.agent_injected,
+        config: image.config.map(model_config),
         used_by,
+    }
+}
+
+/// An image's OCI process config in the model's words.
+pub fn model_config(c: wick_image::ImageConfig) -> wick_model::ImageConfig {
+    wick_model::ImageConfig {
+        env: c.env,
+        working_dir: c.working_dir,
+        user: c.user,
+        entrypoint: c.entrypoint,
+        cmd: c.cmd,
     }
 }
 
