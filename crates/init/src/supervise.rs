@@ -5,6 +5,7 @@
 //! The pure parts (choices, tables, backoff) live in `wick_init::pid1`.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,7 +41,19 @@ impl Service {
 
     fn start(&mut self, log: &Log) {
         self.restart_at = None;
-        let spawned = Command::new(self.program)
+        let mut cmd = Command::new(self.program);
+        // SAFETY: between fork and exec only async-signal-safe calls on a local sigset.
+        unsafe {
+            cmd.pre_exec(|| {
+                // The blocked signals of PID 1's loop would otherwise be inherited: a service
+                // would then never die of SIGTERM.
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                Ok(())
+            })
+        };
+        let spawned = cmd
             .args(self.args)
             .env_clear()
             .env("PATH", pid1::SERVICE_PATH)
@@ -275,14 +288,23 @@ fn start_sshd(log: &Log, services: &mut Vec<Service>, path: &'static str) {
 
 /// TERM then KILL everything, unmount, remount `/` read-only, sync, stop the machine.
 fn shutdown(log: &Log, action: FailAction) -> ! {
-    log.say("shutting down: stopping every process");
+    log.say(&format!(
+        "[{}] shutting down: stopping every process",
+        uptime()
+    ));
     // SAFETY: kill(-1) signals every process but PID 1.
     unsafe { libc::kill(-1, libc::SIGTERM) };
     if !reap_all(Duration::from_secs(5)) {
+        log.say(&format!(
+            "[{}] processes left after SIGTERM ({}): killing them",
+            uptime(),
+            survivors().join(", ")
+        ));
         // SAFETY: as above.
         unsafe { libc::kill(-1, libc::SIGKILL) };
         reap_all(Duration::from_secs(2));
     }
+    log.say(&format!("[{}] every process stopped; unmounting", uptime()));
     // SAFETY: plain syscall.
     unsafe { libc::sync() };
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
@@ -302,11 +324,51 @@ fn shutdown(log: &Log, action: FailAction) -> ! {
     if let Err(e) = wick_init::mount("", "/", "", libc::MS_REMOUNT | libc::MS_RDONLY, None) {
         log.say(&format!("cannot remount / read-only: {e}"));
     }
+    log.say(&format!("[{}] powering off", uptime()));
     let err = wick_init::stop_machine(action);
     log.say(&format!("could not stop the machine: {err}"));
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+/// `pid comm (blocked/ignored signal masks)` of every user process but PID 1.
+fn survivors() -> Vec<String> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != 1)
+        .filter_map(|pid| {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+                    .unwrap_or_default()
+            };
+            // Kernel threads have no memory map.
+            if field("VmSize:").is_empty() {
+                return None;
+            }
+            Some(format!(
+                "{pid} {} state {} blk {} ign {}",
+                field("Name:"),
+                field("State:"),
+                field("SigBlk:"),
+                field("SigIgn:")
+            ))
+        })
+        .collect()
+}
+
+/// Seconds since boot, as the kernel's log prints them.
+fn uptime() -> String {
+    fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// Reaps children until none is left (true) or `limit` passed (false).
