@@ -17,6 +17,8 @@ use wick_agent_proto::{Configure, ConfigureReply, NetworkConfig, RemoteError, Re
 
 use crate::server::Ctx;
 
+mod netlink;
+
 const KEYS_BEGIN: &str = "# wick: managed keys begin (edit outside this block)";
 const KEYS_END: &str = "# wick: managed keys end";
 
@@ -290,10 +292,15 @@ fn network(ctx: &Ctx, net: &NetworkConfig, out: &mut ConfigureReply) -> Result<(
     }
     let iface = first_interface()?;
     for args in network_commands(&iface, net) {
-        let o = Command::new("ip")
-            .args(&args)
-            .output()
-            .map_err(|e| format!("cannot run ip (is iproute2 installed in the image?): {e}"))?;
+        let o = match Command::new("ip").args(&args).output() {
+            Ok(o) => o,
+            // No iproute2 (most container images): the same changes over rtnetlink.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                netlink::configure(&iface, &net.ip_cidr, net.gateway)?;
+                break;
+            }
+            Err(e) => return Err(format!("cannot run ip: {e}")),
+        };
         if !o.status.success() {
             return Err(format!(
                 "ip {} failed: {}",

@@ -165,6 +165,17 @@ fn public_keys(dir: &Path) -> Result<Vec<String>, String> {
 /// Queues sshd's start (a restart when it runs and its keys changed) without waiting:
 /// `--no-block` only queues the job.
 fn start_sshd(keys_changed: bool, out: &mut ConfigureReply) {
+    if !Path::new("/run/systemd/system").exists() && crate::server::pid1::is_wick_init() {
+        // wick-init supervises sshd: it (re)starts it, so new keys are read.
+        return match crate::server::pid1::request(crate::server::pid1::Request::Sshd) {
+            Ok(()) => out
+                .changed
+                .push("sshd: start requested from wick-init".into()),
+            Err(e) => out
+                .warnings
+                .push(format!("cannot ask wick-init to start sshd: {e}")),
+        };
+    }
     if !Path::new("/run/systemd/system").exists() {
         return out.warnings.push(
             "systemd is not running: start sshd yourself (its host keys are in /etc/ssh)".into(),

@@ -1,5 +1,7 @@
 //! One connection = one request: read the envelope, check the protocol version, dispatch.
 
+pub(crate) mod pid1;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,6 +169,18 @@ fn power_off(poweroff: bool) {
     let systemd = std::fs::read_to_string("/proc/1/comm")
         .map(|c| c.trim() == "systemd")
         .unwrap_or(false);
+    if !systemd && crate::server::pid1::is_wick_init() {
+        // wick-init is PID 1 (an image without systemd): it stops every process, unmounts and
+        // powers off; its signals are systemd's numbers for the same requests.
+        match crate::server::pid1::request(if poweroff {
+            crate::server::pid1::Request::PowerOff
+        } else {
+            crate::server::pid1::Request::Reboot
+        }) {
+            Ok(()) => return,
+            Err(e) => tracing::warn!("cannot signal wick-init: {e}; forcing"),
+        }
+    }
     if systemd {
         let verb = if poweroff { "poweroff" } else { "reboot" };
         match std::process::Command::new("systemctl").arg(verb).status() {

@@ -227,6 +227,10 @@ pub struct VmSpecArgs {
         value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
     )]
     pub publish: Vec<String>,
+    /// Which init runs as the guest's PID 1: `auto` (the image's when it is systemd, else
+    /// wick-init), `wick` (wick-init starts the agent, reaps, powers off) or `image`.
+    #[arg(long, value_name = "auto|wick|image")]
+    pub init: Option<wick_model::InitMode>,
 }
 
 /// `wick vm run` flags.

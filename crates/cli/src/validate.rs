@@ -71,6 +71,7 @@ impl VmSpecArgs {
                 .map(|p| wick_model::PortMapping::parse(p).map(|_| p.clone()))
                 .collect::<Result<_, _>>()
                 .map_err(anyhow::Error::msg)?,
+            init: self.init,
             ..Default::default()
         })
     }
@@ -193,6 +194,17 @@ mod tests {
         assert_eq!(r.vcpu, Some(3));
         assert!(r.nat && !r.no_start);
         assert_eq!(r.disk_size, None);
+        assert_eq!(r.init, None);
+        let cli = Cli::try_parse_from(["wick", "vm", "create", "--init", "wick"]).unwrap();
+        let Command::Vm(VmCommand::Create(a)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            a.vm.to_request(false).unwrap().init,
+            Some(wick_model::InitMode::Wick)
+        );
+        let e = Cli::try_parse_from(["wick", "vm", "create", "--init", "sysv"]).unwrap_err();
+        assert!(e.to_string().contains("use auto, wick or image"), "{e}");
     }
 
     #[test]

@@ -83,7 +83,38 @@ pub(crate) fn inject_agent(root: &Path, agent_bin: &Path) -> Result<()> {
         root,
         "etc/systemd/system/multi-user.target.wants/wick-agent.service",
         "/etc/systemd/system/wick-agent.service",
-    )
+    )?;
+    add_work_disk_line(root)
+}
+
+/// The work disk's fstab line: wick-agent mounts `/dev/vdb` on `/root` itself when the line is
+/// marked `x-wick-agent` (with or without systemd); `noauto` keeps systemd from mounting it too.
+pub const WORK_DISK_FSTAB_LINE: &str =
+    "/dev/vdb /root ext4 defaults,noauto,nofail,x-wick-agent 0 0";
+
+/// Appends [`WORK_DISK_FSTAB_LINE`] to the image's `/etc/fstab` unless it already mounts
+/// `/root`. A non-regular `/etc/fstab` (a symlink could point at the builder's own) is replaced.
+fn add_work_disk_line(root: &Path) -> Result<()> {
+    let path = safe_path(root, Path::new("etc/fstab"), true)?;
+    let current = match fs::symlink_metadata(&path) {
+        Ok(m) if m.is_file() => fs::read_to_string(&path).ctx("read", &path)?,
+        _ => String::new(),
+    };
+    let mounts_root = current.lines().any(|l| {
+        let l = l.trim();
+        !l.starts_with('#') && l.split_whitespace().nth(1) == Some("/root")
+    });
+    if mounts_root {
+        return Ok(());
+    }
+    let mut text = current;
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str("# wick: the per-VM work disk, mounted on /root by wick-agent\n");
+    text.push_str(WORK_DISK_FSTAB_LINE);
+    text.push('\n');
+    write_file(root, "etc/fstab", text.as_bytes(), 0o644)
 }
 
 #[cfg(test)]
@@ -105,6 +136,48 @@ mod tests {
             .join("etc/systemd/system/multi-user.target.wants/wick-agent.service")
             .symlink_metadata()
             .is_ok());
+    }
+
+    #[test]
+    fn injects_into_images_without_systemd_usr_local_or_a_real_sbin() {
+        let d = tempfile::tempdir().unwrap();
+        let agent = d.path().join("agent");
+        fs::write(&agent, b"agent").unwrap();
+        let root = d.path().join("root");
+        // busybox-style, usrmerge: /sbin -> usr/sbin, no /usr/local, no /etc/systemd.
+        fs::create_dir_all(root.join("usr/sbin")).unwrap();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        std::os::unix::fs::symlink("usr/sbin", root.join("sbin")).unwrap();
+        fs::write(root.join("etc/fstab"), "/dev/vda / ext4 defaults 0 1").unwrap();
+        inject_agent(&root, &agent).unwrap();
+        assert_eq!(fs::read(root.join(AGENT_PATH)).unwrap(), b"agent");
+        let fstab = fs::read_to_string(root.join("etc/fstab")).unwrap();
+        assert!(
+            fstab.starts_with("/dev/vda / ext4 defaults 0 1\n"),
+            "{fstab}"
+        );
+        assert!(fstab.ends_with(&format!("{WORK_DISK_FSTAB_LINE}\n")));
+        // Idempotent, and an image's own /root line is kept.
+        inject_agent(&root, &agent).unwrap();
+        assert_eq!(fs::read_to_string(root.join("etc/fstab")).unwrap(), fstab);
+        fs::write(root.join("etc/fstab"), "LABEL=x /root xfs defaults 0 0\n").unwrap();
+        inject_agent(&root, &agent).unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("etc/fstab")).unwrap(),
+            "LABEL=x /root xfs defaults 0 0\n"
+        );
+        // An fstab symlink (to the builder's own) is replaced, never read.
+        let host = d.path().join("host-fstab");
+        fs::write(&host, "/dev/sda1 /root ext4 defaults 0 0\n").unwrap();
+        fs::remove_file(root.join("etc/fstab")).unwrap();
+        std::os::unix::fs::symlink(&host, root.join("etc/fstab")).unwrap();
+        inject_agent(&root, &agent).unwrap();
+        let fstab = fs::read_to_string(root.join("etc/fstab")).unwrap();
+        assert!(!fstab.contains("sda1") && fstab.contains(WORK_DISK_FSTAB_LINE));
+        assert_eq!(
+            fs::read_to_string(&host).unwrap(),
+            "/dev/sda1 /root ext4 defaults 0 0\n"
+        );
     }
 
     #[test]

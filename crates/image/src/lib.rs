@@ -37,7 +37,7 @@ pub use error::{ImageError, Result};
 pub use ext4::shrink_ext4;
 pub use golden::{GoldenOptions, DEFAULT_SUITE, GOLDEN_PACKAGES};
 pub use mirror::debian_mirror;
-pub use record::{ImageRecord, ImageSource};
+pub use record::{ImageConfig, ImageRecord, ImageSource};
 pub use store::{
     validate_image_name, ImageStore, ImportOptions, PruneReport, DEFAULT_HEADROOM_MIB,
 };

@@ -13,7 +13,7 @@ use oci_client::{Client, Reference};
 
 use crate::error::{ImageError, IoContext, Result};
 use crate::extract::{open_tar, Applier};
-use crate::record::{ImageRecord, ImageSource};
+use crate::record::{ImageConfig, ImageRecord, ImageSource};
 use crate::store::{dir_to_ext4, require_root, ImageStore, DEFAULT_HEADROOM_MIB};
 use crate::util::sha256_file;
 
@@ -42,9 +42,10 @@ pub fn pull(
     require_root("pulling an OCI image")?;
     let registry = Registry::connect(reference, opts)?;
     progress(&format!("resolving {reference}"));
-    let (manifest, digest) = registry.manifest()?;
+    let (manifest, digest, config) = registry.manifest()?;
 
-    let staging = store.staging()?;
+    let mut staging = store.staging()?;
+    staging.config = Some(config).filter(|c| *c != ImageConfig::default());
     let downloads = staging.scratch("blobs")?;
     let cache = store.layers_dir();
     let files = registry.layers(&manifest.layers, &cache, &downloads, progress)?;
@@ -133,9 +134,9 @@ impl<'a> Registry<'a> {
         ImageError::Registry(format!("{what} of {}: {e}", self.reference))
     }
 
-    /// The linux/amd64 manifest and its digest, refusing other platforms and layers that are
-    /// not sha256-addressed filesystem layers.
-    fn manifest(&self) -> Result<(OciImageManifest, String)> {
+    /// The linux/amd64 manifest, its digest and the image's process config, refusing other
+    /// platforms and layers that are not sha256-addressed filesystem layers.
+    fn manifest(&self) -> Result<(OciImageManifest, String, ImageConfig)> {
         let (manifest, digest) = self
             .rt
             .block_on(self.client.pull_image_manifest(&self.image, &self.auth))
@@ -148,10 +149,11 @@ impl<'a> Registry<'a> {
             )
             .map_err(|e| self.error("fetching the image config", e))?;
         check_platform(&config, self.reference)?;
+        let process = process_config(&config, self.reference)?;
         for layer in &manifest.layers {
             check_layer(&layer.digest, &layer.media_type)?;
         }
-        Ok((manifest, digest))
+        Ok((manifest, digest, process))
     }
 
     /// Every layer's verified file: from `cache` when it holds it intact, else downloaded into
@@ -253,6 +255,55 @@ fn check_platform(config: &[u8], reference: &str) -> Result<()> {
     Ok(())
 }
 
+/// The `config` object of an image config (`Env`, `WorkingDir`, `User`, `Entrypoint`, `Cmd`).
+/// Registry input: each value must have its documented type; strings are kept as they are (the
+/// CLI escapes them for display) but NUL bytes, which no process argument can carry, are refused.
+fn process_config(config: &[u8], reference: &str) -> Result<ImageConfig> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(rename_all = "PascalCase")]
+    struct Raw {
+        #[serde(default)]
+        env: Option<Vec<String>>,
+        #[serde(default)]
+        working_dir: Option<String>,
+        #[serde(default)]
+        user: Option<String>,
+        #[serde(default)]
+        entrypoint: Option<Vec<String>>,
+        #[serde(default)]
+        cmd: Option<Vec<String>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Outer {
+        #[serde(default)]
+        config: Option<Raw>,
+    }
+    let bad = |e: String| ImageError::Registry(format!("the config of {reference}: {e}"));
+    let outer: Outer = serde_json::from_slice(config).map_err(|e| bad(e.to_string()))?;
+    let raw = outer.config.unwrap_or_default();
+    let c = ImageConfig {
+        env: raw.env.unwrap_or_default(),
+        working_dir: raw.working_dir.filter(|w| !w.is_empty()),
+        user: raw.user.filter(|u| !u.is_empty()),
+        entrypoint: raw.entrypoint.unwrap_or_default(),
+        cmd: raw.cmd.unwrap_or_default(),
+    };
+    let mut all = c
+        .env
+        .iter()
+        .chain(&c.entrypoint)
+        .chain(&c.cmd)
+        .chain(&c.working_dir)
+        .chain(&c.user);
+    if all.any(|s| s.contains('\0')) {
+        return Err(bad("a value contains a NUL byte".into()));
+    }
+    if let Some(e) = c.env.iter().find(|e| !e.contains('=')) {
+        return Err(bad(format!("Env entry {e:?} is not NAME=VALUE")));
+    }
+    Ok(c)
+}
+
 fn short(digest: &str) -> &str {
     let end = digest.len().min("sha256:".len() + 12);
     &digest[..end]
@@ -270,6 +321,29 @@ mod tests {
         assert!(check_layer(&d, "application/vnd.wasm.content.layer.v1+wasm").is_err());
         assert!(check_layer("sha256:../../etc", "application/vnd.oci.image.layer.v1.tar").is_err());
         assert!(check_layer(&format!("sha512:{}", "a".repeat(128)), "x.tar").is_err());
+    }
+
+    #[test]
+    fn process_config_is_read_and_checked() {
+        let c = process_config(
+            br#"{"architecture":"amd64","config":{"Env":["PATH=/usr/bin","LANG=C.UTF-8"],
+                "WorkingDir":"/app","User":"1000:1000","Entrypoint":["python3"],"Cmd":["-V"]}}"#,
+            "r",
+        )
+        .unwrap();
+        assert_eq!(c.env, ["PATH=/usr/bin", "LANG=C.UTF-8"]);
+        assert_eq!(c.working_dir.as_deref(), Some("/app"));
+        assert_eq!(c.user.as_deref(), Some("1000:1000"));
+        assert_eq!(
+            (c.entrypoint, c.cmd),
+            (vec!["python3".to_string()], vec!["-V".to_string()])
+        );
+        let empty = process_config(br#"{"config":{"Env":null,"WorkingDir":"","User":""}}"#, "r");
+        assert_eq!(empty.unwrap(), ImageConfig::default());
+        assert_eq!(process_config(b"{}", "r").unwrap(), ImageConfig::default());
+        assert!(process_config(br#"{"config":{"Env":["NOEQUALS"]}}"#, "r").is_err());
+        assert!(process_config(br#"{"config":{"Cmd":"sh"}}"#, "r").is_err());
+        assert!(process_config(br#"{"config":{"User":"a\u0000b"}}"#, "r").is_err());
     }
 
     #[test]

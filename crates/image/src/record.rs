@@ -25,6 +25,25 @@ pub struct ImageRecord {
     /// The input hash of a derived build (`image build --from`): its cache key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_key: Option<String>,
+    /// The OCI image config's defaults for processes (pulled images; absent in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ImageConfig>,
+}
+
+/// What an OCI image's config says about the processes it runs (`config` of the image config
+/// JSON): the defaults of `vm exec` and `vm run`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
 }
 
 /// Where an image came from.

@@ -72,6 +72,8 @@ struct Index {
 pub(crate) struct Staging {
     dir: Option<tempfile::TempDir>,
     _lock: Flock<File>,
+    /// The OCI config to record with the image (pulls).
+    pub(crate) config: Option<crate::record::ImageConfig>,
 }
 
 impl Staging {
@@ -393,6 +395,7 @@ impl ImageStore {
         Ok(Staging {
             dir: Some(dir),
             _lock: lock,
+            config: None,
         })
     }
 
@@ -451,6 +454,7 @@ impl ImageStore {
                 default_kernel: extra.default_kernel,
                 agent_injected,
                 build_key: extra.build_key,
+                config: staging.config.take(),
             };
             let spath = staging.path().to_path_buf();
             fs::write(spath.join(MANIFEST), manifest_bytes(&record)?)

@@ -9,6 +9,9 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
+pub mod pid1;
+pub use pid1::InitMode;
+
 /// The file in the initramfs listing the modules to load, one path per line, in load order.
 pub const MODULE_LIST: &str = "/etc/wick-init/modules";
 
@@ -37,6 +40,10 @@ pub struct BootConfig {
     pub read_only: bool,
     /// `init=`: the real init to exec; default `/sbin/init`.
     pub init: String,
+    /// Whether `init=` was given (then `wick.init=auto` uses it without looking).
+    pub init_given: bool,
+    /// `wick.init=auto|wick|image`: whether wick-init stays PID 1 (see [`pid1`]).
+    pub init_mode: InitMode,
     /// `wick.initdebug`: print every step.
     pub debug: bool,
     /// `rootwait=SECONDS` / `wick.rootwait=SECONDS`: how long to wait for the root device (default 10 s).
@@ -53,6 +60,8 @@ impl Default for BootConfig {
             rootflags: None,
             read_only: true,
             init: "/sbin/init".to_string(),
+            init_given: false,
+            init_mode: InitMode::Auto,
             debug: false,
             root_wait: Duration::from_secs(10),
             on_fail: FailAction::PowerOff,
@@ -119,7 +128,15 @@ pub fn parse_cmdline(cmdline: &str) -> BootConfig {
             ("rootflags", Some(v)) if !v.is_empty() => cfg.rootflags = Some(v.to_string()),
             ("ro", None) => cfg.read_only = true,
             ("rw", None) => cfg.read_only = false,
-            ("init", Some(v)) if !v.is_empty() => cfg.init = v.to_string(),
+            ("init", Some(v)) if !v.is_empty() => {
+                cfg.init = v.to_string();
+                cfg.init_given = true;
+            }
+            ("wick.init", Some(v)) => {
+                if let Some(m) = InitMode::parse(v) {
+                    cfg.init_mode = m;
+                }
+            }
             ("wick.initdebug", None) => cfg.debug = true,
             ("wick.initdebug", Some(v)) => cfg.debug = !matches!(v, "0" | "off" | "no"),
             ("rootwait" | "wick.rootwait", Some(v)) => {
@@ -315,6 +332,11 @@ mod tests {
         assert_eq!(c.init, "/lib/systemd/systemd");
         assert!(c.debug);
         assert_eq!(c.on_fail, FailAction::PowerOff);
+        assert!(c.init_given);
+        assert_eq!(c.init_mode, InitMode::Auto);
+        let w = parse_cmdline("root=/dev/vda wick.init=wick");
+        assert_eq!((w.init_mode, w.init_given), (InitMode::Wick, false));
+        assert_eq!(parse_cmdline("wick.init=bogus").init_mode, InitMode::Auto);
     }
 
     #[test]

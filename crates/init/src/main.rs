@@ -12,19 +12,22 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use wick_init::pid1::{choose_init, InitChoice};
 use wick_init::{BootConfig, FailAction, MODULE_LIST, NEW_ROOT};
 
-struct Log {
+mod supervise;
+
+pub(crate) struct Log {
     start: Instant,
     debug: bool,
 }
 
 impl Log {
-    fn say(&self, msg: &str) {
+    pub(crate) fn say(&self, msg: &str) {
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err, "wick-init: {msg}");
     }
-    fn debug(&self, msg: &str) {
+    pub(crate) fn debug(&self, msg: &str) {
         if self.debug {
             let t = self.start.elapsed().as_secs_f64();
             self.say(&format!("[{t:.3}s] {msg}"));
@@ -76,7 +79,28 @@ fn run(log: &mut Log) -> Result<Never, Fail> {
     load_modules(log).map_err(fail)?;
     let root = wait_for_root(log, &cfg).map_err(fail)?;
     mount_root(log, &cfg, &root).map_err(fail)?;
-    let err = switch_root(log, &cfg);
+    let choice = choose_init(
+        Path::new(NEW_ROOT),
+        cfg.init_mode,
+        &cfg.init,
+        cfg.init_given,
+    );
+    let err = match choice {
+        InitChoice::Image(init) => {
+            let cfg = BootConfig {
+                init,
+                ..cfg.clone()
+            };
+            switch_root(log, &cfg)
+        }
+        InitChoice::Wick(why) => {
+            log.say(&format!("staying PID 1 ({why}); starting wick-agent"));
+            match enter_new_root(log) {
+                Ok(()) => supervise::run(log),
+                Err(e) => e,
+            }
+        }
+    };
     Err(fail(err))
 }
 
@@ -195,31 +219,51 @@ fn mount_root(log: &Log, cfg: &BootConfig, root: &str) -> Result<(), String> {
 /// Moves the API filesystems into the new root, frees the initramfs and execs the real init.
 /// Only returns with the reason it failed.
 fn switch_root(log: &Log, cfg: &BootConfig) -> String {
+    if let Err(e) = check_init(cfg) {
+        return e;
+    }
+    if let Err(e) = enter_new_root(log) {
+        return e;
+    }
+    log.debug(&format!("switching root; exec {}", cfg.init));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let err = wick_init::exec(&cfg.init, &args);
+    format!("cannot exec {}: {err}", cfg.init)
+}
+
+fn check_init(cfg: &BootConfig) -> Result<(), String> {
     let new_root = Path::new(NEW_ROOT);
     let init_rel = cfg.init.trim_start_matches('/');
     match fs::metadata(new_root.join(init_rel)) {
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
         Ok(_) => {
-            return format!(
+            return Err(format!(
                 "init={} in the root filesystem is not an executable file",
                 cfg.init
-            )
+            ))
         }
         // A dangling absolute symlink (e.g. /sbin/init -> /lib/systemd/systemd) resolves only
         // after chroot; let execv decide then.
         Err(_) if fs::symlink_metadata(new_root.join(init_rel)).is_ok() => {}
         Err(e) => {
-            return format!(
+            return Err(format!(
                 "init={} not found in the root filesystem ({e}); pass init=PATH or install an init",
                 cfg.init
-            )
+            ))
         }
     }
+    Ok(())
+}
+
+/// Moves /dev, /proc and /sys into the new root, frees the initramfs and makes the new root
+/// `/` (chroot). Returns the reason it failed.
+fn enter_new_root(log: &Log) -> Result<(), String> {
+    let new_root = Path::new(NEW_ROOT);
     for dir in ["/dev", "/proc", "/sys"] {
         let target = format!("{NEW_ROOT}{dir}");
         if Path::new(&target).is_dir() {
             if let Err(e) = wick_init::mount(dir, &target, "", libc::MS_MOVE, None) {
-                return format!("cannot move {dir} to {target}: {e}");
+                return Err(format!("cannot move {dir} to {target}: {e}"));
             }
         } else {
             log.say(&format!(
@@ -230,23 +274,13 @@ fn switch_root(log: &Log, cfg: &BootConfig) -> String {
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
     }
-    if let Err(e) = std::env::set_current_dir(new_root) {
-        return format!("cannot chdir to {NEW_ROOT}: {e}");
-    }
+    std::env::set_current_dir(new_root).map_err(|e| format!("cannot chdir to {NEW_ROOT}: {e}"))?;
     free_initramfs(log);
-    if let Err(e) = wick_init::mount(".", "/", "", libc::MS_MOVE, None) {
-        return format!("cannot move {NEW_ROOT} to /: {e}");
-    }
-    if let Err(e) = wick_init::chroot(Path::new(".")) {
-        return format!("cannot chroot into the new root: {e}");
-    }
-    if let Err(e) = std::env::set_current_dir("/") {
-        return format!("cannot chdir to / in the new root: {e}");
-    }
-    log.debug(&format!("switching root; exec {}", cfg.init));
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let err = wick_init::exec(&cfg.init, &args);
-    format!("cannot exec {}: {err}", cfg.init)
+    wick_init::mount(".", "/", "", libc::MS_MOVE, None)
+        .map_err(|e| format!("cannot move {NEW_ROOT} to /: {e}"))?;
+    wick_init::chroot(Path::new("."))
+        .map_err(|e| format!("cannot chroot into the new root: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("cannot chdir to / in the new root: {e}"))
 }
 
 /// Deletes the initramfs contents (everything on the same filesystem as `/`) to give its memory

@@ -129,6 +129,9 @@ pub struct CreateVmRequest {
     #[serde(default)]
     #[schema(schema_with = port_spec_list_schema)]
     pub publish: Vec<String>,
+    /// Which init runs as PID 1: `auto` (default), `wick` or `image`.
+    #[serde(default)]
+    pub init: Option<crate::vm::InitMode>,
 }
 
 /// `PATCH /v1/vms/{vm}` (`wick vm set`). vcpu/memory apply at next start; NAT applies live.
@@ -538,6 +541,9 @@ pub struct ImageView {
     /// The cache key of a derived build (`image build --from`): a hash of its inputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_key: Option<String>,
+    /// The OCI config's user, working dir, env, entrypoint and cmd (pulled images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<crate::vm::ImageConfig>,
     #[serde(default)]
     pub used_by: Vec<String>,
 }

@@ -14,6 +14,6 @@ pub use name::{generate_name, validate_name, validate_vm_name, NameError};
 pub use paths::Paths;
 pub use size::{parse_size_mib, SizeError};
 pub use vm::{
-    new_vm_id, Grant, PoolSlot, PortMapping, Sidecar, VmRecord, VmRuntime, VmSpec, VmState,
-    VmmHandle, VmmJail, WorkspaceInfo,
+    new_vm_id, Grant, ImageConfig, InitMode, PoolSlot, PortMapping, Sidecar, VmRecord, VmRuntime,
+    VmSpec, VmState, VmmHandle, VmmJail, WorkspaceInfo,
 };

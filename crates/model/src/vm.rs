@@ -126,6 +126,83 @@ pub struct VmSpec {
     /// The repository last prepared into the guest (`vm run PATH`, `vm workspace prepare`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<WorkspaceInfo>,
+    /// Which init runs as the guest's PID 1 (`vm create --init`; `wick.init=` on the kernel
+    /// command line).
+    #[serde(default, skip_serializing_if = "InitMode::is_auto")]
+    pub init: InitMode,
+    /// The image's OCI config (user, working dir, env, entrypoint, cmd), copied at create so
+    /// later changes to the image do not change this VM: the defaults of `vm exec` / `vm run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_config: Option<ImageConfig>,
+}
+
+/// Which init runs as the guest's PID 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InitMode {
+    /// The image's `/sbin/init` when it is systemd (which starts wick-agent), else wick-init.
+    #[default]
+    Auto,
+    /// wick-init stays PID 1: mounts, reaping, the agent (and sshd), poweroff.
+    Wick,
+    /// The image's own init, whatever it is.
+    Image,
+}
+
+impl InitMode {
+    pub fn is_auto(&self) -> bool {
+        *self == InitMode::Auto
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InitMode::Auto => "auto",
+            InitMode::Wick => "wick",
+            InitMode::Image => "image",
+        }
+    }
+    /// The kernel command line word that asks wick-init for this mode (none for `auto`).
+    pub fn boot_arg(self) -> Option<String> {
+        (!self.is_auto()).then(|| format!("wick.init={}", self.as_str()))
+    }
+}
+
+impl FromStr for InitMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(InitMode::Auto),
+            "wick" => Ok(InitMode::Wick),
+            "image" => Ok(InitMode::Image),
+            other => Err(format!("unknown init {other:?}: use auto, wick or image")),
+        }
+    }
+}
+
+/// The parts of an OCI image's config that become the defaults of `vm exec` and `vm run`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageConfig {
+    /// `NAME=VALUE` pairs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// `user`, `uid`, `user:group` or `uid:gid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+}
+
+impl ImageConfig {
+    pub fn is_empty(&self) -> bool {
+        *self == ImageConfig::default()
+    }
+    /// What `vm run` runs without a command: Entrypoint followed by Cmd.
+    pub fn default_command(&self) -> Vec<String> {
+        self.entrypoint.iter().chain(&self.cmd).cloned().collect()
+    }
 }
 
 /// A host repository copied into the guest.

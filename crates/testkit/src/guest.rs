@@ -100,6 +100,38 @@ fn fnv1a(s: &str) -> u32 {
     })
 }
 
+/// A static `wick-agent` (`+crt-static`, in `target/wick-init-static` like wick-init), for
+/// images without glibc (busybox, musl): the agent that image injection puts in such images.
+pub fn static_agent() -> Result<PathBuf, String> {
+    let dir = target_dir().join("wick-init-static");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "wick-agent",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_TARGET_DIR", &dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .map_err(|e| format!("cannot run cargo to build wick-agent: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building static wick-agent failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let agent = dir.join("x86_64-unknown-linux-gnu/release/wick-agent");
+    if !wick_kernel::initramfs::is_static_elf(&agent) {
+        return Err(format!("{} is not a static binary", agent.display()));
+    }
+    Ok(agent)
+}
+
 fn on_path(bin: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))

@@ -14,6 +14,7 @@ pub mod agent;
 pub mod dns;
 pub mod hostile;
 pub mod inspect;
+pub mod registry;
 mod skip;
 pub mod wickd;
 

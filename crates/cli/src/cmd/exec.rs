@@ -21,7 +21,7 @@ use crate::cli::ExecArgs;
 use crate::Exit;
 
 pub async fn run(ctx: &Ctx, a: ExecArgs) -> Result<()> {
-    let req = request(
+    let mut req = request(
         a.command,
         &a.env,
         a.workdir,
@@ -30,6 +30,10 @@ pub async fn run(ctx: &Ctx, a: ExecArgs) -> Result<()> {
         a.tty,
         |k| std::env::var(k).ok(),
     )?;
+    let vm: wick_model::VmRecord = ctx.client().get(&crate::client::vm_path(&a.vm, "")).await?;
+    if let Some(c) = &vm.spec.image_config {
+        image_defaults(&mut req, c, true);
+    }
     let chan = agent::channel(ctx.client(), &a.vm);
     match stream(&chan, req).await? {
         0 => Ok(()),
@@ -128,6 +132,31 @@ pub(super) fn request(
     })
 }
 
+/// The image's OCI config as defaults: its `User` and `Env` (the user's `-u`/`-e` win) and,
+/// with `cwd`, its `WorkingDir` when no `-w` was given.
+pub(super) fn image_defaults(req: &mut ExecRequest, c: &wick_model::ImageConfig, cwd: bool) {
+    if req.user.is_none() {
+        // `user:group` runs as the user with the user's own groups (the group is not used).
+        req.user = c
+            .user
+            .as_deref()
+            .map(|u| u.split(':').next().unwrap_or(u).to_string())
+            .filter(|u| !u.is_empty());
+    }
+    if cwd && req.cwd.is_none() {
+        req.cwd = c.working_dir.clone().filter(|w| !w.is_empty());
+    }
+    let mut env: Vec<(String, String)> = c
+        .env
+        .iter()
+        .filter_map(|e| e.split_once('='))
+        .filter(|(k, _)| !k.is_empty() && !req.env.iter().any(|(have, _)| have == k))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.append(&mut req.env);
+    req.env = env;
+}
+
 /// `-e K=V` (and `-e K`, taking the local value) into pairs.
 fn parse_env(
     items: &[String],
@@ -207,6 +236,52 @@ mod tests {
             "TERM" => Some("xterm-256color".into()),
             _ => None,
         }
+    }
+
+    #[test]
+    fn image_config_gives_defaults_and_the_user_wins() {
+        let c = wick_model::ImageConfig {
+            env: vec![
+                "PATH=/opt/py/bin:/usr/bin".into(),
+                "A=image".into(),
+                "BAD".into(),
+            ],
+            working_dir: Some("/app".into()),
+            user: Some("1000:1000".into()),
+            ..Default::default()
+        };
+        let mut r = request(vec!["id".into()], &[], None, None, false, false, env_of).unwrap();
+        image_defaults(&mut r, &c, true);
+        assert_eq!(
+            (r.user.as_deref(), r.cwd.as_deref()),
+            (Some("1000"), Some("/app"))
+        );
+        assert_eq!(
+            r.env,
+            [("PATH", "/opt/py/bin:/usr/bin"), ("A", "image")].map(|(k, v)| (k.into(), v.into()))
+        );
+        let mut r = request(
+            vec!["id".into()],
+            &["A=mine".into()],
+            Some("/root/repo".into()),
+            Some("root".into()),
+            false,
+            false,
+            env_of,
+        )
+        .unwrap();
+        image_defaults(&mut r, &c, false);
+        assert_eq!(
+            (r.user.as_deref(), r.cwd.as_deref()),
+            (Some("root"), Some("/root/repo"))
+        );
+        assert_eq!(
+            r.env,
+            [("PATH", "/opt/py/bin:/usr/bin"), ("A", "mine")].map(|(k, v)| (k.into(), v.into()))
+        );
+        let mut r = request(vec!["id".into()], &[], None, None, false, false, env_of).unwrap();
+        image_defaults(&mut r, &c, false);
+        assert_eq!(r.cwd, None, "vm run keeps its own cwd");
     }
 
     #[test]

@@ -178,31 +178,36 @@ impl Job {
                 return Ok(code);
             }
         }
-        if self.command.is_empty() {
+        // The command line's, else the project's default, else the image's Entrypoint + Cmd.
+        let command = match self.command.is_empty() {
+            true => image_config(vm).default_command(),
+            false => self.command.clone(),
+        };
+        if command.is_empty() {
             if self.plan.is_some() {
                 eprintln!("the repository is in {}", self.guest_path);
             }
             return tokio::task::block_in_place(|| super::ssh::session(ctx, vm, &[]));
         }
-        self.exec(ctx, vm, self.command.clone(), true).await
+        self.exec(ctx, vm, command, true).await
     }
 
+    /// Runs `argv` in the repository (without one: the image's WorkingDir, else /root) as the
+    /// project's user with its env, the image's config filling what the project leaves open.
     async fn exec(&self, ctx: &Ctx, vm: &VmRecord, argv: Vec<String>, stdin: bool) -> Result<i32> {
-        let cwd = match self.plan {
-            Some(_) => self.guest_path.as_str(),
-            None => HOME,
+        let image = image_config(vm);
+        let cwd = match (&self.plan, &image.working_dir) {
+            (Some(_), _) => self.guest_path.clone(),
+            (None, Some(w)) if !w.is_empty() => w.clone(),
+            (None, _) => HOME.to_string(),
         };
         // Like `ssh host CMD`: stdin is forwarded, no terminal is allocated.
-        let mut req = super::exec::request(
-            argv,
-            &[],
-            Some(cwd.to_string()),
-            self.user.clone(),
-            stdin,
-            false,
-            |k| std::env::var(k).ok(),
-        )?;
+        let mut req =
+            super::exec::request(argv, &[], Some(cwd), self.user.clone(), stdin, false, |k| {
+                std::env::var(k).ok()
+            })?;
         req.env.extend(self.env.iter().cloned());
+        super::exec::image_defaults(&mut req, &image, false);
         let chan = agent::channel(ctx.client(), &vm.id);
         super::exec::stream(&chan, req).await
     }
@@ -236,4 +241,9 @@ async fn create_failed(ctx: &Ctx, op: Operation, rm: bool) -> anyhow::Error {
         }
     }
     err
+}
+
+/// The process defaults of the VM's image (pulled OCI images), recorded in its spec.
+fn image_config(vm: &VmRecord) -> wick_model::ImageConfig {
+    vm.spec.image_config.clone().unwrap_or_default()
 }

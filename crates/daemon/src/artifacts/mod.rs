@@ -59,6 +59,8 @@ pub struct BootArtifacts {
     pub work_seed: Option<PathBuf>,
     /// Whether wick-agent is installed in the image.
     pub agent: bool,
+    /// The image's OCI process config (pulled images).
+    pub config: Option<wick_model::ImageConfig>,
     /// The ELF vmlinux (Firecracker).
     pub kernel_vmlinux: PathBuf,
     /// The original bzImage (QEMU), when the kernel came with one.
@@ -172,6 +174,7 @@ impl Artifacts {
             rootfs: img.rootfs,
             work_seed: img.work_seed,
             agent: img.agent_injected,
+            config: img.config.map(model_config),
             kernel_vmlinux: k.vmlinux,
             kernel_bzimage: k.bzimage,
             initrd: k.initrd,
@@ -237,7 +240,19 @@ pub fn image_view(image: ImageRecord, vms: &[VmRecord]) -> ImageView {
         default_kernel: image.default_kernel,
         agent_injected: image.agent_injected,
         build_key: image.build_key,
+        config: image.config.map(model_config),
         used_by,
+    }
+}
+
+/// An image's OCI process config in the model's words.
+pub fn model_config(c: wick_image::ImageConfig) -> wick_model::ImageConfig {
+    wick_model::ImageConfig {
+        env: c.env,
+        working_dir: c.working_dir,
+        user: c.user,
+        entrypoint: c.entrypoint,
+        cmd: c.cmd,
     }
 }
 

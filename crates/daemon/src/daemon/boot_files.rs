@@ -17,6 +17,8 @@ pub struct BootFiles {
     pub initrd: Option<std::path::PathBuf>,
     pub boot_args: String,
     pub agent: bool,
+    /// The image's OCI process config, copied into the spec at create.
+    pub config: Option<wick_model::ImageConfig>,
 }
 
 impl BootFiles {
@@ -25,6 +27,7 @@ impl BootFiles {
         spec.initrd = self.initrd.clone();
         spec.boot_args = self.boot_args.clone();
         spec.agent = self.agent;
+        spec.image_config = self.config.clone();
     }
 }
 
@@ -43,6 +46,7 @@ impl Daemon {
                     .clone()
                     .unwrap_or_else(|| DEFAULT_BOOT_ARGS.into()),
                 agent: i.agent.unwrap_or(false),
+                config: None,
             });
         }
         let b = self.artifacts.resolve(image).map_err(|e| {
@@ -68,6 +72,7 @@ impl Daemon {
             initrd: b.initrd,
             boot_args: DEFAULT_BOOT_ARGS.into(),
             agent: b.agent,
+            config: b.config,
         })
     }
 }

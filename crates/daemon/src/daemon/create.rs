@@ -45,6 +45,7 @@ impl Daemon {
             git_name: req.git_name.clone(),
             git_email: req.git_email.clone(),
             publish: self.check_publish(&req.publish, None, caller)?,
+            init: req.init.unwrap_or_default(),
             ..Default::default()
         };
         match self.boot_files(&image_name) {

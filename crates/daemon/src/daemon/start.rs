@@ -153,7 +153,10 @@ impl Daemon {
             memory_mib: vm.spec.memory_mib,
             kernel: vm.spec.kernel.clone(),
             initrd: vm.spec.initrd.clone(),
-            boot_args: vm.spec.boot_args.clone(),
+            boot_args: match vm.spec.init.boot_arg() {
+                Some(arg) => format!("{} {arg}", vm.spec.boot_args),
+                None => vm.spec.boot_args.clone(),
+            },
             root_disk: vm.runtime.root_disk.clone().unwrap_or_default(),
             extra_disks: vm
                 .runtime

@@ -174,6 +174,7 @@ impl WickMcp {
             nat: spec.nat.unwrap_or(false),
             allow_host: spec.allow_hosts.unwrap_or_default(),
             publish: spec.publish.unwrap_or_default(),
+            init: None,
         };
         let req = bad_input(vm::create_request(&self.ctx, &args, false))?;
         let client = self.ctx.client();

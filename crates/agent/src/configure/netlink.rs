@@ -1,0 +1,269 @@
+//! The network part of `Configure` without iproute2 (most container images have no `ip`): the
+//! same idempotent changes — `lo` and the interface up, the address replaced, the default route
+//! replaced — as rtnetlink requests on a `NETLINK_ROUTE` socket, each acknowledged.
+
+use std::io;
+use std::net::IpAddr;
+
+const NLMSG_ERROR: u16 = 2;
+const RTM_NEWLINK: u16 = 16;
+const RTM_NEWADDR: u16 = 20;
+const RTM_NEWROUTE: u16 = 24;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_CREATE: u16 = 0x400;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const RTA_GATEWAY: u16 = 5;
+const RTA_OIF: u16 = 4;
+
+/// One netlink message: header, fixed body, then attributes (each padded to 4 bytes).
+pub(super) fn message(
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    body: &[u8],
+    attrs: &[(u16, &[u8])],
+) -> Vec<u8> {
+    let mut m = vec![0u8; 16];
+    m.extend_from_slice(body);
+    pad(&mut m);
+    for (kind, data) in attrs {
+        m.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(data);
+        pad(&mut m);
+    }
+    let len = m.len() as u32;
+    m[0..4].copy_from_slice(&len.to_ne_bytes());
+    m[4..6].copy_from_slice(&ty.to_ne_bytes());
+    m[6..8].copy_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    m[8..12].copy_from_slice(&seq.to_ne_bytes());
+    m
+}
+
+fn pad(m: &mut Vec<u8>) {
+    while !m.len().is_multiple_of(4) {
+        m.push(0);
+    }
+}
+
+/// The errno of an `NLMSG_ERROR` reply (0 is the acknowledgement), or an error for anything else.
+pub(super) fn ack_errno(reply: &[u8]) -> io::Result<i32> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed netlink reply");
+    if reply.len() < 20 {
+        return Err(bad());
+    }
+    let ty = u16::from_ne_bytes([reply[4], reply[5]]);
+    if ty != NLMSG_ERROR {
+        return Err(bad());
+    }
+    Ok(-i32::from_ne_bytes([
+        reply[16], reply[17], reply[18], reply[19],
+    ]))
+}
+
+fn family(ip: &IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(_) => libc::AF_INET as u8,
+        IpAddr::V6(_) => libc::AF_INET6 as u8,
+    }
+}
+
+fn octets(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// Parses `ADDR/PREFIX`.
+pub(super) fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let bad = || format!("invalid address {s:?}: use ADDR/PREFIX");
+    let (a, p) = s.split_once('/').ok_or_else(bad)?;
+    let ip: IpAddr = a.parse().map_err(|_| bad())?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix: u8 = p.parse().ok().filter(|p| *p <= max).ok_or_else(bad)?;
+    Ok((ip, prefix))
+}
+
+struct Socket(libc::c_int, u32);
+
+impl Socket {
+    fn open() -> io::Result<Socket> {
+        // SAFETY: plain socket call.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Socket(fd, 0))
+    }
+
+    /// Sends one request and waits for its acknowledgement.
+    fn request(
+        &mut self,
+        what: &str,
+        ty: u16,
+        flags: u16,
+        body: &[u8],
+        attrs: &[(u16, &[u8])],
+    ) -> Result<(), String> {
+        self.1 += 1;
+        let msg = message(ty, flags, self.1, body, attrs);
+        // SAFETY: sockaddr_nl zeroed is the kernel as destination; buffers are valid.
+        let sent = unsafe {
+            let mut sa: libc::sockaddr_nl = std::mem::zeroed();
+            sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+            libc::sendto(
+                self.0,
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&sa as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            return Err(format!(
+                "{what}: netlink send: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        let mut buf = [0u8; 8192];
+        // SAFETY: valid buffer of the given length.
+        let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(format!(
+                "{what}: netlink receive: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        match ack_errno(&buf[..n as usize]).map_err(|e| format!("{what}: {e}"))? {
+            0 => Ok(()),
+            errno => Err(format!("{what}: {}", io::Error::from_raw_os_error(errno))),
+        }
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        // SAFETY: our own fd.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn ifindex(name: &str) -> Result<u32, String> {
+    let c = std::ffi::CString::new(name).map_err(|_| format!("bad interface name {name:?}"))?;
+    // SAFETY: valid C string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(format!(
+            "no interface {name}: {}",
+            io::Error::last_os_error()
+        )),
+        i => Ok(i),
+    }
+}
+
+fn link_up(s: &mut Socket, name: &str) -> Result<(), String> {
+    let idx = ifindex(name)?;
+    let mut body = vec![0u8; 16]; // ifinfomsg
+    body[4..8].copy_from_slice(&(idx as i32).to_ne_bytes());
+    body[8..12].copy_from_slice(&(libc::IFF_UP as u32).to_ne_bytes());
+    body[12..16].copy_from_slice(&(libc::IFF_UP as u32).to_ne_bytes());
+    s.request(&format!("set {name} up"), RTM_NEWLINK, 0, &body, &[])
+}
+
+/// `ip link set lo up; ip addr replace CIDR dev IFACE; ip link set IFACE up;
+/// ip route replace default via GW dev IFACE`.
+pub(super) fn configure(iface: &str, ip_cidr: &str, gateway: Option<IpAddr>) -> Result<(), String> {
+    let (ip, prefix) = parse_cidr(ip_cidr)?;
+    let mut s = Socket::open().map_err(|e| format!("netlink socket: {e}"))?;
+    link_up(&mut s, "lo")?;
+    let idx = ifindex(iface)?;
+    let mut addr = vec![family(&ip), prefix, 0, 0]; // ifaddrmsg (scope universe)
+    addr.extend_from_slice(&idx.to_ne_bytes());
+    let o = octets(&ip);
+    s.request(
+        &format!("add {ip_cidr} to {iface}"),
+        RTM_NEWADDR,
+        NLM_F_CREATE | NLM_F_REPLACE,
+        &addr,
+        &[(IFA_LOCAL, &o), (IFA_ADDRESS, &o)],
+    )?;
+    link_up(&mut s, iface)?;
+    if let Some(gw) = gateway {
+        // rtmsg: family, dst_len 0, src_len, tos, table main, protocol boot, scope universe,
+        // type unicast, flags.
+        let mut rt = vec![family(&gw), 0, 0, 0, 254, 3, 0, 1];
+        rt.extend_from_slice(&0u32.to_ne_bytes());
+        let g = octets(&gw);
+        let oif = idx.to_ne_bytes();
+        s.request(
+            &format!("default route via {gw}"),
+            RTM_NEWROUTE,
+            NLM_F_CREATE | NLM_F_REPLACE,
+            &rt,
+            &[(RTA_GATEWAY, &g), (RTA_OIF, &oif)],
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_laid_out_and_padded() {
+        let m = message(
+            RTM_NEWADDR,
+            NLM_F_CREATE,
+            7,
+            &[2, 24, 0, 0, 3, 0, 0, 0],
+            &[(IFA_LOCAL, &[10, 0, 0, 5]), (9, &[1])],
+        );
+        assert_eq!(m.len(), 16 + 8 + 8 + 8);
+        assert_eq!(
+            u32::from_ne_bytes(m[0..4].try_into().unwrap()) as usize,
+            m.len()
+        );
+        assert_eq!(u16::from_ne_bytes([m[4], m[5]]), RTM_NEWADDR);
+        assert_eq!(
+            u16::from_ne_bytes([m[6], m[7]]),
+            NLM_F_CREATE | NLM_F_REQUEST | NLM_F_ACK
+        );
+        assert_eq!(u32::from_ne_bytes(m[8..12].try_into().unwrap()), 7);
+        assert_eq!(&m[24..32], &[8, 0, 2, 0, 10, 0, 0, 5]);
+        assert_eq!(&m[32..40], &[5, 0, 9, 0, 1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn acks_and_errors() {
+        let mut r = vec![0u8; 36];
+        r[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        assert_eq!(ack_errno(&r).unwrap(), 0);
+        r[16..20].copy_from_slice(&(-libc::EEXIST).to_ne_bytes());
+        assert_eq!(ack_errno(&r).unwrap(), libc::EEXIST);
+        assert!(ack_errno(&r[..10]).is_err());
+        r[4..6].copy_from_slice(&16u16.to_ne_bytes());
+        assert!(ack_errno(&r).is_err());
+    }
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(
+            parse_cidr("172.30.0.5/24").unwrap(),
+            ("172.30.0.5".parse().unwrap(), 24)
+        );
+        assert!(parse_cidr("172.30.0.5").is_err());
+        assert!(parse_cidr("172.30.0.5/33").is_err());
+        assert_eq!(parse_cidr("fd00::2/64").unwrap().1, 64);
+    }
+}
