@@ -144,8 +144,9 @@ impl Artifacts {
         &self.kernels
     }
 
-    /// The wick-agent binary to inject: `$WICK_AGENT_BIN`, else next to the running executable
-    /// (and its parent directory, for test binaries in `target/*/deps`), else on `PATH`.
+    /// The wick-agent binary to inject: `$WICK_AGENT_BIN`, else the first static one of: the
+    /// `x86_64-unknown-linux-gnu` build of the running executable's profile, next to it (for
+    /// test binaries in `target/*/deps`, their parent), on `PATH`; else the first of those.
     pub fn agent_binary(&self) -> Result<PathBuf> {
         if let Some(p) = &self.agent_bin {
             return Ok(p.clone());
@@ -382,17 +383,32 @@ fn locate_agent() -> Result<PathBuf> {
         .ok()
         .and_then(|e| e.parent().map(Path::to_path_buf))
     {
-        candidates.push(dir.join("wick-agent"));
-        if dir.file_name().is_some_and(|n| n == "deps") {
-            if let Some(up) = dir.parent() {
-                candidates.push(up.join("wick-agent"));
-            }
+        let dir = match dir.file_name().is_some_and(|n| n == "deps") {
+            true => dir.parent().map(Path::to_path_buf).unwrap_or(dir),
+            false => dir,
+        };
+        // `./wick` builds the agent static (`+crt-static` for x86_64-unknown-linux-gnu), as
+        // images without glibc (busybox, musl) need.
+        if let (Some(target), Some(profile)) = (dir.parent(), dir.file_name()) {
+            candidates.push(
+                target
+                    .join("x86_64-unknown-linux-gnu")
+                    .join(profile)
+                    .join("wick-agent"),
+            );
         }
+        candidates.push(dir.join("wick-agent"));
     }
     if let Some(path) = std::env::var_os("PATH") {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join("wick-agent")));
     }
-    candidates.into_iter().find(|c| c.is_file()).ok_or_else(|| {
+    candidates.retain(|c| c.is_file());
+    // A static agent runs in every image; a dynamic one only in images with a matching glibc.
+    let static_first = candidates
+        .iter()
+        .position(|c| wick_kernel::initramfs::is_static_elf(c))
+        .unwrap_or(0);
+    candidates.into_iter().nth(static_first).ok_or_else(|| {
         Error::precondition(
             "wick-agent was not found next to wickd or on PATH, and images need it; install \
              it next to wickd (`cargo build --release -p wick-agent`), or set WICK_AGENT_BIN",
