@@ -33,7 +33,6 @@ fn main() {
         }
     };
     let env = &mut s.env;
-    env.start();
     let images = [
         ("golden", "systemd"),
         ("bb", "wick-init"),

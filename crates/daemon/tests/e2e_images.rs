@@ -1,8 +1,9 @@
 //! End to end: images without systemd boot under QEMU (TCG) with wick-init as PID 1. The test
 //! builds its images itself from Debian packages (the machine's own apt sources and Debian
 //! mirror; nothing else on the network), pushes them to a local `docker-registry` with an OCI
-//! config (User, WorkingDir, Env, Cmd), pulls them into the daemon's image store with the agent
-//! injected, and drives a real `wickd` through the real `wick`:
+//! config (User, WorkingDir, Env, Cmd), and has wickd pull them (`wick image pull`, from the
+//! same registry storage served inside the daemon's network namespace; wickd injects the static
+//! agent, as `./wick` builds it), then drives the real `wickd` through the real `wick`:
 //!
 //! - an Alpine-style image: a busybox-static root (`/bin/sh` and `/sbin/init` are busybox, no
 //!   glibc, no systemd, no iproute2), with a static wick-agent;
@@ -94,7 +95,6 @@ fn images_without_systemd_boot_and_run() {
         }
     };
     let env = &mut s.env;
-    env.start();
 
     // The image config is on the image and copied into the VM's spec.
     let img = env.wick_json(&["image", "show", "bb"]);

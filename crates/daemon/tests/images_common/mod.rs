@@ -234,11 +234,13 @@ pub fn create(env: &WickdEnv, name: &str, image: &str) -> Duration {
 
 pub struct Setup {
     pub env: WickdEnv,
+    _mirror: wick_testkit::registry::Mirror,
     _registry: Registry,
 }
 
-/// Everything the test needs, or why it cannot run here. With `golden`, the cached golden image
-/// (systemd) is there too, as `golden`, booting the same kernel and initramfs.
+/// Everything the test needs, or why it cannot run here, with the daemon started. With
+/// `golden`, the cached golden image (systemd) is there too, as `golden`, booting the same
+/// kernel and initramfs.
 pub fn setup(golden: bool) -> Result<Setup, String> {
     if let Some(why) = qemu_unavailable() {
         return Err(why);
@@ -294,19 +296,26 @@ pub fn setup(golden: bool) -> Result<Setup, String> {
         std::fs::write(env.root().join("config.toml"), config() + &table)
             .map_err(|e| e.to_string())?;
     }
-    let images = wick_image::ImageStore::new(state.join("images")).map_err(|e| e.to_string())?;
+    // wickd pulls them itself (`wick image pull`), from the same registry storage served
+    // inside its network namespace, injecting the static agent (as `./wick` builds it).
+    let mut env = env;
+    env.env
+        .push(("WICK_AGENT_BIN".into(), agent.display().to_string()));
+    env.start();
+    let mirror = registry.serve_in(|p| env.in_netns(p), 5000);
     for (reference, name) in [(&bb_ref, "bb"), (&py_ref, "py")] {
-        let opts = wick_image::oci::PullOptions {
-            agent_bin: Some(agent.clone()),
-            insecure_registries: vec![registry.addr.clone()],
-            headroom_mib: Some(256),
-            ..Default::default()
-        };
-        wick_image::oci::pull(&images, reference, name, &opts, &mut |_| {})
-            .map_err(|e| format!("pull {reference}: {e}"))?;
+        let local = reference.replacen(&registry.addr, &mirror.addr, 1);
+        let out = env.wick(&["image", "pull", &local, "--name", name, "--insecure"]);
+        if !out.status.success() {
+            return Err(format!(
+                "wick image pull {local}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
     }
     Ok(Setup {
         env,
+        _mirror: mirror,
         _registry: registry,
     })
 }
