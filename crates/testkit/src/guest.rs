@@ -61,29 +61,7 @@ pub fn static_init_binaries() -> Result<(PathBuf, PathBuf), String> {
 
 /// The one static build of the `wick-init` package (both its binaries).
 fn build_static_init() -> Result<(PathBuf, PathBuf), String> {
-    let dir = target_dir().join("wick-init-static");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "wick-init",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_TARGET_DIR", &dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .map_err(|e| format!("cannot run cargo to build wick-init: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "building static wick-init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let rel = dir.join("x86_64-unknown-linux-gnu/release");
+    let rel = static_build("wick-init")?;
     let (init, probe) = (rel.join("wick-init"), rel.join("wick-init-probe"));
     for b in [&init, &probe] {
         if !wick_kernel::initramfs::is_static_elf(b) {
@@ -91,6 +69,35 @@ fn build_static_init() -> Result<(PathBuf, PathBuf), String> {
         }
     }
     Ok((init, probe))
+}
+
+/// Builds `package` with `+crt-static` for x86_64-unknown-linux-gnu into
+/// `target/wick-init-static` (a separate target dir, so this nested cargo never waits on the
+/// outer build's lock) and returns the directory holding its binaries.
+fn static_build(package: &str) -> Result<PathBuf, String> {
+    let dir = target_dir().join("wick-init-static");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            package,
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_TARGET_DIR", &dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .map_err(|e| format!("cannot run cargo to build {package}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building static {package} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(dir.join("x86_64-unknown-linux-gnu/release"))
 }
 
 /// 32-bit FNV-1a of `s` (a short, stable name suffix).
@@ -103,29 +110,7 @@ fn fnv1a(s: &str) -> u32 {
 /// A static `wick-agent` (`+crt-static`, in `target/wick-init-static` like wick-init), for
 /// images without glibc (busybox, musl): the agent that image injection puts in such images.
 pub fn static_agent() -> Result<PathBuf, String> {
-    let dir = target_dir().join("wick-init-static");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "wick-agent",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_TARGET_DIR", &dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .map_err(|e| format!("cannot run cargo to build wick-agent: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "building static wick-agent failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let agent = dir.join("x86_64-unknown-linux-gnu/release/wick-agent");
+    let agent = static_build("wick-agent")?.join("wick-agent");
     if !wick_kernel::initramfs::is_static_elf(&agent) {
         return Err(format!("{} is not a static binary", agent.display()));
     }

@@ -3,11 +3,9 @@
 //! oci-client, and reading ext4 images with debugfs (no mounting).
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::manifest::{
@@ -39,76 +37,19 @@ pub fn missing_prereq(tools: &[&str]) -> Option<String> {
 }
 
 /// A `docker-registry` process on 127.0.0.1, with storage in a temp dir; killed on drop.
-pub struct Registry {
-    child: Child,
-    pub addr: String,
-    _dir: tempfile::TempDir,
+pub use wick_testkit::registry::Registry;
+
+/// An oci-client for a test [`Registry`] (plain HTTP to it).
+pub trait RegistryClient {
+    fn client(&self) -> Client;
 }
 
-impl Registry {
-    pub fn start() -> Registry {
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start docker-registry");
-        let r = Registry {
-            child,
-            addr,
-            _dir: dir,
-        };
-        r.wait_ready();
-        r
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(mut s) = TcpStream::connect(&self.addr) {
-                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
-                let mut buf = String::new();
-                let _ = s.read_to_string(&mut buf);
-                if buf.starts_with("HTTP/1.") && buf.contains(" 200") {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("docker-registry on {} did not become ready", self.addr);
-    }
-
-    pub fn client(&self) -> Client {
+impl RegistryClient for Registry {
+    fn client(&self) -> Client {
         Client::new(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(vec![self.addr.clone()]),
             ..Default::default()
         })
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        // Only the process this test started, by its pid.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
