@@ -4,8 +4,8 @@
 //! by side, cold vs warm-pool create → agent configured and `wick vm run --rm REPO -- true`
 //! wall time without and with a pool (`[pool] size = 1`, the next run waits for the refill).
 //!
-//! `cargo bench -p wick-daemon --bench guest` as root; skipped (with the reason) where QEMU,
-//! vhost-device-vsock or the golden image's prerequisites are missing.
+//! `cargo bench -p wick-daemon --bench guest` as root; skipped (with the reason) where QEMU
+//! or the golden image's prerequisites are missing.
 
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -275,12 +275,12 @@ fn main() {
             .collect();
         row(&format!("  stage: {n}"), &mut v);
     }
-    row("exec `true` round trip (agent over vsock)", &mut exec);
+    row("exec `true` round trip (agent over virtio-serial)", &mut exec);
     row("wick vm pause (QMP stop; CLI wall)", &mut pause);
     row("wick vm resume (QMP cont; CLI wall)", &mut resume);
     println!(
         "{:<44} {:>10}",
-        "tar upload 64 MiB (agent over vsock)",
+        "tar upload 64 MiB (agent over virtio-serial)",
         format!("{:.1} MiB/s", 64.0 / put.as_secs_f64())
     );
     drop(client);
