@@ -119,6 +119,11 @@ pub enum VmCommand {
     Stop(LifecycleArgs),
     /// Stop then start one or more VMs.
     Restart(LifecycleArgs),
+    /// Pause one or more running VMs: their vCPUs stop, memory and every resource stay (the
+    /// DNS name and published ports too; connections wait until resume).
+    Pause(LifecycleArgs),
+    /// Resume one or more paused VMs.
+    Resume(LifecycleArgs),
     /// Delete one or more VMs and every host resource they hold.
     #[command(visible_alias = "rm")]
     Delete(LifecycleArgs),

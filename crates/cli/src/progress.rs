@@ -115,6 +115,8 @@ pub fn op_label(kind: OpKind, name: &str) -> String {
         OpKind::Stop => "stop",
         OpKind::Restart => "restart",
         OpKind::Delete => "delete",
+        OpKind::Pause => "pause",
+        OpKind::Resume => "resume",
         OpKind::ImageImport => "import image",
         OpKind::ImagePull => "pull image",
         OpKind::ImageBuild => "build image",

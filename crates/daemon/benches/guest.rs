@@ -126,6 +126,21 @@ fn cold_vs_pooled(config: &str, runs: usize) -> (Pair, Pair) {
     ((cold_create, pool_create), (cold_run, pool_run))
 }
 
+/// `runs` cycles of `wick vm pause` and `wick vm resume` on `name`: the CLI's wall time for
+/// each (the operation, QMP `stop`/`cont`, and the CLI's own start and event stream).
+fn pause_resume(env: &WickdEnv, name: &str, runs: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let (mut pause, mut resume) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        env.wick_ok(&["vm", "pause", name]);
+        pause.push(t.elapsed());
+        let t = Instant::now();
+        env.wick_ok(&["vm", "resume", name]);
+        resume.push(t.elapsed());
+    }
+    (pause, resume)
+}
+
 fn main() {
     let a = match guest_assets() {
         Ok(a) => a,
@@ -233,6 +248,7 @@ fn main() {
     rt.block_on(client.put_tar("/root", tarball.as_slice()))
         .unwrap();
     let put = t.elapsed();
+    let (mut pause, mut resume) = pause_resume(&env, "b0", 10);
 
     println!(
         "wick real-guest benchmark (QEMU TCG, {runs} VMs, 1 GiB, debug={})",
@@ -260,6 +276,8 @@ fn main() {
         row(&format!("  stage: {n}"), &mut v);
     }
     row("exec `true` round trip (agent over vsock)", &mut exec);
+    row("wick vm pause (QMP stop; CLI wall)", &mut pause);
+    row("wick vm resume (QMP cont; CLI wall)", &mut resume);
     println!(
         "{:<44} {:>10}",
         "tar upload 64 MiB (agent over vsock)",

@@ -110,6 +110,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{vm}/stop", post(stop_vm))
         .route("/v1/vms/{vm}/restart", post(restart_vm))
         .route("/v1/vms/{vm}/kill", post(kill_vm))
+        .route("/v1/vms/{vm}/pause", post(pause_vm))
+        .route("/v1/vms/{vm}/resume", post(resume_vm))
         .route("/v1/vms/{vm}/logs", get(vm_logs))
         .route("/v1/vms/{vm}/agent", post(agent_connect))
         .route("/v1/vms/{vm}/stats", get(vm_stats))
@@ -276,6 +278,32 @@ async fn kill_vm(
     Ok(Json(d.kill(&vm, req, caller(c)).await?))
 }
 
+#[utoipa::path(post, path = "/v1/vms/{vm}/pause", params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
+    responses((status = 202, body = Operation, description = "the pause operation; the VM ends `paused` (a paused VM stays so)"),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed path, or a VM id prefix that matches several VMs", body = ApiError),
+        (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError),
+        (status = 409, description = "the VM is busy with another operation, or not running (`conflict`)", body = ApiError)))]
+async fn pause_vm(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Valid(Path(vm)): Valid<Path<String>>,
+) -> Result<Response> {
+    lifecycle(d, c, &vm, LifecycleOp::Pause).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{vm}/resume", params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
+    responses((status = 202, body = Operation, description = "the resume operation; the VM ends `running` (a running VM stays so)"),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed path, or a VM id prefix that matches several VMs", body = ApiError),
+        (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError),
+        (status = 409, description = "the VM is busy with another operation, or neither paused nor running (`conflict`)", body = ApiError)))]
+async fn resume_vm(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Valid(Path(vm)): Valid<Path<String>>,
+) -> Result<Response> {
+    lifecycle(d, c, &vm, LifecycleOp::Resume).await
+}
+
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct LogQuery {
@@ -318,6 +346,7 @@ enum AgentUpgrade {
     responses((status = 101, description = "raw wick-agent-proto stream"),
         (status = 400, description = "invalid argument (`invalid_argument`): no `Upgrade: wick-agent`, a malformed path, or an ambiguous id prefix", body = ApiError),
         (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError),
+        (status = 409, description = "the VM is paused: resume it first (`conflict`)", body = ApiError),
         (status = 412, description = "the VM is not running, or its image has no wick-agent (`not_running`, `failed_precondition`)", body = ApiError)))]
 async fn agent_connect(
     State(d): D,
@@ -338,6 +367,13 @@ async fn agent_connect(
     let vm = d.find(&vm, caller(c))?;
     let handle = match (&vm.runtime.vmm, vm.state) {
         (Some(h), VmState::Running) => h.clone(),
+        (_, VmState::Paused) => {
+            return Err(Error::conflict(format!(
+                "VM {} is paused: its guest runs nothing until resumed{}",
+                vm.name,
+                wick_model::vm::resume_hint(&vm.name, vm.state)
+            )))
+        }
         _ => {
             return Err(Error::new(
                 ErrorCode::NotRunning,
@@ -613,6 +649,8 @@ impl utoipa::Modify for InternalErrors {
         stop_vm,
         restart_vm,
         kill_vm,
+        pause_vm,
+        resume_vm,
         vm_logs,
         prune_vms,
         agent_connect,

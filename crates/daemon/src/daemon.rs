@@ -6,7 +6,8 @@
 //! follows the durability rule: a host resource's identity is saved in the VM's runtime before the
 //! resource exists, and [`Daemon::release`] frees everything from that record alone.
 //!
-//! One module per flow: `create`, `start`, `stop` (and kill), `delete` (and prune), `set`,
+//! One module per flow: `create`, `start`, `stop` (and kill), `pause` (and resume), `delete`
+//! (and prune), `set`,
 //! `release`, with `boot_files`, the spec `checks`, VMM `watch`ing and `logs`. Every
 //! operation is spawned by one spawner, `Daemon::spawn_op`. These modules use the domain and the
 //! host crates, never the HTTP handlers (`crate::api`).
@@ -32,6 +33,7 @@ mod checks;
 mod create;
 mod delete;
 mod logs;
+mod pause;
 mod pool;
 mod release;
 mod set;
@@ -41,6 +43,7 @@ mod watch;
 mod xfs_pool;
 
 pub use boot_files::BootFiles;
+pub use pause::PAUSE_TIMEOUT;
 pub use pool::{pool_key, run as run_pool, Pool};
 pub use release::disk_plan;
 pub use xfs_pool::reconcile_xfs_pool;
@@ -188,7 +191,8 @@ impl Daemon {
         Ok(op)
     }
 
-    /// Starts a lifecycle operation (`start`, `stop`, `restart`, `delete`) on a VM.
+    /// Starts a lifecycle operation (`start`, `stop`, `restart`, `delete`, `pause`, `resume`)
+    /// on a VM.
     pub fn begin(self: &Arc<Self>, what: LifecycleOp, vm: VmRecord) -> Result<Arc<OpEntry>> {
         self.spawn_op(what.kind(), vm, move |d, op, vm| async move {
             d.lifecycle_flow(&op, what, &vm.id).await
@@ -212,6 +216,8 @@ impl Daemon {
                 self.start_flow(op, vm).await.map(Some)
             }
             LifecycleOp::Delete => self.delete_flow(op, vm).await.map(|()| None),
+            LifecycleOp::Pause => self.pause_flow(op, vm).await.map(Some),
+            LifecycleOp::Resume => self.resume_flow(op, vm).await.map(Some),
         }
     }
 }

@@ -146,7 +146,7 @@ impl Metrics {
         }
         self.vm_cpu.reset();
         self.vm_rss.reset();
-        for vm in vms.iter().filter(|v| v.state == VmState::Running) {
+        for vm in vms.iter().filter(|v| v.state.guest_up()) {
             let s = d.stats.get(vm);
             let labels = [vm.id.as_str(), vm.name.as_str()];
             if let Some(cpu) = s.cpu_percent {

@@ -1,6 +1,7 @@
 //! Reconcile and sweep, run once at daemon start before the API accepts requests.
 //!
-//! From the durable records alone: VMs whose VMM is alive are re-adopted (watched again);
+//! From the durable records alone: VMs whose VMM is alive are re-adopted (watched again;
+//! `running` and `paused` ones are settled to the run state their VMM reports);
 //! VMs whose VMM died, and VMs caught mid-operation by a crash, are released and settled;
 //! a VM caught being handed out of the warm pool ends as its new owner's, in `error`;
 //! then leftovers that belong to no VM (VMM processes serving a socket in our state dir, VM
@@ -39,7 +40,7 @@ pub async fn reconcile(d: &Arc<Daemon>) -> anyhow::Result<Report> {
         }
         let live = vm.runtime.vmm.as_ref().and_then(|h| d.vmm.find(h));
         match (vm.state, live) {
-            (VmState::Running, Some(pid)) => {
+            (VmState::Running | VmState::Paused, Some(pid)) => {
                 let mut h = vm.runtime.vmm.clone().expect("live implies a handle");
                 if h.pid != Some(pid) {
                     h.pid = Some(pid);
@@ -47,8 +48,11 @@ pub async fn reconcile(d: &Arc<Daemon>) -> anyhow::Result<Report> {
                     vm.runtime.vmm = Some(h.clone());
                     vm = d.store.save_vm(&vm)?;
                 }
+                if let Err(e) = d.settle_run_state(&mut vm).await {
+                    tracing::error!(vm = %vm.name, error = %e, "reconcile: settling the run state");
+                }
                 d.watch(vm.id.clone(), h, None);
-                report.adopted.push(vm.name.clone());
+                report.adopted.push(format!("{} ({})", vm.name, vm.state));
             }
             (VmState::Stopped, None) if vm.runtime.vmm.is_none() => {}
             (VmState::Error, None) if vm.runtime.vmm.is_none() => {}

@@ -1,6 +1,6 @@
 //! The stats poller and auto-stop: every `stats_poll_interval` it samples CPU time and RSS of
-//! each running VM's VMM (and sidecars) from `/proc`, and stops VMs untouched for
-//! `auto_stop_stale_after` through the ordinary stop operation.
+//! each running or paused VM's VMM (and sidecars) from `/proc`, and stops VMs (paused ones
+//! included) untouched for `auto_stop_stale_after` through the ordinary stop operation.
 //!
 //! Samples are observations, not host resources: they live in memory and start empty after a
 //! restart.
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use wick_model::api::VmStats;
 use wick_model::vm::LifecycleOp;
-use wick_model::{VmRecord, VmState};
+use wick_model::VmRecord;
 
 use crate::daemon::Daemon;
 
@@ -93,7 +93,7 @@ impl Stats {
 
     /// The VM's stats as of the last sample (sampling now if there is none yet).
     pub fn get(&self, vm: &VmRecord) -> VmStats {
-        if vm.state == VmState::Running
+        if vm.state.guest_up()
             && !self
                 .samples
                 .lock()
@@ -151,7 +151,9 @@ pub async fn run_poller(d: Arc<Daemon>) {
         let Ok(vms) = d.store.list_vms(None) else {
             continue;
         };
-        for vm in vms.into_iter().filter(|v| v.state == VmState::Running) {
+        // Paused VMs too: their VMM holds memory, and auto-stop stops a paused VM left
+        // untouched as it stops an idle running one (stop resumes it for a clean poweroff).
+        for vm in vms.into_iter().filter(|v| v.state.guest_up()) {
             d.stats.sample(&vm);
             if vm.is_pooled() {
                 continue; // the warm pool's: kept running on purpose

@@ -671,3 +671,101 @@ fn a_pooled_vm_gets_its_own_identity_on_a_real_guest() {
     assert_ne!(seen[0].1, seen[1].1, "host keys differ");
     assert_ne!(seen[0].2, seen[1].2, "machine ids differ");
 }
+
+/// `/root/c` of the guest, the counter's last value.
+fn counter(env: &WickdEnv, name: &str) -> u64 {
+    let (code, out) = exec(env, name, &["cat", "/root/c"]);
+    assert_eq!(code, 0, "{out}");
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("counter: {out:?}"))
+}
+
+/// Pause and resume on a real guest: a counter in the guest stands still while paused (QMP
+/// `stop`) and runs on after resume (`cont`); guest sessions are refused while paused.
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it_on_a_real_guest() {
+    let assets = match guest_assets() {
+        Ok(a) => a,
+        Err(why) => {
+            wick_testkit::skip(format_args!("{why}"));
+            return;
+        }
+    };
+    let mut env = WickdEnv::with_config(&config(&assets));
+    env.start();
+    let out = env.wick(&["vm", "create", "--name", "p1", "--memory", "1G"]);
+    assert!(
+        out.status.success(),
+        "create failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        env.daemon_log()
+    );
+    let looped = "i=0; while :; do echo $i > /root/c; i=$((i+1)); sleep 0.2; done";
+    let start = format!("nohup setsid sh -c '{looped}' >/dev/null 2>&1 &");
+    assert_eq!(exec(&env, "p1", &["sh", "-c", &start]).0, 0);
+    let t = Instant::now();
+    while exec(&env, "p1", &["test", "-s", "/root/c"]).0 != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the counter never started"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The same wall-clock gap, running and then paused.
+    const GAP: Duration = Duration::from_secs(4);
+    let r0 = counter(&env, "p1");
+    std::thread::sleep(GAP);
+    let running = counter(&env, "p1") - r0;
+
+    let p0 = counter(&env, "p1");
+    let t = Instant::now();
+    env.wick_ok(&["vm", "pause", "p1"]);
+    let pause_latency = t.elapsed();
+    assert_eq!(env.wick_json(&["vm", "show", "p1"])["state"], "paused");
+    let (code, _) = exec(&env, "p1", &["true"]);
+    assert_ne!(code, 0, "exec is refused while paused");
+    std::thread::sleep(GAP);
+    let t = Instant::now();
+    env.wick_ok(&["vm", "resume", "p1"]);
+    let resume_latency = t.elapsed();
+    let paused = counter(&env, "p1") - p0;
+    eprintln!(
+        "counter over {GAP:?}: running +{running}, paused +{paused}; \
+         wick vm pause {pause_latency:?}, wick vm resume {resume_latency:?}"
+    );
+    assert!(running >= 4, "the counter runs: +{running} in {GAP:?}");
+    assert!(
+        paused * 2 < running,
+        "paused for {GAP:?} the counter barely moves: +{paused} against +{running} running"
+    );
+
+    // Running again.
+    let a = counter(&env, "p1");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        counter(&env, "p1") > a,
+        "the counter continues after resume"
+    );
+    // Paused across a wickd crash: re-adopted as paused (QMP query-status), then stopped
+    // cleanly (resumed first, so the guest powers off).
+    env.wick_ok(&["vm", "pause", "p1"]);
+    let qemu = env.wick_json(&["vm", "show", "p1"])["runtime"]["vmm"]["pid"].clone();
+    env.kill9();
+    env.start();
+    let p1 = env.wick_json(&["vm", "show", "p1"]);
+    assert_eq!(p1["state"], "paused", "{p1}");
+    assert_eq!(p1["runtime"]["vmm"]["pid"], qemu, "the same QEMU");
+    let t = Instant::now();
+    env.wick_ok(&["vm", "stop", "p1"]);
+    eprintln!("stop of a paused guest: {:?}", t.elapsed());
+    let log = env.wick_ok(&["vm", "logs", "p1"]);
+    assert!(
+        log.contains("reboot: Power down") || log.contains("Power-Off"),
+        "a clean poweroff: {}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+    env.wick_ok(&["vm", "delete", "p1"]);
+    assert!(links(&env).is_empty(), "no TAP left");
+}

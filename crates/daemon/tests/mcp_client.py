@@ -16,7 +16,7 @@ from mcp.shared.exceptions import McpError
 
 TOOLS = {
     "create_vm", "list_vms", "show_vm", "exec", "run_repository", "read_file", "write_file",
-    "list_files", "ports", "export_workspace", "stop_vm", "delete_vm",
+    "list_files", "ports", "export_workspace", "stop_vm", "pause_vm", "resume_vm", "delete_vm",
 }
 
 

@@ -260,6 +260,8 @@ pub enum OpKind {
     Stop,
     Restart,
     Delete,
+    Pause,
+    Resume,
     ImageImport,
     ImagePull,
     ImageBuild,

@@ -10,15 +10,19 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 mod lifecycle;
-pub use lifecycle::{LifecycleOp, Next, TransitionError, VmAction};
+pub use lifecycle::{resume_hint, LifecycleOp, Next, TransitionError, VmAction};
 
 /// Lifecycle state of a VM. Which action moves it where is one table: [`VmState::next`].
 ///
 /// ```text
 ///  creating ──> stopped <──> starting ──> running ──> stopping ──> stopped
-///                  ^             │            │
-///                  └── error <───┴────────────┘   (VMM died / start failed)
+///                  ^             │           │ ^
+///                  └── error <───┴─────────┐ v │ pause / resume
+///                                          paused
 /// ```
+///
+/// `paused`: the VMM process is alive with every host resource (TAP, DNS name, published
+/// ports), its vCPUs stopped; nothing runs in the guest until `resume`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
@@ -26,6 +30,8 @@ pub enum VmState {
     Stopped,
     Starting,
     Running,
+    /// The VMM is alive but its vCPUs are stopped (`wick vm pause`).
+    Paused,
     Stopping,
     Error,
 }
@@ -37,6 +43,7 @@ impl VmState {
             VmState::Stopped => "stopped",
             VmState::Starting => "starting",
             VmState::Running => "running",
+            VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Error => "error",
         }
@@ -46,8 +53,14 @@ impl VmState {
     pub fn may_have_vmm(self) -> bool {
         matches!(
             self,
-            VmState::Starting | VmState::Running | VmState::Stopping
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
         )
+    }
+
+    /// States in which the guest is up with its identity: its DNS name, published ports and
+    /// network rules exist (a paused guest keeps them; connections wait for `resume`).
+    pub fn guest_up(self) -> bool {
+        matches!(self, VmState::Running | VmState::Paused)
     }
 }
 
@@ -65,6 +78,7 @@ impl FromStr for VmState {
             "stopped" => VmState::Stopped,
             "starting" => VmState::Starting,
             "running" => VmState::Running,
+            "paused" => VmState::Paused,
             "stopping" => VmState::Stopping,
             "error" => VmState::Error,
             other => return Err(format!("unknown VM state {other:?}")),
@@ -396,6 +410,7 @@ mod tests {
             VmState::Stopped,
             VmState::Starting,
             VmState::Running,
+            VmState::Paused,
             VmState::Stopping,
             VmState::Error,
         ] {

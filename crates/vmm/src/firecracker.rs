@@ -7,6 +7,7 @@
 //! i.e. the serial console), `firecracker.log` (Firecracker's own logger) and `metrics.json`.
 
 mod api;
+pub mod request;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -25,7 +26,7 @@ use crate::common::{
     remove_vsock_sockets, resolve_bin, sigkill_and_wait, trusted_start_time, vm_dir, wait_gone,
     with_tail,
 };
-use crate::{Spawned, Vmm, VmmConfig, VmmError};
+use crate::{RunState, Spawned, Vmm, VmmConfig, VmmError};
 
 /// Driver name as stored in VM specs.
 pub const DRIVER: &str = "firecracker";
@@ -102,6 +103,54 @@ impl Firecracker {
             .ok_or_else(|| VmmError::Api {
                 call: "GET /".into(),
                 message: format!("answer has no \"state\": {info:?}"),
+            })
+    }
+
+    /// Sends one typed runtime request ([`request::Action`]: pause/resume, snapshot create and
+    /// load) and waits for its answer.
+    pub async fn send(&self, handle: &VmmHandle, action: &request::Action) -> Result<(), VmmError> {
+        let (method, path, body) = action.http();
+        api::call(&handle.api_socket, method, path, Some(&body))
+            .await
+            .map(drop)
+    }
+
+    /// `PUT /snapshot/create`: the paused microVM's state and memory into files (paths as
+    /// Firecracker sees them).
+    pub async fn create_snapshot(
+        &self,
+        handle: &VmmHandle,
+        req: request::SnapshotCreate,
+    ) -> Result<(), VmmError> {
+        self.send(handle, &request::Action::CreateSnapshot(req))
+            .await
+    }
+
+    /// `PUT /snapshot/load`: a fresh Firecracker process (no boot configuration yet) becomes
+    /// the snapshot's microVM, paused unless `resume_vm`.
+    pub async fn load_snapshot(
+        &self,
+        handle: &VmmHandle,
+        req: request::SnapshotLoad,
+    ) -> Result<(), VmmError> {
+        self.send(handle, &request::Action::LoadSnapshot(req)).await
+    }
+
+    /// `PATCH /vm` to `state`, bounded by `timeout`.
+    async fn set_state(
+        &self,
+        handle: &VmmHandle,
+        state: request::VmState,
+        timeout: Duration,
+    ) -> Result<(), VmmError> {
+        let action = request::Action::SetState(state);
+        tokio::time::timeout(timeout, self.send(handle, &action))
+            .await
+            .unwrap_or_else(|_| {
+                Err(VmmError::Timeout(
+                    timeout,
+                    format!("Firecracker to answer PATCH /vm {state:?}"),
+                ))
             })
     }
 
@@ -489,6 +538,33 @@ impl Vmm for Firecracker {
         }
 
         sigkill_and_wait(pid, start_time, "VMM").await
+    }
+
+    async fn pause(&self, handle: &VmmHandle, timeout: Duration) -> Result<(), VmmError> {
+        self.set_state(handle, request::VmState::Paused, timeout)
+            .await
+    }
+
+    async fn resume(&self, handle: &VmmHandle, timeout: Duration) -> Result<(), VmmError> {
+        self.set_state(handle, request::VmState::Resumed, timeout)
+            .await
+    }
+
+    /// `GET /`'s `state`: `Running`, `Paused` (or `Not started`).
+    async fn run_state(&self, handle: &VmmHandle, timeout: Duration) -> Result<RunState, VmmError> {
+        let state = tokio::time::timeout(timeout, self.instance_state(handle))
+            .await
+            .unwrap_or_else(|_| {
+                Err(VmmError::Timeout(
+                    timeout,
+                    "Firecracker to answer GET /".into(),
+                ))
+            })?;
+        Ok(match state.as_str() {
+            "Running" => RunState::Running,
+            "Paused" => RunState::Paused,
+            _ => RunState::Other(state),
+        })
     }
 
     fn kill(&self, handle: &VmmHandle, signal: Signal) -> Result<(), VmmError> {

@@ -94,6 +94,17 @@ pub enum VmmError {
     Other(String),
 }
 
+/// A running VMM's guest as the VMM reports it ([`Vmm::run_state`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunState {
+    /// The vCPUs run.
+    Running,
+    /// The vCPUs are stopped ([`Vmm::pause`]); memory and devices are kept.
+    Paused,
+    /// Anything else the VMM reports (not started, shut down, an internal error), verbatim.
+    Other(String),
+}
+
 /// A VMM driver (Firecracker, QEMU).
 #[async_trait]
 pub trait Vmm: Send + Sync {
@@ -129,6 +140,17 @@ pub trait Vmm: Send + Sync {
     /// Graceful stop request, then SIGKILL if the process outlives `timeout`. Idempotent: a VMM
     /// that is already gone is success.
     async fn stop(&self, handle: &VmmHandle, timeout: Duration) -> Result<(), VmmError>;
+
+    /// Stops the guest's vCPUs; the VMM process, its memory and devices stay. Returns once the
+    /// VMM reports the guest paused (bounded by `timeout`). Pausing a paused guest is success.
+    async fn pause(&self, handle: &VmmHandle, timeout: Duration) -> Result<(), VmmError>;
+
+    /// Lets a paused guest run again; resuming a running guest is success.
+    async fn resume(&self, handle: &VmmHandle, timeout: Duration) -> Result<(), VmmError>;
+
+    /// Whether the guest runs or is paused, asked of the VMM (reconcile settles a record that
+    /// disagrees with it).
+    async fn run_state(&self, handle: &VmmHandle, timeout: Duration) -> Result<RunState, VmmError>;
 
     /// Sends `signal` to the VMM process (if it is still the one recorded).
     fn kill(&self, handle: &VmmHandle, signal: nix::sys::signal::Signal) -> Result<(), VmmError>;

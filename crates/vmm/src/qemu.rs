@@ -41,7 +41,7 @@ use crate::common::{
     bin_version, find_process, is_executable, remove_if_exists, remove_vsock_sockets, resolve_bin,
     sigkill_and_wait, trusted_start_time, wait_gone, with_tail,
 };
-use crate::{Spawned, Vmm, VmmConfig, VmmError};
+use crate::{RunState, Spawned, Vmm, VmmConfig, VmmError};
 use accel::AccelVerdict;
 use cmdline::{qemu_args, qmp_arg};
 pub use failure::{console_failure, kvm_stall};
@@ -336,6 +336,30 @@ impl Qemu {
     }
 }
 
+impl Qemu {
+    /// Connects to QMP and runs `f` on the session, all within `timeout` (`what` names it in
+    /// the timeout error).
+    async fn qmp_then<T, F, Fut>(
+        &self,
+        handle: &VmmHandle,
+        timeout: Duration,
+        what: &str,
+        f: F,
+    ) -> Result<T, VmmError>
+    where
+        F: FnOnce(Qmp) -> Fut,
+        Fut: std::future::Future<Output = Result<T, VmmError>>,
+    {
+        let run = async {
+            let q = Qmp::connect(&handle.api_socket, timeout).await?;
+            f(q).await
+        };
+        tokio::time::timeout(timeout, run)
+            .await
+            .unwrap_or_else(|_| Err(VmmError::Timeout(timeout, format!("QMP {what}"))))
+    }
+}
+
 #[async_trait]
 impl Vmm for Qemu {
     fn name(&self) -> &'static str {
@@ -418,6 +442,39 @@ impl Vmm for Qemu {
         }
         // Sidecars after QEMU: they serve it until it is gone.
         self.kill_sidecars(handle)
+    }
+
+    /// QMP `stop`; `query-status` then says `paused`.
+    async fn pause(&self, handle: &VmmHandle, timeout: Duration) -> Result<(), VmmError> {
+        self.qmp_then(handle, timeout, "stop", |mut q| async move {
+            q.stop_vcpus().await
+        })
+        .await
+    }
+
+    /// QMP `cont`; a guest QEMU already runs is left alone.
+    async fn resume(&self, handle: &VmmHandle, timeout: Duration) -> Result<(), VmmError> {
+        self.qmp_then(
+            handle,
+            timeout,
+            "cont",
+            |mut q| async move { q.cont().await },
+        )
+        .await
+    }
+
+    /// QMP `query-status`: `running`, `paused`, or another run state verbatim.
+    async fn run_state(&self, handle: &VmmHandle, timeout: Duration) -> Result<RunState, VmmError> {
+        let status = self
+            .qmp_then(handle, timeout, "query-status", |mut q| async move {
+                q.status().await
+            })
+            .await?;
+        Ok(match status.as_str() {
+            "running" => RunState::Running,
+            "paused" => RunState::Paused,
+            _ => RunState::Other(status),
+        })
     }
 
     fn kill(&self, handle: &VmmHandle, signal: Signal) -> Result<(), VmmError> {

@@ -670,3 +670,214 @@ fn doctor_reports_binary_and_kvm() {
     assert_eq!(bin.status, wick_model::api::CheckStatus::Fail);
     assert!(bin.hint.as_deref().unwrap().contains("firecracker_bin"));
 }
+
+mod snapshot {
+    //! The snapshot API: boot → pause → create → a new process → load with overrides →
+    //! resume, and the refusals, with Firecracker's state rules and words.
+
+    use super::*;
+    use wick_vmm::firecracker::request::{
+        Action, MemBackend, MemBackendType, NetworkOverride, SnapshotCreate, SnapshotLoad,
+        SnapshotType, VsockOverride,
+    };
+    use wick_vmm::RunState;
+
+    const T: Duration = Duration::from_secs(5);
+    const PRE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
+    const WHILE_RUNNING: &str = "save/restore unavailable while running";
+    const NOT_FRESH: &str =
+        "Loading a microVM snapshot not allowed after configuring boot-specific resources.";
+
+    fn create(dir: &Path) -> Action {
+        Action::CreateSnapshot(SnapshotCreate {
+            snapshot_type: SnapshotType::Full,
+            snapshot_path: dir.join("vm.snap"),
+            mem_file_path: dir.join("vm.mem"),
+        })
+    }
+
+    fn load(dir: &Path, vsock: &Path, tap: &str) -> Action {
+        Action::LoadSnapshot(SnapshotLoad {
+            snapshot_path: dir.join("vm.snap"),
+            mem_backend: MemBackend {
+                backend_type: MemBackendType::File,
+                backend_path: dir.join("vm.mem"),
+            },
+            track_dirty_pages: false,
+            resume_vm: false,
+            network_overrides: vec![NetworkOverride {
+                iface_id: "eth0".into(),
+                host_dev_name: tap.into(),
+            }],
+            vsock_override: Some(VsockOverride {
+                uds_path: vsock.to_path_buf(),
+            }),
+            clock_realtime: true,
+        })
+    }
+
+    fn refused(r: Result<(), VmmError>, words: &str, what: &str) {
+        match r {
+            Err(VmmError::Api { message, .. }) => {
+                assert!(message.contains(words), "{what}: {message}")
+            }
+            other => panic!("{what}: expected a refusal with {words:?}, got {other:?}"),
+        }
+    }
+
+    /// Before `InstanceStart`: no pause and no create; after boot-specific configuration: no
+    /// load. What the real binary shows without a bootable guest.
+    #[tokio::test]
+    async fn refusals_before_boot_and_after_configuration() {
+        for t in targets() {
+            let vm = Vm::spawned(t.label, &t.bin).await;
+            let dir = vm.dir.path().to_path_buf();
+            refused(vm.fc.pause(&vm.handle, T).await, PRE_BOOT, t.label);
+            refused(
+                vm.fc.send(&vm.handle, &create(&dir)).await,
+                PRE_BOOT,
+                t.label,
+            );
+            let machine = serde_json::json!({ "vcpu_count": 1, "mem_size_mib": 128 });
+            vm.fc
+                .api(&vm.handle, "PUT", "/machine-config", Some(machine))
+                .await
+                .unwrap();
+            let vsock = dir.join("other.vsock");
+            let r = vm.fc.send(&vm.handle, &load(&dir, &vsock, "wk-none")).await;
+            refused(r, NOT_FRESH, t.label);
+            assert_eq!(
+                vm.fc.instance_state(&vm.handle).await.unwrap(),
+                "Not started",
+                "[{}]",
+                t.label
+            );
+        }
+    }
+
+    /// The whole sequence, on the fake fronting the real agent (a real guest cannot boot here):
+    /// a command runs in the restored guest.
+    #[tokio::test]
+    async fn pause_create_load_in_a_new_process_resume() {
+        if std::env::var_os("WICK_TEST_FIRECRACKER_BIN").is_some_and(|b| !b.is_empty()) {
+            wick_testkit::skip(
+                "the real-Firecracker variant of the snapshot sequence: it needs a booted \
+                 guest, which this host's KVM cannot run (the refusals are tested against it)",
+            );
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let agent = wick_testkit::cargo_bin("wick-agent");
+        let bin = fake_with_env(
+            tmp.path(),
+            &[("FAKE_FC_AGENT_BIN", &agent.to_string_lossy())],
+        );
+        let vm = Vm::spawned("fake", &bin).await;
+        let mut cfg = vm.config();
+        cfg.tap = Some("wk-src".into());
+        vm.fc.boot(&vm.handle, &cfg, BOOT_TIMEOUT).await.unwrap();
+        let snap = vm.dir.path().join("snap");
+        std::fs::create_dir(&snap).unwrap();
+
+        refused(
+            vm.fc.send(&vm.handle, &create(&snap)).await,
+            WHILE_RUNNING,
+            "create while running",
+        );
+        vm.fc.pause(&vm.handle, T).await.unwrap();
+        assert_eq!(
+            vm.fc.run_state(&vm.handle, T).await.unwrap(),
+            RunState::Paused
+        );
+        let Action::CreateSnapshot(req) = create(&snap) else {
+            unreachable!()
+        };
+        vm.fc.create_snapshot(&vm.handle, req).await.unwrap();
+        let mem = std::fs::metadata(snap.join("vm.mem")).unwrap();
+        assert_eq!(mem.len(), 256 << 20, "memory file of mem_size_mib");
+        assert!(snap.join("vm.snap").exists());
+
+        // A fresh process elsewhere: the snapshot with the new TAP and vsock socket.
+        let new = Vm::spawned("fake", &bin).await;
+        let vsock = new.handle.vsock_socket.clone();
+        let Action::LoadSnapshot(req) = load(&snap, &vsock, "wk-dst") else {
+            unreachable!()
+        };
+        new.fc.load_snapshot(&new.handle, req).await.unwrap();
+        assert_eq!(
+            new.fc.run_state(&new.handle, T).await.unwrap(),
+            RunState::Paused
+        );
+        let config = new
+            .fc
+            .api(&new.handle, "GET", "/vm/config", None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(config["machine-config"]["mem_size_mib"], 256, "{config}");
+        assert_eq!(config["network-interfaces"][0]["host_dev_name"], "wk-dst");
+        assert_eq!(
+            config["vsock"]["uds_path"],
+            vsock.to_string_lossy().as_ref()
+        );
+        assert!(vsock.exists(), "vsock bound at the override");
+        // Loaded means started: a second load is refused like any pre-boot request.
+        refused(
+            new.fc
+                .send(&new.handle, &load(&snap, &vsock, "wk-dst"))
+                .await,
+            POST_BOOT,
+            "load after load",
+        );
+
+        new.fc.resume(&new.handle, T).await.unwrap();
+        assert_eq!(
+            new.fc.run_state(&new.handle, T).await.unwrap(),
+            RunState::Running
+        );
+        let client = wick_agent_proto::AgentClient::connect(&vsock, 10700, Duration::from_secs(10))
+            .await
+            .expect("the restored guest's agent answers");
+        let out = client
+            .channel()
+            .exec(wick_agent_proto::ExecRequest::new(["echo", "restored"]))
+            .await
+            .unwrap()
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "restored");
+        assert_eq!(out.status.code, Some(0));
+    }
+
+    /// A load names what is wrong with its memory backend.
+    #[tokio::test]
+    async fn load_checks_the_memory_backend() {
+        let vm = Vm::spawned("fake", &fake_bin()).await;
+        vm.boot(true).await;
+        vm.fc.pause(&vm.handle, T).await.unwrap();
+        let dir = vm.dir.path().to_path_buf();
+        vm.fc.send(&vm.handle, &create(&dir)).await.unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join("vm.mem"))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let new = Vm::spawned("fake", &fake_bin()).await;
+        let Action::LoadSnapshot(mut req) = load(&dir, &new.handle.vsock_socket, "wk-x") else {
+            unreachable!()
+        };
+        req.network_overrides.clear();
+        let r = new
+            .fc
+            .send(&new.handle, &Action::LoadSnapshot(req.clone()))
+            .await;
+        refused(r, "the memory file", "short memory file");
+        req.mem_backend = MemBackend {
+            backend_type: MemBackendType::Uffd,
+            backend_path: dir.join("no-handler.sock"),
+        };
+        let r = new.fc.send(&new.handle, &Action::LoadSnapshot(req)).await;
+        refused(r, "UFFD handler socket", "no UFFD handler");
+    }
+}

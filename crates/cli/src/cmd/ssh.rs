@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use wick_model::{Paths, VmRecord, VmState};
+use wick_model::{Paths, VmRecord};
 
 use super::ssh_config::{self, SshPaths};
 use super::Ctx;
@@ -139,14 +139,7 @@ impl Target {
     /// Checks `vm` is running with an IP, makes sure wick's key exists and pins the VM's
     /// recorded host keys into wick's known_hosts.
     fn prepare(ctx: &Ctx, vm: &VmRecord) -> Result<Target> {
-        if vm.state != VmState::Running {
-            bail!(
-                "VM {} is not running (state {}); start it with `wick vm start {}`",
-                vm.name,
-                vm.state,
-                vm.name
-            );
-        }
+        super::workspace::ensure_running(vm)?;
         let Some(ip) = vm.runtime.ip.clone() else {
             bail!(
                 "VM {} has no IP address, so ssh cannot reach it; use `wick vm exec {} -- …`",

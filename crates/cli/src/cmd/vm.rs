@@ -29,6 +29,8 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
         VmCommand::Start(a) => lifecycle(ctx, LifecycleOp::Start, a).await,
         VmCommand::Stop(a) => lifecycle(ctx, LifecycleOp::Stop, a).await,
         VmCommand::Restart(a) => lifecycle(ctx, LifecycleOp::Restart, a).await,
+        VmCommand::Pause(a) => lifecycle(ctx, LifecycleOp::Pause, a).await,
+        VmCommand::Resume(a) => lifecycle(ctx, LifecycleOp::Resume, a).await,
         VmCommand::Delete(a) => lifecycle(ctx, LifecycleOp::Delete, a).await,
         VmCommand::Kill(a) => kill(ctx, a).await,
         VmCommand::List(a) => list(ctx, a.json, a.all).await,
@@ -180,10 +182,12 @@ fn op_request(kind: LifecycleOp, vm: &str) -> (hyper::Method, String) {
         LifecycleOp::Start => (hyper::Method::POST, vm_path(vm, "/start")),
         LifecycleOp::Stop => (hyper::Method::POST, vm_path(vm, "/stop")),
         LifecycleOp::Restart => (hyper::Method::POST, vm_path(vm, "/restart")),
+        LifecycleOp::Pause => (hyper::Method::POST, vm_path(vm, "/pause")),
+        LifecycleOp::Resume => (hyper::Method::POST, vm_path(vm, "/resume")),
     }
 }
 
-/// One VM of `vm start|stop|restart|delete`: start the operation and follow it.
+/// One VM of `vm start|stop|restart|delete|pause|resume`: start the operation and follow it.
 pub(super) async fn run_op(
     client: &Client,
     kind: LifecycleOp,

@@ -77,8 +77,16 @@ pub(super) fn print_dry_run(plan: &RepoPlan, vm: &str, guest_path: &str) -> Resu
     out(&text)
 }
 
-/// `VM a1 is not running` unless it is.
+/// `VM a1 is not running` unless it is, with the way out: `wick vm resume` for a paused VM,
+/// else `wick vm start`.
 pub(super) fn ensure_running(vm: &VmRecord) -> Result<()> {
+    if vm.state == VmState::Paused {
+        bail!(
+            "VM {} is paused: its guest runs nothing until resumed; resume it first: wick vm resume {}",
+            vm.name,
+            vm.name
+        );
+    }
     if vm.state != VmState::Running {
         bail!(
             "VM {} is not running (state {}): start it with `wick vm start {}`",

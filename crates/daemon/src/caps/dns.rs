@@ -19,7 +19,7 @@ use wick_dns::resolved::Resolved;
 use wick_dns::{DnsConfig, DnsServer, Egress, EgressSink, HostPattern, Records};
 use wick_host::net::vm_key;
 use wick_model::api::{Check, CheckStatus};
-use wick_model::{VmRecord, VmSpec, VmState};
+use wick_model::{VmRecord, VmSpec};
 
 use crate::capability::{Capability, HookCtx};
 use crate::config::{Config, NetworkSettings};
@@ -212,7 +212,7 @@ impl Capability for VmDns {
         self.records.replace_all(
             vms.iter()
                 // Unassigned warm-pool VMs have no identity yet: no `<name>.vm`.
-                .filter(|v| v.state == VmState::Running && !v.is_pooled())
+                .filter(|v| v.state.guest_up() && !v.is_pooled())
                 .filter_map(|v| Self::record_of(v).map(|ip| (v.name.clone(), ip))),
         );
         for vm in vms.iter().filter(|v| v.runtime.tap.is_some()) {

@@ -25,7 +25,7 @@ use wick_host::net::{
     NatBackend, NetError, NftNat, Runner,
 };
 use wick_model::api::{Check, CheckStatus};
-use wick_model::{VmRecord, VmSpec, VmState};
+use wick_model::{VmRecord, VmSpec};
 use wick_vmm::VmmConfig;
 
 use crate::capability::{Capability, HookCtx};
@@ -282,7 +282,7 @@ impl Capability for Network {
     }
 
     async fn apply_config_change(&self, cx: &mut HookCtx<'_>, old: &VmSpec) -> Result<()> {
-        let live = cx.vm.state == VmState::Running && cx.vm.runtime.tap.is_some();
+        let live = cx.vm.state.guest_up() && cx.vm.runtime.tap.is_some();
         let (was, now) = (egress(old), egress(&cx.vm.spec));
         if now == Egress::Allowlist {
             check_allowlist_support(&*self.backend()?, &cx.vm.spec)?;

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use wick_model::api::{Check, CheckStatus};
-use wick_model::{PortMapping, VmRecord, VmSpec, VmState};
+use wick_model::{PortMapping, VmRecord, VmSpec};
 
 use crate::capability::{Capability, HookCtx};
 use crate::error::{Error, Result};
@@ -126,7 +126,7 @@ impl Capability for Ports {
     }
 
     async fn apply_config_change(&self, cx: &mut HookCtx<'_>, old: &VmSpec) -> Result<()> {
-        if cx.vm.state != VmState::Running {
+        if !cx.vm.state.guest_up() {
             return Ok(());
         }
         for m in &old.publish {
@@ -143,7 +143,7 @@ impl Capability for Ports {
     }
 
     async fn started(&self, vms: &[VmRecord]) -> Result<()> {
-        for vm in vms.iter().filter(|v| v.state == VmState::Running) {
+        for vm in vms.iter().filter(|v| v.state.guest_up()) {
             for m in &vm.spec.publish {
                 if let Err(e) = self.open(vm, m).await {
                     tracing::error!(vm = %vm.name, error = %e, "publish not restored");
@@ -156,7 +156,7 @@ impl Capability for Ports {
     async fn doctor(&self, vms: &[VmRecord]) -> Vec<Check> {
         let want: usize = vms
             .iter()
-            .filter(|v| v.state == VmState::Running)
+            .filter(|v| v.state.guest_up())
             .map(|v| v.spec.publish.len())
             .sum();
         let have = self.live.lock().unwrap_or_else(|e| e.into_inner()).len();

@@ -1,5 +1,5 @@
-//! Stop (guest poweroff first, then the VMM, then every resource) and kill (a signal to the
-//! VMM; the VM is released once the VMM dies of it).
+//! Stop (guest poweroff first — a paused guest is resumed for it —, then the VMM, then every
+//! resource) and kill (a signal to the VMM; the VM is released once the VMM dies of it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ impl Daemon {
         vm.check(VmAction::Stop)?;
         op.stage("stop vmm");
         if let Some(h) = vm.runtime.vmm.clone() {
+            self.resume_for_stop(&vm).await; // a paused guest cannot power off
             vm.apply(VmAction::Stop)?;
             vm = self.store.save_vm(&vm)?;
             if self.vmm.find(&h).is_some() {

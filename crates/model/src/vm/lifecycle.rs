@@ -7,6 +7,13 @@
 //! against the state before any work starts (`start` refuses a VM that is `starting`), and the
 //! work's outcomes (`started`, `start failed`, `released`, …) are transitions of the same table.
 //! `vm set` is not in it: it edits the spec in any state and moves no state.
+//!
+//! `paused` (the VMM alive, its vCPUs stopped): `pause`/`resume` move between it and `running`
+//! (each a no-op in its own target state); `stop` and `restart` resume the guest first so it
+//! powers off cleanly; `kill`, `delete` and a VMM exit work as from `running`; `start` and
+//! `prune` are refused, and guest sessions (exec, ssh, cp, agent upgrade) are refused by the
+//! daemon with the way out, `wick vm resume`. `vm set` applies to a paused VM live, as to a
+//! running one (its DNS name, published ports and network rules stay while it is paused).
 
 use std::fmt;
 
@@ -15,11 +22,12 @@ use crate::api::OpKind;
 
 impl VmState {
     /// Every state, in lifecycle order.
-    pub const ALL: [VmState; 6] = [
+    pub const ALL: [VmState; 7] = [
         VmState::Creating,
         VmState::Stopped,
         VmState::Starting,
         VmState::Running,
+        VmState::Paused,
         VmState::Stopping,
         VmState::Error,
     ];
@@ -36,6 +44,9 @@ impl VmState {
             (A::Started, S::Starting) => S::Running,
             (A::StartFailed, S::Starting) => S::Error,
             (A::StartCancelled, S::Starting) => S::Stopped,
+            // Pause and resume: each a no-op in its own target state.
+            (A::Pause, S::Running | S::Paused) => S::Paused,
+            (A::Resume, S::Paused | S::Running) => S::Running,
             // A record names no VMM while it is being created: nothing to stop, kill or release.
             (A::Stop | A::Kill | A::Released | A::Crashed, S::Creating) => return None,
             (A::Stop, _) => S::Stopping,
@@ -81,11 +92,15 @@ pub enum VmAction {
     Delete,
     /// Request: delete the VM only if nothing runs it (`prune`).
     Prune,
+    /// Request: stop the guest's vCPUs, keeping the VMM and every resource (`pause`).
+    Pause,
+    /// Request: let a paused guest run again (`resume`).
+    Resume,
 }
 
 impl VmAction {
     /// Every action.
-    pub const ALL: [VmAction; 12] = [
+    pub const ALL: [VmAction; 14] = [
         VmAction::Created,
         VmAction::Start,
         VmAction::Started,
@@ -98,6 +113,8 @@ impl VmAction {
         VmAction::Interrupted,
         VmAction::Delete,
         VmAction::Prune,
+        VmAction::Pause,
+        VmAction::Resume,
     ];
 
     /// What the action does to a VM, completing "cannot … now".
@@ -115,6 +132,8 @@ impl VmAction {
             VmAction::Interrupted => "settle it after a restart",
             VmAction::Delete => "delete it",
             VmAction::Prune => "prune it",
+            VmAction::Pause => "pause it",
+            VmAction::Resume => "resume it",
         }
     }
 }
@@ -138,13 +157,23 @@ impl fmt::Display for Next {
 }
 
 /// An action the lifecycle table does not allow in the VM's state.
+/// A paused VM's refusal names the way out (`wick vm resume`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("VM {vm} is {state}; cannot {} now", .action.describe())]
+#[error("VM {vm} is {state}; cannot {} now{}", .action.describe(), resume_hint(.vm, *.state))]
 pub struct TransitionError {
     /// The VM's name.
     pub vm: String,
     pub state: VmState,
     pub action: VmAction,
+}
+
+/// `; resume it first: wick vm resume NAME` for a paused VM, else nothing.
+pub fn resume_hint(vm: &str, state: VmState) -> String {
+    if state == VmState::Paused {
+        format!("; resume it first: wick vm resume {vm}")
+    } else {
+        String::new()
+    }
 }
 
 impl VmRecord {
@@ -175,6 +204,8 @@ pub enum LifecycleOp {
     Stop,
     Restart,
     Delete,
+    Pause,
+    Resume,
 }
 
 impl LifecycleOp {
@@ -185,6 +216,8 @@ impl LifecycleOp {
             LifecycleOp::Stop => OpKind::Stop,
             LifecycleOp::Restart => OpKind::Restart,
             LifecycleOp::Delete => OpKind::Delete,
+            LifecycleOp::Pause => OpKind::Pause,
+            LifecycleOp::Resume => OpKind::Resume,
         }
     }
 }
@@ -195,12 +228,13 @@ mod tests {
 
     /// Every (state, action) pair: the table as a reader checks it.
     const GOLDEN: &str = "\
-creating: created -> stopped | start -> refused | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> refused | kill -> refused | released -> refused | crashed -> refused | interrupted -> error | delete -> (removed) | prune -> refused
-stopped: created -> refused | start -> starting | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> stopped | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> (removed)
-starting: created -> refused | start -> refused | started -> running | start_failed -> error | start_cancelled -> stopped | stop -> stopping | kill -> starting | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused
-running: created -> refused | start -> running | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> running | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused
-stopping: created -> refused | start -> refused | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> stopping | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused
-error: created -> refused | start -> starting | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> error | released -> stopped | crashed -> error | interrupted -> error | delete -> (removed) | prune -> (removed)
+creating: created -> stopped | start -> refused | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> refused | kill -> refused | released -> refused | crashed -> refused | interrupted -> error | delete -> (removed) | prune -> refused | pause -> refused | resume -> refused
+stopped: created -> refused | start -> starting | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> stopped | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> (removed) | pause -> refused | resume -> refused
+starting: created -> refused | start -> refused | started -> running | start_failed -> error | start_cancelled -> stopped | stop -> stopping | kill -> starting | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused | pause -> refused | resume -> refused
+running: created -> refused | start -> running | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> running | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused | pause -> paused | resume -> running
+paused: created -> refused | start -> refused | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> paused | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused | pause -> paused | resume -> running
+stopping: created -> refused | start -> refused | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> stopping | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused | pause -> refused | resume -> refused
+error: created -> refused | start -> starting | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> error | released -> stopped | crashed -> error | interrupted -> error | delete -> (removed) | prune -> (removed) | pause -> refused | resume -> refused
 ";
 
     fn action_name(a: VmAction) -> String {
@@ -294,5 +328,21 @@ error: created -> refused | start -> starting | started -> refused | start_faile
         assert_eq!(LifecycleOp::Stop.kind(), OpKind::Stop);
         assert_eq!(LifecycleOp::Restart.kind(), OpKind::Restart);
         assert_eq!(LifecycleOp::Delete.kind(), OpKind::Delete);
+        assert_eq!(LifecycleOp::Pause.kind(), OpKind::Pause);
+        assert_eq!(LifecycleOp::Resume.kind(), OpKind::Resume);
+    }
+
+    #[test]
+    fn a_paused_vm_refuses_with_the_way_out() {
+        let mut v = vm(VmState::Paused);
+        let e = v.apply(VmAction::Start).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "VM a1 is paused; cannot start it now; resume it first: wick vm resume a1"
+        );
+        assert_eq!(v.apply(VmAction::Resume), Ok(Next::To(VmState::Running)));
+        assert_eq!(v.apply(VmAction::Pause), Ok(Next::To(VmState::Paused)));
+        let e = vm(VmState::Stopped).apply(VmAction::Pause).unwrap_err();
+        assert_eq!(e.to_string(), "VM a1 is stopped; cannot pause it now");
     }
 }

@@ -136,6 +136,16 @@ impl Qmp {
             .ok_or_else(|| api_err("query-status", format!("answer has no \"status\": {ret}")))
     }
 
+    /// `stop`: pauses the guest's vCPUs (QEMU keeps running; `query-status` says `paused`).
+    pub async fn stop_vcpus(&mut self) -> Result<(), VmmError> {
+        self.execute("stop", None).await.map(drop)
+    }
+
+    /// `cont`: lets a stopped (`paused` or `prelaunch`) guest run.
+    pub async fn cont(&mut self) -> Result<(), VmmError> {
+        self.execute("cont", None).await.map(drop)
+    }
+
     async fn read_message(&mut self, what: &str) -> Result<Value, VmmError> {
         let mut line = String::new();
         loop {

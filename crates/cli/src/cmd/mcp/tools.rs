@@ -125,6 +125,19 @@ impl WickMcp {
         reply(self.op(LifecycleOp::Stop, &r.vm).await)
     }
 
+    #[tool(
+        description = "Pause a running VM: its vCPUs stop, memory and resources stay; nothing \
+                       runs in it (exec and files are refused) until resume_vm."
+    )]
+    async fn pause_vm(&self, Parameters(r): Parameters<VmRef>) -> ToolResult<VmSummary> {
+        reply(self.op(LifecycleOp::Pause, &r.vm).await)
+    }
+
+    #[tool(description = "Resume a paused VM.")]
+    async fn resume_vm(&self, Parameters(r): Parameters<VmRef>) -> ToolResult<VmSummary> {
+        reply(self.op(LifecycleOp::Resume, &r.vm).await)
+    }
+
     #[tool(description = "Delete a VM and its disks.")]
     async fn delete_vm(&self, Parameters(r): Parameters<VmRef>) -> ToolResult<VmSummary> {
         reply(self.delete(&r.vm).await)

@@ -14,6 +14,12 @@ const AGENT_BIN_ENV: &str = "FAKE_FC_AGENT_BIN";
 impl Vm {
     /// Starts the fake guest's agent when `FAKE_FC_AGENT_BIN` is set and a vsock exists.
     pub fn start_agent(&mut self) -> Result<(), Reply> {
+        self.start_agent_in(None)
+    }
+
+    /// [`Vm::start_agent`] on the guest root `root` (a restored snapshot's), else on
+    /// `guest-root` beside the vsock socket.
+    pub fn start_agent_in(&mut self, root: Option<&Path>) -> Result<(), Reply> {
         let Some(bin) = std::env::var_os(AGENT_BIN_ENV).filter(|v| !v.is_empty()) else {
             return Ok(());
         };
@@ -26,7 +32,7 @@ impl Vm {
             .unwrap_or(Path::new("."))
             .to_path_buf();
         let sock = dir.join("agent.sock");
-        let root = dir.join("guest-root");
+        let root = root.map_or_else(|| dir.join("guest-root"), Path::to_path_buf);
         // Like a wick image: openssh-server's /etc/ssh exists, so the agent makes host keys.
         std::fs::create_dir_all(root.join("etc/ssh")).map_err(|e| {
             fault(format!(
@@ -49,6 +55,12 @@ impl Vm {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // Its own process group: while it is stopped (a paused guest), the fake's group
+                // must not count as an orphaned group with a stopped member when wickd dies
+                // (the kernel would SIGHUP it).
+                if libc::setpgid(0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
@@ -65,7 +77,20 @@ impl Vm {
         );
         self.agent = Some(child);
         self.agent_sock = Some(sock);
+        self.agent_root = Some(root);
         Ok(())
+    }
+
+    /// Stops (SIGSTOP) or continues (SIGCONT) the fake guest's agent, by pid: a paused guest
+    /// runs nothing.
+    pub fn freeze_agent(&self, frozen: bool) {
+        if let Some(c) = &self.agent {
+            let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: kill(2) on our own child's pid (not reaped while `self.agent` holds it).
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, sig);
+            }
+        }
     }
 
     /// Kills (by pid) and reaps the fake guest's agent, if any.

@@ -21,6 +21,13 @@
 //! - `SendCtrlAltDel` makes the fake guest power off: the process exits 0 about 50 ms later,
 //!   removing its vsock socket (the API socket is left behind, like Firecracker does).
 //! - SIGTERM/SIGINT: exit 0, removing the API and vsock sockets.
+//! - `PATCH /vm` pauses and resumes (the fake guest's agent is SIGSTOPped while paused, and
+//!   `SendCtrlAltDel` is not acted on by a paused guest). `PUT /snapshot/create` (only while
+//!   paused) writes a JSON state file of the fake's own format and a sparse memory file of
+//!   `mem_size_mib`; `PUT /snapshot/load` (only in a fresh process, before any boot-specific
+//!   configuration) restores that configuration with `network_overrides` and `vsock_override`
+//!   applied, re-binds the vsock socket and restarts the fake guest's agent on the snapshot's
+//!   guest root. State rules and fault messages are Firecracker v1.16's (`request/snapshot.rs`).
 //!
 //! Failure knobs (environment variables):
 //! - `FAKE_FC_EXIT_AFTER_START_MS=N`: N ms after `InstanceStart` the "guest crashes": a line on

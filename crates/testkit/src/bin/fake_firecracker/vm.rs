@@ -1,5 +1,6 @@
-//! The microVM's state and its phases (`Not started` → `Running` ⇄ `Paused`), with the
-//! configuration each request module fills in.
+//! The microVM's state and its phases (`Not started` → `Running` ⇄ `Paused`, or `Not started`
+//! → a loaded snapshot, `Paused` or `Running`), with the configuration each request module
+//! fills in.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -54,6 +55,11 @@ pub struct Vm {
     pub agent: Option<std::process::Child>,
     /// Where that agent listens; `CONNECT 10700` is spliced there.
     pub agent_sock: Option<PathBuf>,
+    /// The fake guest's root directory (`--root-prefix` of its agent).
+    pub agent_root: Option<PathBuf>,
+    /// A boot-specific resource was configured (boot source, machine config, drive, network,
+    /// vsock): `/snapshot/load` is no longer allowed, as in Firecracker.
+    pub boot_path: bool,
 }
 
 pub type Shared = Arc<Mutex<Vm>>;
@@ -82,6 +88,8 @@ impl Vm {
             metrics: None,
             agent: None,
             agent_sock: None,
+            agent_root: None,
+            boot_path: false,
         }
     }
 
@@ -146,6 +154,11 @@ impl Vm {
             "vsock": self.vsock,
             "entropy": null,
         })
+    }
+
+    /// The fake guest's root directory, when a real agent runs in it.
+    pub fn guest_root(&self) -> Option<PathBuf> {
+        self.agent_root.clone()
     }
 
     pub fn remove_vsock(&mut self) {

@@ -127,6 +127,11 @@ fn instance_start(vm: &mut Vm, shared: &Shared) -> Result<Reply, Reply> {
 /// The fake guest powers off about 50 ms later (unless told to ignore the request).
 fn send_ctrl_alt_del(vm: &mut Vm, shared: &Shared) -> Result<Reply, Reply> {
     vm.post_boot()?;
+    if vm.phase == Phase::Paused {
+        // The keystroke is queued, but a paused guest runs nothing to act on it.
+        println!("fake guest: paused, Ctrl+Alt+Del not acted on");
+        return Ok(Reply::NoContent);
+    }
     if env_flag("FAKE_FC_IGNORE_CTRL_ALT_DEL") {
         println!("fake guest: ignoring Ctrl+Alt+Del (FAKE_FC_IGNORE_CTRL_ALT_DEL)");
         return Ok(Reply::NoContent);

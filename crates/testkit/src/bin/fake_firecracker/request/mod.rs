@@ -8,6 +8,7 @@ pub mod logger;
 pub mod machine_configuration;
 pub mod metrics;
 pub mod net;
+pub mod snapshot;
 pub mod vm;
 pub mod vsock;
 
@@ -25,6 +26,7 @@ use logger::put_logger;
 use machine_configuration::put_machine_config;
 use metrics::put_metrics;
 use net::{patch_net, put_net};
+use snapshot::put_snapshot;
 use vm::patch_vm;
 use vsock::put_vsock;
 
@@ -68,6 +70,15 @@ pub fn route(
     let mut tokens = path.trim_start_matches('/').split_terminator('/');
     let first = tokens.next().unwrap_or("");
     let second = tokens.next();
+    // Firecracker's `boot_path`: set by the call, whatever its outcome.
+    if method == Method::PUT
+        && matches!(
+            first,
+            "boot-source" | "drives" | "machine-config" | "network-interfaces" | "vsock"
+        )
+    {
+        vm.boot_path = true;
+    }
     let res = match (method, first, body.as_ref()) {
         (&Method::GET, "", None) => Ok(Reply::Json(vm.instance_info())),
         (&Method::GET, "version", None) => {
@@ -84,6 +95,7 @@ pub fn route(
         (&Method::PUT, "metrics", Some(b)) => put_metrics(vm, b),
         (&Method::PUT, "network-interfaces", Some(b)) => put_net(vm, second, b),
         (&Method::PUT, "vsock", Some(b)) => put_vsock(vm, shared, b),
+        (&Method::PUT, "snapshot", Some(b)) => Ok(put_snapshot(vm, shared, second, b)),
         (&Method::PUT, _, None) => Err(fault("Empty PUT request.")),
         (&Method::PATCH, "drives", Some(b)) => patch_drive(vm, second, b),
         (&Method::PATCH, "network-interfaces", Some(b)) => patch_net(vm, second, b),

@@ -1,4 +1,5 @@
-//! `PATCH /vm`: pause and resume.
+//! `PATCH /vm`: pause and resume. The fake guest's agent (if any) is frozen with SIGSTOP while
+//! paused and thawed with SIGCONT, so a paused fake guest answers nothing, like a real one.
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -25,5 +26,7 @@ pub fn patch_vm(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
         VmStateWanted::Paused => Phase::Paused,
         VmStateWanted::Resumed => Phase::Running,
     };
+    vm.freeze_agent(vm.phase == Phase::Paused);
+    vm.log(&format!("vm state: {} (fake)", vm.phase.as_str()));
     Ok(Reply::NoContent)
 }

@@ -87,21 +87,27 @@ pub fn put_vsock(vm: &mut Vm, shared: &Shared, body: &Bytes) -> Result<Reply, Re
             cfg.guest_cid
         )));
     }
-    // A new device replaces the old one, as in Firecracker.
+    bind_vsock(vm, shared, cfg)
+        .map(|()| Reply::NoContent)
+        .map_err(|e| fault(format!("Vsock config error: {e}")))
+}
+
+/// Binds the host side of the vsock device at `cfg.uds_path` (an existing file there is an
+/// error, `Address already in use`), replacing any previous device.
+pub fn bind_vsock(vm: &mut Vm, shared: &Shared, cfg: Vsock) -> Result<(), String> {
     vm.remove_vsock();
     let listener = match std::os::unix::net::UnixListener::bind(&cfg.uds_path) {
         Ok(l) => l,
         Err(e) => {
             vm.vsock = None;
-            return Err(fault(format!(
-                "Vsock config error: Cannot create backend for vsock device: UnixBind({e})"
-            )));
+            return Err(format!(
+                "Cannot create backend for vsock device: UnixBind({e})"
+            ));
         }
     };
     let _ = listener.set_nonblocking(true);
-    let listener =
-        UnixListener::from_std(listener).map_err(|e| fault(format!("Vsock config error: {e}")))?;
+    let listener = UnixListener::from_std(listener).map_err(|e| e.to_string())?;
     vm.vsock_task = Some(tokio::spawn(serve_vsock(listener, shared.clone())));
     vm.vsock = Some(cfg);
-    Ok(Reply::NoContent)
+    Ok(())
 }
