@@ -37,6 +37,7 @@ mod pause;
 mod pool;
 mod release;
 mod set;
+mod snapshot;
 mod start;
 mod stop;
 mod watch;
@@ -46,6 +47,7 @@ pub use boot_files::BootFiles;
 pub use pause::PAUSE_TIMEOUT;
 pub use pool::{pool_key, run as run_pool, Pool};
 pub use release::disk_plan;
+pub use snapshot::reconcile_snapshots;
 pub use xfs_pool::reconcile_xfs_pool;
 
 /// The daemon: shared by every request handler and background task.
