@@ -103,6 +103,8 @@ fn snapshot_list_show_delete_and_what_socket_users_see() {
     assert_eq!(s1["vmm"], "firecracker", "{s1}");
     assert_eq!(s1["source_was_running"], true, "{s1}");
     assert!(s1["size_bytes"].as_u64().unwrap() > 0, "{s1}");
+    // The test agent is not live: it refuses to freeze, and the snapshot says so.
+    assert_eq!(s1["frozen"], false, "{s1}");
     let a1 = vm(&env, "a1");
     assert_eq!(s1["spec"], a1["spec"], "the source's spec is kept");
 

@@ -17,6 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use wick_agent_proto::{AgentClient, AGENT_PORT};
 use wick_model::api::OpKind;
 use wick_model::snapshot::{snapshot_dir, CreateSnapshotRequest};
 use wick_model::vm::VmAction;
@@ -31,6 +32,15 @@ use crate::perms::{self, Access};
 
 /// How long the VMM may take to write the guest's state (a 1 GiB TCG guest: ~1 s measured).
 const SAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How long a guest's agent may take to answer a freeze or thaw: a guest that does not answer
+/// in time is snapshotted unfrozen (recorded as `frozen: false`).
+const FREEZE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The guest mount points frozen for a snapshot: the root and work filesystems.
+fn freeze_mounts() -> Vec<String> {
+    vec!["/".into(), "/root".into()]
+}
 
 /// Prefix of the VMM's state files while they are still in the VM dir.
 fn staging_prefix(snap_id: &str) -> String {
@@ -96,7 +106,10 @@ impl Daemon {
         self.store.create_snapshot(&snap)?;
         failpoint::hit("snapshot-recorded");
         let mut paused = false;
-        let out = self.take_snapshot(op, &mut snap, &vm, &mut paused).await;
+        let mut froze = false;
+        let out = self
+            .take_snapshot(op, &mut snap, &vm, &mut paused, &mut froze)
+            .await;
         if paused {
             // Resumed on every path: the VM is left as it was.
             if let Err(e) = self.resume_source(&vm).await {
@@ -106,6 +119,9 @@ impl Daemon {
                     return Err(e);
                 }
             }
+        }
+        if froze {
+            self.thaw_guest(&vm).await;
         }
         match out {
             Ok(()) => {
@@ -128,6 +144,7 @@ impl Daemon {
         snap: &mut SnapshotRecord,
         vm: &VmRecord,
         paused: &mut bool,
+        froze: &mut bool,
     ) -> Result<()> {
         let handle = match &vm.runtime.vmm {
             Some(h) if self.vmm.find(h).is_some() => h.clone(),
@@ -137,6 +154,11 @@ impl Daemon {
         let dir = snapshot_dir(&self.paths.state, &snap.id);
         perms::make_dir(&dir, Access::Private)?;
         op.check()?;
+        if snap.source_was_running && vm.spec.agent {
+            op.stage("freeze filesystems");
+            *froze = true; // a late answer may still freeze: always thaw after
+            snap.frozen = self.freeze_guest(vm).await;
+        }
         if snap.source_was_running {
             op.stage("pause vcpus");
             self.vmm.pause(&handle, PAUSE_TIMEOUT).await?;
@@ -163,6 +185,45 @@ impl Daemon {
         failpoint::hit("snapshot-disks-cloned");
         snap.size_bytes = allocated_bytes(&dir);
         Ok(())
+    }
+
+    /// Asks the guest's agent to freeze its filesystems, bounded by [`FREEZE_TIMEOUT`]. Whether
+    /// it did (an older agent's "cannot decode" error, a test agent that is not live, a
+    /// timeout: not frozen). The answer is the guest's word: it only sets `frozen`.
+    async fn freeze_guest(&self, vm: &VmRecord) -> bool {
+        let Some(h) = &vm.runtime.vmm else {
+            return false;
+        };
+        let res = tokio::time::timeout(FREEZE_TIMEOUT, async {
+            let c = AgentClient::connect(&h.vsock_socket, AGENT_PORT, FREEZE_TIMEOUT).await?;
+            c.freeze(freeze_mounts()).await
+        })
+        .await;
+        match res {
+            Ok(Ok(frozen)) => !frozen.is_empty(),
+            Ok(Err(e)) => {
+                tracing::info!(vm = %vm.name, error = %e, "snapshot: guest filesystems not frozen");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(vm = %vm.name, "snapshot: the agent did not answer the freeze in time; snapshotting unfrozen");
+                false
+            }
+        }
+    }
+
+    /// Thaws what [`Daemon::freeze_guest`] froze (best effort: the agent also thaws by itself
+    /// after `FREEZE_MAX_SECS`).
+    async fn thaw_guest(&self, vm: &VmRecord) {
+        let Some(h) = &vm.runtime.vmm else { return };
+        let res = tokio::time::timeout(FREEZE_TIMEOUT, async {
+            let c = AgentClient::connect(&h.vsock_socket, AGENT_PORT, FREEZE_TIMEOUT).await?;
+            c.thaw(freeze_mounts()).await
+        })
+        .await;
+        if !matches!(res, Ok(Ok(_))) {
+            tracing::warn!(vm = %vm.name, "snapshot: thaw not confirmed; the agent thaws by itself");
+        }
     }
 
     async fn resume_source(&self, vm: &VmRecord) -> Result<()> {
