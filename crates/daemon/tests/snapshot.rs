@@ -24,7 +24,12 @@ fn root() -> bool {
 /// A daemon (socket group `nogroup`, for the socket-user checks) whose `default` image runs the
 /// real agent in the fake guest; `failpoint` armed when given.
 fn agent_env(failpoint: Option<&str>) -> WickdEnv {
-    let mut env = WickdEnv::for_local_users(FAKE_AGENT_CONFIG, "agent = true");
+    agent_env_with(failpoint, "")
+}
+
+fn agent_env_with(failpoint: Option<&str>, extra: &str) -> WickdEnv {
+    let mut env =
+        WickdEnv::for_local_users(&format!("{FAKE_AGENT_CONFIG}\n{extra}"), "agent = true");
     env.env.push((
         "FAKE_FC_AGENT_BIN".into(),
         cargo_bin("wick-agent").display().to_string(),
@@ -249,4 +254,37 @@ fn unrecorded_snapshot_dirs_are_swept() {
     assert!(snapshots_dir(&env)
         .join(s1["id"].as_str().unwrap())
         .is_dir());
+}
+
+/// A socket user snapshots their own VM, holds at most `[limits] max_snapshots`, and root sees
+/// the snapshot as theirs.
+#[test]
+fn socket_users_snapshot_their_own_vms_within_their_limit() {
+    if !root() {
+        return;
+    }
+    let env = agent_env_with(None, "[limits]\nmax_snapshots = 1\n");
+    let out = env.wick_as_user(&["vm", "create", "--name", "u1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = env.wick_as_user(&["vm", "snapshot", "u1", "--name", "us1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = env.wick_as_user(&["vm", "snapshot", "u1", "--name", "us2"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("max_snapshots = 1"), "{}", text(&out));
+    let us1 = env.wick_json(&["snapshot", "show", "us1"]);
+    assert_eq!(us1["owner"], 65534, "{us1}");
+    // Root is not limited.
+    env.wick_ok(&["vm", "snapshot", "u1", "--name", "rs1"]);
+    env.wick_ok(&["vm", "snapshot", "u1", "--name", "rs2"]);
+    let out = env.wick_as_user(&["snapshot", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["us1"], "{list}");
+    let out = env.wick_as_user(&["snapshot", "delete", "us1"]);
+    assert!(out.status.success(), "{}", text(&out));
 }

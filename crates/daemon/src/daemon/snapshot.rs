@@ -103,7 +103,11 @@ impl Daemon {
             created_at: now(),
         };
         op.stage("record snapshot");
-        self.store.create_snapshot(&snap)?;
+        {
+            let _quota = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+            self.check_snapshot_limit(caller.uid)?;
+            self.store.create_snapshot(&snap)?;
+        }
         failpoint::hit("snapshot-recorded");
         let mut paused = false;
         let mut froze = false;
@@ -240,6 +244,24 @@ impl Daemon {
         if let Err(e) = self.store.delete_snapshot(&snap.id) {
             tracing::error!(snapshot = %snap.name, error = %e, "cannot remove the snapshot record");
         }
+    }
+
+    /// A socket user holds at most `[limits] max_snapshots` snapshots (root: no limit).
+    fn check_snapshot_limit(&self, owner: u32) -> Result<()> {
+        if owner == 0 {
+            return Ok(());
+        }
+        let max = self.config.limits.resolve(&self.host).max_snapshots;
+        let used = self.store.list_snapshots(Some(owner))?.len() as u64;
+        if used >= max {
+            return Err(Error::new(
+                wick_model::api::ErrorCode::PermissionDenied,
+                format!(
+                    "limit [limits] max_snapshots = {max} snapshots per user: uid {owner} has                      {used}; delete one (`wick snapshot delete NAME`), or ask root to raise the                      limit"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// `wick snapshot list`: the caller's snapshots (root: all).
