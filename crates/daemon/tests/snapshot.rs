@@ -288,3 +288,60 @@ fn socket_users_snapshot_their_own_vms_within_their_limit() {
     let out = env.wick_as_user(&["snapshot", "delete", "us1"]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// A hostile guest's answers to `Freeze`/`Thaw` (wrong shapes, raw garbage frames) only make the
+/// snapshot unfrozen: it still succeeds and the VM runs on. A guest claiming it froze is
+/// believed for the `frozen` flag only (its own disks' cleanliness is its business).
+#[test]
+fn a_hostile_agent_cannot_break_a_snapshot() {
+    use wick_testkit::hostile::{Answer, RawFrame, Script, SCRIPT_ENV};
+    if !root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("script.json");
+    let garbage = Answer::Frames(vec![RawFrame {
+        kind: 2,
+        payload: b"\x1b]0;owned\x07 not json".to_vec(),
+        declared_len: Some(u32::MAX),
+        repeat: 1,
+    }]);
+    Script::default()
+        .on("freeze", Answer::Ok(serde_json::json!("not a list")))
+        .on("thaw", garbage.clone())
+        .write(&script)
+        .unwrap();
+    let mut env = WickdEnv::new_with_image_extra(FAKE_AGENT_CONFIG, "agent = true");
+    env.env.push((
+        "FAKE_FC_AGENT_BIN".into(),
+        cargo_bin("hostile-agent").display().to_string(),
+    ));
+    env.env
+        .push((SCRIPT_ENV.into(), script.display().to_string()));
+    env.start();
+    env.wick_ok(&["vm", "create", "--name", "a1"]);
+
+    env.wick_ok(&["vm", "snapshot", "a1", "--name", "s1"]);
+    let s1 = env.wick_json(&["snapshot", "show", "s1"]);
+    assert_eq!(
+        (s1["state"].as_str(), s1["frozen"].as_bool()),
+        (Some("ready"), Some(false))
+    );
+
+    Script::default()
+        .on("freeze", garbage)
+        .write(&script)
+        .unwrap();
+    env.wick_ok(&["vm", "snapshot", "a1", "--name", "s2"]);
+    assert_eq!(env.wick_json(&["snapshot", "show", "s2"])["frozen"], false);
+
+    Script::default()
+        .on("freeze", Answer::Ok(serde_json::json!(["/"])))
+        .write(&script)
+        .unwrap();
+    env.wick_ok(&["vm", "snapshot", "a1", "--name", "s3"]);
+    assert_eq!(env.wick_json(&["snapshot", "show", "s3"])["frozen"], true);
+    let a1 = vm(&env, "a1");
+    assert_eq!(a1["state"], "running", "{a1}");
+    assert_eq!(vmm_state(&a1), "Running");
+}
