@@ -118,6 +118,11 @@ impl Daemon {
             // Resumed on every path: the VM is left as it was.
             if let Err(e) = self.resume_source(&vm).await {
                 tracing::error!(vm = %vm.name, error = %e, "snapshot: cannot resume the source VM");
+                // The record follows the VMM: the VM stays paused (`wick vm resume` retries).
+                let mut now_paused = self.store.get_vm(&vm.id)?;
+                if now_paused.apply(VmAction::Pause).is_ok() {
+                    self.store.save_vm(&now_paused)?;
+                }
                 if out.is_ok() {
                     self.discard_snapshot(&snap).await;
                     return Err(e);
