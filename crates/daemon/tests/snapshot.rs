@@ -345,3 +345,33 @@ fn a_hostile_agent_cannot_break_a_snapshot() {
     assert_eq!(a1["state"], "running", "{a1}");
     assert_eq!(vmm_state(&a1), "Running");
 }
+
+/// A snapshot that fails after the guest was paused and its state saved (here: the root disk
+/// cannot be read for the clone) leaves nothing behind — no record, no snapshot dir, no staged
+/// state file — and the VM running, as it was; the error names what failed.
+#[test]
+fn a_failed_snapshot_leaves_nothing_and_the_vm_as_it_was() {
+    if !root() {
+        return;
+    }
+    let env = agent_env(None);
+    env.wick_ok(&["vm", "create", "--name", "a1"]);
+    let a1 = vm(&env, "a1");
+    let disk = PathBuf::from(a1["runtime"]["root_disk"].as_str().unwrap());
+    let aside = disk.with_extension("aside");
+    std::fs::rename(&disk, &aside).unwrap();
+    let out = env.wick(&["vm", "snapshot", "a1", "--name", "s1"]);
+    std::fs::rename(&aside, &disk).unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("cloning"), "{}", text(&out));
+    let list = env.wick_json(&["snapshot", "list"]);
+    assert_eq!(list["snapshots"], serde_json::json!([]), "{list}");
+    assert!(entries(&snapshots_dir(&env)).is_empty());
+    assert!(staged(&env, &a1).is_empty(), "{:?}", staged(&env, &a1));
+    let a1 = vm(&env, "a1");
+    assert_eq!(a1["state"], "running", "{a1}");
+    assert_eq!(vmm_state(&a1), "Running");
+    exec_works(&env, "a1");
+    // The name is free again.
+    env.wick_ok(&["vm", "snapshot", "a1", "--name", "s1"]);
+}
