@@ -7,7 +7,7 @@
 //! resource exists, and [`Daemon::release`] frees everything from that record alone.
 //!
 //! One module per flow: `create`, `start`, `stop` (and kill), `pause` (and resume), `delete`
-//! (and prune), `set`,
+//! (and prune), `set`, `snapshot` (snapshots of a VM, and their reconcile),
 //! `release`, with `boot_files`, the spec `checks`, VMM `watch`ing and `logs`. Every
 //! operation is spawned by one spawner, `Daemon::spawn_op`. These modules use the domain and the
 //! host crates, never the HTTP handlers (`crate::api`).
