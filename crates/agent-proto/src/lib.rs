@@ -4,9 +4,10 @@
 //! # Transport
 //!
 //! The agent listens on AF_VSOCK port [`AGENT_PORT`]. The host reaches it through the VMM's
-//! *hybrid vsock* Unix socket (Firecracker's protocol, also spoken by `vhost-device-vsock` for
-//! QEMU): connect to the VM's vsock socket, write `CONNECT <port>\n`, read `OK <hostport>\n`; from
-//! then on the stream is the guest connection. When nothing listens on the port in the guest (the
+//! *hybrid vsock* Unix socket (Firecracker's protocol, also spoken by QEMU's agent-channel
+//! sidecar, which carries the connections over a virtio-serial port: see [`mux`]): connect to
+//! the VM's vsock socket, write `CONNECT <port>\n`, read `OK <hostport>\n`; from then on the
+//! stream is the guest connection. When nothing listens on the port in the guest (the
 //! agent has not started yet), the VMM closes the connection instead, and [`AgentClient::connect`]
 //! retries.
 //!

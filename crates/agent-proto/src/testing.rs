@@ -1,6 +1,6 @@
 //! Test helpers (feature `testing`): a fake of the VMM's hybrid vsock muxer.
 //!
-//! [`FakeVsockMuxer`] stands where Firecracker (or `vhost-device-vsock`) stands: it listens on a
+//! [`FakeVsockMuxer`] stands where Firecracker (or QEMU's `wickd vsock-mux` sidecar) stands: it listens on a
 //! VM's `vsock.sock`, answers `CONNECT <port>\n` with `OK <hostport>\n` and proxies the stream to
 //! a Unix socket standing in for the guest port — typically `wick-agent --listen-unix PATH`. Like
 //! the real muxers, it closes the connection when nothing listens on the requested port, so

@@ -16,7 +16,7 @@ use crate::{Jail, VmmError};
 
 /// A command for `bin`, to be [`confine`]d when `jail` is given: the binary is then opened by the
 /// daemon and executed through `/proc/self/fd/N`, so it need not be reachable by the VMM uid
-/// (e.g. `vhost-device-vsock` in root's `~/.cargo/bin`). Keep the returned file until the
+/// (e.g. a binary in root's home). Keep the returned file until the
 /// command has been spawned.
 pub fn command(
     bin: &Path,
