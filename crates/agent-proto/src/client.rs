@@ -359,6 +359,18 @@ impl AgentChannel {
         self.call(Request::Shutdown { poweroff }, "shut down").await
     }
 
+    /// Freezes the guest filesystems at `mountpoints` (FIFREEZE); returns those frozen.
+    pub async fn freeze(&self, mountpoints: Vec<String>) -> Result<Vec<String>, AgentError> {
+        self.call(Request::Freeze { mountpoints }, "freeze filesystems")
+            .await
+    }
+
+    /// Thaws filesystems frozen by [`AgentClient::freeze`]; returns those thawed.
+    pub async fn thaw(&self, mountpoints: Vec<String>) -> Result<Vec<String>, AgentError> {
+        self.call(Request::Thaw { mountpoints }, "thaw filesystems")
+            .await
+    }
+
     /// Opens one connection and sends the request frame.
     async fn open(&self, request: Request, what: &'static str) -> Result<(Rd, Wr), AgentError> {
         let stream = self.connector.connect().await?;

@@ -31,7 +31,21 @@ pub enum Request {
     Health,
     /// → [`ShutdownReply`], sent before the agent syncs and powers off (or reboots).
     Shutdown { poweroff: bool },
+    /// → `Vec<String>`: the mount points frozen (FIFREEZE), for a host snapshot. The agent
+    /// thaws them by itself after [`FREEZE_MAX_SECS`] if no `Thaw` comes. An older agent
+    /// answers with an error (it cannot decode the request): the host treats that as not
+    /// frozen.
+    Freeze { mountpoints: Vec<String> },
+    /// → `Vec<String>`: the mount points thawed (FITHAW); ones not frozen are skipped.
+    Thaw { mountpoints: Vec<String> },
 }
+
+/// How long the agent keeps filesystems frozen without a `Thaw` (a host that died mid-snapshot
+/// must not leave the guest's disks blocked).
+pub const FREEZE_MAX_SECS: u64 = 30;
+
+/// At most this many mount points per `Freeze`/`Thaw`.
+pub const FREEZE_MAX_MOUNTS: usize = 8;
 
 /// An error reported by the agent.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -14,6 +14,7 @@
 mod configure;
 mod exec;
 mod files;
+mod freeze;
 mod hostkeys;
 mod serial;
 mod server;

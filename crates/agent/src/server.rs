@@ -104,6 +104,19 @@ where
         Request::PutFiles { dest_dir } => crate::files::put(&dest_dir, rd, wr).await,
         Request::GetFiles { path } => crate::files::get(&path, wr).await,
         Request::Shutdown { poweroff } => shutdown(&ctx, poweroff, &mut wr).await,
+        Request::Freeze { mountpoints } => {
+            let live = ctx.live;
+            let r = tokio::task::spawn_blocking(move || crate::freeze::freeze(live, &mountpoints))
+                .await
+                .unwrap_or_else(|e| Err(RemoteError::new(format!("freeze panicked: {e}"))));
+            reply(&mut wr, r).await
+        }
+        Request::Thaw { mountpoints } => {
+            let r = tokio::task::spawn_blocking(move || crate::freeze::thaw(&mountpoints))
+                .await
+                .unwrap_or_else(|e| Err(RemoteError::new(format!("thaw panicked: {e}"))));
+            reply(&mut wr, r).await
+        }
     };
     if let Err(e) = result {
         tracing::warn!("{op}: connection failed: {e}");
@@ -120,6 +133,8 @@ fn op_name(r: &Request) -> &'static str {
         Request::Ports => "ports",
         Request::Health => "health",
         Request::Shutdown { .. } => "shutdown",
+        Request::Freeze { .. } => "freeze",
+        Request::Thaw { .. } => "thaw",
     }
 }
 

@@ -48,6 +48,9 @@ pub enum Command {
     /// Manage guest kernels.
     #[command(subcommand)]
     Kernel(crate::cmd::kernel::KernelCommand),
+    /// List, show and delete snapshots (`wick vm snapshot` makes them).
+    #[command(subcommand)]
+    Snapshot(crate::cmd::snapshot::SnapshotCommand),
     /// Inspect or stop the wickd daemon.
     #[command(subcommand)]
     Daemon(DaemonCommand),
@@ -124,6 +127,8 @@ pub enum VmCommand {
     Pause(LifecycleArgs),
     /// Resume one or more paused VMs.
     Resume(LifecycleArgs),
+    /// Snapshot a running or paused VM: memory, devices and both disks, kept by wickd.
+    Snapshot(crate::cmd::snapshot::VmSnapshotArgs),
     /// Delete one or more VMs and every host resource they hold.
     #[command(visible_alias = "rm")]
     Delete(LifecycleArgs),

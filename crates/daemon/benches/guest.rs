@@ -141,6 +141,21 @@ fn pause_resume(env: &WickdEnv, name: &str, runs: usize) -> (Vec<Duration>, Vec<
     (pause, resume)
 }
 
+/// `runs` snapshots of the running VM `name` (freeze, pause, save, clone both disks, resume,
+/// thaw): the CLI's wall time for each, and the last one's allocated size. Deleted after.
+fn snapshots(env: &WickdEnv, name: &str, runs: usize) -> (Vec<Duration>, u64) {
+    let (mut times, mut size) = (Vec::new(), 0);
+    for i in 0..runs {
+        let snap = format!("bench-snap-{i}");
+        let t = Instant::now();
+        let s = env.wick_json(&["vm", "snapshot", name, "--name", &snap]);
+        times.push(t.elapsed());
+        size = s["size_bytes"].as_u64().unwrap_or(0);
+        env.wick_ok(&["snapshot", "delete", &snap]);
+    }
+    (times, size)
+}
+
 fn main() {
     let a = match guest_assets() {
         Ok(a) => a,
@@ -249,6 +264,7 @@ fn main() {
         .unwrap();
     let put = t.elapsed();
     let (mut pause, mut resume) = pause_resume(&env, "b0", 10);
+    let (mut snaps, snap_size) = snapshots(&env, "b0", 3);
 
     println!(
         "wick real-guest benchmark (QEMU TCG, {runs} VMs, 1 GiB, debug={})",
@@ -278,6 +294,12 @@ fn main() {
     row("exec `true` round trip (agent over virtio-serial)", &mut exec);
     row("wick vm pause (QMP stop; CLI wall)", &mut pause);
     row("wick vm resume (QMP cont; CLI wall)", &mut resume);
+    row("wick vm snapshot, running 1 GiB (CLI wall)", &mut snaps);
+    println!(
+        "{:<44} {:>10}",
+        "  snapshot size (allocated on the host)",
+        format!("{} MiB", snap_size >> 20)
+    );
     println!(
         "{:<44} {:>10}",
         "tar upload 64 MiB (agent over virtio-serial)",

@@ -31,6 +31,7 @@ use crate::error::{Error, Result};
 
 mod images;
 mod kernels;
+mod snapshots;
 
 type D = State<Arc<Daemon>>;
 
@@ -126,6 +127,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/metrics", get(metrics))
         .merge(images::routes())
         .merge(kernels::routes())
+        .merge(snapshots::routes())
         .fallback(|| async {
             Error::new(
                 ErrorCode::NotFound,
@@ -677,7 +679,11 @@ impl utoipa::Modify for InternalErrors {
         kernels::show_kernel,
         kernels::delete_kernel,
         kernels::import_kernel,
-        kernels::pull_kernel
+        kernels::pull_kernel,
+        snapshots::snapshot_vm,
+        snapshots::list_snapshots,
+        snapshots::show_snapshot,
+        snapshots::delete_snapshot
     ),
     components(schemas(
         ApiError,
@@ -710,7 +716,11 @@ impl utoipa::Modify for InternalErrors {
         VmmHandle,
         WorkspaceInfo,
         PortMapping,
-        Sidecar
+        Sidecar,
+        wick_model::snapshot::CreateSnapshotRequest,
+        wick_model::snapshot::SnapshotList,
+        wick_model::SnapshotRecord,
+        wick_model::SnapshotState
     ))
 )]
 pub struct ApiDoc;
@@ -765,7 +775,12 @@ mod tests {
     fn request_bodies_state_the_daemon_limits() {
         let doc = doc();
         let schemas = &doc["components"]["schemas"];
-        for body in ["CreateVmRequest", "SetVmRequest", "KillRequest"] {
+        for body in [
+            "CreateVmRequest",
+            "SetVmRequest",
+            "KillRequest",
+            "CreateSnapshotRequest",
+        ] {
             assert_eq!(schemas[body]["additionalProperties"], false, "{body}");
         }
         let vcpu = &schemas["SetVmRequest"]["properties"]["vcpu"];

@@ -204,6 +204,9 @@ pub struct Limits {
     /// Sum of work disk sizes (default 1T).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_disk: Option<String>,
+    /// Number of snapshots (default 8; each holds the guest's memory and disks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_snapshots: Option<u64>,
 }
 
 /// [`Limits`] with defaults applied.
@@ -213,6 +216,7 @@ pub struct ResolvedLimits {
     pub max_vcpus: u64,
     pub max_memory_mib: u64,
     pub max_disk_mib: u64,
+    pub max_snapshots: u64,
 }
 
 impl Limits {
@@ -228,6 +232,7 @@ impl Limits {
             max_vcpus: self.max_vcpus.unwrap_or(64),
             max_memory_mib: size(&self.max_memory, host.memory_mib.unwrap_or(16 * 1024)),
             max_disk_mib: size(&self.max_disk, 1024 * 1024),
+            max_snapshots: self.max_snapshots.unwrap_or(8),
         }
     }
 }

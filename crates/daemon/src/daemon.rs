@@ -7,7 +7,7 @@
 //! resource exists, and [`Daemon::release`] frees everything from that record alone.
 //!
 //! One module per flow: `create`, `start`, `stop` (and kill), `pause` (and resume), `delete`
-//! (and prune), `set`,
+//! (and prune), `set`, `snapshot` (snapshots of a VM, and their reconcile),
 //! `release`, with `boot_files`, the spec `checks`, VMM `watch`ing and `logs`. Every
 //! operation is spawned by one spawner, `Daemon::spawn_op`. These modules use the domain and the
 //! host crates, never the HTTP handlers (`crate::api`).
@@ -37,6 +37,7 @@ mod pause;
 mod pool;
 mod release;
 mod set;
+mod snapshot;
 mod start;
 mod stop;
 mod watch;
@@ -46,6 +47,7 @@ pub use boot_files::BootFiles;
 pub use pause::PAUSE_TIMEOUT;
 pub use pool::{pool_key, run as run_pool, Pool};
 pub use release::disk_plan;
+pub use snapshot::reconcile_snapshots;
 pub use xfs_pool::reconcile_xfs_pool;
 
 /// The daemon: shared by every request handler and background task.

@@ -51,8 +51,8 @@ impl std::error::Error for Error {}
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Error {
         let code = match &e {
-            StoreError::NameTaken(_) => ErrorCode::Conflict,
-            StoreError::NotFound(_) => ErrorCode::NotFound,
+            StoreError::NameTaken(_) | StoreError::SnapshotNameTaken(_) => ErrorCode::Conflict,
+            StoreError::NotFound(_) | StoreError::SnapshotNotFound(_) => ErrorCode::NotFound,
             StoreError::Ambiguous { .. } => ErrorCode::InvalidArgument,
             _ => ErrorCode::Internal,
         };

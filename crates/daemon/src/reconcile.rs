@@ -76,6 +76,9 @@ pub async fn reconcile(d: &Arc<Daemon>) -> anyhow::Result<Report> {
             }
         }
     }
+    report
+        .swept
+        .extend(crate::daemon::reconcile_snapshots(d).await?);
     sweep(d, &mut report).await?;
     Ok(report)
 }

@@ -268,6 +268,8 @@ pub enum OpKind {
     Delete,
     Pause,
     Resume,
+    /// `vm snapshot`: the VM's state and disks into a new snapshot.
+    Snapshot,
     ImageImport,
     ImagePull,
     ImageBuild,

@@ -8,11 +8,13 @@ pub mod api;
 pub mod name;
 pub mod paths;
 pub mod size;
+pub mod snapshot;
 pub mod vm;
 
 pub use name::{generate_name, validate_name, validate_vm_name, NameError};
 pub use paths::Paths;
 pub use size::{parse_size_mib, SizeError};
+pub use snapshot::{SnapshotRecord, SnapshotState};
 pub use vm::{
     new_vm_id, Grant, ImageConfig, InitMode, PoolSlot, PortMapping, Sidecar, VmRecord, VmRuntime,
     VmSpec, VmState, VmmHandle, VmmJail, WorkspaceInfo,

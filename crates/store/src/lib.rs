@@ -16,6 +16,7 @@ use thiserror::Error;
 use wick_model::{VmRecord, VmRuntime, VmSpec, VmState};
 
 pub mod migrations;
+mod snapshots;
 
 /// Errors of the store. `NameTaken` and `NotFound` are user errors; the rest are internal.
 #[derive(Debug, Error)]
@@ -30,6 +31,10 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("corrupt record in the state database: {0}")]
     Corrupt(String),
+    #[error("a snapshot named {0:?} already exists")]
+    SnapshotNameTaken(String),
+    #[error("no snapshot matches {0:?}")]
+    SnapshotNotFound(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -450,7 +455,7 @@ impl Store {
     }
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 

@@ -45,6 +45,25 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         vm_id  TEXT NOT NULL UNIQUE REFERENCES vms(id) ON DELETE CASCADE
     );",
     ),
+    (
+        4,
+        "snapshots",
+        "CREATE TABLE snapshots (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL UNIQUE,
+        owner           INTEGER NOT NULL,
+        source_vm_id    TEXT NOT NULL,
+        source_vm_name  TEXT NOT NULL,
+        vmm             TEXT NOT NULL,
+        spec            TEXT NOT NULL,
+        state           TEXT NOT NULL,
+        frozen          INTEGER NOT NULL DEFAULT 0,
+        source_running  INTEGER NOT NULL DEFAULT 0,
+        size_bytes      INTEGER NOT NULL DEFAULT 0,
+        created_at      TEXT NOT NULL
+    );
+    CREATE INDEX snapshots_owner ON snapshots(owner);",
+    ),
 ];
 
 /// Applies every known migration that is not yet recorded.

@@ -128,7 +128,7 @@ fn migrations_are_recorded_and_future_ones_left_alone() {
     let p = dir.path().join("w.db");
     {
         let s = Store::open(&p).unwrap();
-        assert_eq!(s.schema_versions().unwrap(), vec![1, 2, 3]);
+        assert_eq!(s.schema_versions().unwrap(), vec![1, 2, 3, 4]);
     }
     {
         let c = Connection::open(&p).unwrap();
@@ -139,7 +139,7 @@ fn migrations_are_recorded_and_future_ones_left_alone() {
         .unwrap();
     }
     let s = Store::open(&p).unwrap();
-    assert_eq!(s.schema_versions().unwrap(), vec![1, 2, 3, 999]);
+    assert_eq!(s.schema_versions().unwrap(), vec![1, 2, 3, 4, 999]);
     assert_eq!(s.integrity_check().unwrap(), "ok");
 }
 

@@ -65,6 +65,11 @@ impl Firecracker {
         }
     }
 
+    /// Whether VMs run through the jailer.
+    pub fn jailed(&self) -> bool {
+        self.jailer.is_some()
+    }
+
     /// The binary this driver runs.
     pub fn bin(&self) -> &Path {
         &self.bin
@@ -548,6 +553,16 @@ impl Vmm for Firecracker {
     async fn resume(&self, handle: &VmmHandle, timeout: Duration) -> Result<(), VmmError> {
         self.set_state(handle, request::VmState::Resumed, timeout)
             .await
+    }
+
+    async fn save_state(
+        &self,
+        handle: &VmmHandle,
+        dir: &Path,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Vec<PathBuf>, VmmError> {
+        crate::snapshot::firecracker_save(self, handle, dir, prefix, timeout).await
     }
 
     /// `GET /`'s `state`: `Running`, `Paused` (or `Not started`).

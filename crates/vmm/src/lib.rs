@@ -18,6 +18,7 @@ pub mod firecracker;
 pub mod jailer;
 pub mod log;
 pub mod qemu;
+mod snapshot;
 
 /// Everything a driver needs to boot one VM.
 #[derive(Debug, Clone)]
@@ -170,6 +171,22 @@ pub trait Vmm: Send + Sync {
     /// wrong. Callers waiting for the guest (e.g. for its agent) poll this to fail fast.
     fn guest_failure(&self, _handle: &VmmHandle) -> Option<String> {
         None
+    }
+
+    /// Writes the paused guest's memory and device state into files the VMM process creates in
+    /// `dir` (one it can write: the VM dir), named `<prefix>.*`, and returns their paths
+    /// (`snapshot.rs`). The caller pauses first and moves the files away after.
+    async fn save_state(
+        &self,
+        _handle: &VmmHandle,
+        _dir: &Path,
+        _prefix: &str,
+        _timeout: Duration,
+    ) -> Result<Vec<PathBuf>, VmmError> {
+        Err(VmmError::Other(format!(
+            "the {} driver cannot save a VM's state",
+            self.name()
+        )))
     }
 
     /// Cheap check before a start: is the VMM usable at all (binary present, …)? The error

@@ -463,6 +463,16 @@ impl Vmm for Qemu {
         .await
     }
 
+    async fn save_state(
+        &self,
+        handle: &VmmHandle,
+        dir: &Path,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Vec<PathBuf>, VmmError> {
+        crate::snapshot::qemu_save(self, handle, dir, prefix, timeout).await
+    }
+
     /// QMP `query-status`: `running`, `paused`, or another run state verbatim.
     async fn run_state(&self, handle: &VmmHandle, timeout: Duration) -> Result<RunState, VmmError> {
         let status = self

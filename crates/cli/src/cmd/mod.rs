@@ -13,6 +13,7 @@ mod mcp;
 mod project;
 mod run;
 mod service;
+pub(crate) mod snapshot;
 mod ssh;
 mod ssh_config;
 mod version;
@@ -68,6 +69,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Vm(c) => vm::run(&ctx, c).await,
         Command::Image(c) => image::run(&ctx, c).await,
         Command::Kernel(c) => kernel::run(&ctx, c).await,
+        Command::Snapshot(c) => snapshot::run(&ctx, c).await,
         Command::Daemon(c) => daemon::run(&ctx, c).await,
         Command::Config(ConfigCommand::Show(a)) => config::show(&ctx, a).await,
         Command::Doctor(a) => doctor::run(&ctx, a).await,

@@ -30,6 +30,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
         VmCommand::Stop(a) => lifecycle(ctx, LifecycleOp::Stop, a).await,
         VmCommand::Restart(a) => lifecycle(ctx, LifecycleOp::Restart, a).await,
         VmCommand::Pause(a) => lifecycle(ctx, LifecycleOp::Pause, a).await,
+        VmCommand::Snapshot(a) => super::snapshot::snapshot_vm(ctx, a).await,
         VmCommand::Resume(a) => lifecycle(ctx, LifecycleOp::Resume, a).await,
         VmCommand::Delete(a) => lifecycle(ctx, LifecycleOp::Delete, a).await,
         VmCommand::Kill(a) => kill(ctx, a).await,
