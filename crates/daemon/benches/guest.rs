@@ -291,7 +291,10 @@ fn main() {
             .collect();
         row(&format!("  stage: {n}"), &mut v);
     }
-    row("exec `true` round trip (agent over virtio-serial)", &mut exec);
+    row(
+        "exec `true` round trip (agent over virtio-serial)",
+        &mut exec,
+    );
     row("wick vm pause (QMP stop; CLI wall)", &mut pause);
     row("wick vm resume (QMP cont; CLI wall)", &mut resume);
     row("wick vm snapshot, running 1 GiB (CLI wall)", &mut snaps);

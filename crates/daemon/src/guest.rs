@@ -145,8 +145,13 @@ impl Daemon {
             }
             _ => None,
         };
-        // Read with the owner's rights (see `filesync`), off the async workers.
-        let sync = self.config.file_sync.clone();
+        // Read with the owner's rights (see `filesync`), off the async workers. A builder VM
+        // runs a build's steps for whoever asked: it gets neither root's files nor git identity.
+        let builder = crate::artifacts::build::is_builder_vm(self, vm.owner, &vm.name);
+        let sync = match builder {
+            true => Vec::new(),
+            false => self.config.file_sync.clone(),
+        };
         let owner = vm.owner;
         let (files, refused) =
             tokio::task::spawn_blocking(move || crate::filesync::read_files(&sync, owner))
@@ -159,8 +164,8 @@ impl Daemon {
             hostname: Some(vm.name.clone()),
             network,
             authorized_keys: Some(vm.spec.ssh_keys.clone()),
-            git_name: vm.spec.git_name.clone(),
-            git_email: vm.spec.git_email.clone(),
+            git_name: vm.spec.git_name.clone().filter(|_| !builder),
+            git_email: vm.spec.git_email.clone().filter(|_| !builder),
             files,
             regenerate_host_keys: false,
             host_keys: None,

@@ -70,11 +70,15 @@ struct Env {
 
 impl Env {
     fn new(local_users: bool, failpoint: Option<&str>) -> Option<Env> {
+        Env::with_config(local_users, failpoint, FAKE_AGENT_CONFIG)
+    }
+
+    fn with_config(local_users: bool, failpoint: Option<&str>, config: &str) -> Option<Env> {
         let work = tempfile::tempdir().unwrap();
         let img = base_ext4(work.path())?;
         let mut env = match local_users {
-            true => WickdEnv::for_local_users(FAKE_AGENT_CONFIG, "agent = true"),
-            false => WickdEnv::new_with_image_extra(FAKE_AGENT_CONFIG, "agent = true"),
+            true => WickdEnv::for_local_users(config, "agent = true"),
+            false => WickdEnv::new_with_image_extra(config, "agent = true"),
         };
         env.env.push((
             "FAKE_FC_AGENT_BIN".into(),
@@ -624,4 +628,44 @@ fn project_setup_runs_once_per_image() {
     assert!(err.contains("setup: building image base-setup-"), "{err}");
     assert!(err.contains("dc setup"), "{err}");
     e.assert_nothing_left("after the project runs");
+}
+
+/// A build runs its requester's steps in a root-owned builder VM: root's `[[file_sync]]` files
+/// (and git identity) must never reach it, or any socket user could print them.
+#[test]
+fn a_builder_vm_gets_no_identity_files() {
+    if !root() {
+        return;
+    }
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "root's token").unwrap();
+    let config = format!(
+        "{FAKE_AGENT_CONFIG}\n[[file_sync]]\nhost = {:?}\nguest = \"/root/token\"\n",
+        secret.path()
+    );
+    let Some(e) = Env::with_config(true, None, &config) else {
+        return;
+    };
+    // The fake VMM's guest is this host with the guest's files under the VM dir: the step
+    // lists every VM's guest /root while the builder runs.
+    let vms = e.env.root().join("state/vms");
+    let step = format!("ls {}/*/guest-root/root/ 2>&1; true", vms.display());
+    let out = e.env.wick_as_user(&[
+        "image", "build", "--from", "base", "--name", "u-built", "--run", &step,
+    ]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(
+        !all.contains("token"),
+        "root's file_sync file reached the builder: {all}"
+    );
+    // A VM of root's own still gets it.
+    e.env.wick_ok(&["vm", "create", "--name", "r1"]);
+    let v = e.env.wick_json(&["vm", "show", "r1"]);
+    let vsock = PathBuf::from(v["runtime"]["vmm"]["vsock_socket"].as_str().unwrap());
+    assert!(vsock
+        .parent()
+        .unwrap()
+        .join("guest-root/root/token")
+        .exists());
 }

@@ -85,6 +85,13 @@ fn update_records(d: &Daemon, f: impl FnOnce(&mut BTreeMap<String, BuildRecord>)
     Ok(())
 }
 
+/// Whether VM `vm_name` (owned by root) is the builder VM of a build in flight. Builders get
+/// no identity files: the steps are the requester's, so root's `[[file_sync]]` files and git
+/// identity must never reach them.
+pub fn is_builder_vm(d: &Daemon, owner: u32, vm_name: &str) -> bool {
+    owner == 0 && read_records(d).is_ok_and(|all| all.values().any(|r| r.vm_name == vm_name))
+}
+
 /// Saves `rec` (before its builder VM is created).
 pub(super) fn record(d: &Daemon, rec: &BuildRecord) -> Result<()> {
     update_records(d, |all| {
