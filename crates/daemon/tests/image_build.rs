@@ -585,10 +585,7 @@ fn project_setup_runs_once_per_image() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let first = run("first run");
-    assert!(
-        first.contains("setup: building image base-setup-"),
-        "{first}"
-    );
+    assert!(first.contains("setup: image base-setup-"), "{first}");
     assert!(
         first.contains("setup-step-ran"),
         "the step's output is shown: {first}"
@@ -602,11 +599,40 @@ fn project_setup_runs_once_per_image() {
     assert!(e.image(&built[0])["build_key"].is_string());
 
     let second = run("second run");
-    assert!(second.contains("(built before)"), "{second}");
+    assert!(second.contains("cache hit"), "{second}");
     assert!(
         !second.contains("setup-step-ran"),
         "setup ran again: {second}"
     );
+
+    // The name is public: an image made under it from other inputs is refused, never used.
+    e.env.wick_ok(&["image", "delete", &built[0]]);
+    e.env.wick_ok(&[
+        "image",
+        "build",
+        "--from",
+        "base",
+        "--name",
+        &built[0],
+        "--run",
+        "echo squatted",
+    ]);
+    let out = e.env.wick(&[
+        "vm",
+        "run",
+        "--rm",
+        "--guest-path",
+        g.to_str().unwrap(),
+        repo.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a squatted setup image was used: {}",
+        text(&out)
+    );
+    e.env.wick_ok(&["image", "delete", &built[0]]);
 
     // devcontainer.json's postCreateCommand is the same kind of setup.
     let dc = tmp.path().join("d");
@@ -625,7 +651,7 @@ fn project_setup_runs_once_per_image() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("setup: building image base-setup-"), "{err}");
+    assert!(err.contains("setup: image base-setup-"), "{err}");
     assert!(err.contains("dc setup"), "{err}");
     e.assert_nothing_left("after the project runs");
 }

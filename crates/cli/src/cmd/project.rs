@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use wick_model::api::{
-    ApiError, BuildImageRequest, ConfigView, ErrorCode, ImageView, PullImageRequest,
+    ApiError, BuildImageRequest, ConfigView, ErrorCode, ImageSource, ImageView, PullImageRequest,
 };
 
 use crate::cli::VmSpecArgs;
@@ -67,25 +67,20 @@ async fn default_image(client: &Client) -> Result<String> {
 }
 
 /// The image with the project's setup baked in: `image build --from BASE` with its packages and
-/// commands, named after the base image's id and the steps. A later run finds it by name, and a
-/// repeated build is answered by the daemon's input-keyed cache without a VM: the setup runs
-/// once per image, not once per VM.
+/// commands, named after the base image's id and the steps. A repeated build is answered by the
+/// daemon's input-keyed cache without a VM: the setup runs once per image, not once per VM.
 async fn setup_image(client: &Client, base: &str, setup: &Setup) -> Result<String> {
     let base_view: ImageView = client
         .get(&format!("/v1/images/{}", encode_segment(base)))
         .await
         .with_context(|| format!("the project's base image {base}"))?;
     let name = setup_name(base, &base_view.id, setup);
-    if exists(client, &name).await? {
-        eprintln!(
-            "{}",
-            render::escape(&format!("setup: image {name} (built before)"))
-        );
-        return Ok(name);
-    }
+    // Always asked of the daemon, never taken by name (anyone can compute the name): its
+    // input-keyed cache answers a repeated build at once, and refuses an image of that name
+    // built from other inputs.
     eprintln!(
         "{}",
-        render::escape(&format!("setup: building image {name} from {base}"))
+        render::escape(&format!("setup: image {name} from {base}"))
     );
     let req = BuildImageRequest {
         name: Some(name.clone()),
@@ -125,8 +120,16 @@ async fn managed_image(client: &Client, image: &str) -> Result<String> {
         return Ok(image.to_string());
     }
     let name = pulled_name(image);
-    if exists(client, &name).await? {
-        return Ok(name);
+    // The name is computable by anyone: use an existing image only if it really was pulled from
+    // this reference (only root pulls), never one a socket user built under that name.
+    if let Some(found) = find(client, &name).await? {
+        return match &found.source {
+            ImageSource::Oci { reference, .. } if reference == image => Ok(name),
+            _ => Err(anyhow::anyhow!(
+                "image {name} exists but was not pulled from {image}; delete it (root), or \
+                 name a managed image as the project's image"
+            )),
+        };
     }
     eprintln!(
         "{}",
@@ -143,15 +146,15 @@ async fn managed_image(client: &Client, image: &str) -> Result<String> {
     Ok(name)
 }
 
-/// Whether managed image `name` exists.
-async fn exists(client: &Client, name: &str) -> Result<bool> {
+/// Managed image `name`, if it exists.
+async fn find(client: &Client, name: &str) -> Result<Option<ImageView>> {
     match client
         .get::<ImageView>(&format!("/v1/images/{}", encode_segment(name)))
         .await
     {
-        Ok(_) => Ok(true),
+        Ok(view) => Ok(Some(view)),
         Err(e) if e.downcast_ref::<ApiError>().map(|a| a.code) == Some(ErrorCode::NotFound) => {
-            Ok(false)
+            Ok(None)
         }
         Err(e) => Err(e),
     }
