@@ -23,6 +23,9 @@ pub const FILES: [&str; 3] = [
     ".devcontainer.json",
 ];
 
+/// Largest project file read.
+const MAX_FILE_LEN: u64 = 1 << 20;
+
 /// What a repository asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Project {
@@ -71,11 +74,21 @@ impl Project {
     pub fn find(dir: &Path) -> Result<Option<Project>> {
         for name in FILES {
             let path = dir.join(name);
-            let text = match std::fs::read_to_string(&path) {
-                Ok(text) => text,
+            let meta = match std::fs::metadata(&path) {
+                Ok(meta) => meta,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
             };
+            // The repository may be hostile: no FIFO (a hang), device or huge file.
+            if !meta.is_file() || meta.len() > MAX_FILE_LEN {
+                anyhow::bail!(
+                    "{}: not a regular file of at most {} KiB",
+                    path.display(),
+                    MAX_FILE_LEN >> 10
+                );
+            }
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
             let project = if name.ends_with(".toml") {
                 wick_toml::parse(&text)
             } else {
@@ -254,6 +267,14 @@ mod tests {
         assert!(Project::find(&dir.path().join(".devcontainer"))
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        nix::unistd::mkfifo(&dir.path().join("wick.toml"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = Project::find(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]

@@ -93,6 +93,13 @@ fn read_one(path: &Path) -> Result<Vec<u8>, String> {
     if !meta.is_file() {
         return Err("not a regular file".into());
     }
+    // The reader is a thread of wickd: procfs would give it wickd's own `/proc/self` (its
+    // environment, memory map, open files) whatever uid the thread took. Nothing there is a
+    // file a user means to copy.
+    let fs = nix::sys::statfs::fstatfs(&f).map_err(|e| e.to_string())?;
+    if fs.filesystem_type() == nix::sys::statfs::PROC_SUPER_MAGIC {
+        return Err("a /proc file".into());
+    }
     if meta.len() > MAX_FILE {
         return Err(format!(
             "{} bytes; the limit is {MAX_FILE} bytes",
@@ -155,6 +162,14 @@ fn become_owner(uid: u32) -> Result<(), String> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn proc_files_are_refused() {
+        for p in ["/proc/self/environ", "/proc/self/status", "/proc/version"] {
+            let err = read_one(Path::new(p)).unwrap_err();
+            assert!(err.contains("/proc"), "{p}: {err}");
+        }
+    }
 
     fn sync(host: &Path) -> FileSync {
         FileSync {
