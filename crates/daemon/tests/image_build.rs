@@ -695,3 +695,50 @@ fn a_builder_vm_gets_no_identity_files() {
         .join("guest-root/root/token")
         .exists());
 }
+
+/// A builder VM is root's, so `[limits]` does not count it: a socket user runs one build at a
+/// time instead; a second is refused while the first runs, and allowed after.
+#[test]
+fn a_socket_user_runs_one_build_at_a_time() {
+    if !root() {
+        return;
+    }
+    let Some(e) = Env::new(true, None) else {
+        return;
+    };
+    // The fake guest is this host: the first build's step waits for a file the test makes.
+    let flag = e.env.root().join("go");
+    let step = format!("while [ ! -e {} ]; do sleep 0.1; done", flag.display());
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            e.env.wick_as_user(&[
+                "image", "build", "--from", "base", "--run", &step, "--name", "slow",
+            ])
+        });
+        // Wait until the builder VM exists (its step is then running or about to).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !e.vm_names().iter().any(|v| v.starts_with("build-")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no builder VM appeared"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let out = e.env.wick_as_user(&[
+            "image", "build", "--from", "base", "--run", "true", "--name", "second",
+        ]);
+        std::fs::write(&flag, "").unwrap();
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(
+            text(&out).contains("image build(s) running"),
+            "{}",
+            text(&out)
+        );
+        let first = first.join().unwrap();
+        assert!(first.status.success(), "{}", text(&first));
+    });
+    let out = e.env.wick_as_user(&[
+        "image", "build", "--from", "base", "--run", "true", "--name", "second",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -34,6 +34,8 @@ use crate::ops::OpEntry;
 
 /// The `meta` key holding the builds in flight (id → [`BuildRecord`]).
 const META_KEY: &str = "image_builds";
+/// Most derived builds a socket user runs at once (each holds a builder VM).
+const MAX_BUILDS_PER_USER: usize = 1;
 /// Most packages, run steps and copied files one build takes.
 const MAX_ITEMS: usize = 256;
 /// Default mode of a copied file.
@@ -304,6 +306,7 @@ impl Daemon {
             return Ok(op);
         }
         check_target(self, &plan.name, plan.force, caller)?;
+        self.check_build_slots(caller)?;
         let op = self
             .ops
             .begin_artifact(OpKind::ImageBuild, &plan.name, caller.uid);
@@ -317,6 +320,28 @@ impl Daemon {
             op2.finish_artifact(out);
         });
         Ok(op.snapshot())
+    }
+
+    /// A socket user runs at most [`MAX_BUILDS_PER_USER`] builds at once: each holds a
+    /// root-owned builder VM, which `[limits]` (counted on the user's own VMs) does not see.
+    fn check_build_slots(&self, caller: Caller) -> Result<()> {
+        if caller.uid == 0 {
+            return Ok(());
+        }
+        let mine = self
+            .ops
+            .running()
+            .iter()
+            .filter(|e| e.owner == caller.uid)
+            .filter(|e| e.snapshot().kind == OpKind::ImageBuild)
+            .count();
+        if mine >= MAX_BUILDS_PER_USER {
+            return Err(Error::conflict(format!(
+                "you already have {mine} image build(s) running, the most a user may run at \
+                 once; wait for it or cancel it"
+            )));
+        }
+        Ok(())
     }
 
     /// An operation that is already over when an image records `plan.key`: the image itself
