@@ -674,11 +674,17 @@ fn a_pooled_vm_gets_its_own_identity_on_a_real_guest() {
 
 /// `/root/c` of the guest, the counter's last value.
 fn counter(env: &WickdEnv, name: &str) -> u64 {
-    let (code, out) = exec(env, name, &["cat", "/root/c"]);
-    assert_eq!(code, 0, "{out}");
-    out.trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("counter: {out:?}"))
+    // The loop rewrites the file (`echo $i > /root/c`): a read can land between the truncate
+    // and the write, so an empty answer is read again.
+    for _ in 0..20 {
+        let (code, out) = exec(env, name, &["cat", "/root/c"]);
+        assert_eq!(code, 0, "{out}");
+        if let Ok(n) = out.trim().parse() {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("the counter file of {name} never held a number");
 }
 
 /// Pause and resume on a real guest: a counter in the guest stands still while paused (QMP

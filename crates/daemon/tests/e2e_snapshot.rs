@@ -47,24 +47,35 @@ fn exec(env: &WickdEnv, name: &str, args: &[&str]) -> (i32, String) {
 }
 
 fn counter(env: &WickdEnv, name: &str) -> u64 {
-    let (code, out) = exec(env, name, &["cat", "/root/c"]);
-    assert_eq!(code, 0, "{out}");
-    out.trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("counter {out:?}"))
+    // The loop rewrites the file (`echo $i > /root/c`): a read can land between the truncate
+    // and the write, so an empty answer is read again.
+    for _ in 0..20 {
+        let (code, out) = exec(env, name, &["cat", "/root/c"]);
+        assert_eq!(code, 0, "{out}");
+        if let Ok(n) = out.trim().parse() {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("the counter file of {name} never held a number");
 }
 
-/// The counter moves on within `within`.
+/// The counter moves on within `within` (its file may not exist yet when the counter has
+/// only just been started).
 fn counts_on(env: &WickdEnv, name: &str, from: u64, within: Duration) -> u64 {
     let end = Instant::now() + within;
     loop {
-        let now = counter(env, name);
-        if now > from {
+        let (code, out) = exec(env, name, &["cat", "/root/c"]);
+        let now = match code {
+            0 => out.trim().parse::<u64>().ok(),
+            _ => None,
+        };
+        if let Some(now) = now.filter(|n| *n > from) {
             return now;
         }
         assert!(
             Instant::now() < end,
-            "the counter stayed at {now} (from {from})"
+            "the counter stayed at {now:?} (from {from}): {out}"
         );
         std::thread::sleep(Duration::from_millis(300));
     }

@@ -195,7 +195,7 @@ fn debian_cloud_kernel_boots_through_wick_init_under_qemu_tcg() {
         rec.bzimage.as_ref().unwrap(),
         rec.initrd.as_deref(),
         &rootfs,
-        "rw wick.initdebug",
+        "rw wick.initdebug wick.init=image",
         MARKER,
         Duration::from_secs(90),
     )

@@ -618,10 +618,8 @@ async fn real_crash_then_cleanup_from_the_plan_alone() {
 
     let planned = vm.qemu.plan(vm.handle.api_socket.parent().unwrap());
     assert_eq!(vm.qemu.find(&planned), None);
-    assert!(
-        proc::is_alive(sidecar, sidecar_st),
-        "the sidecar outlives QEMU"
-    );
+    // The mux sidecar ends by itself once QEMU's chardev closes, but not at once: either way
+    // (still running, or already gone) cleanup from the plan must leave none.
     vm.qemu
         .stop(&planned, Duration::from_secs(1))
         .await
