@@ -11,39 +11,8 @@ use wick_testkit::guest::guest_assets;
 use wick_testkit::inspect::{owned_by, ProcStatus};
 use wick_testkit::wickd::WickdEnv;
 
-fn config(a: &wick_testkit::guest::GuestAssets) -> String {
-    format!(
-        r#"vmm = "qemu"
-accel = "tcg"
-boot_timeout = "180s"
-stop_timeout = "30s"
-dns_port = 10053
-
-[images.default]
-rootfs = {rootfs:?}
-work_seed = {seed:?}
-kernel = {kernel:?}
-initrd = {initrd:?}
-agent = true
-boot_args = "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw"
-"#,
-        rootfs = a.rootfs,
-        seed = a.work_seed,
-        kernel = a.kernel,
-        initrd = a.initrd,
-    )
-}
-
-/// `wick vm exec NAME -- ARGS`: (exit code, stdout).
-fn exec(env: &WickdEnv, name: &str, args: &[&str]) -> (i32, String) {
-    let mut a = vec!["vm", "exec", name, "--"];
-    a.extend_from_slice(args);
-    let out = env.wick(&a);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-    )
-}
+mod real_guest;
+use real_guest::{config, counter, exec};
 
 fn links(env: &WickdEnv) -> Vec<String> {
     let j: Value = serde_json::from_str(&env.ns_run("ip", &["-j", "link", "show"])).unwrap();
@@ -670,21 +639,6 @@ fn a_pooled_vm_gets_its_own_identity_on_a_real_guest() {
     }
     assert_ne!(seen[0].1, seen[1].1, "host keys differ");
     assert_ne!(seen[0].2, seen[1].2, "machine ids differ");
-}
-
-/// `/root/c` of the guest, the counter's last value.
-fn counter(env: &WickdEnv, name: &str) -> u64 {
-    // The loop rewrites the file (`echo $i > /root/c`): a read can land between the truncate
-    // and the write, so an empty answer is read again.
-    for _ in 0..20 {
-        let (code, out) = exec(env, name, &["cat", "/root/c"]);
-        assert_eq!(code, 0, "{out}");
-        if let Ok(n) = out.trim().parse() {
-            return n;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("the counter file of {name} never held a number");
 }
 
 /// Pause and resume on a real guest: a counter in the guest stands still while paused (QMP

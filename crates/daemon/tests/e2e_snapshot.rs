@@ -12,53 +12,8 @@ use serde_json::Value;
 use wick_testkit::guest::guest_assets;
 use wick_testkit::wickd::WickdEnv;
 
-fn config(a: &wick_testkit::guest::GuestAssets) -> String {
-    format!(
-        r#"vmm = "qemu"
-accel = "tcg"
-boot_timeout = "180s"
-stop_timeout = "30s"
-dns_port = 10053
-
-[images.default]
-rootfs = {rootfs:?}
-work_seed = {seed:?}
-kernel = {kernel:?}
-initrd = {initrd:?}
-agent = true
-boot_args = "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw"
-"#,
-        rootfs = a.rootfs,
-        seed = a.work_seed,
-        kernel = a.kernel,
-        initrd = a.initrd,
-    )
-}
-
-/// `wick vm exec NAME -- ARGS`: (exit code, stdout).
-fn exec(env: &WickdEnv, name: &str, args: &[&str]) -> (i32, String) {
-    let mut a = vec!["vm", "exec", name, "--"];
-    a.extend_from_slice(args);
-    let out = env.wick(&a);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-    )
-}
-
-fn counter(env: &WickdEnv, name: &str) -> u64 {
-    // The loop rewrites the file (`echo $i > /root/c`): a read can land between the truncate
-    // and the write, so an empty answer is read again.
-    for _ in 0..20 {
-        let (code, out) = exec(env, name, &["cat", "/root/c"]);
-        assert_eq!(code, 0, "{out}");
-        if let Ok(n) = out.trim().parse() {
-            return n;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("the counter file of {name} never held a number");
-}
+mod real_guest;
+use real_guest::{config, counter, exec};
 
 /// The counter moves on within `within` (its file may not exist yet when the counter has
 /// only just been started).
