@@ -309,20 +309,12 @@ impl KernelStore {
             ..StagedModules::default()
         };
         if check.needs_initramfs {
-            let init = match &self.init_bin {
-                Some(p) => p.clone(),
-                None => initramfs::locate_init_binary()?,
-            };
-            let paths: Vec<PathBuf> = check
-                .resolution
-                .load_order
-                .iter()
-                .map(|m| m.path.clone())
-                .collect();
-            let built = initramfs::build(&init, &paths, &st.join("initrd.img"))?;
-            staged.initrd_modules = built.modules;
+            let init = self.init_binary()?;
+            let (modules, inputs) =
+                build_initrd(&init, &check.resolution.load_order, &st.join("initrd.img"))?;
+            staged.initrd_modules = modules;
             staged.needs_initramfs = true;
-            staged.initrd_inputs = Some(initrd_inputs(&init, &check.resolution.load_order)?);
+            staged.initrd_inputs = Some(inputs);
         }
         staged.dir = Some(rel);
         Ok(staged)
@@ -335,10 +327,8 @@ impl KernelStore {
     /// then the manifest is replaced; the kernel itself is untouched. Returns the names rebuilt.
     pub fn refresh_initramfs(&self) -> Result<Vec<String>> {
         let _lock = self.lock()?;
-        let init = match &self.init_bin {
-            Some(p) => p.clone(),
-            None => initramfs::locate_init_binary()?,
-        };
+        let init = self.init_binary()?;
+        let init_sha = sha256_file(&init)?;
         let mut rebuilt = Vec::new();
         for mut rec in self.list()? {
             let (Some(modules), Some(initrd)) = (rec.modules_dir.clone(), rec.initrd.clone())
@@ -346,23 +336,25 @@ impl KernelStore {
                 continue;
             };
             let check = modules::needs_initramfs(&modules)?;
-            let inputs = initrd_inputs(&init, &check.resolution.load_order)?;
-            if rec.initrd_inputs.as_deref() == Some(inputs.as_str()) {
+            let order = &check.resolution.load_order;
+            if rec.initrd_inputs.as_deref() == Some(initrd_inputs(&init_sha, order).as_str()) {
                 continue;
             }
-            let paths: Vec<PathBuf> = check
-                .resolution
-                .load_order
-                .iter()
-                .map(|m| m.path.clone())
-                .collect();
-            let built = initramfs::build(&init, &paths, &initrd)?;
-            rec.initrd_modules = built.modules;
+            let (modules, inputs) = build_initrd(&init, order, &initrd)?;
+            rec.initrd_modules = modules;
             rec.initrd_inputs = Some(inputs);
             rewrite_manifest(&rec)?;
             rebuilt.push(rec.name);
         }
         Ok(rebuilt)
+    }
+
+    /// The static wick-init initramfs builds use.
+    fn init_binary(&self) -> Result<PathBuf> {
+        match &self.init_bin {
+            Some(p) => Ok(p.clone()),
+            None => initramfs::locate_init_binary(),
+        }
     }
 
     fn check_free(&self, name: &str, sha256: &str) -> Result<()> {
@@ -475,15 +467,31 @@ fn load_manifest(dir: &Path, bytes: &[u8]) -> Result<KernelRecord> {
     Ok(r)
 }
 
-/// sha256 over an initramfs's inputs: the wick-init binary and the modules, in load order.
-fn initrd_inputs(init: &Path, load_order: &[modules::ModuleFile]) -> Result<String> {
+/// Builds the initramfs `out` from wick-init `init` and the modules in `load_order`; returns
+/// the module names it holds and its [`initrd_inputs`].
+fn build_initrd(
+    init: &Path,
+    load_order: &[modules::ModuleFile],
+    out: &Path,
+) -> Result<(Vec<String>, String)> {
+    let paths: Vec<PathBuf> = load_order.iter().map(|m| m.path.clone()).collect();
+    let built = initramfs::build(init, &paths, out)?;
+    Ok((
+        built.modules,
+        initrd_inputs(&sha256_file(init)?, load_order),
+    ))
+}
+
+/// sha256 over an initramfs's inputs: the wick-init binary's sha256 and the modules, in load
+/// order.
+fn initrd_inputs(init_sha256: &str, load_order: &[modules::ModuleFile]) -> String {
     let mut h = Sha256::new();
-    h.update(sha256_file(init)?.as_bytes());
+    h.update(init_sha256.as_bytes());
     for m in load_order {
         h.update(b"\0");
         h.update(m.name.as_bytes());
     }
-    Ok(hex::encode(h.finalize()))
+    hex::encode(h.finalize())
 }
 
 /// Replaces the manifest of a stored kernel (paths relative to its directory, as `install`
