@@ -22,7 +22,10 @@ pub enum CloneMethod {
 /// is written. Fails with [`StorageError::Unsupported`] when the filesystem cannot reflink or the
 /// two paths are on different filesystems; `dst` is removed again on any failure.
 pub fn reflink(src: &Path, dst: &Path) -> Result<()> {
-    let s = File::open(src).map_err(|e| StorageError::io("cannot open", src, e))?;
+    reflink_from(&open_source(src, true)?, src, dst)
+}
+
+fn reflink_from(s: &File, src: &Path, dst: &Path) -> Result<()> {
     let d = create_new(dst)?;
     // SAFETY: FICLONE takes the source fd as its integer argument; both fds are open.
     let rc = unsafe { libc::ioctl(d.as_raw_fd(), libc::FICLONE, s.as_raw_fd()) };
@@ -57,9 +60,12 @@ fn reflink_error(src: &Path, dst: &Path, err: io::Error) -> StorageError {
 /// `copy_file_range`), so the copy is as sparse as the source. Returns the length. The kernel may
 /// share extents instead of copying on filesystems that can. `dst` is removed on failure.
 pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64> {
-    let s = File::open(src).map_err(|e| StorageError::io("cannot open", src, e))?;
+    sparse_copy_from(&open_source(src, true)?, dst)
+}
+
+fn sparse_copy_from(s: &File, dst: &Path) -> Result<u64> {
     let d = create_new(dst)?;
-    let res = copy_extents(&s, &d).map_err(|e| StorageError::io("cannot copy into", dst, e));
+    let res = copy_extents(s, &d).map_err(|e| StorageError::io("cannot copy into", dst, e));
     if res.is_err() {
         drop(d);
         let _ = std::fs::remove_file(dst);
@@ -69,11 +75,49 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64> {
 
 /// Reflink when the filesystem can, else a sparse copy.
 pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneMethod> {
-    match reflink(src, dst) {
+    clone_from(&open_source(src, true)?, src, dst)
+}
+
+/// [`clone_file`] of a file in a directory someone else controls (a running VM's dir, which
+/// belongs to its VMM's uid): `src` itself must not be a symlink, and the file read is the
+/// one opened, so it cannot be swapped for another between check and copy.
+pub fn clone_untrusted(src: &Path, dst: &Path) -> Result<CloneMethod> {
+    clone_from(&open_source(src, false)?, src, dst)
+}
+
+fn clone_from(s: &File, src: &Path, dst: &Path) -> Result<CloneMethod> {
+    match reflink_from(s, src, dst) {
         Ok(()) => Ok(CloneMethod::Reflink),
-        Err(StorageError::Unsupported(_)) => sparse_copy(src, dst).map(|_| CloneMethod::SparseCopy),
+        Err(StorageError::Unsupported(_)) => {
+            sparse_copy_from(s, dst).map(|_| CloneMethod::SparseCopy)
+        }
         Err(e) => Err(e),
     }
+}
+
+/// Opens a clone's source without blocking (a FIFO never hangs the caller) and only if it is a
+/// regular file; with `follow` false, a symlink as `src` is refused too.
+fn open_source(src: &Path, follow: bool) -> Result<File> {
+    let mut flags = libc::O_NONBLOCK;
+    if !follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(src)
+        .map_err(|e| StorageError::io("cannot open", src, e))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| StorageError::io("cannot stat", src, e))?;
+    if !meta.is_file() {
+        return Err(StorageError::io(
+            "cannot clone",
+            src,
+            io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+        ));
+    }
+    Ok(f)
 }
 
 fn create_new(path: &Path) -> Result<File> {

@@ -186,7 +186,11 @@ impl Daemon {
         failpoint::hit("snapshot-state-saved");
         op.check()?;
         op.stage("clone disks");
-        let work = vm.runtime.work_disk.clone().filter(|p| p.exists());
+        let work = vm
+            .runtime
+            .work_disk
+            .clone()
+            .filter(|p| p.symlink_metadata().is_ok());
         let dir2 = dir.clone();
         tokio::task::spawn_blocking(move || clone_disks(&root_src, work.as_deref(), &dir2))
             .await
@@ -340,7 +344,8 @@ fn clone_disks(root: &Path, work: Option<&Path>, dir: &Path) -> Result<()> {
         pairs.push((w, dir.join("work.img")));
     }
     for (src, dst) in pairs {
-        wick_storage::file::clone_file(src, &dst)
+        // The VM dir is its VMM's (uid): what is there is not trusted to be our disk.
+        wick_storage::file::clone_untrusted(src, &dst)
             .map_err(|e| Error::internal(format!("cloning {}: {e}", src.display())))?;
         perms::apply(&dst, Access::Private)?;
     }
