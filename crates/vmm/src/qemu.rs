@@ -482,7 +482,9 @@ impl Vmm for Qemu {
             .await?;
         Ok(match status.as_str() {
             "running" => RunState::Running,
-            "paused" => RunState::Paused,
+            // Stopped vCPUs that `cont` starts again: also after a migration to a file (a
+            // snapshot's save) that finished or was cut short by a crash of wickd.
+            "paused" | "postmigrate" | "finish-migrate" | "save-vm" => RunState::Paused,
             _ => RunState::Other(status),
         })
     }
