@@ -146,7 +146,8 @@ impl Daemon {
             _ => None,
         };
         // Read with the owner's rights (see `filesync`), off the async workers. A builder VM
-        // runs a build's steps for whoever asked: it gets neither root's files nor git identity.
+        // runs a build's steps for whoever asked: it gets none of root's files (nor a git
+        // identity: its create request names none).
         let builder = crate::artifacts::build::is_builder_vm(self, vm.owner, &vm.name);
         let sync = match builder {
             true => Vec::new(),
@@ -164,8 +165,8 @@ impl Daemon {
             hostname: Some(vm.name.clone()),
             network,
             authorized_keys: Some(vm.spec.ssh_keys.clone()),
-            git_name: vm.spec.git_name.clone().filter(|_| !builder),
-            git_email: vm.spec.git_email.clone().filter(|_| !builder),
+            git_name: vm.spec.git_name.clone(),
+            git_email: vm.spec.git_email.clone(),
             files,
             regenerate_host_keys: false,
             host_keys: None,

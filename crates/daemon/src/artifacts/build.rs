@@ -67,6 +67,9 @@ pub struct BuildRecord {
     pub vm_name: String,
 }
 
+/// Serialises the per-user build count with the registration of a new build.
+static BUILD_SLOTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Serialises read-modify-write of the `image_builds` meta entry.
 static RECORDS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -90,8 +93,10 @@ fn update_records(d: &Daemon, f: impl FnOnce(&mut BTreeMap<String, BuildRecord>)
 /// Whether VM `vm_name` (owned by root) is the builder VM of a build in flight. Builders get
 /// no identity files: the steps are the requester's, so root's `[[file_sync]]` files and git
 /// identity must never reach them.
+/// When the records cannot be read, a root VM counts as a builder (fails closed: it only
+/// loses root's files).
 pub fn is_builder_vm(d: &Daemon, owner: u32, vm_name: &str) -> bool {
-    owner == 0 && read_records(d).is_ok_and(|all| all.values().any(|r| r.vm_name == vm_name))
+    owner == 0 && read_records(d).map_or(true, |all| all.values().any(|r| r.vm_name == vm_name))
 }
 
 /// Saves `rec` (before its builder VM is created).
@@ -306,10 +311,13 @@ impl Daemon {
             return Ok(op);
         }
         check_target(self, &plan.name, plan.force, caller)?;
-        self.check_build_slots(caller)?;
-        let op = self
-            .ops
-            .begin_artifact(OpKind::ImageBuild, &plan.name, caller.uid);
+        let op = {
+            // Counting a user's builds and registering this one are one step.
+            let _slots = BUILD_SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+            self.check_build_slots(caller)?;
+            self.ops
+                .begin_artifact(OpKind::ImageBuild, &plan.name, caller.uid)
+        };
         let (d, op2) = (self.clone(), op.clone());
         tokio::spawn(async move {
             let out = super::builder::run(&d, &op2, plan).await;
