@@ -325,26 +325,22 @@ impl KernelStore {
     /// serial agent channel). The initramfs is derived from the kernel's modules and wick-init,
     /// so an upgraded wick must not boot the old one. Built atomically next to the old file,
     /// then the manifest is replaced; the kernel itself is untouched. Returns the names rebuilt.
-    pub fn refresh_initramfs(&self) -> Result<Vec<String>> {
+    /// One entry per kernel it rebuilt or failed to: its name, or why.
+    pub fn refresh_initramfs(&self) -> Result<Vec<std::result::Result<String, String>>> {
         let _lock = self.lock()?;
         let init = self.init_binary()?;
         let init_sha = sha256_file(&init)?;
         let mut rebuilt = Vec::new();
-        for mut rec in self.list()? {
-            let (Some(modules), Some(initrd)) = (rec.modules_dir.clone(), rec.initrd.clone())
-            else {
-                continue;
-            };
-            let check = modules::needs_initramfs(&modules)?;
-            let order = &check.resolution.load_order;
-            if rec.initrd_inputs.as_deref() == Some(initrd_inputs(&init_sha, order).as_str()) {
+        for rec in self.list()? {
+            if rec.modules_dir.is_none() || rec.initrd.is_none() {
                 continue;
             }
-            let (modules, inputs) = build_initrd(&init, order, &initrd)?;
-            rec.initrd_modules = modules;
-            rec.initrd_inputs = Some(inputs);
-            rewrite_manifest(&rec)?;
-            rebuilt.push(rec.name);
+            // One kernel that cannot be refreshed does not keep the others stale.
+            match refresh_one(rec, &init, &init_sha) {
+                Ok(Some(name)) => rebuilt.push(Ok(name)),
+                Ok(None) => {}
+                Err((name, e)) => rebuilt.push(Err(format!("kernel {name}: {e}"))),
+            }
         }
         Ok(rebuilt)
     }
@@ -465,6 +461,51 @@ fn load_manifest(dir: &Path, bytes: &[u8]) -> Result<KernelRecord> {
     r.initrd = r.initrd.map(|p| dir.join(p));
     r.modules_dir = r.modules_dir.map(|p| dir.join(p));
     Ok(r)
+}
+
+/// Rebuilds `rec`'s initramfs if its inputs changed (the name when it did). A temporary file a
+/// crash left from an earlier build (initramfs::build writes `.tmp*` next to its output) goes
+/// first.
+fn refresh_one(
+    mut rec: KernelRecord,
+    init: &Path,
+    init_sha: &str,
+) -> std::result::Result<Option<String>, (String, KernelError)> {
+    let (Some(modules), Some(initrd)) = (rec.modules_dir.clone(), rec.initrd.clone()) else {
+        return Ok(None);
+    };
+    let mut run = || -> Result<bool> {
+        remove_leftover_temps(rec.dir());
+        let check = modules::needs_initramfs(&modules)?;
+        let order = &check.resolution.load_order;
+        if rec.initrd_inputs.as_deref() == Some(initrd_inputs(init_sha, order).as_str()) {
+            return Ok(false);
+        }
+        let (names, inputs) = build_initrd(init, order, &initrd)?;
+        rec.initrd_modules = names;
+        rec.initrd_inputs = Some(inputs);
+        rewrite_manifest(&rec)?;
+        Ok(true)
+    };
+    match run() {
+        Ok(true) => Ok(Some(rec.name)),
+        Ok(false) => Ok(None),
+        Err(e) => Err((rec.name, e)),
+    }
+}
+
+/// Removes `.tmp*` files (an interrupted atomic write's) from a kernel's directory.
+fn remove_leftover_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let leftover = e.file_name().to_string_lossy().starts_with(".tmp")
+            && e.file_type().is_ok_and(|t| t.is_file());
+        if leftover {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Builds the initramfs `out` from wick-init `init` and the modules in `load_order`; returns

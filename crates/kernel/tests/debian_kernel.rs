@@ -148,7 +148,10 @@ fn out_of_date_initramfs_is_rebuilt_once() {
         serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     json.as_object_mut().unwrap().remove("initrd_inputs");
     std::fs::write(&manifest, serde_json::to_vec(&json).unwrap()).unwrap();
-    assert_eq!(store.refresh_initramfs().unwrap(), ["debian-cloud"]);
+    assert_eq!(
+        store.refresh_initramfs().unwrap(),
+        [Ok("debian-cloud".to_string())]
+    );
     assert!(
         store.refresh_initramfs().unwrap().is_empty(),
         "rebuilt only once"
@@ -162,7 +165,10 @@ fn out_of_date_initramfs_is_rebuilt_once() {
     let store = KernelStore::new(&store_dir)
         .unwrap()
         .with_init_binary(&other_static);
-    assert_eq!(store.refresh_initramfs().unwrap(), ["debian-cloud"]);
+    assert_eq!(
+        store.refresh_initramfs().unwrap(),
+        [Ok("debian-cloud".to_string())]
+    );
     let gz = std::fs::read(rec.initrd.as_ref().unwrap()).unwrap();
     let mut cpio = Vec::new();
     flate2::read::GzDecoder::new(&gz[..])

@@ -121,8 +121,14 @@ impl Artifacts {
     /// be refreshed fails its own boots with the reason).
     pub fn refresh_initramfs(&self) {
         match self.kernels.refresh_initramfs() {
-            Ok(names) if names.is_empty() => {}
-            Ok(names) => tracing::info!(kernels = ?names, "rebuilt out-of-date initramfs"),
+            Ok(results) => {
+                for r in results {
+                    match r {
+                        Ok(name) => tracing::info!(kernel = %name, "rebuilt out-of-date initramfs"),
+                        Err(why) => tracing::warn!("could not refresh an initramfs: {why}"),
+                    }
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "could not check the kernels' initramfs"),
         }
     }
