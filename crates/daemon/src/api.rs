@@ -23,7 +23,8 @@ use utoipa::{IntoParams, OpenApi};
 use wick_model::api::*;
 use wick_model::vm::LifecycleOp;
 use wick_model::{
-    PoolSlot, PortMapping, Sidecar, VmRecord, VmRuntime, VmSpec, VmState, VmmHandle, WorkspaceInfo,
+    PoolSlot, PortMapping, RestoreFrom, Sidecar, VmRecord, VmRuntime, VmSpec, VmState, VmmHandle,
+    WorkspaceInfo,
 };
 
 use crate::daemon::{Caller, Daemon};
@@ -711,6 +712,7 @@ impl utoipa::Modify for InternalErrors {
         VmRecord,
         VmSpec,
         VmRuntime,
+        RestoreFrom,
         PoolSlot,
         VmState,
         VmmHandle,

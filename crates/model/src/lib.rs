@@ -16,6 +16,6 @@ pub use paths::Paths;
 pub use size::{parse_size_mib, SizeError};
 pub use snapshot::{SnapshotRecord, SnapshotState};
 pub use vm::{
-    new_vm_id, Grant, ImageConfig, InitMode, PoolSlot, PortMapping, Sidecar, VmRecord, VmRuntime,
-    VmSpec, VmState, VmmHandle, VmmJail, WorkspaceInfo,
+    new_vm_id, Grant, ImageConfig, InitMode, PoolSlot, PortMapping, RestoreFrom, Sidecar, VmRecord,
+    VmRuntime, VmSpec, VmState, VmmHandle, VmmJail, WorkspaceInfo,
 };

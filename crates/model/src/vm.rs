@@ -345,6 +345,28 @@ pub struct VmRuntime {
     /// Set while the VM belongs to wickd's warm pool (`[pool]`), or is being handed out of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolSlot>,
+    /// Set while the VM's next start loads a saved state instead of booting (a restore from a
+    /// snapshot, a fork, or the VM's own suspend image). Recorded before the files it names
+    /// exist; the start that loads them clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreFrom>,
+}
+
+/// A saved state a start loads instead of booting ([`VmRuntime::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RestoreFrom {
+    /// The state files, in the order `Vmm::save_state` returned them, inside the VM dir and
+    /// readable by the VMM's uid (hard links of a snapshot's root-owned, read-only files, or the
+    /// VM's own suspend image). The VMM never gets write access to a snapshot's files.
+    #[schema(value_type = Vec<String>)]
+    pub files: Vec<PathBuf>,
+    /// The snapshot restored from; `None` for the VM's own suspend image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+    /// After loading, the guest gets this VM's identity (MAC, IP, hostname, machine-id, SSH
+    /// host keys, a reseeded RNG) — a restore or fork; `false` keeps the guest's own (suspend),
+    /// where only the clock is stepped and the RNG reseeded.
+    pub new_identity: bool,
 }
 
 /// Where a warm-pool VM is: booting for the pool, ready to be taken, or taken and being given

@@ -189,6 +189,38 @@ pub trait Vmm: Send + Sync {
         )))
     }
 
+    /// Like [`Vmm::spawn`], but the VMM waits to load a saved state instead of booting (QEMU
+    /// `-incoming defer`; Firecracker: its API up, nothing configured). Then [`Vmm::load_state`]
+    /// and [`Vmm::resume`].
+    async fn spawn_restore(
+        &self,
+        _handle: &VmmHandle,
+        _cfg: &VmmConfig,
+        _timeout: Duration,
+    ) -> Result<Spawned, VmmError> {
+        Err(VmmError::Other(format!(
+            "the {} driver cannot restore a saved VM state",
+            self.name()
+        )))
+    }
+
+    /// Loads the state [`Vmm::save_state`] wrote (the same files, in the same order, now at
+    /// `files`: inside the VM dir and readable, never writable, by the VMM's uid) into a VMM
+    /// started by [`Vmm::spawn_restore`], attached to `cfg`'s disks, TAP and sockets (not the
+    /// source's). The guest stays paused until [`Vmm::resume`].
+    async fn load_state(
+        &self,
+        _handle: &VmmHandle,
+        _cfg: &VmmConfig,
+        _files: &[PathBuf],
+        _timeout: Duration,
+    ) -> Result<(), VmmError> {
+        Err(VmmError::Other(format!(
+            "the {} driver cannot restore a saved VM state",
+            self.name()
+        )))
+    }
+
     /// Cheap check before a start: is the VMM usable at all (binary present, …)? The error
     /// says what to install or configure.
     fn preflight(&self) -> Result<(), VmmError> {
