@@ -405,7 +405,7 @@ async fn handshake(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
         port,
         detail,
     };
-    let mut s = UnixStream::connect(uds)
+    let mut s = crate::uds::connect_nofollow(uds)
         .await
         .map_err(|e| err(format!("cannot connect to the vsock socket: {e}")))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())

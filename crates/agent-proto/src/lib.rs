@@ -79,6 +79,7 @@ mod relay;
 pub mod tarfs;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod uds;
 
 pub use client::{
     AgentChannel, AgentClient, AgentStream, BoxAgentStream, ConnectFuture, Connector, ExecControl,

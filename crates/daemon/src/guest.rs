@@ -23,7 +23,7 @@ pub async fn hybrid_connect(
     timeout: Duration,
 ) -> Result<UnixStream> {
     let fut = async {
-        let mut s = UnixStream::connect(vsock).await?;
+        let mut s = wick_agent_proto::uds::connect_nofollow(vsock).await?;
         s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
         // Read the reply byte by byte: nothing after the newline may be consumed.
         let mut line = Vec::new();

@@ -350,3 +350,43 @@ fn doctor_warns_that_tcg_is_not_a_security_boundary() {
         .unwrap_or_else(|| panic!("no contain check: {rep}"));
     assert_eq!(c["status"], "pass", "{c}");
 }
+
+/// A VMM that escaped its guest owns its VM dir: it can put a symlink to another VM's socket in
+/// place of its own. wickd connects to VM sockets without following a link, so it never drives
+/// (or opens the agent of) the other VM through such a link.
+#[test]
+fn a_vmm_cannot_point_wickd_at_another_vms_sockets() {
+    if !root("a_vmm_cannot_point_wickd_at_another_vms_sockets") {
+        return;
+    }
+    let mut env =
+        WickdEnv::new_with_image_extra(wick_testkit::wickd::FAKE_AGENT_CONFIG, "agent = true");
+    env.env.push((
+        "FAKE_FC_AGENT_BIN".into(),
+        wick_testkit::cargo_bin("wick-agent").display().to_string(),
+    ));
+    env.start();
+    env.wick_ok(&["vm", "create", "--name", "evil"]);
+    env.wick_ok(&["vm", "create", "--name", "other"]);
+    let (evil, other) = (vm(&env, "evil"), vm(&env, "other"));
+    for key in ["vsock_socket", "api_socket"] {
+        let mine = PathBuf::from(evil["runtime"]["vmm"][key].as_str().unwrap());
+        let theirs = PathBuf::from(other["runtime"]["vmm"][key].as_str().unwrap());
+        std::fs::rename(&mine, mine.with_extension("moved")).unwrap();
+        std::os::unix::fs::symlink(&theirs, &mine).unwrap();
+    }
+    let out = env.wick(&["vm", "exec", "evil", "--", "echo", "reached"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success() && !text.contains("reached"), "{text}");
+    assert!(text.contains("not a socket"), "{text}");
+    let out = env.wick(&["vm", "pause", "evil"]);
+    assert!(!out.status.success(), "pause went through the link");
+    assert_eq!(vm(&env, "other")["state"], "running");
+    let out = env.wick(&["vm", "exec", "other", "--", "echo", "alive"]);
+    assert!(out.status.success(), "{out:?}");
+    env.wick_ok(&["vm", "delete", "evil", "other"]);
+}

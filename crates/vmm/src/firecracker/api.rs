@@ -8,7 +8,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::net::UnixStream;
 
 use crate::VmmError;
 
@@ -26,12 +25,14 @@ pub(crate) async fn call(
         message,
     };
 
-    let stream = UnixStream::connect(socket).await.map_err(|e| {
-        api_err(format!(
-            "cannot connect to the API socket {}: {e}",
-            socket.display()
-        ))
-    })?;
+    let stream = wick_agent_proto::uds::connect_nofollow(socket)
+        .await
+        .map_err(|e| {
+            api_err(format!(
+                "cannot connect to the API socket {}: {e}",
+                socket.display()
+            ))
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| api_err(format!("HTTP handshake failed: {e}")))?;

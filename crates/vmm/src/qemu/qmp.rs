@@ -10,7 +10,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
 
 use crate::VmmError;
 
@@ -39,12 +38,14 @@ impl Qmp {
     /// `timeout`.
     pub async fn connect(socket: &Path, timeout: Duration) -> Result<Qmp, VmmError> {
         let fut = async {
-            let stream = UnixStream::connect(socket).await.map_err(|e| {
-                api_err(
-                    "connect",
-                    format!("cannot connect to {}: {e}", socket.display()),
-                )
-            })?;
+            let stream = wick_agent_proto::uds::connect_nofollow(socket)
+                .await
+                .map_err(|e| {
+                    api_err(
+                        "connect",
+                        format!("cannot connect to {}: {e}", socket.display()),
+                    )
+                })?;
             let (r, w) = stream.into_split();
             let mut qmp = Qmp {
                 reader: BufReader::new(r),
