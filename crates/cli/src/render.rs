@@ -73,9 +73,26 @@ pub fn api_error(e: &ApiError) -> String {
     })
 }
 
-/// Pretty JSON plus a newline.
+/// Pretty JSON plus a newline. `serde_json` escapes only C0 controls; DEL, C1 controls and
+/// bidirectional overrides (which other users' and guests' strings may hold) are written as
+/// `\uXXXX` too, so the JSON means the same but a terminal shows no control sequence.
 pub fn json<T: serde::Serialize>(value: &T) -> Result<String> {
-    Ok(serde_json::to_string_pretty(value)? + "\n")
+    let text = serde_json::to_string_pretty(value)?;
+    let unsafe_char = |c: char| matches!(c, '\u{7f}'..='\u{9f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !text.chars().any(unsafe_char) {
+        return Ok(text + "\n");
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            // Outside strings JSON has only ASCII punctuation: every such char is in a string.
+            c if unsafe_char(c) => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Ok(out + "\n")
 }
 
 /// `spec: 2 vcpu · 1024 MiB · 8G disk`.
@@ -778,5 +795,19 @@ pub(crate) mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         toml_part.parse::<toml::Table>().unwrap();
+    }
+
+    #[test]
+    fn json_escapes_what_a_terminal_would_act_on() {
+        let v = serde_json::json!({"step": "a\u{9b}31m\u{202e}b\u{7f}\u{1b}"});
+        let text = json(&v).unwrap();
+        assert!(
+            text.chars().all(|c| c == '\n' || !c.is_control()),
+            "{text:?}"
+        );
+        assert!(!text.contains('\u{202e}'));
+        assert!(text.contains("\\u009b") && text.contains("\\u202e") && text.contains("\\u007f"));
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, v, "the same JSON value");
     }
 }
