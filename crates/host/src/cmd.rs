@@ -22,6 +22,8 @@ pub struct Cmd {
     stdin: Option<String>,
     dir: Option<PathBuf>,
     umask: Option<u32>,
+    user: Option<(u32, u32)>,
+    stdin_file: Option<PathBuf>,
 }
 
 impl Cmd {
@@ -74,6 +76,26 @@ impl Cmd {
         self
     }
 
+    /// Runs the program as `uid:gid` with no supplementary groups (from root: no capabilities
+    /// either), for tools that read data an attacker wrote (see [`run_on_untrusted_image`]).
+    pub fn as_user(mut self, uid: u32, gid: u32) -> Self {
+        self.user = Some((uid, gid));
+        self
+    }
+
+    /// Opens `path` read-write as the caller (never through a symlink) and gives it to the
+    /// program as its stdin, so a program running [`Cmd::as_user`] reaches a file it could not
+    /// reach by its path (the program names it `/proc/self/fd/0`).
+    pub fn stdin_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.stdin_file = Some(path.into());
+        self
+    }
+
+    /// The user the program runs as, if not the caller.
+    pub fn user(&self) -> Option<(u32, u32)> {
+        self.user
+    }
+
     /// The program.
     pub fn program(&self) -> &str {
         &self.program
@@ -106,6 +128,12 @@ impl Cmd {
                 s.push_str(a);
             }
         }
+        if let Some(f) = &self.stdin_file {
+            s.push_str(&format!(" < {}", f.display()));
+        }
+        if let Some((uid, gid)) = self.user {
+            s.push_str(&format!(" (as {uid}:{gid})"));
+        }
         s
     }
 
@@ -122,6 +150,11 @@ impl Cmd {
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(dir) = &self.dir {
             cmd.current_dir(dir);
+        }
+        if let Some((uid, gid)) = self.user {
+            use std::os::unix::process::CommandExt;
+            // std drops the supplementary groups too when it changes the uid from root.
+            cmd.uid(uid).gid(gid);
         }
         if let Some(mask) = self.umask {
             use std::os::unix::process::CommandExt;
@@ -284,6 +317,60 @@ impl Tail {
     }
 }
 
+/// [`Cmd::stdin_file`]: the file, opened read-write without following a link.
+fn open_stdin_file(path: &std::path::Path) -> std::io::Result<Stdio> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    Ok(Stdio::from(f))
+}
+
+/// How a tool running [`Cmd::as_user`] names the file it got through [`Cmd::stdin_file`].
+pub const STDIN_PATH: &str = "/proc/self/fd/0";
+
+/// Runs `cmd` (a filesystem tool whose image argument is [`STDIN_PATH`]) on `img`, a
+/// filesystem image a guest wrote, as the unprivileged `nobody`: a tool bug a crafted
+/// filesystem triggers runs without root. For the run, `img` belongs to `nobody` (the tool
+/// reopens it through `/proc/self/fd/0`, which checks the file's own permissions; its directory
+/// stays closed to `nobody`), then gets its owner back, also when the tool fails.
+pub fn run_on_untrusted_image(
+    r: &dyn Runner,
+    img: &std::path::Path,
+    cmd: Cmd,
+) -> Result<Output, CmdError> {
+    use std::os::unix::fs::MetadataExt;
+    let spawn_err = |source: std::io::Error| CmdError::Spawn {
+        program: cmd.program.clone(),
+        command: cmd.line(),
+        source,
+    };
+    let meta = std::fs::symlink_metadata(img).map_err(spawn_err)?;
+    if !meta.is_file() {
+        return Err(spawn_err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            img.display()
+        ))));
+    }
+    let (uid, gid) = nobody();
+    std::os::unix::fs::lchown(img, Some(uid), Some(gid)).map_err(spawn_err)?;
+    let out = r.run(&cmd.clone().as_user(uid, gid).stdin_file(img));
+    let back = std::os::unix::fs::lchown(img, Some(meta.uid()), Some(meta.gid()));
+    let out = out?;
+    back.map_err(spawn_err)?;
+    Ok(out)
+}
+
+/// The `nobody` user's uid and gid (65534 where the user database has none).
+fn nobody() -> (u32, u32) {
+    match nix::unistd::User::from_name("nobody") {
+        Ok(Some(u)) => (u.uid.as_raw(), u.gid.as_raw()),
+        _ => (65534, 65534),
+    }
+}
+
 /// The real runner: `std::process::Command`, optionally inside a named network namespace
 /// (`ip netns exec NS program args...`), which is how the tests keep the host untouched.
 #[derive(Debug, Clone, Default)]
@@ -326,10 +413,10 @@ impl Runner for SystemRunner {
     fn run(&self, cmd: &Cmd) -> Result<Output, CmdError> {
         let mut command = cmd.command(self.netns.as_deref());
         command
-            .stdin(if cmd.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
+            .stdin(match (&cmd.stdin, &cmd.stdin_file) {
+                (Some(_), _) => Stdio::piped(),
+                (None, Some(f)) => open_stdin_file(f).map_err(|e| self.spawn_error(cmd, e))?,
+                (None, None) => Stdio::null(),
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -360,7 +447,10 @@ impl Runner for SystemRunner {
     fn run_lines(&self, cmd: &Cmd, on_line: &mut dyn FnMut(&str)) -> Result<(), CmdError> {
         let mut command = cmd.command(self.netns.as_deref());
         command
-            .stdin(Stdio::null())
+            .stdin(match &cmd.stdin_file {
+                Some(f) => open_stdin_file(f).map_err(|e| self.spawn_error(cmd, e))?,
+                None => Stdio::null(),
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command.spawn().map_err(|e| self.spawn_error(cmd, e))?;
@@ -400,6 +490,46 @@ impl Runner for SystemRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn untrusted_images_are_worked_on_as_nobody_through_stdin_only() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP untrusted_images_are_worked_on_as_nobody: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let img = dir.path().join("disk.img");
+        std::fs::write(&img, b"hello").unwrap();
+        let by_path = format!("cat {} 2>/dev/null || echo refused", img.display());
+        let script = format!("id -u; head -c 5 {STDIN_PATH}; echo; {by_path}; echo fixed >&0");
+        let out = run_on_untrusted_image(
+            &SystemRunner::new(),
+            &img,
+            Cmd::new("sh").args(["-c", &script]),
+        )
+        .unwrap();
+        let text = out.stdout_text();
+        let mut lines = text.lines();
+        assert_eq!(
+            lines.next(),
+            Some(nobody().0.to_string().as_str()),
+            "{text}"
+        );
+        assert_eq!(
+            lines.next(),
+            Some("hello"),
+            "reads through its stdin: {text}"
+        );
+        assert_eq!(lines.next(), Some("refused"), "not by its path: {text}");
+        let m = std::fs::metadata(&img).unwrap();
+        assert_eq!((m.uid(), m.gid()), (0, 0), "the owner is back");
+        assert_eq!(std::fs::read(&img).unwrap(), b"fixed\n", "and may write it");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&img, &link).unwrap();
+        assert!(run_on_untrusted_image(&SystemRunner::new(), &link, Cmd::new("true")).is_err());
+    }
 
     #[test]
     fn renders_and_runs() {

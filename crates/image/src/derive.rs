@@ -6,6 +6,8 @@
 
 use std::path::Path;
 
+use wick_host::cmd::SystemRunner;
+
 use crate::error::{ImageError, Result};
 use crate::record::{ImageRecord, ImageSource};
 use crate::store::{CommitExtra, ImageStore};
@@ -102,7 +104,12 @@ impl ImageStore {
 /// fixed; anything else is a disk not fit to be an image.
 fn fsck_fix(img: &Path) -> Result<()> {
     let e2fsck = util::require("e2fsck", util::E2FS_HINT)?;
-    let out = util::output(&util::tool(&e2fsck).arg("-fy").arg(util::arg(img)))?;
+    // The filesystem is the guest's: e2fsck runs as `nobody`, on the file as its stdin.
+    let cmd = util::tool(&e2fsck)
+        .arg("-fy")
+        .arg(wick_host::cmd::STDIN_PATH);
+    let out = wick_host::cmd::run_on_untrusted_image(&SystemRunner::new(), img, cmd)
+        .map_err(util::command_error)?;
     match out.status.code() {
         Some(0..=2) => Ok(()),
         _ => Err(ImageError::Invalid(format!(

@@ -54,7 +54,7 @@ pub(crate) fn run_quiet(cmd: &Cmd) -> Result<()> {
     run(cmd, &mut |_| {})
 }
 
-fn command_error(e: CmdError) -> ImageError {
+pub(crate) fn command_error(e: CmdError) -> ImageError {
     match e {
         CmdError::Spawn {
             command, source, ..

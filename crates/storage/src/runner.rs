@@ -19,28 +19,47 @@ fn storage_cmd(program: &str, args: &[&str]) -> Cmd {
 pub(crate) fn run(runner: &dyn Runner, program: &str, args: &[&str]) -> Result<Output> {
     runner
         .run(&storage_cmd(program, args))
-        .map_err(|e| match e {
-            CmdError::Spawn {
-                program,
-                command,
-                source,
-            } => StorageError::Spawn {
-                hint: spawn_hint(&program),
-                command,
-                source,
-            },
-            CmdError::Failed {
-                command,
-                status,
-                stderr,
-                ..
-            } => StorageError::Command {
-                command,
-                status,
-                stderr,
-                hint: None,
-            },
-        })
+        .map_err(storage_error)
+}
+
+/// [`run`] of a filesystem tool on `img`, a filesystem a guest wrote: as `nobody`, the image
+/// reached only through its stdin (`args` name it [`STDIN_PATH`]; see
+/// [`wick_host::cmd::run_on_untrusted_image`]).
+pub(crate) fn run_on_image(
+    runner: &dyn Runner,
+    img: &std::path::Path,
+    program: &str,
+    args: &[&str],
+) -> Result<Output> {
+    wick_host::cmd::run_on_untrusted_image(runner, img, storage_cmd(program, args))
+        .map_err(storage_error)
+}
+
+pub(crate) use wick_host::cmd::STDIN_PATH;
+
+fn storage_error(e: CmdError) -> StorageError {
+    match e {
+        CmdError::Spawn {
+            program,
+            command,
+            source,
+        } => StorageError::Spawn {
+            hint: spawn_hint(&program),
+            command,
+            source,
+        },
+        CmdError::Failed {
+            command,
+            status,
+            stderr,
+            ..
+        } => StorageError::Command {
+            command,
+            status,
+            stderr,
+            hint: None,
+        },
+    }
 }
 
 /// Runs the command; its stdout on success, else a [`StorageError::Command`] naming the command,

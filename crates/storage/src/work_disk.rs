@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::error::{Result, StorageError};
 use crate::file::{clone_file, remove_if_exists};
-use crate::runner::{command_error, run, run_ok, Runner, SystemRunner};
+use crate::runner::{command_error, run_ok, run_on_image, Runner, SystemRunner, STDIN_PATH};
 
 /// Filesystem label of every work disk.
 pub const LABEL: &str = "work";
@@ -127,9 +127,11 @@ fn resize_to(r: &dyn Runner, path: &Path, size: u64, old: u64) -> Result<()> {
     res
 }
 
+/// `resize2fs`, and `e2fsck -fp` first when it asks for it: the filesystem is the guest's, so
+/// both run as `nobody` on the file given as their stdin (`run_on_image`).
 fn resize2fs(r: &dyn Runner, path: &Path) -> Result<()> {
     let p = p(path);
-    let out = run(r, "resize2fs", &[&p])?;
+    let out = run_on_image(r, path, "resize2fs", &[STDIN_PATH])?;
     if out.status.success() {
         return Ok(());
     }
@@ -139,7 +141,7 @@ fn resize2fs(r: &dyn Runner, path: &Path) -> Result<()> {
         return Err(command_error("resize2fs", &[&p], &out, None));
     }
     // Exit codes 1 and 2 mean "errors corrected"; 4 and up mean it could not.
-    let fsck = run(r, "e2fsck", &["-fp", &p])?;
+    let fsck = run_on_image(r, path, "e2fsck", &["-fp", STDIN_PATH])?;
     if !matches!(fsck.status.code(), Some(0..=3)) {
         return Err(command_error(
             "e2fsck",
@@ -150,7 +152,11 @@ fn resize2fs(r: &dyn Runner, path: &Path) -> Result<()> {
             )),
         ));
     }
-    run_ok(r, "resize2fs", &[&p]).map(|_| ())
+    let out = run_on_image(r, path, "resize2fs", &[STDIN_PATH])?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(command_error("resize2fs", &[&p], &out, None)),
+    }
 }
 
 fn p(path: &Path) -> String {
