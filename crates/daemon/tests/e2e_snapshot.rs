@@ -13,28 +13,7 @@ use wick_testkit::guest::guest_assets;
 use wick_testkit::wickd::WickdEnv;
 
 mod real_guest;
-use real_guest::{config, counter, exec};
-
-/// The counter moves on within `within` (its file may not exist yet when the counter has
-/// only just been started).
-fn counts_on(env: &WickdEnv, name: &str, from: u64, within: Duration) -> u64 {
-    let end = Instant::now() + within;
-    loop {
-        let (code, out) = exec(env, name, &["cat", "/root/c"]);
-        let now = match code {
-            0 => out.trim().parse::<u64>().ok(),
-            _ => None,
-        };
-        if let Some(now) = now.filter(|n| *n > from) {
-            return now;
-        }
-        assert!(
-            Instant::now() < end,
-            "the counter stayed at {now:?} (from {from}): {out}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
+use real_guest::{config, counter, counts_on, exec, COUNTER};
 
 #[test]
 fn snapshot_of_a_real_guest_freezes_saves_and_runs_on() {
@@ -53,15 +32,7 @@ fn snapshot_of_a_real_guest_freezes_saves_and_runs_on() {
 
     let (code, out) = exec(&env, "s-src", &["sh", "-c", "echo kept > /root/f"]);
     assert_eq!(code, 0, "{out}");
-    let (code, out) = exec(
-        &env,
-        "s-src",
-        &[
-            "sh",
-            "-c",
-            "setsid sh -c 'i=0; while :; do echo $i > /root/c; i=$((i+1)); sleep 0.2; done' </dev/null >/dev/null 2>&1 &",
-        ],
-    );
+    let (code, out) = exec(&env, "s-src", &["sh", "-c", COUNTER]);
     assert_eq!(code, 0, "{out}");
     let c0 = counts_on(&env, "s-src", 0, Duration::from_secs(30));
 
