@@ -81,9 +81,12 @@ fn identity(env: &WickdEnv, name: &str) -> Identity {
     }
 }
 
+/// One field of an [`Identity`], by name.
+type Field = (&'static str, fn(&Identity) -> String);
+
 /// Every field differs between every two of `ids`.
 fn all_differ(ids: &[Identity]) {
-    let fields: [(&str, fn(&Identity) -> String); 8] = [
+    let fields: [Field; 8] = [
         ("hostname", |i| i.hostname.clone()),
         ("ip", |i| i.ip.clone()),
         ("mac", |i| i.mac.clone()),
