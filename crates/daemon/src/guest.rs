@@ -170,6 +170,7 @@ impl Daemon {
             files,
             regenerate_host_keys: false,
             host_keys: None,
+            restored: None,
         };
         (cfg, refused)
     }
