@@ -380,6 +380,78 @@ mod tests {
         assert!(ack_errno(&r).is_err());
     }
 
+    /// `ip ARGS` in the calling thread's network namespace: (success, stdout).
+    fn ip(args: &[&str]) -> (bool, String) {
+        let o = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    }
+
+    #[test]
+    fn a_restored_interface_gets_its_mac_and_only_its_new_address() {
+        if !nix::unistd::geteuid().is_root() {
+            return wick_testkit::skip("not root: no private network namespace for rtnetlink");
+        }
+        // A thread of its own in a new network namespace (gone with the thread), with a veth
+        // pair standing in for the guest's NIC.
+        let t = std::thread::spawn(|| {
+            // SAFETY: unshare only changes this thread's namespaces.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!("unshare: {}", io::Error::last_os_error()));
+            }
+            if !ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]).0 {
+                return Err("cannot make a veth pair".into());
+            }
+            // What a restored guest holds: its source's addresses and neighbours.
+            for args in [
+                &["addr", "add", "10.9.0.5/24", "dev", "v0"][..],
+                &["addr", "add", "10.8.0.5/16", "dev", "v0"],
+                &["link", "set", "v0", "up"],
+                &[
+                    "neigh",
+                    "add",
+                    "10.9.0.9",
+                    "lladdr",
+                    "02:00:00:00:00:09",
+                    "dev",
+                    "v0",
+                ],
+            ] {
+                assert!(ip(args).0, "ip {args:?}");
+            }
+            set_mac("v0", &[6, 0, 10, 9, 0, 7]).unwrap();
+            configure("v0", "10.9.0.7/24", None, true).unwrap();
+            let addrs = ip(&["-o", "-4", "addr", "show", "dev", "v0"]).1;
+            let link = ip(&["-o", "link", "show", "dev", "v0"]).1;
+            let neigh = ip(&["neigh", "show", "dev", "v0"]).1;
+            // Without a flush the address is replaced, the others kept.
+            configure("v0", "10.9.0.8/24", None, false).unwrap();
+            let kept = ip(&["-o", "-4", "addr", "show", "dev", "v0"]).1;
+            Ok((addrs, link, neigh, kept))
+        });
+        let (addrs, link, neigh, kept) = match t.join().unwrap() {
+            Ok(r) => r,
+            Err(why) => return wick_testkit::skip(format_args!("{why}")),
+        };
+        let inet: Vec<&str> = addrs
+            .split_whitespace()
+            .filter(|w| w.contains('/'))
+            .collect();
+        assert_eq!(inet, ["10.9.0.7/24"], "{addrs}");
+        assert!(link.contains("link/ether 06:00:0a:09:00:07"), "{link}");
+        assert!(link.contains(",UP"), "{link}");
+        assert!(!neigh.contains("10.9.0.9"), "{neigh}");
+        assert!(
+            kept.contains("10.9.0.7/24") && kept.contains("10.9.0.8/24"),
+            "{kept}"
+        );
+    }
+
     #[test]
     fn cidrs() {
         assert_eq!(
