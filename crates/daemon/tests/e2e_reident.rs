@@ -45,6 +45,25 @@ fn key_blob(line: &str) -> &str {
     line.split_whitespace().nth(1).unwrap_or("")
 }
 
+/// Waits (up to a minute) until the guest's sshd serves the ed25519 key `public` on port 22.
+fn wait_served(env: &WickdEnv, name: &str, public: &str) {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, out) = exec(
+            env,
+            name,
+            &["sh", "-c", "ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null"],
+        );
+        // `ssh-keyscan` prints `HOST TYPE KEY`.
+        let served = |l: &str| l.split_whitespace().nth(2) == Some(key_blob(public));
+        if !key_blob(public).is_empty() && out.lines().any(served) {
+            return;
+        }
+        assert!(Instant::now() < end, "sshd does not serve {public}: {out}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 #[test]
 fn a_restored_guest_takes_its_new_identity() {
     let assets = match guest_assets() {
@@ -68,6 +87,15 @@ fn a_restored_guest_takes_its_new_identity() {
     let mut octets: [u8; 4] = old_ip.parse::<std::net::Ipv4Addr>().unwrap().octets();
     octets[3] = if octets[3] == 250 { 251 } else { 250 };
     let new_ip = std::net::Ipv4Addr::from(octets);
+    // A running sshd serves the key wickd pinned at create (so the restart below is real).
+    let keyscan = exec(&env, "ri", &["sh", "-c", "command -v ssh-keyscan"]).0 == 0;
+    if keyscan {
+        let vm = env.wick_json(&["vm", "show", "ri"]);
+        let pinned = vm["runtime"]["host_keys"][0].as_str().unwrap_or_default();
+        wait_served(&env, "ri", pinned);
+    } else {
+        wick_testkit::skip("no ssh-keyscan in the guest: the served host key is not checked");
+    }
     // A restored guest's clock is wherever its snapshot left it: an hour behind, here.
     sh(&env, "ri", "date -s @$(( $(date +%s) - 3600 )) >/dev/null");
 
@@ -139,29 +167,8 @@ fn a_restored_guest_takes_its_new_identity() {
     assert_ne!(new_random, old_random);
 
     // sshd was restarted on the new key: what it serves on port 22 is the key sent.
-    let (code, _) = exec(&env, "ri", &["sh", "-c", "command -v ssh-keyscan"]);
-    if code != 0 {
-        wick_testkit::skip("no ssh-keyscan in the guest: the served host key is not checked");
-    } else {
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (_, out) = exec(
-                &env,
-                "ri",
-                &["sh", "-c", "ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null"],
-            );
-            // `ssh-keyscan` prints `HOST TYPE KEY`.
-            let served = |l: &str| l.split_whitespace().nth(2) == Some(key_blob(&key.public));
-            if out.lines().any(served) {
-                break;
-            }
-            assert!(
-                Instant::now() < end,
-                "sshd still serves another key: {out} (want {})",
-                key.public
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+    if keyscan {
+        wait_served(&env, "ri", &key.public);
     }
     eprintln!(
         "e2e reident (TCG, debug build): Configure with `restored` applied in {:.2}s",
