@@ -101,6 +101,102 @@ pub struct Configure {
     /// the guest's current keys and starts sshd if it is not running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_keys: Option<Vec<HostKey>>,
+    /// Set after a restore (snapshot restore, fork, a suspended VM coming back): applied before
+    /// every other step. An agent from before this field ignores it and replies
+    /// `restored == false`, which wickd refuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<Restored>,
+}
+
+/// What a restored guest must not keep from the state it was restored from. `Debug` never
+/// shows the entropy.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Restored {
+    /// A new `/etc/machine-id` (32 lowercase hex digits); `None` keeps the guest's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
+    /// Bytes from the host's OS RNG (at least [`RESTORED_MIN_ENTROPY`]), mixed into the guest
+    /// kernel's pool (credited) before a forced CRNG reseed.
+    #[serde(with = "base64")]
+    pub entropy: Vec<u8>,
+    /// The host's wall clock when sent (ns since the Unix epoch): `CLOCK_REALTIME` is stepped
+    /// to it.
+    pub unix_time_ns: u64,
+    /// The NIC's new MAC address (`aa:bb:cc:dd:ee:ff`); `None` keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// The least entropy a [`Restored`] carries, in bytes (the kernel's CRNG key is 32 bytes).
+pub const RESTORED_MIN_ENTROPY: usize = 32;
+
+/// At most this much entropy per [`Restored`] (the kernel takes at most a page per ioctl).
+pub const RESTORED_MAX_ENTROPY: usize = 4096;
+
+impl std::fmt::Debug for Restored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Restored")
+            .field("machine_id", &self.machine_id)
+            .field("entropy", &format_args!("<{} bytes>", self.entropy.len()))
+            .field("unix_time_ns", &self.unix_time_ns)
+            .field("mac", &self.mac)
+            .finish()
+    }
+}
+
+impl Restored {
+    /// Checks every field; the error names the field and what is wrong with it.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(id) = &self.machine_id {
+            let hex = id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            if id.len() != 32 || !hex || id.bytes().all(|b| b == b'0') {
+                return Err(format!(
+                    "restored: invalid machine-id {id:?} (expected 32 lowercase hex digits, \
+                     not all zero)"
+                ));
+            }
+        }
+        let n = self.entropy.len();
+        if !(RESTORED_MIN_ENTROPY..=RESTORED_MAX_ENTROPY).contains(&n) {
+            return Err(format!(
+                "restored: {n} bytes of entropy (expected {RESTORED_MIN_ENTROPY} to \
+                 {RESTORED_MAX_ENTROPY})"
+            ));
+        }
+        if self.unix_time_ns == 0 || i64::try_from(self.unix_time_ns).is_err() {
+            return Err(format!(
+                "restored: invalid wall clock {} ns",
+                self.unix_time_ns
+            ));
+        }
+        if let Some(mac) = &self.mac {
+            parse_mac(mac)?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses a unicast Ethernet address `aa:bb:cc:dd:ee:ff` (either case).
+pub fn parse_mac(mac: &str) -> Result<[u8; 6], String> {
+    let bad = |why: &str| format!("restored: invalid MAC address {mac:?} ({why})");
+    let mut out = [0u8; 6];
+    let parts: Vec<&str> = mac.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad("expected six hex pairs separated by ':'"));
+    }
+    for (o, p) in out.iter_mut().zip(parts) {
+        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad("expected six hex pairs separated by ':'"));
+        }
+        *o = u8::from_str_radix(p, 16).map_err(|_| bad("not hex"))?;
+    }
+    if out[0] & 1 == 1 {
+        return Err(bad("a multicast address"));
+    }
+    if out == [0; 6] {
+        return Err(bad("all zero"));
+    }
+    Ok(out)
 }
 
 /// One SSH host key pair in OpenSSH's file formats. `Debug` never shows the private key.
@@ -152,6 +248,10 @@ pub struct ConfigureReply {
     pub warnings: Vec<String>,
     /// The guest's SSH host public keys (`/etc/ssh/ssh_host_*_key.pub`), for known_hosts.
     pub host_keys: Vec<String>,
+    /// The agent applied `Configure::restored` (steps that need a live guest are skipped with a
+    /// warning under a test root). `false` from an agent before the field.
+    #[serde(default)]
+    pub restored: bool,
 }
 
 /// Terminal size for a PTY exec, and the payload of `Resize` frames.
@@ -397,5 +497,90 @@ mod tests {
             !dbg.contains("secret") && dbg.contains("<redacted>"),
             "{dbg}"
         );
+    }
+
+    fn restored() -> Restored {
+        Restored {
+            machine_id: Some("0123456789abcdef0123456789abcdef".into()),
+            entropy: (0..64).collect(),
+            unix_time_ns: 1_780_000_000_000_000_000,
+            mac: Some("06:00:AC:1E:00:07".into()),
+        }
+    }
+
+    #[test]
+    fn restored_round_trips_and_old_messages_parse() {
+        let c = Configure {
+            restored: Some(restored()),
+            ..Default::default()
+        };
+        let j = serde_json::to_string(&c).unwrap();
+        let back: Configure = serde_json::from_str(&j).unwrap();
+        assert_eq!(back.restored, Some(restored()));
+        // Not restored: the field is left out, so the message is what older agents know.
+        let plain = serde_json::to_string(&Configure::default()).unwrap();
+        assert!(!plain.contains("restored"), "{plain}");
+        // A Configure from a host before the field parses as not restored ...
+        let old = r#"{"hostname":"a","network":null,"authorized_keys":null,"git_name":null,"git_email":null,"files":[],"regenerate_host_keys":false}"#;
+        let c: Configure = serde_json::from_str(old).unwrap();
+        assert!(c.restored.is_none());
+        // ... and a reply from an agent before it means "not applied".
+        let old = r#"{"changed":[],"warnings":[],"host_keys":["ssh-ed25519 AAAA x"]}"#;
+        let r: ConfigureReply = serde_json::from_str(old).unwrap();
+        assert!(!r.restored);
+        let r = ConfigureReply {
+            restored: true,
+            ..Default::default()
+        };
+        let back: ConfigureReply =
+            serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert!(back.restored);
+        // The entropy is never debug-printed.
+        let dbg = format!("{:?}", restored());
+        assert!(
+            dbg.contains("<64 bytes>") && !dbg.contains("[0, 1, 2"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn restored_is_validated_field_by_field() {
+        assert_eq!(restored().validate(), Ok(()));
+        let check = |f: &dyn Fn(&mut Restored), want: &str| {
+            let mut r = restored();
+            f(&mut r);
+            let e = r.validate().unwrap_err();
+            assert!(e.contains(want), "{e} (want {want})");
+        };
+        check(&|r| r.machine_id = Some("0123".into()), "machine-id");
+        check(
+            &|r| r.machine_id = Some("0123456789ABCDEF0123456789ABCDEF".into()),
+            "machine-id",
+        );
+        check(&|r| r.machine_id = Some("0".repeat(32)), "machine-id");
+        check(&|r| r.entropy = vec![1; 31], "31 bytes of entropy");
+        check(&|r| r.entropy = vec![1; 4097], "4097 bytes of entropy");
+        check(&|r| r.unix_time_ns = 0, "wall clock");
+        check(&|r| r.unix_time_ns = u64::MAX, "wall clock");
+        for bad in [
+            "06:00:ac:1e:00",
+            "06-00-ac-1e-00-07",
+            "06:00:ac:1e:00:zz",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "06:00:ac:1e:00:007",
+        ] {
+            check(&|r| r.mac = Some(bad.into()), "MAC");
+        }
+        assert_eq!(
+            parse_mac("06:00:ac:1E:00:07").unwrap(),
+            [6, 0, 0xac, 0x1e, 0, 7]
+        );
+        let none = Restored {
+            machine_id: None,
+            mac: None,
+            ..restored()
+        };
+        assert_eq!(none.validate(), Ok(()));
     }
 }

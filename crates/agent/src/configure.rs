@@ -1,6 +1,6 @@
 //! `Configure`: hostname, network, resolvers, authorized keys, git identity, synced files and SSH
 //! host keys (`hostkeys`), applied idempotently (unchanged things are left untouched and not
-//! reported).
+//! reported); after a restore, first the new clock, RNG seed, machine-id and MAC (`restored`).
 //!
 //! Files are written below [`Ctx::root`] (`/` in a guest). Changes to the running system —
 //! `sethostname`, `ip` commands, starting sshd — happen only when [`Ctx::live`] is set; tests
@@ -18,6 +18,7 @@ use wick_agent_proto::{Configure, ConfigureReply, NetworkConfig, RemoteError, Re
 use crate::server::Ctx;
 
 mod netlink;
+mod restored;
 
 const KEYS_BEGIN: &str = "# wick: managed keys begin (edit outside this block)";
 const KEYS_END: &str = "# wick: managed keys end";
@@ -32,6 +33,18 @@ pub fn apply(ctx: &Ctx, cfg: &Configure) -> Reply<ConfigureReply> {
             failures.push(format!("{name}: {e}"));
         }
     };
+    if let Some(r) = &cfg.restored {
+        // Before anything else: nothing below may run on the source's clock or RNG state.
+        step("clock", restored::clock(ctx, r.unix_time_ns, &mut out));
+        step("entropy", restored::reseed(ctx, &r.entropy, &mut out));
+        if let Some(id) = &r.machine_id {
+            step("machine-id", restored::machine_id(ctx, id, &mut out));
+        }
+        if let Some(mac) = &r.mac {
+            step("mac", restored::mac(ctx, mac, &mut out));
+        }
+        out.restored = true;
+    }
     // sshd's start is only queued: it comes up while the other steps and the user's work run.
     step(
         "ssh host keys",
@@ -41,7 +54,8 @@ pub fn apply(ctx: &Ctx, cfg: &Configure) -> Reply<ConfigureReply> {
         step("hostname", hostname(ctx, h, &mut out));
     }
     if let Some(net) = &cfg.network {
-        step("network", network(ctx, net, &mut out));
+        let flush_old = cfg.restored.is_some();
+        step("network", network(ctx, net, flush_old, &mut out));
     }
     for f in &cfg.files {
         step(&format!("file {}", f.path), sync_file(ctx, f, &mut out));
@@ -112,6 +126,9 @@ fn validate(cfg: &Configure) -> Result<(), String> {
     }
     if let Some(keys) = &cfg.host_keys {
         crate::hostkeys::validate(keys)?;
+    }
+    if let Some(r) = &cfg.restored {
+        r.validate()?;
     }
     Ok(())
 }
@@ -234,14 +251,19 @@ fn set_hosts_line(hosts: &str, h: &str) -> String {
     out.join("\n") + "\n"
 }
 
-/// The `ip` invocations that configure `iface` (all idempotent).
-fn network_commands(iface: &str, net: &NetworkConfig) -> Vec<Vec<String>> {
+/// The `ip` invocations that configure `iface` (all idempotent). With `flush_old` (a restored
+/// guest, still holding its source's address and neighbours) they first drop those.
+fn network_commands(iface: &str, net: &NetworkConfig, flush_old: bool) -> Vec<Vec<String>> {
     let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let mut cmds = vec![
-        v(&["link", "set", "lo", "up"]),
+    let mut cmds = vec![v(&["link", "set", "lo", "up"])];
+    if flush_old {
+        cmds.push(v(&["addr", "flush", "dev", iface, "scope", "global"]));
+        cmds.push(v(&["neigh", "flush", "dev", iface]));
+    }
+    cmds.extend([
         v(&["addr", "replace", &net.ip_cidr, "dev", iface]),
         v(&["link", "set", iface, "up"]),
-    ];
+    ]);
     if let Some(gw) = net.gateway {
         cmds.push(v(&[
             "route",
@@ -273,7 +295,12 @@ fn first_interface() -> Result<String, String> {
     })
 }
 
-fn network(ctx: &Ctx, net: &NetworkConfig, out: &mut ConfigureReply) -> Result<(), String> {
+fn network(
+    ctx: &Ctx,
+    net: &NetworkConfig,
+    flush_old: bool,
+    out: &mut ConfigureReply,
+) -> Result<(), String> {
     let mut resolv = String::from("# written by wick-agent\n");
     for d in &net.dns {
         resolv.push_str(&format!("nameserver {d}\n"));
@@ -291,12 +318,12 @@ fn network(ctx: &Ctx, net: &NetworkConfig, out: &mut ConfigureReply) -> Result<(
         return Ok(());
     }
     let iface = first_interface()?;
-    for args in network_commands(&iface, net) {
+    for args in network_commands(&iface, net, flush_old) {
         let o = match Command::new("ip").args(&args).output() {
             Ok(o) => o,
             // No iproute2 (most container images): the same changes over rtnetlink.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                netlink::configure(&iface, &net.ip_cidr, net.gateway)?;
+                netlink::configure(&iface, &net.ip_cidr, net.gateway, flush_old)?;
                 break;
             }
             Err(e) => return Err(format!("cannot run ip: {e}")),
@@ -457,17 +484,29 @@ mod tests {
             gateway: Some("172.30.0.1".parse().unwrap()),
             dns: vec![],
         };
-        let cmds: Vec<String> = network_commands("eth0", &net)
-            .into_iter()
-            .map(|c| c.join(" "))
-            .collect();
+        let cmds = |flush| -> Vec<String> {
+            network_commands("eth0", &net, flush)
+                .into_iter()
+                .map(|c| c.join(" "))
+                .collect()
+        };
         assert_eq!(
-            cmds,
+            cmds(false),
             [
                 "link set lo up",
                 "addr replace 172.30.0.5/24 dev eth0",
                 "link set eth0 up",
                 "route replace default via 172.30.0.1 dev eth0"
+            ]
+        );
+        // A restored guest first drops its source's addresses and neighbours.
+        assert_eq!(
+            cmds(true)[..4],
+            [
+                "link set lo up",
+                "addr flush dev eth0 scope global",
+                "neigh flush dev eth0",
+                "addr replace 172.30.0.5/24 dev eth0",
             ]
         );
     }
@@ -487,6 +526,71 @@ mod tests {
             ..Default::default()
         };
         assert!(validate(&bad).is_err());
+    }
+
+    #[test]
+    fn restored_is_validated_first_and_applied_under_the_root() {
+        let d = tempfile::tempdir().unwrap();
+        let ctx = Ctx {
+            root: d.path().to_path_buf(),
+            live: false,
+            poweroff: false,
+        };
+        let good = wick_agent_proto::Restored {
+            machine_id: Some("0123456789abcdef0123456789abcdef".into()),
+            entropy: vec![7; 32],
+            unix_time_ns: 1_780_000_000_000_000_000,
+            mac: Some("06:00:AC:1E:00:07".into()),
+        };
+        // Any bad field refuses the whole message: nothing is written.
+        for bad in [
+            wick_agent_proto::Restored {
+                machine_id: Some("not-hex".into()),
+                ..good.clone()
+            },
+            wick_agent_proto::Restored {
+                entropy: vec![7; 8],
+                ..good.clone()
+            },
+            wick_agent_proto::Restored {
+                mac: Some("06:00:ac".into()),
+                ..good.clone()
+            },
+        ] {
+            let cfg = Configure {
+                hostname: Some("fork-1".into()),
+                restored: Some(bad),
+                ..Default::default()
+            };
+            let e = apply(&ctx, &cfg).unwrap_err();
+            assert!(e.message.starts_with("restored: "), "{e}");
+            assert!(!d.path().join("etc").exists());
+        }
+        let cfg = Configure {
+            hostname: Some("fork-1".into()),
+            restored: Some(good),
+            ..Default::default()
+        };
+        let out = apply(&ctx, &cfg).unwrap();
+        assert!(out.restored, "{out:?}");
+        assert_eq!(
+            fs::read_to_string(d.path().join("etc/machine-id")).unwrap(),
+            "0123456789abcdef0123456789abcdef\n"
+        );
+        for step in ["clock", "entropy", "mac"] {
+            assert!(
+                out.warnings
+                    .iter()
+                    .any(|w| w.starts_with(step) && w.contains("not live")),
+                "{step}: {out:?}"
+            );
+        }
+        // Without `restored`, the reply says so.
+        let plain = Configure {
+            hostname: Some("fork-1".into()),
+            ..Default::default()
+        };
+        assert!(!apply(&ctx, &plain).unwrap().restored);
     }
 
     #[test]

@@ -136,9 +136,11 @@ async fn run(args: Args, ctx: Arc<server::Ctx>) -> Result<(), String> {
         }
     };
     tracing::info!("wick-agent {version} listening on vsock port {}", args.port);
+    let mut cid = None;
     loop {
         match listener.accept().await {
             Ok(stream) => {
+                vsock::note_cid(&mut cid, vsock::local_cid(stream.raw_fd()));
                 tokio::spawn(server::serve(ctx.clone(), stream));
             }
             Err(e) => {

@@ -8,10 +8,14 @@
 //! file (and polls `POLLHUP`): the session is dropped and the agent waits for the next host,
 //! which starts a new session with a fresh nonce (see the mux module for why that also works when
 //! no disconnect is ever seen).
+//!
+//! A new host after the first one — another attachment, or a new session within one — is how a
+//! restore (or a restarted sidecar) looks from here: the agent logs it, and wickd follows with
+//! the `Configure` that gives a restored guest its new identity.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -69,9 +73,16 @@ pub async fn serve(dev: PathBuf, agent_port: u32, ctx: Arc<Ctx>) {
         }
     };
     tracing::info!("serving the agent on virtio-serial port {}", dev.display());
-    loop {
+    let sessions = Arc::new(Sessions::default());
+    for attachment in 0u64.. {
         wait_for_host(&fd).await;
-        if let Err(e) = attach(&fd, agent_port, ctx.clone()).await {
+        if attachment > 0 {
+            tracing::info!(
+                "a new host on the virtio-serial port (a restore, or a restarted sidecar): \
+                 expecting wickd to reconfigure this guest"
+            );
+        }
+        if let Err(e) = attach(&fd, agent_port, ctx.clone(), sessions.clone()).await {
             tracing::warn!("virtio-serial link failed: {e}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         } else {
@@ -107,11 +118,45 @@ async fn wait_for_host(fd: &OwnedFd) {
     }
 }
 
+/// The host session the last stream came from: each session is its own yamux connection,
+/// whose id shows in its streams' names, `(Stream <connection>/<stream>)`.
+#[derive(Default)]
+struct Sessions(Mutex<Option<String>>);
+
+impl Sessions {
+    /// Logs a stream from a session other than the previous stream's (a restore without a
+    /// disconnect the guest could see).
+    fn saw(&self, name: &str) -> bool {
+        let Some((conn, _)) = name
+            .strip_prefix("(Stream ")
+            .and_then(|r| r.split_once('/'))
+        else {
+            return false;
+        };
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let new = last.as_deref().is_some_and(|l| l != conn);
+        if new {
+            tracing::info!(
+                "a new host session on the virtio-serial port (a restore, or a restarted \
+                 sidecar): expecting wickd to reconfigure this guest"
+            );
+        }
+        *last = Some(conn.to_string());
+        new
+    }
+}
+
 /// One host attachment: the link until the host goes away (end of file).
-async fn attach(fd: &OwnedFd, agent_port: u32, ctx: Arc<Ctx>) -> std::io::Result<()> {
+async fn attach(
+    fd: &OwnedFd,
+    agent_port: u32,
+    ctx: Arc<Ctx>,
+    sessions: Arc<Sessions>,
+) -> std::io::Result<()> {
     let mut rd = FdStream::new(fd.try_clone()?, false)?;
     let wr = FdStream::new(fd.try_clone()?, false)?;
     let handler = move |s: MuxStream| {
+        sessions.saw(&s.get_ref().to_string());
         tokio::spawn(stream(s, agent_port, ctx.clone()));
     };
     guest_link(&mut rd, wr, handler).await
@@ -136,6 +181,16 @@ async fn stream(mut s: MuxStream, agent_port: u32, ctx: Arc<Ctx>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_session_is_noticed() {
+        let s = Sessions::default();
+        assert!(!s.saw("(Stream 0a1b2c3d/1)"), "the first session");
+        assert!(!s.saw("(Stream 0a1b2c3d/3)"));
+        assert!(s.saw("(Stream 99887766/1)"), "a restore's new session");
+        assert!(!s.saw("something else"));
+        assert!(!s.saw("(Stream 99887766/5)"));
+    }
 
     #[test]
     fn the_port_is_found_by_its_name() {

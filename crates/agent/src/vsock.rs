@@ -52,6 +52,29 @@ impl VsockListener {
     }
 }
 
+/// The guest's own CID, as the local address of an accepted connection.
+pub fn local_cid(fd: RawFd) -> Option<u32> {
+    nix::sys::socket::getsockname::<VsockAddr>(fd)
+        .ok()
+        .map(|a| a.cid())
+}
+
+/// Notices a restore on the vsock side: the guest's CID changed under a running agent (a fork
+/// or restore gets its own CID; the transport was reset). Returns whether it did.
+pub fn note_cid(last: &mut Option<u32>, now: Option<u32>) -> bool {
+    let Some(now) = now else { return false };
+    let changed = last.is_some_and(|l| l != now);
+    if changed {
+        tracing::info!(
+            "this guest's vsock CID changed from {} to {now} (restored from a snapshot): \
+             expecting wickd to reconfigure it",
+            last.unwrap_or_default()
+        );
+    }
+    *last = Some(now);
+    changed
+}
+
 fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd stays open and unchanged until the AsyncFd drops it.
     unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
@@ -137,5 +160,18 @@ impl AsyncWrite for FdStream {
             }
             Err(e) => Poll::Ready(Err(e.into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_changed_cid_is_noticed() {
+        let mut last = None;
+        assert!(!super::note_cid(&mut last, Some(3)));
+        assert!(!super::note_cid(&mut last, None));
+        assert!(!super::note_cid(&mut last, Some(3)));
+        assert!(super::note_cid(&mut last, Some(7)));
+        assert_eq!(last, Some(7));
     }
 }

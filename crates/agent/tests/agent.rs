@@ -590,6 +590,7 @@ async fn configure_writes_below_the_root_prefix() {
         }],
         regenerate_host_keys: false,
         host_keys: Some(vec![host_key(1)]),
+        restored: None,
     };
     let r = h.client.configure(&cfg).await.unwrap();
     assert_eq!(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use wick_agent_proto::{AgentClient, Configure, HostKey, NetworkConfig, AGENT_PORT};
+use wick_agent_proto::{AgentClient, Configure, HostKey, NetworkConfig, Restored, AGENT_PORT};
 use wick_model::{VmRecord, VmmHandle};
 
 use crate::daemon::Daemon;
@@ -82,6 +82,53 @@ fn reports_all(reported: &[String], pinned: &[String]) -> bool {
     pinned
         .iter()
         .all(|p| id(p).is_some_and(|k| have.contains(&k)))
+}
+
+/// How much host entropy a restored guest gets (the kernel's CRNG key is 32 bytes).
+const RESTORED_ENTROPY: usize = 64;
+
+/// What a restored guest must not keep from its snapshot: with `new_identity` (a restore or a
+/// fork) a fresh machine-id and `mac` too; always host entropy and the host's clock.
+fn restored_identity(new_identity: bool, mac: Option<String>) -> Result<Restored> {
+    use ssh_key::rand_core::{OsRng, RngCore};
+    let mut entropy = vec![0u8; RESTORED_ENTROPY];
+    OsRng
+        .try_fill_bytes(&mut entropy)
+        .map_err(|e| Error::internal(format!("reading the host's RNG: {e}")))?;
+    let machine_id = match new_identity {
+        true => {
+            // A random (version 4) 128-bit id, as systemd makes them.
+            let mut id = [0u8; 16];
+            OsRng
+                .try_fill_bytes(&mut id)
+                .map_err(|e| Error::internal(format!("reading the host's RNG: {e}")))?;
+            id[6] = (id[6] & 0x0f) | 0x40;
+            id[8] = (id[8] & 0x3f) | 0x80;
+            Some(id.iter().map(|b| format!("{b:02x}")).collect())
+        }
+        false => None,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| Error::internal(format!("the host clock is before 1970: {e}")))?;
+    Ok(Restored {
+        machine_id,
+        entropy,
+        unix_time_ns: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+        mac: mac.filter(|_| new_identity).map(|m| m.to_ascii_lowercase()),
+    })
+}
+
+/// What wickd says when a restored guest's agent did not apply `Configure::restored`.
+const RESTORED_UNSUPPORTED: &str = "the guest's wick-agent cannot take a new identity after a \
+                                    restore (rebuild or re-import the image)";
+
+/// Fails when a `restored` Configure was sent and the agent did not apply it.
+fn check_restored(sent: bool, reply: &wick_agent_proto::ConfigureReply) -> Result<()> {
+    match sent && !reply.restored {
+        true => Err(Error::precondition(RESTORED_UNSUPPORTED)),
+        false => Ok(()),
+    }
 }
 
 /// One Configure round trip; the guest's warnings go to the log.
@@ -170,6 +217,7 @@ impl Daemon {
             files,
             regenerate_host_keys: false,
             host_keys: None,
+            restored: None,
         };
         (cfg, refused)
     }
@@ -189,10 +237,53 @@ impl Daemon {
         client: &AgentClient,
         fresh_host_keys: bool,
     ) -> Result<()> {
+        self.apply_identity(op, vm, client, fresh_host_keys, None)
+            .await
+    }
+
+    /// Configures a guest that was just restored from a saved state (before the VM is
+    /// `running`): everything `configure_identity` sends, after the agent has stepped the clock
+    /// to the host's, reseeded the kernel RNG with host entropy and re-applied the network
+    /// (dropping the addresses and neighbours the saved state held).
+    ///
+    /// `new_identity` (a restore from a snapshot, a fork): also a fresh machine-id, the MAC of
+    /// the VM's IP (`wick_host::net::guest_mac`) and fresh SSH host keys, pinned. `false` (a
+    /// suspended VM coming back as itself): the guest keeps its keys, machine-id and MAC.
+    /// An agent that did not apply it (one older than `Configure::restored`) fails the step: a
+    /// fork that kept its source's RNG state and identity must not run.
+    #[allow(dead_code)] // called by the restore and fork flow (the `restore` branch)
+    pub(crate) async fn configure_restored(
+        &self,
+        op: &OpEntry,
+        vm: &mut VmRecord,
+        client: &AgentClient,
+        new_identity: bool,
+    ) -> Result<()> {
+        let mac = vm
+            .runtime
+            .ip
+            .as_deref()
+            .and_then(|ip| ip.parse().ok())
+            .map(wick_host::net::guest_mac);
+        let restored = restored_identity(new_identity, mac)?;
+        self.apply_identity(op, vm, client, new_identity, Some(restored))
+            .await
+    }
+
+    /// The one configure flow of `configure_identity` and `configure_restored`.
+    async fn apply_identity(
+        &self,
+        op: &OpEntry,
+        vm: &mut VmRecord,
+        client: &AgentClient,
+        fresh_host_keys: bool,
+        restored: Option<Restored>,
+    ) -> Result<()> {
         let (mut cfg, refused) = self.guest_config(vm).await;
         for why in refused {
             op.stage(&format!("warning: {why}")); // the user sees what was not copied
         }
+        cfg.restored = restored;
         let mut pinned = vm.runtime.host_keys.clone();
         if fresh_host_keys || pinned.is_empty() {
             let keys = new_host_keys(&vm.name)?;
@@ -200,6 +291,7 @@ impl Daemon {
             cfg.host_keys = Some(keys);
         }
         let mut reply = configure(vm, client, &cfg).await?;
+        check_restored(cfg.restored.is_some(), &reply)?;
         if cfg.host_keys.is_none() && !reports_all(&reply.host_keys, &pinned) {
             // The guest lost (or replaced) the keys pinned for it: give it new ones.
             let keys = new_host_keys(&vm.name)?;
@@ -266,6 +358,48 @@ mod tests {
         assert_ne!(a[0].public, b[0].public);
         assert_ne!(a[0].private, b[0].private);
         assert!(!format!("{a:?}").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn a_restored_identity_is_fresh_and_valid() {
+        let mac = Some("06:00:AC:1E:00:07".to_string());
+        let a = restored_identity(true, mac.clone()).unwrap();
+        let b = restored_identity(true, mac.clone()).unwrap();
+        assert_eq!(a.validate(), Ok(()));
+        let id = a.machine_id.as_deref().unwrap();
+        assert_eq!((id.len(), &id[12..13]), (32, "4"), "{id}");
+        assert_ne!(a.machine_id, b.machine_id);
+        assert_ne!(a.entropy, b.entropy);
+        assert_eq!(a.entropy.len(), RESTORED_ENTROPY);
+        assert_eq!(a.mac.as_deref(), Some("06:00:ac:1e:00:07"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        assert!(now.abs_diff(a.unix_time_ns) < 10_000_000_000);
+        // A suspended VM coming back keeps its identity: only entropy and the clock.
+        let same = restored_identity(false, mac).unwrap();
+        assert_eq!((same.machine_id, same.mac), (None, None));
+        assert_eq!(same.entropy.len(), RESTORED_ENTROPY);
+    }
+
+    #[test]
+    fn an_agent_that_did_not_apply_restored_is_refused() {
+        // An agent before `Configure::restored` replies without the field.
+        let old: wick_agent_proto::ConfigureReply =
+            serde_json::from_str(r#"{"changed":[],"warnings":[],"host_keys":[]}"#).unwrap();
+        let e = check_restored(true, &old).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cannot take a new identity after a restore (rebuild or re-import"),
+            "{e}"
+        );
+        assert!(check_restored(false, &old).is_ok());
+        let new = wick_agent_proto::ConfigureReply {
+            restored: true,
+            ..Default::default()
+        };
+        assert!(check_restored(true, &new).is_ok());
     }
 
     #[test]
