@@ -127,6 +127,9 @@ pub enum VmCommand {
     Pause(LifecycleArgs),
     /// Resume one or more paused VMs.
     Resume(LifecycleArgs),
+    /// Suspend one or more running or paused VMs: memory and device state saved to disk, the
+    /// VMM ended (its RAM freed), disks kept. `vm start` — or any use: exec, ssh, cp — resumes.
+    Suspend(LifecycleArgs),
     /// Snapshot a running or paused VM: memory, devices and both disks, kept by wickd.
     Snapshot(crate::cmd::snapshot::VmSnapshotArgs),
     /// Delete one or more VMs and every host resource they hold.

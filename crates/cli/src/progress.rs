@@ -117,6 +117,7 @@ pub fn op_label(kind: OpKind, name: &str) -> String {
         OpKind::Delete => "delete",
         OpKind::Pause => "pause",
         OpKind::Resume => "resume",
+        OpKind::Suspend => "suspend",
         OpKind::Snapshot => "snapshot",
         OpKind::ImageImport => "import image",
         OpKind::ImagePull => "pull image",

@@ -27,6 +27,9 @@ pub enum Access {
     Group(Gid),
     /// Owned by `uid` alone (0700/0600): for a VM dir whose VMM runs as its own uid.
     User(Uid),
+    /// Root's, readable by all, writable by none but root (0755/0644): a VMM's input inside
+    /// its own (private) VM dir, such as a suspend image the next VMM's uid loads.
+    Readable,
 }
 
 /// Sets wickd's umask: nothing it creates (directly or through its VMMs and tools) is group or
@@ -50,6 +53,7 @@ pub fn apply(path: &Path, access: Access) -> io::Result<()> {
         Access::Traverse(g) => (0o710, Uid::from_raw(0), Some(g)),
         Access::Group(g) => (0o660, Uid::from_raw(0), Some(g)),
         Access::User(u) => (if dir { 0o700 } else { 0o600 }, u, None),
+        Access::Readable => (if dir { 0o755 } else { 0o644 }, Uid::from_raw(0), None),
     };
     // Owner first, then mode: chown may clear setuid/setgid bits, never adds access.
     let want_uid = (meta.uid() != uid.as_raw()).then_some(uid);

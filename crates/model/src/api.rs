@@ -268,6 +268,8 @@ pub enum OpKind {
     Delete,
     Pause,
     Resume,
+    /// `vm suspend`: the guest's state into its suspend image, the VMM gone.
+    Suspend,
     /// `vm snapshot`: the VM's state and disks into a new snapshot.
     Snapshot,
     ImageImport,

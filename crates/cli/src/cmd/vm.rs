@@ -10,7 +10,7 @@ use wick_model::api::{
 };
 use wick_model::size::format_mib;
 use wick_model::vm::LifecycleOp;
-use wick_model::{VmRecord, VmState};
+use wick_model::VmRecord;
 
 use super::{out, out_json, outln, Ctx};
 use crate::cli::{
@@ -32,6 +32,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
         VmCommand::Pause(a) => lifecycle(ctx, LifecycleOp::Pause, a).await,
         VmCommand::Snapshot(a) => super::snapshot::snapshot_vm(ctx, a).await,
         VmCommand::Resume(a) => lifecycle(ctx, LifecycleOp::Resume, a).await,
+        VmCommand::Suspend(a) => lifecycle(ctx, LifecycleOp::Suspend, a).await,
         VmCommand::Delete(a) => lifecycle(ctx, LifecycleOp::Delete, a).await,
         VmCommand::Kill(a) => kill(ctx, a).await,
         VmCommand::Commit(a) => super::image::commit(ctx, a).await,
@@ -201,10 +202,11 @@ fn op_request(kind: LifecycleOp, vm: &str) -> (hyper::Method, String) {
         LifecycleOp::Restart => (hyper::Method::POST, vm_path(vm, "/restart")),
         LifecycleOp::Pause => (hyper::Method::POST, vm_path(vm, "/pause")),
         LifecycleOp::Resume => (hyper::Method::POST, vm_path(vm, "/resume")),
+        LifecycleOp::Suspend => (hyper::Method::POST, vm_path(vm, "/suspend")),
     }
 }
 
-/// One VM of `vm start|stop|restart|delete|pause|resume`: start the operation and follow it.
+/// One VM of `vm start|stop|restart|delete|pause|resume|suspend`: start the operation and follow it.
 pub(super) async fn run_op(
     client: &Client,
     kind: LifecycleOp,
@@ -393,7 +395,7 @@ async fn prune(ctx: &Ctx, args: PruneArgs) -> Result<()> {
         let doomed: Vec<&VmRecord> = list
             .vms
             .iter()
-            .filter(|vm| vm.state != VmState::Running)
+            .filter(|vm| vm.check(wick_model::vm::VmAction::Prune).is_ok())
             .collect();
         if doomed.is_empty() {
             eprintln!("nothing to prune: every VM is running");
@@ -475,6 +477,7 @@ mod tests {
     use crate::render::tests::vm;
     use wick_model::api::ErrorCode;
     use wick_model::api::OpKind;
+    use wick_model::VmState;
 
     fn op(kind: OpKind, vm_rec: Option<VmRecord>) -> Operation {
         Operation {

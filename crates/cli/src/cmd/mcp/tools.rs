@@ -133,6 +133,15 @@ impl WickMcp {
         reply(self.op(LifecycleOp::Pause, &r.vm).await)
     }
 
+    #[tool(
+        description = "Suspend a running or paused VM: its memory and device state are saved \
+                       to disk and its VMM ends (RAM freed); exec, files and start_vm-like use \
+                       resume it where it was."
+    )]
+    async fn suspend_vm(&self, Parameters(r): Parameters<VmRef>) -> ToolResult<VmSummary> {
+        reply(self.op(LifecycleOp::Suspend, &r.vm).await)
+    }
+
     #[tool(description = "Resume a paused VM.")]
     async fn resume_vm(&self, Parameters(r): Parameters<VmRef>) -> ToolResult<VmSummary> {
         reply(self.op(LifecycleOp::Resume, &r.vm).await)
@@ -366,6 +375,7 @@ impl WickMcp {
             .unwrap_or_else(|| wick_workspace::DEFAULT_GUEST_PATH.to_string());
         workspace::check_guest_path(&guest_path)?;
         let record = self.record(&p.vm).await?;
+        let record = crate::cmd::wake::resume_if_suspended(&self.ctx.client(), record).await?;
         workspace::ensure_running(&record)?;
         let client = workspace::agent_client(&self.ctx, &record).await?;
         let mut out = CappedBuf::new(MAX_BYTES as usize * 4);
