@@ -214,7 +214,14 @@ impl Daemon {
         let mut vm = self.store.get_vm(vm_id)?;
         vm.touched_at = now();
         match what {
-            LifecycleOp::Start => self.start_flow(op, vm).await.map(Some),
+            LifecycleOp::Start => {
+                let from_image = vm.state == wick_model::VmState::Suspended;
+                let out = self.start_flow(op, vm).await;
+                if from_image {
+                    self.after_start(vm_id); // a used suspend image goes
+                }
+                out.map(Some)
+            }
             LifecycleOp::Stop => self.stop_flow(op, vm).await.map(Some),
             LifecycleOp::Restart => {
                 let vm = self.stop_flow(op, vm).await?;

@@ -42,7 +42,8 @@ impl Daemon {
         }
         op.stage("release host resources");
         self.release(&mut vm).await?;
-        if vm.state == VmState::Suspended {
+        // A suspended VM's image (or one a failed start from it left) is not kept by a stop.
+        if vm.runtime.restore.is_some() {
             op.stage("discard suspend image");
             self.discard_suspend_image(&mut vm)?;
         }

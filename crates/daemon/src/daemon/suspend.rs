@@ -184,13 +184,8 @@ impl Daemon {
     /// suspend): its files, then `restore`, persisted. Idempotent; a snapshot's restore record
     /// is not a suspend image and is left alone.
     pub(super) fn discard_suspend_image(&self, vm: &mut VmRecord) -> Result<()> {
-        if vm
-            .runtime
-            .restore
-            .as_ref()
-            .is_some_and(|r| r.snapshot_id.is_some())
-        {
-            return Ok(());
+        if vm.runtime.restore.is_some() && own_image(vm).is_none() {
+            return Ok(()); // a snapshot's restore
         }
         remove_image_files(vm);
         if vm.runtime.restore.is_some() || vm.runtime.suspending {
@@ -199,6 +194,23 @@ impl Daemon {
             *vm = self.store.save_vm(vm)?;
         }
         Ok(())
+    }
+
+    /// After a start from a suspend image, under the VM's lock: a running VM loaded it (its
+    /// files go, if the load left any); a failed start that consumed it (a file missing) drops
+    /// the record, so the next start boots instead of failing to load. A failed start that
+    /// left the image whole keeps it: the next start tries again. Failures are logged.
+    pub(super) fn after_start(&self, vm_id: &str) {
+        let Ok(mut vm) = self.store.get_vm(vm_id) else {
+            return;
+        };
+        let consumed = vm.state == VmState::Running
+            || own_image(&vm).is_some_and(|r| r.files.iter().any(|f| !f.exists()));
+        if consumed && vm.state != VmState::Suspended {
+            if let Err(e) = self.discard_suspend_image(&mut vm) {
+                tracing::error!(vm = %vm.name, error = %e, "dropping a used suspend image");
+            }
+        }
     }
 
     /// For reconcile, under the VM's lock: settles a VM a crash caught during a suspend, or a
@@ -215,6 +227,11 @@ impl Daemon {
             return Ok(Some(format!("{} (suspended)", vm.name)));
         }
         if !vm.runtime.suspending {
+            if own_image(vm).is_some() {
+                // A start that was loading it, cut short: the guest may have run from it, so
+                // it is not loaded twice. The normal reconcile settles the VM (`stopped`).
+                self.discard_suspend_image(vm)?;
+            }
             return Ok(None);
         }
         let was = vm.state;
@@ -242,6 +259,14 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The VM's own suspend image record (not a snapshot's restore).
+fn own_image(vm: &VmRecord) -> Option<&RestoreFrom> {
+    vm.runtime
+        .restore
+        .as_ref()
+        .filter(|r| r.snapshot_id.is_none())
 }
 
 /// An image file must be `suspend.*` directly in the VM dir and a plain file with one link
