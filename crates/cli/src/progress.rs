@@ -118,6 +118,7 @@ pub fn op_label(kind: OpKind, name: &str) -> String {
         OpKind::Pause => "pause",
         OpKind::Resume => "resume",
         OpKind::Snapshot => "snapshot",
+        OpKind::Fork => "fork",
         OpKind::ImageImport => "import image",
         OpKind::ImagePull => "pull image",
         OpKind::ImageBuild => "build image",
