@@ -119,6 +119,7 @@ pub fn op_label(kind: OpKind, name: &str) -> String {
         OpKind::Resume => "resume",
         OpKind::Suspend => "suspend",
         OpKind::Snapshot => "snapshot",
+        OpKind::Fork => "fork",
         OpKind::ImageImport => "import image",
         OpKind::ImagePull => "pull image",
         OpKind::ImageBuild => "build image",

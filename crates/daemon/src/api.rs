@@ -164,9 +164,9 @@ async fn list_vms(
     responses((status = 202, body = Operation),
         (status = 400, description = "invalid argument (`invalid_argument`): malformed body, path or query, or a value out of range", body = ApiError),
         (status = 403, description = "beyond the caller's `[limits]` or publishing rights (`permission_denied`)", body = ApiError),
-        (status = 404, description = "no such image (`not_found`)", body = ApiError),
-        (status = 409, description = "the name or a host port is taken (`conflict`)", body = ApiError),
-        (status = 412, description = "the image cannot be used (`failed_precondition`)", body = ApiError)))]
+        (status = 404, description = "no such image, or no such snapshot visible to the caller (`from_snapshot`) (`not_found`)", body = ApiError),
+        (status = 409, description = "the name or a host port is taken, or the snapshot is still being created (`conflict`)", body = ApiError),
+        (status = 412, description = "the image cannot be used, or the snapshot was saved by another VMM driver (`failed_precondition`)", body = ApiError)))]
 async fn create_vm(
     State(d): D,
     c: ConnectInfo<PeerCred>,
@@ -702,6 +702,7 @@ impl utoipa::Modify for InternalErrors {
         kernels::import_kernel,
         kernels::pull_kernel,
         snapshots::snapshot_vm,
+        snapshots::fork_vm,
         snapshots::list_snapshots,
         snapshots::show_snapshot,
         snapshots::delete_snapshot
@@ -740,6 +741,8 @@ impl utoipa::Modify for InternalErrors {
         PortMapping,
         Sidecar,
         wick_model::snapshot::CreateSnapshotRequest,
+        wick_model::snapshot::ForkVmRequest,
+        wick_model::snapshot::ForkResponse,
         wick_model::snapshot::SnapshotList,
         wick_model::SnapshotRecord,
         wick_model::SnapshotState

@@ -39,6 +39,20 @@ pub async fn reconcile(d: &Arc<Daemon>) -> anyhow::Result<Report> {
                 .push(format!("{} (pool assignment -> {})", vm.name, vm.state));
             continue;
         }
+        if vm
+            .runtime
+            .restore
+            .as_ref()
+            .is_some_and(|r| r.snapshot_id.is_some())
+        {
+            // A restore or fork cut short (it is cleared with `running`): removed like a
+            // failed create (daemon/restore.rs).
+            d.remove_restored(&vm.id).await;
+            report
+                .swept
+                .push(format!("unfinished restore {} ({})", vm.name, vm.id));
+            continue;
+        }
         match d.reconcile_suspend(&mut vm).await {
             Ok(Some(line)) => {
                 report.settled.push(line);

@@ -31,6 +31,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
         VmCommand::Restart(a) => lifecycle(ctx, LifecycleOp::Restart, a).await,
         VmCommand::Pause(a) => lifecycle(ctx, LifecycleOp::Pause, a).await,
         VmCommand::Snapshot(a) => super::snapshot::snapshot_vm(ctx, a).await,
+        VmCommand::Fork(a) => super::snapshot::fork_vm(ctx, a).await,
         VmCommand::Resume(a) => lifecycle(ctx, LifecycleOp::Resume, a).await,
         VmCommand::Suspend(a) => lifecycle(ctx, LifecycleOp::Suspend, a).await,
         VmCommand::Delete(a) => lifecycle(ctx, LifecycleOp::Delete, a).await,
@@ -75,6 +76,9 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
 }
 
 async fn create(ctx: &Ctx, mut args: CreateArgs) -> Result<()> {
+    if let Some(snap) = args.from_snapshot.take() {
+        return super::snapshot::create_from_snapshot(ctx, &args.vm, snap, args.json).await;
+    }
     create_request(ctx, &args.vm, args.no_start)?;
     let client = ctx.client();
     if let Some(dir) = &args.from_dir {
@@ -173,7 +177,7 @@ pub(super) async fn create_vm(
 }
 
 /// The VM a finished create made, or the operation's error.
-pub(super) async fn outcome_vm(
+pub(crate) async fn outcome_vm(
     client: &Client,
     result: Result<Operation, Operation>,
 ) -> Result<VmRecord> {
