@@ -1,7 +1,8 @@
 //! Integration: `wick vm suspend` through the real `wickd` and `wick`, with the fake Firecracker
 //! fronting the real `wick-agent` (its `PUT /snapshot/create` writes a state file of its own
-//! format and a sparse memory file): a suspended VM has no VMM process, no TAP, and its suspend
-//! image root's and read-only; stop discards the image; socket users suspend only their own
+//! format and a sparse memory file; `PUT /snapshot/load` loads them): a suspended VM has no
+//! VMM process, no TAP, and its suspend image root's and read-only; start loads the image and
+//! `vm exec` resumes a suspended VM by itself; stop discards the image; socket users suspend only their own
 //! VMs; auto-stop can suspend; and the crash drill at each suspend failpoint. Needs root (the
 //! daemon is a root daemon); skipped otherwise.
 
@@ -167,7 +168,38 @@ fn suspend_frees_the_vmm_and_stop_discards_the_image() {
     assert!(out.status.success(), "{}", text(&out));
     assert_suspended(&env, "a1");
 
+    // Start loads the image: the guest continues (the fake's state file names its guest).
+    let out = env.wick(&["vm", "start", "a1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("load state"), "{}", text(&out));
+    let v = vm(&env, "a1");
+    assert_eq!(v["state"], "running", "{v}");
+    assert!(v["runtime"].get("restore").is_none(), "{v}");
+    assert!(
+        image_files(&env, &v).is_empty(),
+        "{:?}",
+        image_files(&env, &v)
+    );
+    assert_eq!(
+        v["runtime"]["ip"], before["runtime"]["ip"],
+        "its own identity"
+    );
+    assert_eq!(taps(&env).len(), 1);
+    exec_works(&env, "a1");
+
+    // Any use resumes it: `vm exec` on a suspended VM starts it first and says so.
+    env.wick_ok(&["vm", "suspend", "a1"]);
+    assert_suspended(&env, "a1");
+    let out = env.wick(&["vm", "exec", "a1", "--", "echo", "alive"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("resuming suspended VM a1"), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alive");
+    assert_eq!(vm(&env, "a1")["state"], "running");
+
     // Stop discards the image: `stopped`, no file, no record of it.
+    env.wick_ok(&["vm", "suspend", "a1"]);
+    assert_suspended(&env, "a1");
     let said = env.wick_ok(&["vm", "stop", "a1"]);
     assert!(said.contains("a1: stopped"), "{said}");
     let v = vm(&env, "a1");
