@@ -355,3 +355,37 @@ fn crash_drill_suspend() {
         assert_suspended(&env, "a1");
     }
 }
+
+/// With `contain_vmm` (the default): the VMM writes the image as its own uid; once suspended,
+/// the image is root's 0644, nothing in the VM dir belongs to that uid any more, the uid
+/// lease and the cgroup are gone, and the next VMM (a new uid) loads the image.
+#[test]
+fn a_contained_vmm_suspends_and_the_next_uid_loads_the_image() {
+    if !root() {
+        return;
+    }
+    let mut env = WickdEnv::new("");
+    env.start();
+    env.wick_ok(&["vm", "create", "--name", "c1"]);
+    let v = vm(&env, "c1");
+    let uid = v["runtime"]["jail"]["uid"].as_u64().unwrap() as u32;
+    env.wick_ok(&["vm", "suspend", "c1"]);
+    let v = assert_suspended(&env, "c1");
+    assert!(
+        v["runtime"]["jail"].is_null(),
+        "uid and cgroup released: {v}"
+    );
+    let left = wick_testkit::inspect::owned_by(&vm_dir(&env, &v), uid);
+    assert!(left.is_empty(), "owned by the old VMM uid: {left:?}");
+    let out = env.wick(&["vm", "start", "c1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("load state"), "{}", text(&out));
+    let v = vm(&env, "c1");
+    assert_eq!(v["state"], "running", "{v}");
+    assert!(
+        image_files(&env, &v).is_empty(),
+        "{:?}",
+        image_files(&env, &v)
+    );
+    env.wick_ok(&["vm", "delete", "c1"]);
+}
