@@ -174,7 +174,8 @@ impl Daemon {
         }
         for f in &r.files {
             check_image_file(&vm.runtime.dir, f)?;
-            perms::apply(f, Access::Readable)?;
+            // On a descriptor: even a VMM uid that outlived its release cannot swap the file.
+            perms::apply_plain_file(f, Access::Readable)?;
         }
         vm.runtime.suspending = false;
         Ok(())
