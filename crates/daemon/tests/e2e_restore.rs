@@ -30,6 +30,23 @@ fn counts_past(env: &WickdEnv, name: &str, from: u64, within: Duration) -> u64 {
     }
 }
 
+/// Runs `wick ARGS` (which must succeed), printing each progress line with its time.
+fn timed_stages(env: &WickdEnv, args: &[&str]) {
+    use std::io::BufRead;
+    let t = Instant::now();
+    let mut child = env
+        .wick_cmd()
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        eprintln!("{:>7.2}s {}", t.elapsed().as_secs_f64(), line.unwrap());
+    }
+    assert!(child.wait().unwrap().success(), "{args:?}");
+}
+
 #[test]
 fn restore_and_fork_of_a_real_guest_continue_it_with_their_own_identity() {
     let assets = match guest_assets() {
@@ -59,10 +76,14 @@ fn restore_and_fork_of_a_real_guest_continue_it_with_their_own_identity() {
     let c_snap = counter(&env, "r-src");
 
     let t = Instant::now();
-    env.wick_ok(&["vm", "create", "--from-snapshot", "s1", "--name", "r1"]);
+    timed_stages(
+        &env,
+        &["vm", "create", "--from-snapshot", "s1", "--name", "r1"],
+    );
     let restore_time = t.elapsed();
+
     let t = Instant::now();
-    env.wick_ok(&["vm", "fork", "r-src", "--name", "f1"]);
+    timed_stages(&env, &["vm", "fork", "r-src", "--name", "f1"]);
     let fork_time = t.elapsed();
 
     let vms: Vec<Value> = ["r-src", "r1", "f1"]
