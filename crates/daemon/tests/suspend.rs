@@ -196,6 +196,25 @@ fn suspend_frees_the_vmm_and_stop_discards_the_image() {
     assert!(err.contains("resuming suspended VM a1"), "{err}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alive");
     assert_eq!(vm(&env, "a1")["state"], "running");
+    // `vm cp` too.
+    env.wick_ok(&["vm", "suspend", "a1"]);
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("f"), b"copied").unwrap();
+    let src = host.path().join("f").display().to_string();
+    let out = env.wick(&["vm", "cp", &src, "a1:/root/f"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("resuming suspended VM a1"),
+        "{}",
+        text(&out)
+    );
+    let out = env.wick(&["vm", "exec", "a1", "--", "cat", "/root/f"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "copied",
+        "{}",
+        text(&out)
+    );
 
     // Stop discards the image: `stopped`, no file, no record of it.
     env.wick_ok(&["vm", "suspend", "a1"]);
@@ -304,6 +323,14 @@ fn auto_stop_can_suspend() {
     }
     assert_eq!(state, "suspended", "auto-suspended after 3 s untouched");
     assert_suspended(&env, "a1");
+    // And the next use resumes it.
+    let out = env.wick(&["vm", "exec", "a1", "--", "echo", "alive"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("resuming suspended VM a1"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// `kill -9 wickd` at each step of a suspend. Before the VMM is stopped the restart resumes the
