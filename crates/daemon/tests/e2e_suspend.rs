@@ -96,7 +96,11 @@ fn suspend_of_a_real_guest_frees_its_vmm_and_start_continues_it() {
         "no QEMU of the VM is left while it is suspended: its RSS is released"
     );
     let image = std::path::PathBuf::from(v["runtime"]["restore"]["files"][0].as_str().unwrap());
-    let image_len = std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
+    let image_meta = std::fs::metadata(&image).unwrap();
+    let (image_len, image_alloc) = {
+        use std::os::unix::fs::MetadataExt;
+        (image_meta.len(), image_meta.blocks() * 512)
+    };
 
     let t = Instant::now();
     env.wick_ok(&["vm", "start", "sus"]);
@@ -126,11 +130,12 @@ fn suspend_of_a_real_guest_frees_its_vmm_and_start_continues_it() {
     assert!(c2 >= c1, "{c2} after {c1}");
     eprintln!(
         "e2e suspend timings (TCG, 1 GiB guest, debug build): VMM RSS before {} MiB; suspend \
-         {:.2}s (image {} MiB long); start from the image {:.2}s; exec on a suspended VM \
+         {:.2}s (image {} MiB long, {} MiB allocated); start from the image {:.2}s; exec on a suspended VM \
          (resume + exec) {:.2}s",
         rss_kib >> 10,
         suspend_time.as_secs_f64(),
         image_len >> 20,
+        image_alloc >> 20,
         start_time.as_secs_f64(),
         exec_time.as_secs_f64()
     );
