@@ -2,8 +2,8 @@
 //! with this build's wick-agent. A background counter runs in the guest; suspend writes QEMU's
 //! state to the VM's suspend image and ends QEMU (no QEMU process of the VM is left: its RSS is
 //! released); `vm start` loads the image and the counter continues from at least its value at
-//! suspend; suspended again, `vm exec` resumes it by itself. Prints the timings. Skipped (with
-//! the reason) where QEMU, the Debian mirror or root are missing.
+//! suspend; suspended again, `vm exec` resumes it by itself, and so does `vm ssh`. Prints the
+//! timings. Skipped (with the reason) where QEMU, the Debian mirror or root are missing.
 
 use std::time::{Duration, Instant};
 
@@ -128,16 +128,31 @@ fn suspend_of_a_real_guest_frees_its_vmm_and_start_continues_it() {
         .parse()
         .unwrap_or(0);
     assert!(c2 >= c1, "{c2} after {c1}");
+
+    // And `vm ssh`: real OpenSSH over the guest's network (a new TAP, the same address).
+    env.wick_ok(&["vm", "suspend", "sus"]);
+    let t = Instant::now();
+    let out = env.wick(&["vm", "ssh", "sus", "--", "cat", "/root/c"]);
+    let ssh_time = t.elapsed();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("resuming suspended VM sus"), "{err}");
+    let c3: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(c3 >= c2, "{c3} after {c2}");
     eprintln!(
         "e2e suspend timings (TCG, 1 GiB guest, debug build): VMM RSS before {} MiB; suspend \
          {:.2}s (image {} MiB long, {} MiB allocated); start from the image {:.2}s; exec on a suspended VM \
-         (resume + exec) {:.2}s",
+         (resume + exec) {:.2}s, ssh on a suspended VM (resume + ssh) {:.2}s",
         rss_kib >> 10,
         suspend_time.as_secs_f64(),
         image_len >> 20,
         image_alloc >> 20,
         start_time.as_secs_f64(),
-        exec_time.as_secs_f64()
+        exec_time.as_secs_f64(),
+        ssh_time.as_secs_f64()
     );
     env.wick_ok(&["vm", "delete", "sus"]);
 }
