@@ -316,3 +316,42 @@ fn remove_image_files(vm: &VmRecord) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a hostile VMM could leave in its VM dir instead of its image is refused.
+    #[test]
+    fn only_plain_single_link_suspend_files_in_the_vm_dir_are_accepted() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("vm");
+        std::fs::create_dir(&dir).unwrap();
+        let outside = d.path().join("host-file");
+        std::fs::write(&outside, b"host").unwrap();
+        let ok = dir.join("suspend.mem");
+        std::fs::write(&ok, b"mem").unwrap();
+        assert!(check_image_file(&dir, &ok).is_ok());
+
+        let link = dir.join("suspend.vmstate");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let hard = dir.join("suspend.state");
+        std::fs::hard_link(&outside, &hard).unwrap();
+        let fifo = dir.join("suspend.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let misnamed = dir.join("vm.mem");
+        std::fs::write(&misnamed, b"mem").unwrap();
+        for bad in [
+            &link,
+            &hard,
+            &fifo,
+            &misnamed,
+            &outside,
+            &dir.join("suspend.none"),
+        ] {
+            let e = check_image_file(&dir, bad).unwrap_err();
+            assert!(e.message().contains("suspend image file"), "{bad:?}: {e}");
+        }
+        assert_eq!(std::fs::read(&outside).unwrap(), b"host", "never written");
+    }
+}
