@@ -416,3 +416,24 @@ fn a_contained_vmm_suspends_and_the_next_uid_loads_the_image() {
     );
     env.wick_ok(&["vm", "delete", "c1"]);
 }
+
+/// A wickd restart keeps a suspended VM suspended, its image readable for the next VMM (the
+/// start-up hardening strips every group/other bit; reconcile seals the image again), and a
+/// start after it loads the image.
+#[test]
+fn a_restart_keeps_a_suspended_vm_and_its_image() {
+    if !root() {
+        return;
+    }
+    let mut env = agent_env(None, "");
+    env.wick_ok(&["vm", "create", "--name", "a1"]);
+    env.wick_ok(&["vm", "suspend", "a1"]);
+    assert_suspended(&env, "a1");
+    env.stop();
+    env.start();
+    assert_suspended(&env, "a1");
+    let out = env.wick(&["vm", "start", "a1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("load state"), "{}", text(&out));
+    exec_works(&env, "a1");
+}
