@@ -1,6 +1,7 @@
 //! The guest agent through the daemon: a [`Connector`] whose every connection is an HTTP upgrade
 //! of `POST /v1/vms/{vm}/agent` on wickd's socket (wickd splices it to the guest's wick-agent),
-//! and the conversion of agent errors back into the CLI's errors.
+//! and the conversion of agent errors back into the CLI's errors. A connection wickd refuses
+//! because the VM is suspended starts the VM first (`cmd::wake`) and is tried again.
 
 use std::sync::Arc;
 
@@ -16,12 +17,31 @@ use crate::client::Client;
 pub struct DaemonConnector {
     client: Arc<Client>,
     vm: String,
+    /// One resume at a time: concurrent connections to a suspended VM start it once.
+    wake: tokio::sync::Mutex<()>,
+}
+
+impl DaemonConnector {
+    fn new(client: Client, vm: &str) -> DaemonConnector {
+        DaemonConnector {
+            client: Arc::new(client),
+            vm: vm.to_string(),
+            wake: tokio::sync::Mutex::new(()),
+        }
+    }
 }
 
 impl Connector for DaemonConnector {
     fn connect(&self) -> ConnectFuture<'_> {
         Box::pin(async move {
-            match self.client.agent_stream(&self.vm).await {
+            let mut res = self.client.agent_stream(&self.vm).await;
+            if let Err(e) = &res {
+                let _one = self.wake.lock().await;
+                if crate::cmd::wake::after_refusal(&self.client, &self.vm, e).await {
+                    res = self.client.agent_stream(&self.vm).await;
+                }
+            }
+            match res {
                 Ok(s) => Ok(Box::new(s) as BoxAgentStream),
                 Err(e) => Err(AgentError::Transport(Box::new(DaemonError(e)))),
             }
@@ -36,19 +56,13 @@ impl Connector for DaemonConnector {
 /// A channel to VM `vm`'s agent (by name, id or unique id prefix). No I/O until the first call;
 /// each call is its own upgraded connection, so calls may run concurrently.
 pub fn channel(client: Client, vm: &str) -> AgentChannel {
-    AgentChannel::new(Arc::new(DaemonConnector {
-        client: Arc::new(client),
-        vm: vm.to_string(),
-    }))
+    AgentChannel::new(Arc::new(DaemonConnector::new(client, vm)))
 }
 
 /// A client of VM `vm`'s agent whose protocol version was checked (`Hello`), retrying until it
 /// answers or `timeout` passes. Check that the VM runs first: every refusal is retried.
 pub async fn connect(client: Client, vm: &str, timeout: Duration) -> anyhow::Result<AgentClient> {
-    let connector = Arc::new(DaemonConnector {
-        client: Arc::new(client),
-        vm: vm.to_string(),
-    });
+    let connector = Arc::new(DaemonConnector::new(client, vm));
     AgentClient::with_connector(connector, timeout)
         .await
         .map_err(to_anyhow)

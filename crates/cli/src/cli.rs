@@ -127,8 +127,14 @@ pub enum VmCommand {
     Pause(LifecycleArgs),
     /// Resume one or more paused VMs.
     Resume(LifecycleArgs),
+    /// Suspend one or more running or paused VMs: memory and device state saved to disk, the
+    /// VMM ended (its RAM freed), disks kept. `vm start` — or any use: exec, ssh, cp — resumes.
+    Suspend(LifecycleArgs),
     /// Snapshot a running or paused VM: memory, devices and both disks, kept by wickd.
     Snapshot(crate::cmd::snapshot::VmSnapshotArgs),
+    /// Fork a running or paused VM into new VMs that continue its guest, each with its own
+    /// identity (MAC, IP, hostname, host keys, vsock CID).
+    Fork(crate::cmd::snapshot::ForkArgs),
     /// Delete one or more VMs and every host resource they hold.
     #[command(visible_alias = "rm")]
     Delete(LifecycleArgs),
@@ -190,6 +196,11 @@ pub struct CreateArgs {
     /// (`wick.toml`, else `.devcontainer/devcontainer.json`); flags win over the file.
     #[arg(long, value_name = "DIR")]
     pub from_dir: Option<PathBuf>,
+    /// Restore snapshot SNAP (`wick snapshot list`) into the new VM instead of booting an image:
+    /// it continues the snapshot's guest with its own identity. Only --name, --nat,
+    /// --allow-host and --publish combine with it.
+    #[arg(long, value_name = "SNAP", conflicts_with_all = ["from_dir", "no_start"])]
+    pub from_snapshot: Option<String>,
     /// Print the created VM as JSON.
     #[arg(long)]
     pub json: bool,

@@ -114,6 +114,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{vm}/kill", post(kill_vm))
         .route("/v1/vms/{vm}/pause", post(pause_vm))
         .route("/v1/vms/{vm}/resume", post(resume_vm))
+        .route("/v1/vms/{vm}/suspend", post(suspend_vm))
         .route("/v1/vms/{vm}/logs", get(vm_logs))
         .route("/v1/vms/{vm}/agent", post(agent_connect))
         .route("/v1/vms/{vm}/stats", get(vm_stats))
@@ -163,9 +164,9 @@ async fn list_vms(
     responses((status = 202, body = Operation),
         (status = 400, description = "invalid argument (`invalid_argument`): malformed body, path or query, or a value out of range", body = ApiError),
         (status = 403, description = "beyond the caller's `[limits]` or publishing rights (`permission_denied`)", body = ApiError),
-        (status = 404, description = "no such image (`not_found`)", body = ApiError),
-        (status = 409, description = "the name or a host port is taken (`conflict`)", body = ApiError),
-        (status = 412, description = "the image cannot be used (`failed_precondition`)", body = ApiError)))]
+        (status = 404, description = "no such image, or no such snapshot visible to the caller (`from_snapshot`) (`not_found`)", body = ApiError),
+        (status = 409, description = "the name or a host port is taken, or the snapshot is still being created (`conflict`)", body = ApiError),
+        (status = 412, description = "the image cannot be used, or the snapshot was saved by another VMM driver (`failed_precondition`)", body = ApiError)))]
 async fn create_vm(
     State(d): D,
     c: ConnectInfo<PeerCred>,
@@ -307,6 +308,19 @@ async fn resume_vm(
     lifecycle(d, c, &vm, LifecycleOp::Resume).await
 }
 
+#[utoipa::path(post, path = "/v1/vms/{vm}/suspend", params(("vm" = String, Path, description = "VM name, id or unique id prefix")),
+    responses((status = 202, body = Operation, description = "the suspend operation (stages, cancellable until its VMM is stopped): the guest's state saved to its suspend image, the VMM ended, the VM `suspended` (a suspended VM stays so); `start` resumes it"),
+        (status = 400, description = "invalid argument (`invalid_argument`): malformed path, or a VM id prefix that matches several VMs", body = ApiError),
+        (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError),
+        (status = 409, description = "the VM is busy with another operation, or neither running, paused nor suspended (`conflict`)", body = ApiError)))]
+async fn suspend_vm(
+    State(d): D,
+    c: ConnectInfo<PeerCred>,
+    Valid(Path(vm)): Valid<Path<String>>,
+) -> Result<Response> {
+    lifecycle(d, c, &vm, LifecycleOp::Suspend).await
+}
+
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct LogQuery {
@@ -380,7 +394,12 @@ async fn agent_connect(
         _ => {
             return Err(Error::new(
                 ErrorCode::NotRunning,
-                format!("VM {} is not running (state {})", vm.name, vm.state),
+                format!(
+                    "VM {} is not running (state {}){}",
+                    vm.name,
+                    vm.state,
+                    wick_model::vm::resume_hint(&vm.name, vm.state)
+                ),
             ))
         }
     };
@@ -653,6 +672,7 @@ impl utoipa::Modify for InternalErrors {
         restart_vm,
         kill_vm,
         pause_vm,
+        suspend_vm,
         resume_vm,
         vm_logs,
         prune_vms,
@@ -682,6 +702,7 @@ impl utoipa::Modify for InternalErrors {
         kernels::import_kernel,
         kernels::pull_kernel,
         snapshots::snapshot_vm,
+        snapshots::fork_vm,
         snapshots::list_snapshots,
         snapshots::show_snapshot,
         snapshots::delete_snapshot
@@ -720,6 +741,8 @@ impl utoipa::Modify for InternalErrors {
         PortMapping,
         Sidecar,
         wick_model::snapshot::CreateSnapshotRequest,
+        wick_model::snapshot::ForkVmRequest,
+        wick_model::snapshot::ForkResponse,
         wick_model::snapshot::SnapshotList,
         wick_model::SnapshotRecord,
         wick_model::SnapshotState

@@ -114,6 +114,10 @@ pub struct Config {
     /// Stop VMs untouched (no user action, no agent session) for this long (`0` = never).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_stop_stale_after: Option<String>,
+    /// What auto-stop does to an untouched VM: `stop` (default) or `suspend` (its state kept in
+    /// its suspend image, the VMM ended; a VM whose suspend fails is stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_stop_action: Option<String>,
     /// How often VM CPU/memory stats are sampled (and auto-stop checked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats_poll_interval: Option<String>,
@@ -342,6 +346,7 @@ impl Config {
                 parse_duration(v).map_err(|e| format!("{key}: {e}"))?;
             }
         }
+        self.auto_stop_action()?;
         if let Some(v) = &self.vmm {
             if !["auto", "firecracker", "qemu"].contains(&v.as_str()) {
                 return Err(format!("vmm = {v:?}: use auto, firecracker or qemu"));
@@ -417,6 +422,18 @@ impl Config {
             .as_deref()
             .and_then(|s| parse_duration(s).ok())
             .unwrap_or(Duration::from_secs(30))
+    }
+
+    /// What auto-stop starts on an untouched VM (`auto_stop_action`): stop or suspend.
+    pub fn auto_stop_action(&self) -> Result<wick_model::vm::LifecycleOp, String> {
+        use wick_model::vm::LifecycleOp;
+        match self.auto_stop_action.as_deref() {
+            None | Some("stop") => Ok(LifecycleOp::Stop),
+            Some("suspend") => Ok(LifecycleOp::Suspend),
+            Some(other) => Err(format!(
+                "auto_stop_action = {other:?}: use \"stop\" or \"suspend\""
+            )),
+        }
     }
 
     pub fn stop_timeout(&self) -> Duration {
@@ -787,6 +804,19 @@ mod tests {
         assert!(parse("nat_backend = \"pf\"").unwrap_err().contains("pf"));
         let c = parse("bridge_ip = \"10.9.0.1\"\ncidr = \"10.9.0.0/16\"").unwrap();
         assert_eq!(c.network_settings().unwrap().bridge_cidr, "10.9.0.1/16");
+    }
+
+    #[test]
+    fn auto_stop_action_is_stop_or_suspend() {
+        use wick_model::vm::LifecycleOp;
+        assert_eq!(Config::default().auto_stop_action(), Ok(LifecycleOp::Stop));
+        let c = parse("auto_stop_action = \"suspend\"").unwrap();
+        assert_eq!(c.auto_stop_action(), Ok(LifecycleOp::Suspend));
+        let e = parse("auto_stop_action = \"hibernate\"").unwrap_err();
+        assert!(
+            e.contains("auto_stop_action") && e.contains("hibernate"),
+            "{e}"
+        );
     }
 
     #[test]

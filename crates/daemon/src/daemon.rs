@@ -7,7 +7,8 @@
 //! resource exists, and [`Daemon::release`] frees everything from that record alone.
 //!
 //! One module per flow: `create`, `start`, `stop` (and kill), `pause` (and resume), `delete`
-//! (and prune), `set`, `snapshot` (snapshots of a VM, and their reconcile),
+//! (and prune), `set`, `snapshot` (snapshots of a VM, and their reconcile), `suspend` (the
+//! VM's state to its suspend image, the VMM ended; and its reconcile),
 //! `release`, with `boot_files`, the spec `checks`, VMM `watch`ing and `logs`. Every
 //! operation is spawned by one spawner, `Daemon::spawn_op`. These modules use the domain and the
 //! host crates, never the HTTP handlers (`crate::api`).
@@ -32,14 +33,17 @@ mod boot_files;
 mod checks;
 mod create;
 mod delete;
+mod fork;
 mod logs;
 mod pause;
 mod pool;
 mod release;
+mod restore;
 mod set;
 mod snapshot;
 mod start;
 mod stop;
+mod suspend;
 mod watch;
 mod xfs_pool;
 
@@ -194,8 +198,8 @@ impl Daemon {
         Ok(op)
     }
 
-    /// Starts a lifecycle operation (`start`, `stop`, `restart`, `delete`, `pause`, `resume`)
-    /// on a VM.
+    /// Starts a lifecycle operation (`start`, `stop`, `restart`, `delete`, `pause`, `resume`,
+    /// `suspend`) on a VM.
     pub fn begin(self: &Arc<Self>, what: LifecycleOp, vm: VmRecord) -> Result<Arc<OpEntry>> {
         self.spawn_op(what.kind(), vm, move |d, op, vm| async move {
             d.lifecycle_flow(&op, what, &vm.id).await
@@ -212,7 +216,14 @@ impl Daemon {
         let mut vm = self.store.get_vm(vm_id)?;
         vm.touched_at = now();
         match what {
-            LifecycleOp::Start => self.start_flow(op, vm).await.map(Some),
+            LifecycleOp::Start => {
+                let from_image = vm.state == wick_model::VmState::Suspended;
+                let out = self.start_flow(op, vm).await;
+                if from_image {
+                    self.after_start(vm_id); // a used suspend image goes
+                }
+                out.map(Some)
+            }
             LifecycleOp::Stop => self.stop_flow(op, vm).await.map(Some),
             LifecycleOp::Restart => {
                 let vm = self.stop_flow(op, vm).await?;
@@ -221,6 +232,7 @@ impl Daemon {
             LifecycleOp::Delete => self.delete_flow(op, vm).await.map(|()| None),
             LifecycleOp::Pause => self.pause_flow(op, vm).await.map(Some),
             LifecycleOp::Resume => self.resume_flow(op, vm).await.map(Some),
+            LifecycleOp::Suspend => self.suspend_flow(op, vm).await.map(Some),
         }
     }
 }

@@ -27,6 +27,9 @@ pub enum Access {
     Group(Gid),
     /// Owned by `uid` alone (0700/0600): for a VM dir whose VMM runs as its own uid.
     User(Uid),
+    /// Root's, readable by all, writable by none but root (0755/0644): a VMM's input inside
+    /// its own (private) VM dir, such as a suspend image the next VMM's uid loads.
+    Readable,
 }
 
 /// Sets wickd's umask: nothing it creates (directly or through its VMMs and tools) is group or
@@ -50,6 +53,7 @@ pub fn apply(path: &Path, access: Access) -> io::Result<()> {
         Access::Traverse(g) => (0o710, Uid::from_raw(0), Some(g)),
         Access::Group(g) => (0o660, Uid::from_raw(0), Some(g)),
         Access::User(u) => (if dir { 0o700 } else { 0o600 }, u, None),
+        Access::Readable => (if dir { 0o755 } else { 0o644 }, Uid::from_raw(0), None),
     };
     // Owner first, then mode: chown may clear setuid/setgid bits, never adds access.
     let want_uid = (meta.uid() != uid.as_raw()).then_some(uid);
@@ -68,6 +72,35 @@ pub fn apply(path: &Path, access: Access) -> io::Result<()> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     }
     Ok(())
+}
+
+/// [`apply`] to a file a less trusted uid could still swap (a VMM's output in its VM dir):
+/// opened without following a link (nor blocking on a FIFO), refused unless it is a regular
+/// file with one link, then owner and mode set on that descriptor, never on a path.
+pub fn apply_plain_file(path: &Path, access: Access) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(io::Error::other(format!(
+            "{} is not a plain file with one link; refusing it",
+            path.display()
+        )));
+    }
+    let (mode, uid, gid) = match access {
+        Access::Private => (0o600, 0, 0),
+        Access::Readable => (0o644, 0, 0),
+        Access::Group(g) => (0o660, 0, g.as_raw()),
+        Access::User(u) => (0o600, u.as_raw(), meta.gid()),
+        Access::Traverse(_) => return Err(io::Error::other("Traverse is for directories")),
+    };
+    if (meta.uid(), meta.gid()) != (uid, gid) && nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?; // owner first, then mode
+    }
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
 }
 
 /// Creates `dir` (and missing parents, which get the umask's 0700) and applies `access`.
@@ -162,5 +195,11 @@ mod tests {
         assert_eq!(mode(&f), 0o600);
         std::os::unix::fs::symlink(&f, dir.join("l")).unwrap();
         assert!(apply(&dir.join("l"), Access::Private).is_err());
+        assert!(apply_plain_file(&dir.join("l"), Access::Readable).is_err());
+        apply_plain_file(&f, Access::Readable).unwrap();
+        assert_eq!(mode(&f), 0o644);
+        std::fs::hard_link(&f, dir.join("h")).unwrap();
+        assert!(apply_plain_file(&f, Access::Private).is_err(), "two links");
+        assert_eq!(mode(&f), 0o644, "a refused file is left alone");
     }
 }

@@ -4,6 +4,7 @@
 //! `running` and `paused` ones are settled to the run state their VMM reports);
 //! VMs whose VMM died, and VMs caught mid-operation by a crash, are released and settled;
 //! a VM caught being handed out of the warm pool ends as its new owner's, in `error`;
+//! a suspended VM stays so, and one caught mid-suspend is settled (`Daemon::reconcile_suspend`);
 //! then leftovers that belong to no VM (VMM processes serving a socket in our state dir, VM
 //! directories without a record, capability resources) are swept.
 
@@ -37,6 +38,31 @@ pub async fn reconcile(d: &Arc<Daemon>) -> anyhow::Result<Report> {
                 .settled
                 .push(format!("{} (pool assignment -> {})", vm.name, vm.state));
             continue;
+        }
+        if vm
+            .runtime
+            .restore
+            .as_ref()
+            .is_some_and(|r| r.snapshot_id.is_some())
+        {
+            // A restore or fork cut short (it is cleared with `running`): removed like a
+            // failed create (daemon/restore.rs).
+            d.remove_restored(&vm.id).await;
+            report
+                .swept
+                .push(format!("unfinished restore {} ({})", vm.name, vm.id));
+            continue;
+        }
+        match d.reconcile_suspend(&mut vm).await {
+            Ok(Some(line)) => {
+                report.settled.push(line);
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(vm = %vm.name, error = %e, "reconcile: settling a suspend failed");
+                continue;
+            }
         }
         let live = vm.runtime.vmm.as_ref().and_then(|h| d.vmm.find(h));
         match (vm.state, live) {

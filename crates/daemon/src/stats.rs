@@ -1,6 +1,8 @@
 //! The stats poller and auto-stop: every `stats_poll_interval` it samples CPU time and RSS of
 //! each running or paused VM's VMM (and sidecars) from `/proc`, and stops VMs (paused ones
-//! included) untouched for `auto_stop_stale_after` through the ordinary stop operation.
+//! included) untouched for `auto_stop_stale_after` through the ordinary stop operation — or,
+//! with `auto_stop_action = "suspend"`, the suspend operation (a failed suspend falls back to
+//! a stop).
 //!
 //! Samples are observations, not host resources: they live in memory and start empty after a
 //! restart.
@@ -143,6 +145,7 @@ pub async fn run_poller(d: Arc<Daemon>) {
         .as_deref()
         .and_then(|s| crate::config::parse_duration(s).ok())
         .filter(|d| !d.is_zero());
+    let action = d.config.auto_stop_action().unwrap_or(LifecycleOp::Stop);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -160,13 +163,41 @@ pub async fn run_poller(d: Arc<Daemon>) {
             }
             if let (Some(limit), Some(idle)) = (stale_after, age(&vm.touched_at)) {
                 if idle > limit {
-                    tracing::info!(vm = %vm.name, idle = ?idle, "auto-stop: untouched for too long");
-                    let name = vm.name.clone();
-                    if let Err(e) = d.begin(LifecycleOp::Stop, vm) {
-                        tracing::warn!(vm = %name, error = %e, "auto-stop skipped");
-                    }
+                    tracing::info!(vm = %vm.name, idle = ?idle, ?action, "auto-stop: untouched for too long");
+                    auto_stop(&d, vm, action);
                 }
             }
         }
     }
+}
+
+/// Starts auto-stop's `action` on an untouched VM. A suspend that fails (a driver that cannot
+/// save the state, a full disk) leaves the VM running, so it is stopped instead.
+fn auto_stop(d: &Arc<Daemon>, vm: VmRecord, action: LifecycleOp) {
+    let (name, id) = (vm.name.clone(), vm.id.clone());
+    let op = match d.begin(action, vm) {
+        Ok(op) => op,
+        Err(e) => {
+            tracing::warn!(vm = %name, error = %e, "auto-stop skipped");
+            return;
+        }
+    };
+    if action != LifecycleOp::Suspend {
+        return;
+    }
+    let d = d.clone();
+    tokio::spawn(async move {
+        let Some(e) = op.wait().await.error else {
+            return;
+        };
+        tracing::warn!(vm = %name, error = %e.message, "auto-stop: suspend failed; stopping instead");
+        match d.store.get_vm(&id) {
+            Ok(vm) if vm.state.guest_up() => {
+                if let Err(e) = d.begin(LifecycleOp::Stop, vm) {
+                    tracing::warn!(vm = %name, error = %e, "auto-stop skipped");
+                }
+            }
+            _ => {}
+        }
+    });
 }

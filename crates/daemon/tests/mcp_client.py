@@ -17,6 +17,7 @@ from mcp.shared.exceptions import McpError
 TOOLS = {
     "create_vm", "list_vms", "show_vm", "exec", "run_repository", "read_file", "write_file",
     "list_files", "ports", "export_workspace", "stop_vm", "pause_vm", "resume_vm", "delete_vm",
+    "suspend_vm",
 }
 
 
@@ -64,6 +65,13 @@ async def main(work, repo, command):
             check(len(r["stdout"]) == 1000 and r["stdout_truncated"], "exec caps output")
             r = await call(session, "exec", vm="m1", command=["sleep", "30"], timeout_secs=1)
             check(r["timed_out"] and r["exit_code"] == 137, f"exec times out: {r}")
+
+            s = await call(session, "suspend_vm", vm="m1")
+            check(s["state"] == "suspended", f"suspend_vm: {s}")
+            r = await call(session, "exec", vm="m1", command=["echo", "resumed"])
+            check((r["exit_code"], r["stdout"]) == (0, "resumed\n"), f"exec resumes it: {r}")
+            s = await call(session, "show_vm", vm="m1")
+            check(s["state"] == "running", f"running again: {s}")
 
             path = f"{work}/files/dir/hello.txt"
             w = await call(session, "write_file", vm="m1", path=path, content="hello\n", mode="0600")

@@ -28,7 +28,8 @@ const RUN_LIMIT: Duration = Duration::from_secs(600);
 ///   not allow, like `409`: a schema-valid request may meet it (killing a stopped VM).
 /// - `POST /v1/vms` and `PATCH /v1/vms/{vm}` check what no schema of one value can: memory
 ///   against the host's RAM, disk size against 16 TiB, names that look like VM ids, the same host
-///   port twice, a PATCH that sets nothing. Those answer `400` to schema-valid bodies.
+///   port twice, a PATCH that sets nothing. Those answer `400` to schema-valid bodies, and so
+///   does `POST /v1/vms/{vm}/fork` for fork names (`NAME-K`) past 63 characters or id-like.
 const CONFIG: &str = r#"
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "412", "429", "5xx"]
@@ -41,6 +42,11 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "400", "401",
 [[operations]]
 include-path = "/v1/vms/{vm}"
 include-method = "PATCH"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "409", "412", "429", "5xx"]
+
+[[operations]]
+include-path = "/v1/vms/{vm}/fork"
+include-method = "POST"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "409", "412", "429", "5xx"]
 "#;
 

@@ -132,6 +132,11 @@ pub struct CreateVmRequest {
     /// Which init runs as PID 1: `auto` (default), `wick` or `image`.
     #[serde(default)]
     pub init: Option<crate::vm::InitMode>,
+    /// Restore this snapshot (name, id or unique id prefix) instead of booting an image: the
+    /// new VM continues the snapshot's guest with its own identity. The snapshot decides vcpu,
+    /// memory, disk size, image, kernel and init (refused here); `no_start` is refused too.
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
 }
 
 /// `PATCH /v1/vms/{vm}` (`wick vm set`). vcpu/memory apply at next start; NAT applies live.
@@ -268,8 +273,12 @@ pub enum OpKind {
     Delete,
     Pause,
     Resume,
+    /// `vm suspend`: the guest's state into its suspend image, the VMM gone.
+    Suspend,
     /// `vm snapshot`: the VM's state and disks into a new snapshot.
     Snapshot,
+    /// `vm fork`: a transient snapshot of the VM, then one restore (a `create`) per fork.
+    Fork,
     ImageImport,
     ImagePull,
     ImageBuild,

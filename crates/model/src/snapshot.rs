@@ -71,6 +71,35 @@ pub struct CreateSnapshotRequest {
     pub name: String,
 }
 
+/// `POST /v1/vms/{vm}/fork`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkVmRequest {
+    /// The fork's name (`count` = 1), else the prefix of `NAME-1` … `NAME-K`; default
+    /// `<vm>-fork-<n>`.
+    #[serde(default)]
+    #[schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+    pub name: Option<String>,
+    /// How many forks (default 1, at most [`MAX_FORKS`]).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 64)]
+    pub count: Option<u32>,
+    /// SSH public keys for the forks (default: the source's).
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+}
+
+/// At most this many forks per request.
+pub const MAX_FORKS: u32 = 64;
+
+/// `202` answer of `POST /v1/vms/{vm}/fork`: the fork operation (on the source VM; it ends
+/// when every fork is running or has failed) and the forks' names, recorded `creating`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ForkResponse {
+    pub operation: crate::api::Operation,
+    pub vms: Vec<String>,
+}
+
 /// `GET /v1/snapshots`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotList {

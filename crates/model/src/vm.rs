@@ -19,10 +19,16 @@ pub use lifecycle::{resume_hint, LifecycleOp, Next, TransitionError, VmAction};
 ///                  ^             │           │ ^
 ///                  └── error <───┴─────────┐ v │ pause / resume
 ///                                          paused
+///
+///  running / paused ──suspend──> suspended ──start──> starting (loads the suspend image)
+///                                    └──stop──> stopped (the image discarded)
 /// ```
 ///
 /// `paused`: the VMM process is alive with every host resource (TAP, DNS name, published
 /// ports), its vCPUs stopped; nothing runs in the guest until `resume`.
+///
+/// `suspended`: no VMM and no host resource but the disks, the IP lease and the suspend image
+/// (`runtime.restore`); the next start loads the image and the guest continues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
@@ -34,6 +40,9 @@ pub enum VmState {
     Paused,
     Stopping,
     Error,
+    /// No VMM: the guest's memory and device state wait in its suspend image (`wick vm
+    /// suspend`); the next start loads it.
+    Suspended,
 }
 
 impl VmState {
@@ -46,6 +55,7 @@ impl VmState {
             VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Error => "error",
+            VmState::Suspended => "suspended",
         }
     }
 
@@ -81,6 +91,7 @@ impl FromStr for VmState {
             "paused" => VmState::Paused,
             "stopping" => VmState::Stopping,
             "error" => VmState::Error,
+            "suspended" => VmState::Suspended,
             other => return Err(format!("unknown VM state {other:?}")),
         })
     }
@@ -350,6 +361,10 @@ pub struct VmRuntime {
     /// exist; the start that loads them clears it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreFrom>,
+    /// Set while `wick vm suspend` writes the suspend image `restore` names: not complete yet,
+    /// never loaded; reconcile drops it after a crash (`daemon/suspend.rs`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspending: bool,
 }
 
 /// A saved state a start loads instead of booting ([`VmRuntime::restore`]).
@@ -512,6 +527,7 @@ mod tests {
             VmState::Paused,
             VmState::Stopping,
             VmState::Error,
+            VmState::Suspended,
         ] {
             assert_eq!(s.as_str().parse::<VmState>().unwrap(), s);
             assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));

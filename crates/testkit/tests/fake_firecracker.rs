@@ -18,9 +18,14 @@ struct Fake {
 
 impl Fake {
     fn start() -> Fake {
-        let dir = tempfile::tempdir().unwrap();
+        Fake::start_in(tempfile::tempdir().unwrap())
+    }
+
+    /// A fake whose working directory (and socket dir) is `dir`, as the driver runs it.
+    fn start_in(dir: tempfile::TempDir) -> Fake {
         let sock = dir.path().join("fc.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_fake-firecracker"))
+            .current_dir(dir.path())
             .args(["--api-sock"])
             .arg(&sock)
             .args(["--id", "fake1", "--level", "Debug", "--no-seccomp"])
@@ -399,4 +404,64 @@ fn cli_shape() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("FailedToBindSocket"));
+}
+
+/// `/snapshot/load` opens the drives the state names, exactly as given at boot: a relative
+/// path against the loading process's working directory (Firecracker cannot rename drives on
+/// a load), so a restore into another VM dir opens that dir's disk, and fails without one.
+#[test]
+fn snapshot_load_opens_the_drives_relative_to_the_working_directory() {
+    let src = Fake::start();
+    let kernel = src.file("vmlinux");
+    src.file("rootfs.ext4");
+    assert_eq!(
+        src.put(
+            "/boot-source",
+            json!({ "kernel_image_path": kernel, "boot_args": "x" })
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        src.put(
+            "/drives/rootfs",
+            json!({ "drive_id": "rootfs", "path_on_host": "rootfs.ext4", "is_root_device": true })
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        src.put("/actions", json!({ "action_type": "InstanceStart" }))
+            .0,
+        204
+    );
+    assert_eq!(
+        src.req("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0,
+        204
+    );
+    let (state, mem) = (
+        src.dir.path().join("s.vmstate"),
+        src.dir.path().join("s.mem"),
+    );
+    assert_eq!(
+        src.put(
+            "/snapshot/create",
+            json!({ "snapshot_path": state, "mem_file_path": mem })
+        )
+        .0,
+        204
+    );
+    let load = json!({ "snapshot_path": state, "mem_backend": { "backend_type": "File", "backend_path": mem } }).to_string();
+
+    let empty = Fake::start();
+    let fault = empty.fault("PUT", "/snapshot/load", Some(&load));
+    assert!(
+        fault.contains("Unable to open the backing file rootfs.ext4"),
+        "{fault}"
+    );
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("rootfs.ext4"), b"").unwrap();
+    let dst = Fake::start_in(other);
+    assert_eq!(dst.req("PUT", "/snapshot/load", Some(&load)).0, 204);
+    assert_eq!(dst.req("GET", "/", None).1["state"], "Paused");
 }

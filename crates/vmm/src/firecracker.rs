@@ -8,6 +8,7 @@
 
 mod api;
 pub mod request;
+mod restore;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -62,6 +63,16 @@ impl Firecracker {
         match self.jailer {
             Some(_) => crate::jailer::in_jail(name),
             None => host.to_path_buf(),
+        }
+    }
+
+    /// The path a drive is given: in the jail when jailed, else relative to the VM dir (the
+    /// process's working directory), so a snapshot names it relative to whichever VM loads it
+    /// (see [`restore`]).
+    fn drive_path(&self, handle: &VmmHandle, disk: &Path, id: &str) -> Result<PathBuf, VmmError> {
+        match self.jailer {
+            Some(_) => Ok(self.api_path(disk, id)),
+            None => restore::drive_path(handle, disk, id),
         }
     }
 
@@ -251,7 +262,9 @@ impl Firecracker {
                 cmd.arg("--api-sock")
                     .arg(&handle.api_socket)
                     .arg("--id")
-                    .arg(instance_id(handle));
+                    .arg(instance_id(handle))
+                    // Drive paths are relative to the VM dir (see `restore`).
+                    .current_dir(vm_dir(&handle.api_socket));
                 if let Some(jail) = &cfg.jail {
                     crate::confine::confine(&mut cmd, jail, &[])?;
                 }
@@ -370,7 +383,7 @@ impl Firecracker {
         self.put(
             handle,
             "/drives/rootfs",
-            json!({ "drive_id": "rootfs", "path_on_host": self.api_path(&cfg.root_disk, "rootfs"), "is_root_device": true, "is_read_only": false }),
+            json!({ "drive_id": "rootfs", "path_on_host": self.drive_path(handle, &cfg.root_disk, "rootfs")?, "is_root_device": true, "is_read_only": false }),
         )
         .await?;
         for (i, disk) in cfg.extra_disks.iter().enumerate() {
@@ -378,7 +391,7 @@ impl Firecracker {
             self.put(
                 handle,
                 &format!("/drives/{id}"),
-                json!({ "drive_id": id, "path_on_host": self.api_path(disk, &id), "is_root_device": false, "is_read_only": false }),
+                json!({ "drive_id": id, "path_on_host": self.drive_path(handle, disk, &id)?, "is_root_device": false, "is_read_only": false }),
             )
             .await?;
         }
@@ -563,6 +576,27 @@ impl Vmm for Firecracker {
         timeout: Duration,
     ) -> Result<Vec<PathBuf>, VmmError> {
         crate::snapshot::firecracker_save(self, handle, dir, prefix, timeout).await
+    }
+
+    /// Firecracker's API up, nothing configured: a load must come first.
+    async fn spawn_restore(
+        &self,
+        handle: &VmmHandle,
+        cfg: &VmmConfig,
+        timeout: Duration,
+    ) -> Result<Spawned, VmmError> {
+        self.spawn(handle, cfg, timeout).await
+    }
+
+    /// `PUT /snapshot/load` (see [`restore`]).
+    async fn load_state(
+        &self,
+        handle: &VmmHandle,
+        cfg: &VmmConfig,
+        files: &[PathBuf],
+        timeout: Duration,
+    ) -> Result<(), VmmError> {
+        self.load_files(handle, cfg, files, timeout).await
     }
 
     /// `GET /`'s `state`: `Running`, `Paused` (or `Not started`).

@@ -473,6 +473,36 @@ impl Vmm for Qemu {
         crate::snapshot::qemu_save(self, handle, dir, prefix, timeout).await
     }
 
+    /// QEMU with `-incoming defer` and a new agent-channel sidecar ([`Qemu::spawn_incoming`]).
+    async fn spawn_restore(
+        &self,
+        handle: &VmmHandle,
+        cfg: &VmmConfig,
+        timeout: Duration,
+    ) -> Result<Spawned, VmmError> {
+        self.spawn_incoming(handle, cfg, timeout).await
+    }
+
+    /// `migrate-incoming` from the one state file (`mapped-ram`, as saved), read through the
+    /// hard link in the VM dir; the guest stays paused.
+    async fn load_state(
+        &self,
+        handle: &VmmHandle,
+        _cfg: &VmmConfig,
+        files: &[PathBuf],
+        timeout: Duration,
+    ) -> Result<(), VmmError> {
+        let [file] = files else {
+            return Err(VmmError::Other(format!(
+                "a QEMU snapshot has one state file, not {}",
+                files.len()
+            )));
+        };
+        Qemu::load_state(self, handle, file, true, timeout)
+            .await
+            .map(drop)
+    }
+
     /// QMP `query-status`: `running`, `paused`, or another run state verbatim.
     async fn run_state(&self, handle: &VmmHandle, timeout: Duration) -> Result<RunState, VmmError> {
         let status = self

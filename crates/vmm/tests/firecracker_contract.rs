@@ -796,8 +796,15 @@ mod snapshot {
         assert_eq!(mem.len(), 256 << 20, "memory file of mem_size_mib");
         assert!(snap.join("vm.snap").exists());
 
-        // A fresh process elsewhere: the snapshot with the new TAP and vsock socket.
+        // A fresh process elsewhere: the snapshot with the new TAP and vsock socket. The state
+        // names the disks relative to the VM dir (`drive-rootfs`, `drive-disk1`: the driver's
+        // links for disks kept outside it): the new VM dir has its own.
         let new = Vm::spawned("fake", &bin).await;
+        let new_dir = new.handle.api_socket.parent().unwrap().to_path_buf();
+        std::fs::copy(&cfg.root_disk, new_dir.join("drive-rootfs")).unwrap();
+        for (i, d) in cfg.extra_disks.iter().enumerate() {
+            std::fs::copy(d, new_dir.join(format!("drive-disk{}", i + 1))).unwrap();
+        }
         let vsock = new.handle.vsock_socket.clone();
         let Action::LoadSnapshot(req) = load(&snap, &vsock, "wk-dst") else {
             unreachable!()

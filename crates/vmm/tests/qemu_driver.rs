@@ -1063,3 +1063,157 @@ async fn real_agent_survives_a_migration_to_a_file() {
         .await
         .expect("stop");
 }
+
+/// A restore through the driver's `Vmm` seam into *another* VM: a real guest (golden image,
+/// real agent) is saved with `Vmm::save_state`; the state file is made root's and read-only
+/// (as a snapshot's is) and handed to a second VM dir with its own disk clones and sockets
+/// through a hard link; `spawn_restore` → `load_state` → `resume` there, and the agent answers
+/// over the new VM's channel with the guest's RAM (a tmpfs file) intact, while the source,
+/// still paused, is untouched and continues when resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_guest_restores_into_another_vm_dir() {
+    let t = "real_guest_restores_into_another_vm_dir";
+    if let Some(why) = qemu_support::qemu_unavailable() {
+        return skip(t, &why);
+    }
+    let assets = match wick_testkit::guest::guest_assets() {
+        Ok(a) => a,
+        Err(why) => return skip(t, &why),
+    };
+    let setup = |vm: &mut RealVm| {
+        let dir = vm.handle.api_socket.parent().unwrap().to_path_buf();
+        let (root, work) = (dir.join("rootfs.ext4"), dir.join("work.ext4"));
+        sparse_copy(&assets.rootfs, &root);
+        sparse_copy(&assets.work_seed, &work);
+        vm.cfg.root_disk = root;
+        vm.cfg.extra_disks = vec![work];
+        vm.cfg.initrd = Some(assets.initrd.clone());
+        vm.cfg.memory_mib = 1024;
+        vm.cfg.boot_args = "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw".into();
+    };
+    let mut src = RealVm::tcg(&assets.kernel);
+    setup(&mut src);
+    src.spawn().await.expect("spawn");
+    src.qemu
+        .boot(&src.handle, &src.cfg, BOOT_TIMEOUT)
+        .await
+        .expect("boot");
+    let client = wick_agent_proto::AgentClient::connect(
+        &src.handle.vsock_socket,
+        wick_agent_proto::AGENT_PORT,
+        Duration::from_secs(240),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("agent: {e}\n{}", src.console()));
+    let marker = format!("restored-{}", std::process::id());
+    let (code, _) = guest_exec(
+        &client,
+        &["sh", "-c", &format!("echo {marker} > /dev/shm/wick-marker")],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    drop(client);
+    src.qemu
+        .pause(&src.handle, Duration::from_secs(10))
+        .await
+        .expect("pause");
+    let src_dir = src.handle.api_socket.parent().unwrap().to_path_buf();
+    let files = Vmm::save_state(
+        &src.qemu,
+        &src.handle,
+        &src_dir,
+        "snap",
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("save: {e}\n{}", src.console()));
+    assert_eq!(files.len(), 1, "{files:?}");
+    // As a snapshot keeps it: root's, read-only for everyone else.
+    std::fs::set_permissions(
+        &files[0],
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644),
+    )
+    .unwrap();
+
+    let mut dst = RealVm::tcg(&assets.kernel);
+    setup(&mut dst);
+    dst.cfg.guest_cid = 43;
+    let dst_dir = dst.handle.api_socket.parent().unwrap().to_path_buf();
+    let link = dst_dir.join("restore.state");
+    // Another tempdir: the same filesystem here, so a hard link, as wickd makes it.
+    std::fs::hard_link(&files[0], &link).unwrap();
+    let tr = Instant::now();
+    let s = dst
+        .qemu
+        .spawn_restore(&dst.handle, &dst.cfg, SPAWN_TIMEOUT)
+        .await
+        .expect("spawn_restore");
+    dst.handle.pid = Some(s.pid);
+    dst.handle.start_time = Some(s.start_time);
+    dst.handle.sidecars = s.sidecars;
+    dst.child = s.child;
+    Vmm::load_state(
+        &dst.qemu,
+        &dst.handle,
+        &dst.cfg,
+        std::slice::from_ref(&link),
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("load: {e}\n{}", dst.console()));
+    let loaded = tr.elapsed();
+    std::fs::remove_file(&link).unwrap();
+    dst.qemu
+        .resume(&dst.handle, Duration::from_secs(10))
+        .await
+        .expect("resume");
+    let client = wick_agent_proto::AgentClient::connect(
+        &dst.handle.vsock_socket,
+        wick_agent_proto::AGENT_PORT,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("agent after restore: {e}\n{}", dst.console()));
+    let ready = tr.elapsed();
+    let (code, out) = guest_exec(&client, &["cat", "/dev/shm/wick-marker"]).await;
+    assert_eq!(
+        (code, out.trim()),
+        (Some(0), marker.as_str()),
+        "RAM came back"
+    );
+    // The restored guest writes to its own disks, not the source's.
+    let (code, _) = guest_exec(
+        &client,
+        &["sh", "-c", "echo fork > /root/only-in-dst; sync"],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    drop(client);
+    // The source continues where it was.
+    src.qemu
+        .resume(&src.handle, Duration::from_secs(10))
+        .await
+        .expect("resume the source");
+    let client = wick_agent_proto::AgentClient::connect(
+        &src.handle.vsock_socket,
+        wick_agent_proto::AGENT_PORT,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("source agent: {e}\n{}", src.console()));
+    let (code, out) = guest_exec(&client, &["cat", "/dev/shm/wick-marker"]).await;
+    assert_eq!((code, out.trim()), (Some(0), marker.as_str()));
+    let (code, _) = guest_exec(&client, &["test", "-e", "/root/only-in-dst"]).await;
+    assert_eq!(
+        code,
+        Some(1),
+        "the source does not see the restored VM's writes"
+    );
+    eprintln!("restore into another VM dir (TCG, 1 GiB): spawn+load {loaded:?}, -> agent answers {ready:?}");
+    for vm in [&src, &dst] {
+        vm.qemu
+            .stop(&vm.handle, Duration::from_secs(10))
+            .await
+            .expect("stop");
+    }
+}

@@ -18,6 +18,7 @@ mod ssh;
 mod ssh_config;
 mod version;
 mod vm;
+pub(crate) mod wake;
 mod workspace;
 
 use std::io::{self, Write};

@@ -1,10 +1,13 @@
 //! `wick vm snapshot VM --name SNAP` and `wick snapshot list|show|delete`: a VM's whole state
-//! (memory, devices, disks) kept by the daemon as an artifact.
+//! (memory, devices, disks) kept by the daemon as an artifact; `wick vm create --from-snapshot`
+//! and `wick vm fork` restore one into new VMs.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use wick_model::api::Operation;
-use wick_model::snapshot::{CreateSnapshotRequest, SnapshotList};
+use wick_model::snapshot::{
+    CreateSnapshotRequest, ForkResponse, ForkVmRequest, SnapshotList, MAX_FORKS,
+};
 use wick_model::SnapshotRecord;
 
 use super::image::{delete_all, out_json_sorted, DeleteArgs, ListArgs, NameArg};
@@ -36,6 +39,100 @@ pub struct VmSnapshotArgs {
     /// Print the new snapshot as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `wick vm fork` flags.
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// The VM to fork (running or paused; it keeps running as it was).
+    pub vm: String,
+    /// The fork's name; with --count K the forks are NAME-1 … NAME-K [default: VM-fork-N].
+    #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
+    pub name: Option<String>,
+    /// How many forks to make (1-64).
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub count: u32,
+    /// Print the forks as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `wick vm create --from-snapshot SNAP`: a create whose spec is the snapshot's; the flags the
+/// snapshot decides are refused here already.
+pub async fn create_from_snapshot(
+    ctx: &Ctx,
+    args: &crate::cli::VmSpecArgs,
+    snap: String,
+    json: bool,
+) -> Result<()> {
+    let decided = [
+        ("--vcpu", args.vcpu.is_some()),
+        ("--memory", args.memory.is_some()),
+        ("--disk-size", args.disk_size.is_some()),
+        ("--image", args.image.is_some()),
+        ("--kernel", args.kernel.is_some()),
+        ("--init", args.init.is_some()),
+    ];
+    let bad: Vec<&str> = decided
+        .iter()
+        .filter(|(_, g)| *g)
+        .map(|(f, _)| *f)
+        .collect();
+    if !bad.is_empty() {
+        anyhow::bail!(
+            "{} cannot be combined with --from-snapshot: the snapshot decides vcpu, memory,              disk size, image, kernel and init",
+            bad.join(", ")
+        );
+    }
+    let mut req = super::vm::create_request(ctx, args, false)?;
+    req.from_snapshot = Some(snap);
+    let client = ctx.client();
+    let interrupt = Interrupt::install();
+    let done = super::vm::create_vm(&client, &req, &interrupt).await?;
+    let vm = super::vm::outcome_vm(&client, done).await?;
+    if json {
+        out_json_sorted(&vm)
+    } else {
+        outln(&render::vm_summary(&vm))
+    }
+}
+
+/// `wick vm fork`: the fork operation, followed (a stage per fork), then the forks.
+pub async fn fork_vm(ctx: &Ctx, a: ForkArgs) -> Result<()> {
+    if let Some(n) = &a.name {
+        wick_model::validate_vm_name(n).map_err(|e| anyhow::anyhow!(e.to_string()))?;
+    }
+    if !(1..=MAX_FORKS).contains(&a.count) {
+        anyhow::bail!("--count {}: give 1 to {MAX_FORKS} forks", a.count);
+    }
+    let client = ctx.client();
+    let req = ForkVmRequest {
+        name: a.name,
+        count: Some(a.count),
+        ssh_keys: super::ssh_config::public_key(&ctx.paths)
+            .into_iter()
+            .collect(),
+    };
+    let fork: ForkResponse = client.post(&vm_path(&a.vm, "/fork"), &req).await?;
+    let op = follow(&client, fork.operation, View::auto(), &Interrupt::install()).await?;
+    let failed = outcome(op).err();
+    let mut vms = Vec::new();
+    for name in &fork.vms {
+        if let Ok(vm) = client.get::<wick_model::VmRecord>(&vm_path(name, "")).await {
+            vms.push(vm);
+        }
+    }
+    if a.json {
+        out_json_sorted(&vms)?;
+    } else {
+        for vm in &vms {
+            outln(&render::vm_summary(vm))?;
+        }
+    }
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 /// `wick vm snapshot`: the operation, followed, then the new snapshot.

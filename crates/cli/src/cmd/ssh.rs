@@ -27,6 +27,7 @@ use crate::client::vm_path;
 
 pub async fn run(ctx: &Ctx, a: SshArgs) -> Result<()> {
     let vm: VmRecord = ctx.client().get(&vm_path(&a.vm, "")).await?;
+    let vm = super::wake::resume_if_suspended(&ctx.client(), vm).await?;
     let err = command(ctx, &vm, &a.command)?.exec();
     Err(ssh_error(err))
 }
@@ -56,6 +57,7 @@ fn ssh_error(err: io::Error) -> anyhow::Error {
 pub async fn proxy(ctx: &Ctx, a: SshProxyArgs) -> Result<()> {
     let name = a.host.strip_suffix(".vm").unwrap_or(&a.host);
     let vm: VmRecord = ctx.client().get(&vm_path(name, "")).await?;
+    let vm = super::wake::resume_if_suspended(&ctx.client(), vm).await?;
     let target = Target::prepare(ctx, &vm)?;
     let ip: std::net::IpAddr = target
         .ip

@@ -10,7 +10,7 @@ use wick_model::api::{
 };
 use wick_model::size::format_mib;
 use wick_model::vm::LifecycleOp;
-use wick_model::{VmRecord, VmState};
+use wick_model::VmRecord;
 
 use super::{out, out_json, outln, Ctx};
 use crate::cli::{
@@ -31,7 +31,9 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
         VmCommand::Restart(a) => lifecycle(ctx, LifecycleOp::Restart, a).await,
         VmCommand::Pause(a) => lifecycle(ctx, LifecycleOp::Pause, a).await,
         VmCommand::Snapshot(a) => super::snapshot::snapshot_vm(ctx, a).await,
+        VmCommand::Fork(a) => super::snapshot::fork_vm(ctx, a).await,
         VmCommand::Resume(a) => lifecycle(ctx, LifecycleOp::Resume, a).await,
+        VmCommand::Suspend(a) => lifecycle(ctx, LifecycleOp::Suspend, a).await,
         VmCommand::Delete(a) => lifecycle(ctx, LifecycleOp::Delete, a).await,
         VmCommand::Kill(a) => kill(ctx, a).await,
         VmCommand::Commit(a) => super::image::commit(ctx, a).await,
@@ -74,6 +76,9 @@ pub async fn run(ctx: &Ctx, cmd: VmCommand) -> Result<()> {
 }
 
 async fn create(ctx: &Ctx, mut args: CreateArgs) -> Result<()> {
+    if let Some(snap) = args.from_snapshot.take() {
+        return super::snapshot::create_from_snapshot(ctx, &args.vm, snap, args.json).await;
+    }
     create_request(ctx, &args.vm, args.no_start)?;
     let client = ctx.client();
     if let Some(dir) = &args.from_dir {
@@ -172,7 +177,7 @@ pub(super) async fn create_vm(
 }
 
 /// The VM a finished create made, or the operation's error.
-pub(super) async fn outcome_vm(
+pub(crate) async fn outcome_vm(
     client: &Client,
     result: Result<Operation, Operation>,
 ) -> Result<VmRecord> {
@@ -201,10 +206,11 @@ fn op_request(kind: LifecycleOp, vm: &str) -> (hyper::Method, String) {
         LifecycleOp::Restart => (hyper::Method::POST, vm_path(vm, "/restart")),
         LifecycleOp::Pause => (hyper::Method::POST, vm_path(vm, "/pause")),
         LifecycleOp::Resume => (hyper::Method::POST, vm_path(vm, "/resume")),
+        LifecycleOp::Suspend => (hyper::Method::POST, vm_path(vm, "/suspend")),
     }
 }
 
-/// One VM of `vm start|stop|restart|delete|pause|resume`: start the operation and follow it.
+/// One VM of `vm start|stop|restart|delete|pause|resume|suspend`: start the operation and follow it.
 pub(super) async fn run_op(
     client: &Client,
     kind: LifecycleOp,
@@ -393,7 +399,7 @@ async fn prune(ctx: &Ctx, args: PruneArgs) -> Result<()> {
         let doomed: Vec<&VmRecord> = list
             .vms
             .iter()
-            .filter(|vm| vm.state != VmState::Running)
+            .filter(|vm| vm.check(wick_model::vm::VmAction::Prune).is_ok())
             .collect();
         if doomed.is_empty() {
             eprintln!("nothing to prune: every VM is running");
@@ -475,6 +481,7 @@ mod tests {
     use crate::render::tests::vm;
     use wick_model::api::ErrorCode;
     use wick_model::api::OpKind;
+    use wick_model::VmState;
 
     fn op(kind: OpKind, vm_rec: Option<VmRecord>) -> Operation {
         Operation {

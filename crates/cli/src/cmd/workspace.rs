@@ -37,6 +37,7 @@ async fn prepare(ctx: &Ctx, a: WorkspacePrepareArgs) -> Result<()> {
     if a.dry_run {
         return print_dry_run(&plan, &vm.name, &a.guest_path);
     }
+    let vm = super::wake::resume_if_suspended(&ctx.client(), vm).await?;
     ensure_running(&vm)?;
     let report = prepare_into(ctx, &vm, &plan, &a.guest_path).await?;
     outln(&summary(&report, &vm.name))
@@ -186,6 +187,7 @@ pub(super) fn summary(r: &PrepareReport, vm: &str) -> String {
 async fn export(ctx: &Ctx, a: WorkspaceExportArgs) -> Result<()> {
     check_guest_path(&a.guest_path)?;
     let vm: VmRecord = ctx.client().get(&vm_path(&a.vm, "")).await?;
+    let vm = super::wake::resume_if_suspended(&ctx.client(), vm).await?;
     ensure_running(&vm)?;
     let client = agent_client(ctx, &vm).await?;
     let base = a.base_commit.as_deref();

@@ -78,6 +78,9 @@ impl Daemon {
         if let Some(name) = &req.name {
             validate_vm_name(name).map_err(|e| Error::invalid(e.to_string()))?;
         }
+        if req.from_snapshot.is_some() {
+            return self.create_from_snapshot(req, caller);
+        }
         let spec = self.resolve_spec(&req, caller)?;
         // Checked and recorded under one lock: concurrent creates cannot both pass the limits.
         let quota = self.quota.lock().unwrap_or_else(|e| e.into_inner());
@@ -115,7 +118,7 @@ impl Daemon {
     }
 
     /// A new VM's record: `creating`, its own directory.
-    fn new_record(&self, name: String, caller: Caller, spec: &VmSpec) -> VmRecord {
+    pub(super) fn new_record(&self, name: String, caller: Caller, spec: &VmSpec) -> VmRecord {
         let id = new_vm_id();
         let t = now();
         VmRecord {

@@ -37,6 +37,13 @@ impl Daemon {
         let _g = self.ops.try_lock_vm(&vm.id, &vm.name, None)?;
         let mut vm = self.store.get_vm(&vm.id)?;
         let old = vm.spec.clone();
+        if vm.runtime.restore.is_some() && (vcpu.is_some() || memory.is_some()) {
+            // The saved state (a suspend image) is of a machine with the old vCPUs and memory.
+            return Err(Error::conflict(format!(
+                "VM {} is {} with a saved state of its vCPUs and memory; start it first, or                  stop it (which discards that state), then set them",
+                vm.name, vm.state
+            )));
+        }
         if let Some(v) = vcpu {
             vm.spec.vcpu = v;
         }

@@ -71,16 +71,23 @@ impl Daemon {
         let name = req.name;
         self.spawn_op(OpKind::Snapshot, vm, move |d, op, vm| async move {
             let vm = d.store.get_vm(&vm.id)?;
-            d.snapshot_flow(&op, name, vm, caller).await.map(Some)
+            let id = wick_model::new_vm_id();
+            d.snapshot_flow(&op, (id, name), vm, caller, false)
+                .await
+                .map(Some)
         })
     }
 
-    async fn snapshot_flow(
+    /// Takes snapshot `id` named `name` of `vm`. A `transient` snapshot (a fork's) is not held
+    /// to `[limits] max_snapshots` and stays `creating`: its fork removes it once the forks
+    /// have loaded, and after a crash reconcile removes it like any partial snapshot.
+    pub(super) async fn snapshot_flow(
         self: &Arc<Self>,
         op: &OpEntry,
-        name: String,
+        (id, name): (String, String),
         vm: VmRecord,
         caller: Caller,
+        transient: bool,
     ) -> Result<VmRecord> {
         if !vm.state.guest_up() {
             return Err(Error::conflict(format!(
@@ -89,7 +96,7 @@ impl Daemon {
             )));
         }
         let mut snap = SnapshotRecord {
-            id: wick_model::new_vm_id(),
+            id,
             name,
             owner: caller.uid,
             source_vm_id: vm.id.clone(),
@@ -105,7 +112,9 @@ impl Daemon {
         op.stage("record snapshot");
         {
             let _quota = self.quota.lock().unwrap_or_else(|e| e.into_inner());
-            self.check_snapshot_limit(caller.uid)?;
+            if !transient {
+                self.check_snapshot_limit(caller.uid)?;
+            }
             self.store.create_snapshot(&snap)?;
         }
         failpoint::hit("snapshot-recorded");
@@ -133,6 +142,7 @@ impl Daemon {
             self.thaw_guest(&vm).await;
         }
         match out {
+            Ok(()) if transient => Ok(self.store.get_vm(&vm.id)?),
             Ok(()) => {
                 op.stage("finish");
                 self.store
@@ -248,7 +258,7 @@ impl Daemon {
 
     /// Removes a snapshot's files (its dir and any staged state file in the source's VM dir),
     /// then its record. Idempotent; failures are logged (reconcile's sweep retries the dir).
-    async fn discard_snapshot(&self, snap: &SnapshotRecord) {
+    pub(super) async fn discard_snapshot(&self, snap: &SnapshotRecord) {
         remove_snapshot_files(&self.paths, snap).await;
         if let Err(e) = self.store.delete_snapshot(&snap.id) {
             tracing::error!(snapshot = %snap.name, error = %e, "cannot remove the snapshot record");
@@ -284,13 +294,28 @@ impl Daemon {
     }
 
     /// `wick snapshot delete`: the record first, then the files (a crash between leaves a dir
-    /// without a record, which the next start sweeps). A snapshot still being made is refused.
+    /// without a record, which the next start sweeps). A snapshot still being made is refused,
+    /// and so is one a VM is being restored from (its `runtime.restore` names it); once loaded,
+    /// a restored VM needs nothing of its snapshot.
     pub async fn delete_snapshot(&self, reference: &str, caller: Caller) -> Result<SnapshotRecord> {
         let snap = self.find_snapshot(reference, caller)?;
         if snap.state == SnapshotState::Creating {
             return Err(Error::conflict(format!(
                 "snapshot {} is still being created; wait for its operation to end",
                 snap.name
+            )));
+        }
+        let loading = self.store.list_vms(None)?.into_iter().find(|v| {
+            v.runtime
+                .restore
+                .as_ref()
+                .and_then(|r| r.snapshot_id.as_deref())
+                == Some(&snap.id)
+        });
+        if let Some(vm) = loading {
+            return Err(Error::conflict(format!(
+                "snapshot {} is being restored into VM {}; delete it once that VM runs",
+                snap.name, vm.name
             )));
         }
         self.store.delete_snapshot(&snap.id)?;
@@ -313,7 +338,9 @@ fn root_disk_file(vm: &VmRecord) -> Result<PathBuf> {
 }
 
 /// Moves a state file the VMM wrote (`<prefix>.<ext>` in the VM dir) to `dir/vm.<ext>` and
-/// makes it root's. The VM dir belongs to the VMM's uid, so the file must be a regular file
+/// makes it root's, mode 0644: only reachable through the root-only snapshot dir, or through
+/// the hard links a restore puts in its VM dir, where the VMM's uid may read but never write
+/// it ([`shareable`]). The VM dir belongs to the VMM's uid, so the file must be a regular file
 /// with one link (not a link the VMM planted to something else).
 fn adopt_state_file(file: &Path, prefix: &str, dir: &Path) -> Result<()> {
     let name = file
@@ -333,7 +360,36 @@ fn adopt_state_file(file: &Path, prefix: &str, dir: &Path) -> Result<()> {
         )));
     }
     perms::apply(&dst, Access::Private)?;
-    Ok(())
+    shareable(&dst)
+}
+
+/// A snapshot state file's mode: root's, 0644 (see [`adopt_state_file`]).
+fn shareable(file: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| Error::internal(format!("chmod {}: {e}", file.display())))
+}
+
+/// Gives every `ready` snapshot's state files their 0644 back: wickd's start-up hardening
+/// (`perms::harden_tree`) strips group and other bits from the whole state dir.
+fn reshare_state_files(d: &Daemon) {
+    let Ok(snaps) = d.store.list_snapshots(None) else {
+        return;
+    };
+    for snap in snaps.iter().filter(|s| s.state == SnapshotState::Ready) {
+        let dir = snapshot_dir(&d.paths.state, &snap.id);
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let regular = e.file_type().is_ok_and(|t| t.is_file());
+            if regular && e.file_name().to_string_lossy().starts_with("vm.") {
+                if let Err(err) = shareable(&e.path()) {
+                    tracing::warn!(error = %err, "snapshot state file mode");
+                }
+            }
+        }
+    }
 }
 
 /// Clones the root disk to `root.img` and the work disk (if any) to `work.img` (reflink when
@@ -393,6 +449,7 @@ async fn remove_snapshot_files(paths: &wick_model::Paths, snap: &SnapshotRecord)
 /// directories under `snapshots/` without a record are swept. Returns what was done.
 pub async fn reconcile_snapshots(d: &Arc<Daemon>) -> anyhow::Result<Vec<String>> {
     let mut done = Vec::new();
+    reshare_state_files(d);
     for snap in d.store.list_snapshots(None)? {
         if snap.state != SnapshotState::Creating {
             continue;

@@ -121,8 +121,12 @@ impl Daemon {
             op.check()?;
         }
         let cfg = self.vmm_config(vm);
+        if let Some(restore) = vm.runtime.restore.clone() {
+            // A saved state to load instead of a boot (restore.rs).
+            return self.start_restored(op, vm, &cfg, restore).await;
+        }
         op.stage("spawn vmm");
-        let handle = self.spawn_vmm(vm, &cfg).await?;
+        let handle = self.spawn_vmm(vm, &cfg, false).await?;
         op.check()?;
 
         op.stage("boot");
@@ -177,13 +181,23 @@ impl Daemon {
         cfg
     }
 
-    /// Spawns the VMM: its identity (sockets, log) recorded before the process exists, its pid,
-    /// start time and sidecars right after; then watched.
-    async fn spawn_vmm(self: &Arc<Self>, vm: &mut VmRecord, cfg: &VmmConfig) -> Result<VmmHandle> {
+    /// Spawns the VMM (`restore`: waiting for a saved state, `Vmm::spawn_restore`): its
+    /// identity (sockets, log) recorded before the process exists, its pid, start time and
+    /// sidecars right after; then watched.
+    pub(super) async fn spawn_vmm(
+        self: &Arc<Self>,
+        vm: &mut VmRecord,
+        cfg: &VmmConfig,
+        restore: bool,
+    ) -> Result<VmmHandle> {
         let mut handle = self.vmm.plan(&vm.runtime.dir);
         vm.runtime.vmm = Some(handle.clone());
         *vm = self.store.save_vm(vm)?; // identity recorded before the process exists
-        let spawned = self.vmm.spawn(&handle, cfg, self.boot_timeout()).await?;
+        let spawned = match restore {
+            true => self.vmm.spawn_restore(&handle, cfg, self.boot_timeout()),
+            false => self.vmm.spawn(&handle, cfg, self.boot_timeout()),
+        }
+        .await?;
         handle.pid = Some(spawned.pid);
         handle.start_time = Some(spawned.start_time);
         handle.sidecars = spawned.sidecars;

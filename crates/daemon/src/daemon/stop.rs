@@ -1,5 +1,6 @@
 //! Stop (guest poweroff first — a paused guest is resumed for it —, then the VMM, then every
-//! resource) and kill (a signal to the VMM; the VM is released once the VMM dies of it).
+//! resource; a suspended VM's suspend image is discarded) and kill (a signal to the VMM; the VM
+//! is released once the VMM dies of it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +42,11 @@ impl Daemon {
         }
         op.stage("release host resources");
         self.release(&mut vm).await?;
+        // A suspended VM's image (or one a failed start from it left) is not kept by a stop.
+        if vm.runtime.restore.is_some() {
+            op.stage("discard suspend image");
+            self.discard_suspend_image(&mut vm)?;
+        }
         vm.apply(VmAction::Released)?;
         Ok(self.store.save_vm(&vm)?)
     }

@@ -14,6 +14,12 @@
 //! `prune` are refused, and guest sessions (exec, ssh, cp, agent upgrade) are refused by the
 //! daemon with the way out, `wick vm resume`. `vm set` applies to a paused VM live, as to a
 //! running one (its DNS name, published ports and network rules stay while it is paused).
+//!
+//! `suspended` (no VMM; the guest's state in its suspend image, `runtime.restore`): `suspend`
+//! leads there from `running` or `paused` (a no-op when suspended) and is applied only once the
+//! image is complete and the VMM gone; `start` loads the image; `stop` discards it (→
+//! `stopped`); `delete` removes it with the VM; `prune` refuses (the guest's state is kept on
+//! purpose), and so do `pause`/`resume`. Guest sessions resume it first (the CLI starts it).
 
 use std::fmt;
 
@@ -22,12 +28,13 @@ use crate::api::OpKind;
 
 impl VmState {
     /// Every state, in lifecycle order.
-    pub const ALL: [VmState; 7] = [
+    pub const ALL: [VmState; 8] = [
         VmState::Creating,
         VmState::Stopped,
         VmState::Starting,
         VmState::Running,
         VmState::Paused,
+        VmState::Suspended,
         VmState::Stopping,
         VmState::Error,
     ];
@@ -38,7 +45,7 @@ impl VmState {
         use VmState as S;
         let to = match (action, self) {
             (A::Created, S::Creating) => S::Stopped,
-            (A::Start, S::Stopped | S::Error) => S::Starting,
+            (A::Start, S::Stopped | S::Error | S::Suspended) => S::Starting,
             // Already running: start has nothing to do.
             (A::Start, S::Running) => S::Running,
             (A::Started, S::Starting) => S::Running,
@@ -47,6 +54,8 @@ impl VmState {
             // Pause and resume: each a no-op in its own target state.
             (A::Pause, S::Running | S::Paused) => S::Paused,
             (A::Resume, S::Paused | S::Running) => S::Running,
+            // Suspend: applied once the image is complete and the VMM gone.
+            (A::Suspend, S::Running | S::Paused | S::Suspended) => S::Suspended,
             // A record names no VMM while it is being created: nothing to stop, kill or release.
             (A::Stop | A::Kill | A::Released | A::Crashed, S::Creating) => return None,
             (A::Stop, _) => S::Stopping,
@@ -96,11 +105,14 @@ pub enum VmAction {
     Pause,
     /// Request: let a paused guest run again (`resume`).
     Resume,
+    /// Request: save the guest's state to its suspend image and end the VMM (`suspend`); the
+    /// same action marks the VM suspended once the image is complete.
+    Suspend,
 }
 
 impl VmAction {
     /// Every action.
-    pub const ALL: [VmAction; 14] = [
+    pub const ALL: [VmAction; 15] = [
         VmAction::Created,
         VmAction::Start,
         VmAction::Started,
@@ -115,6 +127,7 @@ impl VmAction {
         VmAction::Prune,
         VmAction::Pause,
         VmAction::Resume,
+        VmAction::Suspend,
     ];
 
     /// What the action does to a VM, completing "cannot … now".
@@ -134,6 +147,7 @@ impl VmAction {
             VmAction::Prune => "prune it",
             VmAction::Pause => "pause it",
             VmAction::Resume => "resume it",
+            VmAction::Suspend => "suspend it",
         }
     }
 }
@@ -167,12 +181,13 @@ pub struct TransitionError {
     pub action: VmAction,
 }
 
-/// `; resume it first: wick vm resume NAME` for a paused VM, else nothing.
+/// `; resume it first: wick vm resume NAME` for a paused VM, `; start it to resume it: wick vm
+/// start NAME` for a suspended one, else nothing.
 pub fn resume_hint(vm: &str, state: VmState) -> String {
-    if state == VmState::Paused {
-        format!("; resume it first: wick vm resume {vm}")
-    } else {
-        String::new()
+    match state {
+        VmState::Paused => format!("; resume it first: wick vm resume {vm}"),
+        VmState::Suspended => format!("; start it to resume it: wick vm start {vm}"),
+        _ => String::new(),
     }
 }
 
@@ -206,6 +221,7 @@ pub enum LifecycleOp {
     Delete,
     Pause,
     Resume,
+    Suspend,
 }
 
 impl LifecycleOp {
@@ -218,6 +234,7 @@ impl LifecycleOp {
             LifecycleOp::Delete => OpKind::Delete,
             LifecycleOp::Pause => OpKind::Pause,
             LifecycleOp::Resume => OpKind::Resume,
+            LifecycleOp::Suspend => OpKind::Suspend,
         }
     }
 }
@@ -228,13 +245,14 @@ mod tests {
 
     /// Every (state, action) pair: the table as a reader checks it.
     const GOLDEN: &str = "\
-creating: created -> stopped | start -> refused | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> refused | kill -> refused | released -> refused | crashed -> refused | interrupted -> error | delete -> (removed) | prune -> refused | pause -> refused | resume -> refused
-stopped: created -> refused | start -> starting | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> stopped | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> (removed) | pause -> refused | resume -> refused
-starting: created -> refused | start -> refused | started -> running | start_failed -> error | start_cancelled -> stopped | stop -> stopping | kill -> starting | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused | pause -> refused | resume -> refused
-running: created -> refused | start -> running | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> running | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused | pause -> paused | resume -> running
-paused: created -> refused | start -> refused | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> paused | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused | pause -> paused | resume -> running
-stopping: created -> refused | start -> refused | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> stopping | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused | pause -> refused | resume -> refused
-error: created -> refused | start -> starting | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> error | released -> stopped | crashed -> error | interrupted -> error | delete -> (removed) | prune -> (removed) | pause -> refused | resume -> refused
+creating: created -> stopped | start -> refused | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> refused | kill -> refused | released -> refused | crashed -> refused | interrupted -> error | delete -> (removed) | prune -> refused | pause -> refused | resume -> refused | suspend -> refused
+stopped: created -> refused | start -> starting | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> stopped | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> (removed) | pause -> refused | resume -> refused | suspend -> refused
+starting: created -> refused | start -> refused | started -> running | start_failed -> error | start_cancelled -> stopped | stop -> stopping | kill -> starting | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused | pause -> refused | resume -> refused | suspend -> refused
+running: created -> refused | start -> running | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> running | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused | pause -> paused | resume -> running | suspend -> suspended
+paused: created -> refused | start -> refused | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> paused | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused | pause -> paused | resume -> running | suspend -> suspended
+suspended: created -> refused | start -> starting | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> suspended | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused | pause -> refused | resume -> refused | suspend -> suspended
+stopping: created -> refused | start -> refused | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> stopping | released -> stopped | crashed -> error | interrupted -> stopped | delete -> (removed) | prune -> refused | pause -> refused | resume -> refused | suspend -> refused
+error: created -> refused | start -> starting | started -> refused | start_failed -> refused | start_cancelled -> refused | stop -> stopping | kill -> error | released -> stopped | crashed -> error | interrupted -> error | delete -> (removed) | prune -> (removed) | pause -> refused | resume -> refused | suspend -> refused
 ";
 
     fn action_name(a: VmAction) -> String {
@@ -330,6 +348,7 @@ error: created -> refused | start -> starting | started -> refused | start_faile
         assert_eq!(LifecycleOp::Delete.kind(), OpKind::Delete);
         assert_eq!(LifecycleOp::Pause.kind(), OpKind::Pause);
         assert_eq!(LifecycleOp::Resume.kind(), OpKind::Resume);
+        assert_eq!(LifecycleOp::Suspend.kind(), OpKind::Suspend);
     }
 
     #[test]
@@ -344,5 +363,29 @@ error: created -> refused | start -> starting | started -> refused | start_faile
         assert_eq!(v.apply(VmAction::Pause), Ok(Next::To(VmState::Paused)));
         let e = vm(VmState::Stopped).apply(VmAction::Pause).unwrap_err();
         assert_eq!(e.to_string(), "VM a1 is stopped; cannot pause it now");
+    }
+
+    #[test]
+    fn a_suspended_vm_has_no_vmm_starts_from_its_image_and_stops_to_discard_it() {
+        let s = VmState::Suspended;
+        assert!(!s.may_have_vmm() && !s.guest_up());
+        assert_eq!(s.next(VmAction::Start), Some(Next::To(VmState::Starting)));
+        assert_eq!(s.next(VmAction::Stop), Some(Next::To(VmState::Stopping)));
+        assert_eq!(s.next(VmAction::Released), Some(Next::To(VmState::Stopped)));
+        assert_eq!(
+            s.next(VmAction::Prune),
+            None,
+            "its state is kept on purpose"
+        );
+        for from in [VmState::Running, VmState::Paused, VmState::Suspended] {
+            assert_eq!(from.next(VmAction::Suspend), Some(Next::To(s)), "{from}");
+        }
+        let e = vm(s).apply(VmAction::Resume).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "VM a1 is suspended; cannot resume it now; start it to resume it: wick vm start a1"
+        );
+        let e = vm(VmState::Stopped).apply(VmAction::Suspend).unwrap_err();
+        assert_eq!(e.to_string(), "VM a1 is stopped; cannot suspend it now");
     }
 }

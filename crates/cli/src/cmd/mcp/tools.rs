@@ -133,9 +133,38 @@ impl WickMcp {
         reply(self.op(LifecycleOp::Pause, &r.vm).await)
     }
 
+    #[tool(
+        description = "Suspend a running or paused VM: its memory and device state are saved \
+                       to disk and its VMM ends (RAM freed); exec, files and start_vm-like use \
+                       resume it where it was."
+    )]
+    async fn suspend_vm(&self, Parameters(r): Parameters<VmRef>) -> ToolResult<VmSummary> {
+        reply(self.op(LifecycleOp::Suspend, &r.vm).await)
+    }
+
     #[tool(description = "Resume a paused VM.")]
     async fn resume_vm(&self, Parameters(r): Parameters<VmRef>) -> ToolResult<VmSummary> {
         reply(self.op(LifecycleOp::Resume, &r.vm).await)
+    }
+
+    #[tool(
+        description = "Create a VM from a snapshot (`wick snapshot list`): it continues the \
+                       snapshot's guest (memory, processes, files) with its own identity; \
+                       returns once it runs."
+    )]
+    async fn restore_snapshot(
+        &self,
+        Parameters(p): Parameters<RestoreParams>,
+    ) -> ToolResult<VmSummary> {
+        reply(self.restore(p).await.map(|vm| VmSummary::from(&vm)))
+    }
+
+    #[tool(
+        description = "Fork a running or paused VM into `count` new VMs (default 1) that \
+                       continue its guest, each with its own identity; the VM keeps running."
+    )]
+    async fn fork_vm(&self, Parameters(p): Parameters<ForkParams>) -> ToolResult<VmList> {
+        reply(self.fork(p).await)
     }
 
     #[tool(description = "Delete a VM and its disks.")]
@@ -180,6 +209,40 @@ impl WickMcp {
         let client = self.ctx.client();
         let created = vm::create_vm(&client, &req, &self.interrupt).await?;
         vm::outcome_vm(&client, created).await
+    }
+
+    async fn restore(&self, p: RestoreParams) -> Result<VmRecord> {
+        let args = VmSpecArgs {
+            name: p.name,
+            nat: p.nat.unwrap_or(false),
+            ..Default::default()
+        };
+        let mut req = bad_input(vm::create_request(&self.ctx, &args, false))?;
+        req.from_snapshot = Some(p.snapshot);
+        let client = self.ctx.client();
+        let created = vm::create_vm(&client, &req, &self.interrupt).await?;
+        vm::outcome_vm(&client, created).await
+    }
+
+    async fn fork(&self, p: ForkParams) -> Result<VmList> {
+        let client = self.ctx.client();
+        let req = wick_model::snapshot::ForkVmRequest {
+            name: p.name,
+            count: p.count,
+            ssh_keys: crate::cmd::ssh_config::public_key(&self.ctx.paths)
+                .into_iter()
+                .collect(),
+        };
+        let fork: wick_model::snapshot::ForkResponse =
+            client.post(&vm_path(&p.vm, "/fork"), &req).await?;
+        let op =
+            crate::progress::follow(&client, fork.operation, View::Quiet, &self.interrupt).await?;
+        crate::progress::outcome(op)?;
+        let mut vms = Vec::new();
+        for name in &fork.vms {
+            vms.push(VmSummary::from(&self.record(name).await?));
+        }
+        Ok(VmList { vms })
     }
 
     async fn op(&self, kind: LifecycleOp, vm: &str) -> Result<VmSummary> {
@@ -366,6 +429,7 @@ impl WickMcp {
             .unwrap_or_else(|| wick_workspace::DEFAULT_GUEST_PATH.to_string());
         workspace::check_guest_path(&guest_path)?;
         let record = self.record(&p.vm).await?;
+        let record = crate::cmd::wake::resume_if_suspended(&self.ctx.client(), record).await?;
         workspace::ensure_running(&record)?;
         let client = workspace::agent_client(&self.ctx, &record).await?;
         let mut out = CappedBuf::new(MAX_BYTES as usize * 4);

@@ -14,6 +14,30 @@ pub struct VmRef {
     pub vm: String,
 }
 
+/// `restore_snapshot`'s parameters.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreParams {
+    /// The snapshot: name, id or unique id prefix.
+    pub snapshot: String,
+    /// The new VM's name (a DNS label); generated when omitted.
+    pub name: Option<String>,
+    /// Give the guest outbound network access (NAT).
+    pub nat: Option<bool>,
+}
+
+/// `fork_vm`'s parameters.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkParams {
+    /// The VM to fork: name, id or unique id prefix.
+    pub vm: String,
+    /// The fork's name; with count > 1 the forks are NAME-1 … NAME-K (default VM-fork-N).
+    pub name: Option<String>,
+    /// How many forks (1-64, default 1).
+    pub count: Option<u32>,
+}
+
 /// What a new VM looks like; every field is optional.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -6,10 +6,13 @@
 //!
 //! What the fake writes is its own format, not Firecracker's: the state file is JSON (the
 //! microVM's configuration and, when fronting a real agent, the fake guest's root directory);
-//! the memory file is a sparse file of `mem_size_mib` MiB. Load restores the configuration with
-//! the overrides applied, binds the vsock socket and, when `FAKE_FC_AGENT_BIN` is set, starts
-//! the agent again on the restored guest root (vsock connections do not survive a restore, as
-//! in Firecracker).
+//! the memory file is a sparse file of `mem_size_mib` MiB that starts with a tar of the fake
+//! guest's root directory (its "RAM and disk", when a real agent is fronted). Load opens the
+//! state's drives exactly as named (relative paths against the working directory, as the real
+//! binary does: it cannot rename drives), restores the configuration with the overrides
+//! applied, binds the vsock socket and, when `FAKE_FC_AGENT_BIN` is set, unpacks the guest root
+//! beside the (new) vsock socket and starts the agent again there (vsock connections do not
+//! survive a restore, as in Firecracker).
 
 use std::path::{Path, PathBuf};
 
@@ -110,6 +113,9 @@ struct State {
     vsock: Option<Vsock>,
     /// The fake guest's root directory (its "disk and memory") when a real agent is fronted.
     guest_root: Option<PathBuf>,
+    /// The memory file starts with a tar of `guest_root`.
+    #[serde(default)]
+    guest_tar: bool,
 }
 
 pub fn put_snapshot(vm: &mut Vm, shared: &Shared, what: Option<&str>, body: &Bytes) -> Reply {
@@ -146,6 +152,7 @@ fn create(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
         nets: vm.nets.clone(),
         vsock: vm.vsock.clone(),
         guest_root: vm.guest_root(),
+        guest_tar: vm.guest_root().is_some(),
     };
     let json = serde_json::to_vec_pretty(&state).expect("plain data");
     std::fs::write(&p.snapshot_path, json).map_err(|e| {
@@ -161,6 +168,13 @@ fn create(vm: &mut Vm, body: &Bytes) -> Result<Reply, Reply> {
                 "Create snapshot error: Cannot perform open on the memory backing file: {e}"
             ))
         })?;
+    if let Some(root) = vm.guest_root() {
+        pack_guest(&root, &p.mem_file_path, mem_bytes).map_err(|e| {
+            fault(format!(
+                "Create snapshot error: (fake) cannot keep the guest root: {e}"
+            ))
+        })?;
+    }
     vm.log(&format!(
         "snapshot created (fake): {} + {}",
         p.snapshot_path.display(),
@@ -221,6 +235,19 @@ fn load(vm: &mut Vm, shared: &Shared, body: &Bytes) -> Result<Reply, Reply> {
             }
         }
     }
+    open_drives(&state.drives)?;
+    let guest_root = match (&state.vsock, state.guest_tar) {
+        (Some(v), true) => {
+            let root = Path::new(&v.uds_path)
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("guest-root");
+            unpack_guest(&mem.backend_path, &root)
+                .map_err(|e| restore_err(format!("(fake) guest root: {e}")))?;
+            Some(root)
+        }
+        _ => state.guest_root.clone(),
+    };
     if let Some(v) = &state.vsock {
         bind_vsock(vm, shared, v.clone()).map_err(|e| restore_err(format!("vsock: {e}")))?;
     }
@@ -229,7 +256,7 @@ fn load(vm: &mut Vm, shared: &Shared, body: &Bytes) -> Result<Reply, Reply> {
     vm.boot = state.boot;
     vm.drives = state.drives;
     vm.nets = state.nets;
-    vm.start_agent_in(state.guest_root.as_deref())?;
+    vm.start_agent_in(guest_root.as_deref())?;
     vm.phase = if p.resume_vm {
         Phase::Running
     } else {
@@ -242,6 +269,48 @@ fn load(vm: &mut Vm, shared: &Shared, body: &Bytes) -> Result<Reply, Reply> {
         vm.phase.as_str()
     ));
     Ok(Reply::NoContent)
+}
+
+/// Opens every drive the state names, as Firecracker's load does (a relative path against the
+/// working directory).
+fn open_drives(drives: &[Drive]) -> Result<(), Reply> {
+    for d in drives {
+        let Some(path) = &d.path_on_host else {
+            continue;
+        };
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(!d.is_read_only)
+            .open(path)
+            .map_err(|e| {
+                restore_err(format!(
+                    "Block device error: Unable to open the backing file {path}: {e}"
+                ))
+            })?;
+    }
+    Ok(())
+}
+
+/// Writes a tar of the fake guest's root at the start of the memory file (which keeps its size).
+fn pack_guest(root: &Path, mem: &Path, mem_bytes: u64) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open(mem)?;
+    let mut b = tar::Builder::new(f);
+    b.follow_symlinks(false);
+    b.append_dir_all(".", root)?;
+    let f = b.into_inner()?;
+    if f.metadata()?.len() > mem_bytes {
+        return Err(std::io::Error::other(
+            "the guest root is larger than its memory",
+        ));
+    }
+    Ok(())
+}
+
+/// Unpacks the guest root kept in the memory file into `root` (a fresh directory).
+fn unpack_guest(mem: &Path, root: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_dir_all(root);
+    std::fs::create_dir_all(root)?;
+    tar::Archive::new(std::fs::File::open(mem)?).unpack(root)
 }
 
 /// A serde-level refusal, worded as Firecracker's body parser words it.
