@@ -251,7 +251,6 @@ impl Daemon {
     /// suspended VM coming back as itself): the guest keeps its keys, machine-id and MAC.
     /// An agent that did not apply it (one older than `Configure::restored`) fails the step: a
     /// fork that kept its source's RNG state and identity must not run.
-    #[allow(dead_code)] // called by the restore and fork flow (the `restore` branch)
     pub(crate) async fn configure_restored(
         &self,
         op: &OpEntry,

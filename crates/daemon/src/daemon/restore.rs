@@ -265,8 +265,8 @@ impl Daemon {
             op.stage("wait for agent");
             let client = self.wait_agent(&handle, op).await?;
             op.stage("configure guest");
-            // The integrator swaps in `configure_restored(op, vm, &client, new_identity)`.
-            self.configure_identity(op, vm, &client, restore.new_identity)
+            // Clock, RNG and network always; a new identity unless it is a suspend image.
+            self.configure_restored(op, vm, &client, restore.new_identity)
                 .await?;
         }
         op.stage("post start");
