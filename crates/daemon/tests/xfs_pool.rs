@@ -332,3 +332,32 @@ fn backend_switches_keep_vms_and_release_an_unused_pool() {
     assert!(e.settled_loops(0).is_empty(), "{:?}", e.loops());
     e.env.wick_ok(&["vm", "start", "a1"]);
 }
+
+/// Restores and forks on the pool: each restored VM's root disk is a clone inside the pool
+/// (the snapshot's `root.img` copied in once as a base), recorded as an `xfs-pool` plan; the
+/// VMs need nothing of the snapshot afterwards (stop, start and delete work once it is gone).
+#[test]
+fn restores_and_forks_clone_their_root_disk_in_the_pool() {
+    if !usable() {
+        return;
+    }
+    let mut e = Env::new(POOL);
+    e.env.start();
+    e.env.wick_ok(&["vm", "create", "--name", "a1"]);
+    e.env.wick_ok(&["vm", "snapshot", "a1", "--name", "s1"]);
+    e.env
+        .wick_ok(&["vm", "create", "--from-snapshot", "s1", "--name", "a2"]);
+    e.env.wick_ok(&["vm", "fork", "a1", "--name", "a3"]);
+    for n in ["a2", "a3"] {
+        let v = e.vm(n);
+        assert_eq!(v["state"], "running", "{v}");
+        let disk = PathBuf::from(v["runtime"]["root_disk"].as_str().unwrap());
+        assert!(disk.starts_with(e.mount_point().join("vms")), "{v}");
+        assert_eq!(v["runtime"]["root_disk_plan"]["backend"], "xfs-pool", "{v}");
+    }
+    e.env.wick_ok(&["snapshot", "delete", "s1"]);
+    e.env.wick_ok(&["vm", "stop", "a2"]);
+    e.env.wick_ok(&["vm", "start", "a2"]);
+    assert_eq!(e.vm("a2")["state"], "running");
+    e.env.wick_ok(&["vm", "delete", "a2", "a3"]);
+}

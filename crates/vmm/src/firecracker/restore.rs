@@ -5,7 +5,8 @@
 //! So an unjailed Firecracker runs with its VM dir as working directory and is given *relative*
 //! drive paths ([`drive_path`]): `rootfs.ext4` and `work.ext4` in the VM dir, or, for a disk kept
 //! elsewhere (the XFS pool), a symlink `drive-<id>` in the VM dir. A snapshot then names
-//! `rootfs.ext4` relative to whichever VM loads it, and the restored VM opens its own clones.
+//! `rootfs.ext4` (or `drive-rootfs`) relative to whichever VM loads it, and the restored VM
+//! opens its own clones (a load makes its `drive-<id>` links first).
 //! The network interface and the vsock socket are moved with `network_overrides` and
 //! `vsock_override`; memory comes from the state's hard link (File backend, a private mapping:
 //! forks of one snapshot share its page cache). Jailed snapshots are refused (see
@@ -30,6 +31,11 @@ pub(crate) fn drive_path(handle: &VmmHandle, disk: &Path, id: &str) -> Result<Pa
             return Ok(PathBuf::from(name));
         }
     }
+    link_drive(&dir, disk, id)
+}
+
+/// Makes `dir/drive-<id>` a symlink to `disk` (afresh); returns its relative name.
+fn link_drive(dir: &Path, disk: &Path, id: &str) -> Result<PathBuf, VmmError> {
     let link = format!("drive-{id}");
     let at = dir.join(&link);
     remove_if_exists(&at)
@@ -42,6 +48,19 @@ pub(crate) fn drive_path(handle: &VmmHandle, disk: &Path, id: &str) -> Result<Pa
             ))
         })?;
     Ok(PathBuf::from(link))
+}
+
+/// Before a load: this VM's disks under both names a state may give them (`drive-<id>` for a
+/// disk kept outside the VM dir, e.g. in the XFS pool; the file name for one inside it).
+fn link_drives(handle: &VmmHandle, cfg: &VmmConfig) -> Result<(), VmmError> {
+    let dir = vm_dir(&handle.api_socket);
+    let extra = cfg.extra_disks.iter().enumerate();
+    let ids = std::iter::once((cfg.root_disk.clone(), "rootfs".to_string()))
+        .chain(extra.map(|(i, d)| (d.clone(), format!("disk{}", i + 1))));
+    for (disk, id) in ids {
+        link_drive(&dir, &disk, &id)?;
+    }
+    Ok(())
 }
 
 impl Firecracker {
@@ -73,6 +92,7 @@ impl Firecracker {
                 handle.vsock_socket.display()
             ))
         })?;
+        link_drives(handle, cfg)?;
         let req = load_request(handle, cfg, state, mem);
         tokio::time::timeout(timeout, self.load_snapshot(handle, req))
             .await
