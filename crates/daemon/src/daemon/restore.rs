@@ -264,6 +264,9 @@ impl Daemon {
         if vm.spec.agent {
             op.stage("wait for agent");
             let client = self.wait_agent(&handle, op).await?;
+            if restore.snapshot_id.is_some() {
+                thaw_restored(vm, &client).await;
+            }
             op.stage("configure guest");
             // Clock, RNG and network always; a new identity unless it is a suspend image.
             self.configure_restored(op, vm, &client, restore.new_identity)
@@ -275,6 +278,21 @@ impl Daemon {
         }
         vm.runtime.restore = None;
         Ok(())
+    }
+}
+
+/// A snapshot's memory holds its guest's filesystems frozen (the snapshot froze them, and only
+/// the source is thawed after): thaw them in the restored guest before anything writes, or
+/// every write (the configure step's first) waits for the agent's own thaw after
+/// `FREEZE_MAX_SECS`. Bounded; an agent that cannot thaw (nothing frozen) is fine.
+async fn thaw_restored(vm: &VmRecord, client: &wick_agent_proto::AgentClient) {
+    let thaw = client.thaw(super::snapshot::freeze_mounts());
+    match tokio::time::timeout(super::snapshot::FREEZE_TIMEOUT, thaw).await {
+        Ok(Ok(thawed)) => tracing::debug!(vm = %vm.name, ?thawed, "restore: filesystems thawed"),
+        Ok(Err(e)) => tracing::info!(vm = %vm.name, error = %e, "restore: nothing thawed"),
+        Err(_) => {
+            tracing::warn!(vm = %vm.name, "restore: the agent did not answer the thaw in time")
+        }
     }
 }
 

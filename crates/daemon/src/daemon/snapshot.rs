@@ -35,10 +35,10 @@ const SAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// How long a guest's agent may take to answer a freeze or thaw: a guest that does not answer
 /// in time is snapshotted unfrozen (recorded as `frozen: false`).
-const FREEZE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+pub(super) const FREEZE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The guest mount points frozen for a snapshot: the root and work filesystems.
-fn freeze_mounts() -> Vec<String> {
+pub(super) fn freeze_mounts() -> Vec<String> {
     vec!["/".into(), "/root".into()]
 }
 
