@@ -166,7 +166,7 @@ async fn list_vms(
         (status = 403, description = "beyond the caller's `[limits]` or publishing rights (`permission_denied`)", body = ApiError),
         (status = 404, description = "no such image, or no such snapshot visible to the caller (`from_snapshot`) (`not_found`)", body = ApiError),
         (status = 409, description = "the name or a host port is taken, or the snapshot is still being created (`conflict`)", body = ApiError),
-        (status = 412, description = "the image cannot be used, or the snapshot was saved by another VMM driver (`failed_precondition`)", body = ApiError)))]
+        (status = 412, description = "the image cannot be used, or the snapshot was saved by another VMM driver or has no wick-agent (`failed_precondition`)", body = ApiError)))]
 async fn create_vm(
     State(d): D,
     c: ConnectInfo<PeerCred>,

@@ -390,3 +390,31 @@ fn a_vmm_cannot_point_wickd_at_another_vms_sockets() {
     assert!(out.status.success(), "{out:?}");
     env.wick_ok(&["vm", "delete", "evil", "other"]);
 }
+
+/// A VMM that escaped its guest owns its VM dir while it runs: it can replace its work disk
+/// with a hard link to a host file (where `fs.protected_hardlinks` allows). The next start must
+/// not hand that file to the next VMM uid.
+#[test]
+fn a_hard_link_left_in_the_vm_dir_is_not_handed_to_the_next_vmm() {
+    let t = "a_hard_link_left_in_the_vm_dir_is_not_handed_to_the_next_vmm";
+    if !root(t) {
+        return;
+    }
+    let mut env = WickdEnv::new("");
+    env.start();
+    env.wick_ok(&["vm", "create", "--name", "h1"]);
+    env.wick_ok(&["vm", "stop", "h1"]);
+    let v = vm(&env, "h1");
+    let work = PathBuf::from(v["runtime"]["work_disk"].as_str().unwrap());
+    let host_file = env.root().join("host-secret");
+    std::fs::write(&host_file, b"root only").unwrap();
+    std::fs::remove_file(&work).unwrap();
+    std::fs::hard_link(&host_file, &work).unwrap();
+    let out = env.wick(&["vm", "start", "h1"]);
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "started with a planted link");
+    assert!(text.contains("one link"), "{text}");
+    let m = std::fs::metadata(&host_file).unwrap();
+    assert_eq!((m.uid(), m.gid()), (0, 0), "the host file stays root's");
+    env.wick_ok(&["vm", "delete", "h1"]);
+}

@@ -38,7 +38,21 @@ struct Env {
 
 impl Env {
     fn new(extra: &str) -> Env {
-        let env = WickdEnv::new(extra);
+        Env::from(WickdEnv::new(extra))
+    }
+
+    /// With the real agent in the fake guest (restores and forks need one).
+    fn with_agent(extra: &str) -> Env {
+        let config = format!("{}\n{extra}", wick_testkit::wickd::FAKE_AGENT_CONFIG);
+        let mut env = WickdEnv::new_with_image_extra(&config, "agent = true");
+        env.env.push((
+            "FAKE_FC_AGENT_BIN".into(),
+            wick_testkit::cargo_bin("wick-agent").display().to_string(),
+        ));
+        Env::from(env)
+    }
+
+    fn from(env: WickdEnv) -> Env {
         // Give the test image real data, so a copy would cost what a clone does not.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -341,7 +355,7 @@ fn restores_and_forks_clone_their_root_disk_in_the_pool() {
     if !usable() {
         return;
     }
-    let mut e = Env::new(POOL);
+    let mut e = Env::with_agent(POOL);
     e.env.start();
     e.env.wick_ok(&["vm", "create", "--name", "a1"]);
     e.env.wick_ok(&["vm", "snapshot", "a1", "--name", "s1"]);

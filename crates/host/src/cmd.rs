@@ -335,29 +335,41 @@ pub const STDIN_PATH: &str = "/proc/self/fd/0";
 /// filesystem image a guest wrote, as the unprivileged `nobody`: a tool bug a crafted
 /// filesystem triggers runs without root. For the run, `img` belongs to `nobody` (the tool
 /// reopens it through `/proc/self/fd/0`, which checks the file's own permissions; its directory
-/// stays closed to `nobody`), then gets its owner back, also when the tool fails.
+/// stays closed to `nobody`), then gets its owner and mode back on the descriptor checked
+/// first (a regular file with one link, not followed through a symlink), also when the tool
+/// fails.
+///
+/// Not a full sandbox: `nobody` is shared with other host services and the tool is not in a
+/// cgroup, so code a crafted filesystem runs could linger as `nobody`. It no longer runs as
+/// root, which is what this removes.
 pub fn run_on_untrusted_image(
     r: &dyn Runner,
     img: &std::path::Path,
     cmd: Cmd,
 ) -> Result<Output, CmdError> {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let spawn_err = |source: std::io::Error| CmdError::Spawn {
         program: cmd.program.clone(),
         command: cmd.line(),
         source,
     };
-    let meta = std::fs::symlink_metadata(img).map_err(spawn_err)?;
-    if !meta.is_file() {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(img)
+        .map_err(spawn_err)?;
+    let meta = file.metadata().map_err(spawn_err)?;
+    if !meta.is_file() || meta.nlink() != 1 {
         return Err(spawn_err(std::io::Error::other(format!(
-            "{} is not a regular file",
+            "{} is not a regular file with one link",
             img.display()
         ))));
     }
     let (uid, gid) = nobody();
-    std::os::unix::fs::lchown(img, Some(uid), Some(gid)).map_err(spawn_err)?;
+    std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(spawn_err)?;
     let out = r.run(&cmd.clone().as_user(uid, gid).stdin_file(img));
-    let back = std::os::unix::fs::lchown(img, Some(meta.uid()), Some(meta.gid()));
+    let back = std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))
+        .and_then(|()| file.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o777)));
     let out = out?;
     back.map_err(spawn_err)?;
     Ok(out)

@@ -79,10 +79,24 @@ pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneMethod> {
 }
 
 /// [`clone_file`] of a file in a directory someone else controls (a running VM's dir, which
-/// belongs to its VMM's uid): `src` itself must not be a symlink, and the file read is the
-/// one opened, so it cannot be swapped for another between check and copy.
+/// belongs to its VMM's uid): `src` itself must not be a symlink, nor a file with other links
+/// (a hard link that uid planted to a file it cannot read), and the file read is the one
+/// opened and checked, so it cannot be swapped for another between check and copy.
 pub fn clone_untrusted(src: &Path, dst: &Path) -> Result<CloneMethod> {
-    clone_from(&open_source(src, false)?, src, dst)
+    use std::os::unix::fs::MetadataExt;
+    let f = open_source(src, false)?;
+    let links = f
+        .metadata()
+        .map_err(|e| StorageError::io("cannot stat", src, e))?
+        .nlink();
+    if links != 1 {
+        return Err(StorageError::io(
+            "cannot clone",
+            src,
+            io::Error::new(io::ErrorKind::InvalidInput, "it has other hard links"),
+        ));
+    }
+    clone_from(&f, src, dst)
 }
 
 fn clone_from(s: &File, src: &Path, dst: &Path) -> Result<CloneMethod> {

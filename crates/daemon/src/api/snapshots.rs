@@ -54,7 +54,8 @@ pub(super) async fn snapshot_vm(
         (status = 400, description = "invalid argument (`invalid_argument`): malformed body or path, an invalid name, a count out of range, or a VM id prefix that matches several VMs", body = ApiError),
         (status = 403, description = "beyond the caller's `[limits]` (`permission_denied`)", body = ApiError),
         (status = 404, description = "no such VM visible to the caller (`not_found`)", body = ApiError),
-        (status = 409, description = "a fork's name is taken, the VM is busy with another operation, or neither running nor paused (`conflict`)", body = ApiError)))]
+        (status = 409, description = "a fork's name is taken, the VM is busy with another operation, or neither running nor paused (`conflict`)", body = ApiError),
+        (status = 412, description = "the VM's image has no wick-agent, so a fork could not get its own identity (`failed_precondition`)", body = ApiError)))]
 pub(super) async fn fork_vm(
     State(d): D,
     c: ConnectInfo<PeerCred>,

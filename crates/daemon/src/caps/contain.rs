@@ -184,10 +184,13 @@ impl Contain {
         let mut new = Vec::new();
         for p in &todo {
             let m = std::fs::symlink_metadata(p).map_err(io(format!("{}", p.display())))?;
-            // The VM dir belonged to the VMM's uid before: root follows no link it left there.
-            if p != &dir && p.starts_with(&dir) && !(m.is_file() || m.is_dir()) {
+            // The VM dir belonged to the VMM's uid before: root follows no link it left there,
+            // symbolic or hard (a hard link to a host file would hand that file to the uid).
+            let plain = m.is_dir() || (m.is_file() && m.nlink() == 1);
+            if p != &dir && p.starts_with(&dir) && !plain {
                 return Err(Error::precondition(format!(
-                    "refusing to hand {} to the VMM: it is not a regular file or directory",
+                    "refusing to hand {} to the VMM: it is not a regular file with one link or \
+                     a directory",
                     p.display()
                 )));
             }

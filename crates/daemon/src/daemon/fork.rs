@@ -50,6 +50,7 @@ impl Daemon {
                 src.name, src.state
             )));
         }
+        super::restore::refuse_agentless(&src.spec, &format!("VM {}", src.name))?;
         let mut spec = src.spec.clone();
         spec.publish.clear(); // host ports stay the source's
         if !req.ssh_keys.is_empty() {

@@ -88,7 +88,7 @@ impl Daemon {
                 self.vmm.name()
             )));
         }
-        Ok(())
+        refuse_agentless(&snap.spec, &snap.name)
     }
 
     /// The new VM's spec: the snapshot's (vcpu, memory, disks, image, kernel, init, workspace),
@@ -305,6 +305,19 @@ pub(super) fn restore_from(id: &str) -> RestoreFrom {
     }
 }
 
+/// A copy of a guest without wick-agent would keep its source's RNG state, machine-id, host
+/// keys and MAC (nothing in it can take new ones): refused.
+pub(super) fn refuse_agentless(spec: &wick_model::VmSpec, what: &str) -> Result<()> {
+    match spec.agent {
+        true => Ok(()),
+        false => Err(Error::precondition(format!(
+            "{what} has no wick-agent (its image sets agent = false), so a copy could not be \
+             given its own identity (RNG, machine-id, SSH host keys, MAC); restore and fork \
+             need an image with the agent"
+        ))),
+    }
+}
+
 /// Flags the snapshot decides, refused with `from_snapshot`.
 fn refuse_snapshot_flags(req: &CreateVmRequest) -> Result<()> {
     let given = [
@@ -434,5 +447,21 @@ mod tests {
             ..Default::default()
         };
         refuse_snapshot_flags(&ok).unwrap();
+    }
+
+    #[test]
+    fn a_guest_without_the_agent_is_not_copied() {
+        let mut spec = wick_model::VmSpec {
+            agent: true,
+            ..Default::default()
+        };
+        refuse_agentless(&spec, "snapshot s").unwrap();
+        spec.agent = false;
+        let e = refuse_agentless(&spec, "snapshot s").unwrap_err();
+        assert!(
+            e.message().contains("snapshot s has no wick-agent"),
+            "{}",
+            e.message()
+        );
     }
 }

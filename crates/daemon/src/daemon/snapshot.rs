@@ -337,11 +337,13 @@ fn root_disk_file(vm: &VmRecord) -> Result<PathBuf> {
     Ok(plan.disk_path())
 }
 
-/// Moves a state file the VMM wrote (`<prefix>.<ext>` in the VM dir) to `dir/vm.<ext>` and
-/// makes it root's, mode 0644: only reachable through the root-only snapshot dir, or through
-/// the hard links a restore puts in its VM dir, where the VMM's uid may read but never write
-/// it ([`shareable`]). The VM dir belongs to the VMM's uid, so the file must be a regular file
-/// with one link (not a link the VMM planted to something else).
+/// Copies a state file the VMM wrote (`<prefix>.<ext>` in the VM dir) to a new file
+/// `dir/vm.<ext>` and removes the VMM's. A copy (a reflink where the filesystem can), never the
+/// VMM's inode: a descriptor or shared mapping the running source VMM kept on its own file
+/// would otherwise still write the snapshot every restore loads. The new file is root's, mode
+/// 0644: only reachable through the root-only snapshot dir, or through the hard links a restore
+/// puts in its VM dir, where the VMM's uid may read but never write it ([`shareable`]). The VM
+/// dir belongs to the VMM's uid, so the source must be a regular file (not a link it planted).
 fn adopt_state_file(file: &Path, prefix: &str, dir: &Path) -> Result<()> {
     let name = file
         .file_name()
@@ -349,16 +351,14 @@ fn adopt_state_file(file: &Path, prefix: &str, dir: &Path) -> Result<()> {
         .and_then(|n| n.strip_prefix(prefix))
         .ok_or_else(|| Error::internal(format!("unexpected state file {}", file.display())))?;
     let dst = dir.join(format!("vm{name}"));
-    std::fs::rename(file, &dst)
-        .map_err(|e| Error::internal(format!("moving {}: {e}", file.display())))?;
-    let meta = std::fs::symlink_metadata(&dst)?;
-    use std::os::unix::fs::MetadataExt;
-    if !meta.is_file() || meta.nlink() != 1 {
-        return Err(Error::internal(format!(
-            "the VMM's state file {} is not a plain file; refusing it",
+    let copied = wick_storage::file::clone_untrusted(file, &dst).map_err(|e| {
+        Error::internal(format!(
+            "the VMM's state file {}: {e}; refusing it",
             file.display()
-        )));
-    }
+        ))
+    });
+    let _ = std::fs::remove_file(file);
+    copied?;
     perms::apply(&dst, Access::Private)?;
     shareable(&dst)
 }
@@ -503,5 +503,36 @@ async fn resume_interrupted_source(d: &Arc<Daemon>, vm_id: &str) {
         Err(e) => {
             tracing::error!(vm = %vm.name, error = %e, "reconcile: cannot resume the snapshot's source VM")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_state_file_is_copied_so_the_vmm_cannot_write_the_snapshot_after() {
+        let vm_dir = tempfile::tempdir().unwrap();
+        let snap = tempfile::tempdir().unwrap();
+        let file = vm_dir.path().join("snapshot-x.state");
+        std::fs::write(&file, b"clean").unwrap();
+        // The VMM keeps a descriptor on the file it wrote.
+        let mut kept = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        adopt_state_file(&file, "snapshot-x", snap.path()).unwrap();
+        kept.write_all(b"POISON").unwrap();
+        let dst = snap.path().join("vm.state");
+        assert_eq!(std::fs::read(&dst).unwrap(), b"clean");
+        assert!(!file.exists(), "the VMM's file is removed");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&dst).unwrap().mode() & 0o777, 0o644);
+
+        // A hard link the VMM planted (to a file it could not read) is refused.
+        let secret = snap.path().join("secret");
+        std::fs::write(&secret, b"host file").unwrap();
+        let planted = vm_dir.path().join("snapshot-y.mem");
+        std::fs::hard_link(&secret, &planted).unwrap();
+        assert!(adopt_state_file(&planted, "snapshot-y", snap.path()).is_err());
+        assert!(!snap.path().join("vm.mem").exists());
     }
 }
