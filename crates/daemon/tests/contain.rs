@@ -360,11 +360,8 @@ fn a_vmm_cannot_point_wickd_at_another_vms_sockets() {
         return;
     }
     let mut env =
-        WickdEnv::new_with_image_extra(wick_testkit::wickd::FAKE_AGENT_CONFIG, "agent = true");
-    env.env.push((
-        "FAKE_FC_AGENT_BIN".into(),
-        wick_testkit::cargo_bin("wick-agent").display().to_string(),
-    ));
+        WickdEnv::new_with_image_extra(wick_testkit::wickd::FAKE_AGENT_CONFIG, "agent = true")
+            .with_real_agent();
     env.start();
     env.wick_ok(&["vm", "create", "--name", "evil"]);
     env.wick_ok(&["vm", "create", "--name", "other"]);
@@ -376,11 +373,7 @@ fn a_vmm_cannot_point_wickd_at_another_vms_sockets() {
         std::os::unix::fs::symlink(&theirs, &mine).unwrap();
     }
     let out = env.wick(&["vm", "exec", "evil", "--", "echo", "reached"]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = wick_testkit::wickd::output_text(&out);
     assert!(!out.status.success() && !text.contains("reached"), "{text}");
     assert!(text.contains("not a socket"), "{text}");
     let out = env.wick(&["vm", "pause", "evil"]);

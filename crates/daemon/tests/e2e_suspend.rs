@@ -12,27 +12,7 @@ use wick_testkit::guest::guest_assets;
 use wick_testkit::wickd::WickdEnv;
 
 mod real_guest;
-use real_guest::{config, counter, exec};
-
-/// The counter moves past `from` within `within`.
-fn counts_on(env: &WickdEnv, name: &str, from: u64, within: Duration) -> u64 {
-    let end = Instant::now() + within;
-    loop {
-        let (code, out) = exec(env, name, &["cat", "/root/c"]);
-        let now = match code {
-            0 => out.trim().parse::<u64>().ok(),
-            _ => None,
-        };
-        if let Some(now) = now.filter(|n| *n > from) {
-            return now;
-        }
-        assert!(
-            Instant::now() < end,
-            "the counter stayed at {now:?} (from {from}): {out}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
+use real_guest::{config, counter, counts_on, exec};
 
 /// Live QEMU processes of VM `v` (their command line names its VM dir).
 fn qemu_of(env: &WickdEnv, v: &Value) -> Vec<u32> {

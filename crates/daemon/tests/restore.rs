@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use serde_json::Value;
-use wick_testkit::cargo_bin;
 use wick_testkit::wickd::{http, WickdEnv, FAKE_AGENT_CONFIG};
 
 fn root() -> bool {
@@ -27,11 +26,8 @@ fn root() -> bool {
 /// guest; `failpoint` armed when given; `extra` config appended.
 fn agent_env(failpoint: Option<&str>, extra: &str) -> WickdEnv {
     let mut env =
-        WickdEnv::for_local_users(&format!("{FAKE_AGENT_CONFIG}\n{extra}"), "agent = true");
-    env.env.push((
-        "FAKE_FC_AGENT_BIN".into(),
-        cargo_bin("wick-agent").display().to_string(),
-    ));
+        WickdEnv::for_local_users(&format!("{FAKE_AGENT_CONFIG}\n{extra}"), "agent = true")
+            .with_real_agent();
     if let Some(p) = failpoint {
         env.env.push(("WICK_FAILPOINTS".into(), p.into()));
     }
@@ -40,11 +36,7 @@ fn agent_env(failpoint: Option<&str>, extra: &str) -> WickdEnv {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    wick_testkit::wickd::output_text(o)
 }
 
 fn vm(env: &WickdEnv, name: &str) -> Value {

@@ -29,11 +29,8 @@ fn agent_env(failpoint: Option<&str>) -> WickdEnv {
 
 fn agent_env_with(failpoint: Option<&str>, extra: &str) -> WickdEnv {
     let mut env =
-        WickdEnv::for_local_users(&format!("{FAKE_AGENT_CONFIG}\n{extra}"), "agent = true");
-    env.env.push((
-        "FAKE_FC_AGENT_BIN".into(),
-        cargo_bin("wick-agent").display().to_string(),
-    ));
+        WickdEnv::for_local_users(&format!("{FAKE_AGENT_CONFIG}\n{extra}"), "agent = true")
+            .with_real_agent();
     if let Some(p) = failpoint {
         env.env.push(("WICK_FAILPOINTS".into(), p.into()));
     }
@@ -42,11 +39,7 @@ fn agent_env_with(failpoint: Option<&str>, extra: &str) -> WickdEnv {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    wick_testkit::wickd::output_text(o)
 }
 
 fn vm(env: &WickdEnv, name: &str) -> Value {

@@ -44,12 +44,7 @@ impl Env {
     /// With the real agent in the fake guest (restores and forks need one).
     fn with_agent(extra: &str) -> Env {
         let config = format!("{}\n{extra}", wick_testkit::wickd::FAKE_AGENT_CONFIG);
-        let mut env = WickdEnv::new_with_image_extra(&config, "agent = true");
-        env.env.push((
-            "FAKE_FC_AGENT_BIN".into(),
-            wick_testkit::cargo_bin("wick-agent").display().to_string(),
-        ));
-        Env::from(env)
+        Env::from(WickdEnv::new_with_image_extra(&config, "agent = true").with_real_agent())
     }
 
     fn from(env: WickdEnv) -> Env {

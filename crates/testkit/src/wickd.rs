@@ -89,6 +89,14 @@ impl WickdEnv {
         env
     }
 
+    /// Has the fake Firecracker front the real `wick-agent` in each fake guest (for an image
+    /// with `agent = true`, and [`FAKE_AGENT_CONFIG`] in the config).
+    pub fn with_real_agent(mut self) -> WickdEnv {
+        let agent = cargo_bin("wick-agent").display().to_string();
+        self.env.push(("FAKE_FC_AGENT_BIN".into(), agent));
+        self
+    }
+
     /// Runs `wick ARGS` as the local user uid/gid 65534 (nobody/nogroup), straight to the
     /// socket (no netns hop: `ip netns exec` needs root).
     pub fn wick_as_user(&self, args: &[&str]) -> Output {
@@ -329,6 +337,15 @@ impl Drop for WickdEnv {
 
 /// One HTTP/1.1 request over a Unix socket, for tests that bypass the CLI. Returns the status
 /// code and the body.
+/// A command's stdout and stderr, as text, one after the other (for assertion messages).
+pub fn output_text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 pub fn http(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
