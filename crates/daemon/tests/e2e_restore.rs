@@ -3,7 +3,7 @@
 //! the snapshot's files and continue its background counter, have their own name, address and
 //! host keys, and keep working once the source and the snapshot are deleted. Prints the
 //! timings. Skipped (with the reason) where QEMU, the Debian mirror or root are missing. (The
-//! issue's full fork e2e — identities, urandom, three forks — is the integrator's.)
+//! full fork end to end — identities, urandom, three forks, suspend — is `e2e_fork.rs`.)
 
 use std::time::{Duration, Instant};
 
