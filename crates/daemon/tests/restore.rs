@@ -7,41 +7,14 @@
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use serde_json::Value;
-use wick_testkit::wickd::{http, WickdEnv, FAKE_AGENT_CONFIG};
+use wick_testkit::wickd::{http, WickdEnv};
 
-fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        wick_testkit::skip(format_args!("needs root"));
-        false
-    }
-}
-
-/// A daemon (socket group `nogroup`) whose `default` image runs the real agent in the fake
-/// guest; `failpoint` armed when given; `extra` config appended.
-fn agent_env(failpoint: Option<&str>, extra: &str) -> WickdEnv {
-    let mut env =
-        WickdEnv::for_local_users(&format!("{FAKE_AGENT_CONFIG}\n{extra}"), "agent = true")
-            .with_real_agent();
-    if let Some(p) = failpoint {
-        env.env.push(("WICK_FAILPOINTS".into(), p.into()));
-    }
-    env.start();
-    env
-}
-
-fn text(o: &Output) -> String {
-    wick_testkit::wickd::output_text(o)
-}
-
-fn vm(env: &WickdEnv, name: &str) -> Value {
-    env.wick_json(&["vm", "show", name])
-}
+mod fake_guest;
+use fake_guest::{agent_env, exec_works, root, text, vm, vmm_state};
 
 fn vm_names(env: &WickdEnv) -> Vec<String> {
     let list = env.wick_json(&["vm", "list"]);
@@ -53,21 +26,6 @@ fn vm_names(env: &WickdEnv) -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-fn exec_works(env: &WickdEnv, name: &str) {
-    let out = env.wick(&["vm", "exec", name, "--", "echo", "alive"]);
-    assert!(out.status.success(), "{name}: {}", text(&out));
-    assert!(text(&out).contains("alive"), "{name}: {}", text(&out));
-}
-
-/// The fake Firecracker's own view: `GET /`'s `state`.
-fn vmm_state(v: &Value) -> String {
-    let sock = PathBuf::from(v["runtime"]["vmm"]["api_socket"].as_str().unwrap());
-    let (code, body) = http(&sock, "GET", "/", None);
-    assert_eq!(code, 200, "{body}");
-    let info: Value = serde_json::from_str(&body).unwrap();
-    info["state"].as_str().unwrap().to_string()
 }
 
 fn entries(dir: &Path) -> Vec<String> {

@@ -6,60 +6,13 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use serde_json::Value;
 use wick_testkit::cargo_bin;
-use wick_testkit::wickd::{http, WickdEnv, FAKE_AGENT_CONFIG};
+use wick_testkit::wickd::{WickdEnv, FAKE_AGENT_CONFIG};
 
-fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        wick_testkit::skip(format_args!("needs root"));
-        false
-    }
-}
-
-/// A daemon (socket group `nogroup`, for the socket-user checks) whose `default` image runs the
-/// real agent in the fake guest; `failpoint` armed when given.
-fn agent_env(failpoint: Option<&str>) -> WickdEnv {
-    agent_env_with(failpoint, "")
-}
-
-fn agent_env_with(failpoint: Option<&str>, extra: &str) -> WickdEnv {
-    let mut env =
-        WickdEnv::for_local_users(&format!("{FAKE_AGENT_CONFIG}\n{extra}"), "agent = true")
-            .with_real_agent();
-    if let Some(p) = failpoint {
-        env.env.push(("WICK_FAILPOINTS".into(), p.into()));
-    }
-    env.start();
-    env
-}
-
-fn text(o: &Output) -> String {
-    wick_testkit::wickd::output_text(o)
-}
-
-fn vm(env: &WickdEnv, name: &str) -> Value {
-    env.wick_json(&["vm", "show", name])
-}
-
-/// The fake Firecracker's own view: `GET /`'s `state`.
-fn vmm_state(v: &Value) -> String {
-    let sock = PathBuf::from(v["runtime"]["vmm"]["api_socket"].as_str().unwrap());
-    let (code, body) = http(&sock, "GET", "/", None);
-    assert_eq!(code, 200, "{body}");
-    let info: Value = serde_json::from_str(&body).unwrap();
-    info["state"].as_str().unwrap().to_string()
-}
-
-fn exec_works(env: &WickdEnv, name: &str) {
-    let out = env.wick(&["vm", "exec", name, "--", "echo", "alive"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("alive"), "{}", text(&out));
-}
+mod fake_guest;
+use fake_guest::{agent_env, exec_works, root, text, vm, vmm_state};
 
 fn snapshots_dir(env: &WickdEnv) -> PathBuf {
     env.root().join("state/snapshots")
@@ -89,7 +42,7 @@ fn snapshot_list_show_delete_and_what_socket_users_see() {
     if !root() {
         return;
     }
-    let env = agent_env(None);
+    let env = agent_env(None, "");
     env.wick_ok(&["vm", "create", "--name", "a1"]);
     exec_works(&env, "a1");
 
@@ -197,7 +150,7 @@ fn crash_drill_snapshot() {
         "snapshot-state-saved",
         "snapshot-disks-cloned",
     ] {
-        let mut env = agent_env(Some(point));
+        let mut env = agent_env(Some(point), "");
         env.wick_ok(&["vm", "create", "--name", "a1"]);
         let out = env.wick(&["vm", "snapshot", "a1", "--name", "s1"]);
         assert!(
@@ -236,7 +189,7 @@ fn unrecorded_snapshot_dirs_are_swept() {
     if !root() {
         return;
     }
-    let mut env = agent_env(None);
+    let mut env = agent_env(None, "");
     env.wick_ok(&["vm", "create", "--name", "a1"]);
     env.wick_ok(&["vm", "snapshot", "a1", "--name", "s1"]);
     let stray = snapshots_dir(&env).join("0123456789abcdef0123456789abcdef");
@@ -259,7 +212,7 @@ fn socket_users_snapshot_their_own_vms_within_their_limit() {
     if !root() {
         return;
     }
-    let env = agent_env_with(None, "[limits]\nmax_snapshots = 1\n");
+    let env = agent_env(None, "[limits]\nmax_snapshots = 1\n");
     let out = env.wick_as_user(&["vm", "create", "--name", "u1"]);
     assert!(out.status.success(), "{}", text(&out));
     let out = env.wick_as_user(&["vm", "snapshot", "u1", "--name", "us1"]);
@@ -350,7 +303,7 @@ fn a_failed_snapshot_leaves_nothing_and_the_vm_as_it_was() {
     if !root() {
         return;
     }
-    let env = agent_env(None);
+    let env = agent_env(None, "");
     env.wick_ok(&["vm", "create", "--name", "a1"]);
     let a1 = vm(&env, "a1");
     let disk = PathBuf::from(a1["runtime"]["root_disk"].as_str().unwrap());

@@ -8,46 +8,12 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::process::Output;
 
 use serde_json::Value;
-use wick_testkit::wickd::{WickdEnv, FAKE_AGENT_CONFIG};
+use wick_testkit::wickd::WickdEnv;
 
-fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        wick_testkit::skip(format_args!("needs root"));
-        false
-    }
-}
-
-/// A daemon (socket group `nogroup`, for the socket-user checks) whose `default` image runs the
-/// real agent in the fake guest; `failpoint` armed when given.
-fn agent_env(failpoint: Option<&str>, extra: &str) -> WickdEnv {
-    let mut env =
-        WickdEnv::for_local_users(&format!("{FAKE_AGENT_CONFIG}\n{extra}"), "agent = true")
-            .with_real_agent();
-    if let Some(p) = failpoint {
-        env.env.push(("WICK_FAILPOINTS".into(), p.into()));
-    }
-    env.start();
-    env
-}
-
-fn text(o: &Output) -> String {
-    wick_testkit::wickd::output_text(o)
-}
-
-fn vm(env: &WickdEnv, name: &str) -> Value {
-    env.wick_json(&["vm", "show", name])
-}
-
-fn exec_works(env: &WickdEnv, name: &str) {
-    let out = env.wick(&["vm", "exec", name, "--", "echo", "alive"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("alive"), "{}", text(&out));
-}
+mod fake_guest;
+use fake_guest::{agent_env, exec_works, root, text, vm};
 
 fn vm_dir(env: &WickdEnv, v: &Value) -> PathBuf {
     env.root().join("state/vms").join(v["id"].as_str().unwrap())
