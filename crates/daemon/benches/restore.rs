@@ -248,10 +248,7 @@ fn main() {
             return;
         }
     };
-    let config = format!(
-        "vmm = \"qemu\"\naccel = \"tcg\"\nboot_timeout = \"180s\"\n\n[images.default]\nrootfs = {:?}\nwork_seed = {:?}\nkernel = {:?}\ninitrd = {:?}\nagent = true\nboot_args = \"console=ttyS0 reboot=k panic=-1 root=/dev/vda rw\"\n",
-        a.rootfs, a.work_seed, a.kernel, a.initrd
-    );
+    let config = a.qemu_config("");
     let mut env = WickdEnv::with_config(&config);
     env.start();
     let mut r = measure(&env);

@@ -21,6 +21,32 @@ pub struct GuestAssets {
     pub initrd: PathBuf,
 }
 
+impl GuestAssets {
+    /// A QEMU (TCG) daemon config whose `default` image is these assets (the golden image
+    /// with this build's agent), with `extra` top-level settings.
+    pub fn qemu_config(&self, extra: &str) -> String {
+        format!(
+            r#"vmm = "qemu"
+accel = "tcg"
+boot_timeout = "180s"
+{extra}
+
+[images.default]
+rootfs = {rootfs:?}
+work_seed = {seed:?}
+kernel = {kernel:?}
+initrd = {initrd:?}
+agent = true
+boot_args = "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw"
+"#,
+            rootfs = self.rootfs,
+            seed = self.work_seed,
+            kernel = self.kernel,
+            initrd = self.initrd,
+        )
+    }
+}
+
 fn cache() -> PathBuf {
     wick_image::testcache::cache_root()
 }

@@ -13,26 +13,7 @@ pub const COUNTER: &str = "setsid sh -c 'i=0; while :; do echo $i > /root/c; i=$
 
 /// A QEMU (TCG) daemon config whose `default` image is the cached golden image `a`.
 pub fn config(a: &wick_testkit::guest::GuestAssets) -> String {
-    format!(
-        r#"vmm = "qemu"
-accel = "tcg"
-boot_timeout = "180s"
-stop_timeout = "30s"
-dns_port = 10053
-
-[images.default]
-rootfs = {rootfs:?}
-work_seed = {seed:?}
-kernel = {kernel:?}
-initrd = {initrd:?}
-agent = true
-boot_args = "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw"
-"#,
-        rootfs = a.rootfs,
-        seed = a.work_seed,
-        kernel = a.kernel,
-        initrd = a.initrd,
-    )
+    a.qemu_config("stop_timeout = \"30s\"\ndns_port = 10053")
 }
 
 /// `wick vm exec NAME -- ARGS`: (exit code, stdout).
