@@ -117,8 +117,9 @@ impl Daemon {
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", d.display()))?;
         }
         // An older install left things group/world readable: fix them before serving.
+        let readable = |p: &std::path::Path| shared_state_file(&paths.state, p);
         for d in [&paths.state, &paths.run, &paths.cache] {
-            let fixed = crate::perms::harden_tree(d);
+            let fixed = crate::perms::harden_tree(d, &readable);
             if !fixed.is_empty() {
                 tracing::info!(dir = %d.display(), count = fixed.len(), "made private");
             }
@@ -237,6 +238,25 @@ impl Daemon {
     }
 }
 
+/// The files under the state dir wickd keeps readable (root's, 0644) on purpose, for the VMM
+/// uids that load them through a hard link or from their own dir, never writable: a snapshot's
+/// state files (`snapshots/<id>/vm.*`, see `snapshot.rs`), a restore's hard links of them
+/// (`vms/<id>/restore.*`, the same inodes: see `restore.rs`) and a suspend image
+/// (`vms/<id>/suspend.*`, see `suspend.rs`). Start-up hardening leaves their read bits.
+fn shared_state_file(state: &std::path::Path, p: &std::path::Path) -> bool {
+    let Ok(rel) = p.strip_prefix(state) else {
+        return false;
+    };
+    let parts: Vec<_> = rel.iter().filter_map(|c| c.to_str()).collect();
+    match parts.as_slice() {
+        ["snapshots", _, name] => name.starts_with("vm."),
+        ["vms", _, name] => [suspend::IMAGE_PREFIX, restore::LINK_PREFIX]
+            .iter()
+            .any(|prefix| name.starts_with(&format!("{prefix}."))),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use wick_model::api::ErrorCode;
@@ -244,6 +264,27 @@ mod tests {
     use wick_model::VmState;
 
     use super::*;
+
+    #[test]
+    fn only_state_files_vmms_load_stay_readable() {
+        let st = std::path::Path::new("/s");
+        for (p, readable) in [
+            ("/s/snapshots/ab/vm.mem", true),
+            ("/s/snapshots/ab/root.img", false),
+            ("/s/vms/ab/restore.state", true),
+            ("/s/vms/ab/suspend.vmstate", true),
+            ("/s/vms/ab/work.ext4", false),
+            ("/s/vms/ab/boot/vm.mem", false),
+            ("/s/db.sqlite", false),
+            ("/other/snapshots/ab/vm.mem", false),
+        ] {
+            assert_eq!(
+                shared_state_file(st, std::path::Path::new(p)),
+                readable,
+                "{p}"
+            );
+        }
+    }
 
     #[test]
     fn refused_transitions_are_conflicts_naming_vm_state_and_action() {

@@ -110,18 +110,25 @@ pub fn make_dir(dir: &Path, access: Access) -> io::Result<()> {
 }
 
 /// Removes group and other permission bits from `top` and everything below it
-/// on the same filesystem, without following symlinks or entering mounts. Returns the paths it
-/// changed; errors on single entries are logged and skipped.
-pub fn harden_tree(top: &Path) -> Vec<std::path::PathBuf> {
+/// on the same filesystem, without following symlinks or entering mounts, except the read bits
+/// of root-owned regular files `readable` names (files wickd keeps readable on purpose, see
+/// [`Access::Readable`]). Returns the paths it changed; errors on single entries are logged
+/// and skipped.
+pub fn harden_tree(top: &Path, readable: &dyn Fn(&Path) -> bool) -> Vec<std::path::PathBuf> {
     let mut fixed = Vec::new();
     let Ok(meta) = std::fs::symlink_metadata(top) else {
         return fixed;
     };
-    walk(top, meta.dev(), &mut fixed);
+    walk(top, meta.dev(), readable, &mut fixed);
     fixed
 }
 
-fn walk(path: &Path, dev: u64, fixed: &mut Vec<std::path::PathBuf>) {
+fn walk(
+    path: &Path,
+    dev: u64,
+    readable: &dyn Fn(&Path) -> bool,
+    fixed: &mut Vec<std::path::PathBuf>,
+) {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return;
     };
@@ -129,8 +136,13 @@ fn walk(path: &Path, dev: u64, fixed: &mut Vec<std::path::PathBuf>) {
         return;
     }
     let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & !0o077)) {
+    let keep = match meta.is_file() && meta.uid() == 0 && readable(path) {
+        true => 0o044,
+        false => 0,
+    };
+    let strip = 0o077 & !keep;
+    if mode & strip != 0 {
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & !strip)) {
             Ok(()) => fixed.push(path.to_path_buf()),
             Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot make private"),
         }
@@ -140,7 +152,7 @@ fn walk(path: &Path, dev: u64, fixed: &mut Vec<std::path::PathBuf>) {
             return;
         };
         for e in entries.flatten() {
-            walk(&e.path(), dev, fixed);
+            walk(&e.path(), dev, readable, fixed);
         }
     }
 }
@@ -167,14 +179,28 @@ mod tests {
         ] {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
         }
-        let fixed = harden_tree(&top);
-        assert_eq!(fixed.len(), 4, "{fixed:?}");
+        std::fs::write(top.join("vms/x/shared"), b"s").unwrap();
+        std::fs::set_permissions(
+            top.join("vms/x/shared"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        let readable = |p: &Path| p.ends_with("vms/x/shared");
+        let fixed = harden_tree(&top, &readable);
+        assert_eq!(fixed.len(), 5, "{fixed:?}");
         let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
         assert_eq!(mode(&top), 0o700);
         assert_eq!(mode(&top.join("vms/x")), 0o2700, "special bits kept");
         assert_eq!(mode(&top.join("vms/x/rootfs.ext4")), 0o4600);
         assert_eq!(mode(&outside), 0o644, "a symlink's target is left alone");
-        assert!(harden_tree(&top).is_empty(), "idempotent");
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(
+                mode(&top.join("vms/x/shared")),
+                0o644,
+                "readable kept, write stripped"
+            );
+        }
+        assert!(harden_tree(&top, &readable).is_empty(), "idempotent");
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::ops::OpEntry;
 const LOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Prefix of a restore's state-file links in the VM dir.
-const LINK_PREFIX: &str = "restore";
+pub(super) const LINK_PREFIX: &str = "restore";
 
 impl Daemon {
     /// `POST /v1/vms` with `from_snapshot`: the caller's snapshot (root: any) into a new VM.
@@ -371,9 +371,11 @@ fn link_name(file: &Path, dir: &Path) -> PathBuf {
 }
 
 /// Hard links `files` at `links` (replacing a leftover); across filesystems a root-owned 0644
-/// copy. The files are never chowned or chmodded here.
+/// copy. The files are never chowned for the VMM; a snapshot file is made 0644 first (one
+/// taken by an older wickd is 0600), which its root-only dir keeps from everyone else.
 fn link_all(files: &[PathBuf], links: &[PathBuf]) -> Result<()> {
     for (f, l) in files.iter().zip(links) {
+        super::snapshot::shareable(f)?;
         let _ = std::fs::remove_file(l);
         match std::fs::hard_link(f, l) {
             Ok(()) => {}

@@ -364,32 +364,10 @@ fn adopt_state_file(file: &Path, prefix: &str, dir: &Path) -> Result<()> {
 }
 
 /// A snapshot state file's mode: root's, 0644 (see [`adopt_state_file`]).
-fn shareable(file: &Path) -> Result<()> {
+pub(super) fn shareable(file: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))
         .map_err(|e| Error::internal(format!("chmod {}: {e}", file.display())))
-}
-
-/// Gives every `ready` snapshot's state files their 0644 back: wickd's start-up hardening
-/// (`perms::harden_tree`) strips group and other bits from the whole state dir.
-fn reshare_state_files(d: &Daemon) {
-    let Ok(snaps) = d.store.list_snapshots(None) else {
-        return;
-    };
-    for snap in snaps.iter().filter(|s| s.state == SnapshotState::Ready) {
-        let dir = snapshot_dir(&d.paths.state, &snap.id);
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let regular = e.file_type().is_ok_and(|t| t.is_file());
-            if regular && e.file_name().to_string_lossy().starts_with("vm.") {
-                if let Err(err) = shareable(&e.path()) {
-                    tracing::warn!(error = %err, "snapshot state file mode");
-                }
-            }
-        }
-    }
 }
 
 /// Clones the root disk to `root.img` and the work disk (if any) to `work.img` (reflink when
@@ -449,7 +427,6 @@ async fn remove_snapshot_files(paths: &wick_model::Paths, snap: &SnapshotRecord)
 /// directories under `snapshots/` without a record are swept. Returns what was done.
 pub async fn reconcile_snapshots(d: &Arc<Daemon>) -> anyhow::Result<Vec<String>> {
     let mut done = Vec::new();
-    reshare_state_files(d);
     for snap in d.store.list_snapshots(None)? {
         if snap.state != SnapshotState::Creating {
             continue;

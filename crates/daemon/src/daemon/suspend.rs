@@ -221,7 +221,7 @@ impl Daemon {
         let live = vm.runtime.vmm.as_ref().and_then(|h| self.vmm.find(h));
         if vm.state == VmState::Suspended {
             // Complete. A VMM still recorded (a crash inside release) is killed; the image is
-            // sealed again (wickd's start-up hardening strips its read bits).
+            // checked and sealed again (idempotent).
             self.release(vm).await?;
             self.seal_image(vm)?;
             *vm = self.store.save_vm(vm)?;
