@@ -102,8 +102,9 @@ fn all_differ(ids: &[Identity]) {
     }
 }
 
-/// The VMM and sidecar pids the record names (empty when it names none).
-fn vmm_pids(env: &WickdEnv, name: &str) -> Vec<u32> {
+/// The VMM and sidecar processes the record names, as (pid, start time) (empty when it names
+/// none).
+fn vmm_procs(env: &WickdEnv, name: &str) -> Vec<(u32, Option<u64>)> {
     let vm: Value = env.wick_json(&["vm", "show", name]);
     let h = &vm["runtime"]["vmm"];
     let mut pids: Vec<u32> = h["pid"].as_u64().into_iter().map(|p| p as u32).collect();
@@ -114,11 +115,17 @@ fn vmm_pids(env: &WickdEnv, name: &str) -> Vec<u32> {
                 .map(|p| p as u32),
         );
     }
-    pids
+    pids.into_iter()
+        .map(|p| (p, wick_host::proc::start_time(p)))
+        .collect()
 }
 
-/// Resident memory of `pid` in KiB (0 when it is gone).
-fn rss_kib(pid: u32) -> u64 {
+/// Resident memory in KiB of the process `pid` started at `start` (0 when it is gone, also
+/// when its pid now belongs to another process).
+fn rss_kib((pid, start): (u32, Option<u64>)) -> u64 {
+    if start.is_none() || wick_host::proc::start_time(pid) != start {
+        return 0;
+    }
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -209,7 +216,7 @@ fn snapshot_restore_fork_pause_and_suspend_on_real_guests() {
     counts_on(&env, "f-1", c, WAIT);
 
     // Suspend → start: no VMM process while suspended, the counter goes on after.
-    let pids = vmm_pids(&env, "f-2");
+    let pids = vmm_procs(&env, "f-2");
     let rss_running: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
     let before = counter(&env, "f-2");
     let t = Instant::now();
